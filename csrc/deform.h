@@ -1,0 +1,185 @@
+// Per-sample parameters and per-voxel decisions of the Models Genesis deformations.
+// Shared __host__ __device__ code: the CPU and CUDA kernels differ only in how they loop over samples and voxels.
+#pragma once
+#include <cstdint>
+
+#include "philox.h"
+
+namespace genesis {
+
+constexpr int kMaxParts = 8;  // capacity for holes, windows and flips (DeformConfig.MAX_PARTS)
+
+// DeformConfig fields in declaration order (genesis_ext/config.py: DeformConfig.to_vector()).
+struct DeformConfig {
+  double nonlinear_rate, local_rate, paint_rate, inpaint_rate, outpaint_rate, flip_rate;
+  int32_t num_blocks, block_div, max_holes;
+  double hole_continue;
+  int32_t hole_div_min, hole_div_max, max_windows;
+  double window_continue;
+  int32_t cut_min_num, cut_max_num, cut_den, margin, max_flips;
+  bool flip_compat;
+  static constexpr int kFields = 20;
+
+  GENESIS_HD static DeformConfig from_vector(const double* v) {
+    DeformConfig c{};
+    c.nonlinear_rate = v[0], c.local_rate = v[1], c.paint_rate = v[2], c.inpaint_rate = v[3];
+    c.outpaint_rate = v[4], c.flip_rate = v[5];
+    c.num_blocks = int32_t(v[6]), c.block_div = int32_t(v[7]), c.max_holes = int32_t(v[8]);
+    c.hole_continue = v[9];
+    c.hole_div_min = int32_t(v[10]), c.hole_div_max = int32_t(v[11]), c.max_windows = int32_t(v[12]);
+    c.window_continue = v[13];
+    c.cut_min_num = int32_t(v[14]), c.cut_max_num = int32_t(v[15]), c.cut_den = int32_t(v[16]);
+    c.margin = int32_t(v[17]), c.max_flips = int32_t(v[18]);
+    c.flip_compat = v[19] != 0.0;
+    return c;
+  }
+};
+
+// Spatial shape of one sample; 2D samples have ndim 2 and a third axis of length 1.
+struct Shape {
+  int32_t ndim;
+  int32_t s[3];
+  GENESIS_HD int64_t voxels() const { return int64_t(s[0]) * s[1] * s[2]; }
+};
+
+// An axis-aligned box: origin and size per axis (origin 0, size 1 on the unused third axis of 2D samples).
+struct Box {
+  int32_t origin[3], size[3];
+  GENESIS_HD bool contains(int32_t x, int32_t y, int32_t z) const {
+    return unsigned(x - origin[0]) < unsigned(size[0]) && unsigned(y - origin[1]) < unsigned(size[1]) &&
+           unsigned(z - origin[2]) < unsigned(size[2]);
+  }
+  GENESIS_HD int32_t volume() const { return size[0] * size[1] * size[2]; }
+};
+
+GENESIS_HD bool in_any(const Box* boxes, int n, int32_t x, int32_t y, int32_t z) {
+  for (int k = 0; k < n; ++k)
+    if (boxes[k].contains(x, y, z)) return true;
+  return false;
+}
+
+// Everything random about one sample except the shuffle blocks (drawn per block) and the noise (drawn per voxel).
+struct SampleParams {
+  bool nonlinear, local, paint, inpaint;  // the gates
+  bool flip[3];                           // net flip parity per spatial axis
+  double ctrl[4];                         // Bézier x1, y1, x2, y2
+  bool increasing;
+  int32_t n_holes, n_windows;
+  Box holes[kMaxParts], windows[kMaxParts];
+};
+
+// Box k of an in-/out-painting stream (8 words per box): size from `size_word`, origin inside the margin.
+// complement: size = S - randint(lo, hi) (out-painting windows) instead of randint(lo, hi) (holes).
+GENESIS_HD Box draw_painting_box(Stream& st, int k, const Shape& sh, const int32_t lo[3], const int32_t hi[3],
+                                 bool complement, int32_t margin) {
+  Box b{{0, 0, 0}, {1, 1, 1}};
+  for (int a = 0; a < sh.ndim; ++a) {
+    const int32_t r = randint(st.word(8 * k + 1 + a), lo[a], hi[a]);
+    b.size[a] = complement ? sh.s[a] - r : r;
+    b.origin[a] = randint(st.word(8 * k + 4 + a), margin, sh.s[a] - b.size[a] - margin);
+  }
+  return b;
+}
+
+GENESIS_HD SampleParams derive_params(uint64_t seed, uint64_t sample, const DeformConfig& cfg, const Shape& sh) {
+  SampleParams p{};
+  Stream gates(seed, sample, GATES, 0);
+  p.nonlinear = gate(gates.word(0), cfg.nonlinear_rate);
+  p.local = gate(gates.word(1), cfg.local_rate);
+  p.paint = gate(gates.word(2), cfg.paint_rate);
+  p.inpaint = gate(gates.word(3), cfg.inpaint_rate);
+
+  Stream flips(seed, sample, FLIP, 0);
+  for (int k = 0; k < cfg.max_flips && gate(flips.word(2 * k), cfg.flip_rate); ++k) {
+    // compat: the published code draws from the axes of (C, X, Y, ...): 0 is the channel, a no-op
+    const int32_t axis = cfg.flip_compat ? randint(flips.word(2 * k + 1), 0, 2) - 1
+                                         : randint(flips.word(2 * k + 1), 0, sh.ndim - 1);
+    if (axis >= 0) p.flip[axis] = !p.flip[axis];
+  }
+
+  Stream bez(seed, sample, BEZIER, 0);
+  for (int j = 0; j < 4; ++j) p.ctrl[j] = uniform_double(bez.word(j));
+  p.increasing = gate(bez.word(4), 0.5);
+
+  int32_t lo[3], hi[3];
+  for (int a = 0; a < 3; ++a) {
+    lo[a] = sh.s[a] / cfg.hole_div_min;
+    hi[a] = sh.s[a] / cfg.hole_div_max;
+  }
+  Stream in(seed, sample, INPAINT, 0);
+  while (p.n_holes < cfg.max_holes && gate(in.word(8 * p.n_holes), cfg.hole_continue)) {
+    p.holes[p.n_holes] = draw_painting_box(in, p.n_holes, sh, lo, hi, false, cfg.margin);
+    ++p.n_holes;
+  }
+
+  for (int a = 0; a < 3; ++a) {
+    lo[a] = cfg.cut_min_num * sh.s[a] / cfg.cut_den;
+    hi[a] = cfg.cut_max_num * sh.s[a] / cfg.cut_den;
+  }
+  Stream out(seed, sample, OUTPAINT, 0);
+  do {
+    p.windows[p.n_windows] = draw_painting_box(out, p.n_windows, sh, lo, hi, true, cfg.margin);
+    ++p.n_windows;
+  } while (p.n_windows < cfg.max_windows && gate(out.word(8 * p.n_windows), cfg.window_continue));
+  return p;
+}
+
+// Geometry of local-shuffle block b (words 0-5 of its stream; Fisher–Yates draws follow from word 6).
+GENESIS_HD Box shuffle_block(Stream& st, const DeformConfig& cfg, const Shape& sh) {
+  Box b{{0, 0, 0}, {1, 1, 1}};
+  for (int a = 0; a < sh.ndim; ++a) {
+    b.size[a] = randint(st.word(a), 1, sh.s[a] / cfg.block_div);
+    b.origin[a] = randint(st.word(3 + a), 0, sh.s[a] - b.size[a]);
+  }
+  return b;
+}
+
+// Uniform permutation of 0..n-1 (Durstenfeld): the voxel at block-local position p receives local position perm[p].
+GENESIS_HD void block_permutation(Stream& st, int32_t* perm, int32_t n) {
+  for (int32_t k = 0; k < n; ++k) perm[k] = k;
+  uint32_t w = 6;
+  for (int32_t k = n - 1; k > 0; --k) {
+    const int32_t j = randint(st.word(w++), 0, k);
+    const int32_t t = perm[k];
+    perm[k] = perm[j];
+    perm[j] = t;
+  }
+}
+
+// Which deformations a sample gets: the fused pair follows the gates, a single op applies its deformation always.
+enum Op : int32_t { PAIR = 0, BEZIER_OP = 1, SHUFFLE_OP = 2, INPAINT_OP = 3, OUTPAINT_OP = 4, FLIP_OP = 5 };
+enum Paint : int32_t { NO_PAINT = 0, IN_PAINT = 1, OUT_PAINT = 2 };
+
+struct Plan {
+  bool flip, local, nonlinear;
+  Paint paint;
+};
+
+GENESIS_HD Plan plan_for(Op op, const SampleParams& p) {
+  switch (op) {
+    case PAIR:
+      return Plan{true, p.local, p.nonlinear, p.paint ? (p.inpaint ? IN_PAINT : OUT_PAINT) : NO_PAINT};
+    case BEZIER_OP: return Plan{false, false, true, NO_PAINT};
+    case SHUFFLE_OP: return Plan{false, true, false, NO_PAINT};
+    case INPAINT_OP: return Plan{false, false, false, IN_PAINT};
+    case OUTPAINT_OP: return Plan{false, false, false, OUT_PAINT};
+    default: return Plan{true, false, false, NO_PAINT};
+  }
+}
+
+// Does voxel (x, y, z) become noise under this plan?
+GENESIS_HD bool painted(const Plan& plan, const SampleParams& p, int32_t x, int32_t y, int32_t z) {
+  if (plan.paint == IN_PAINT) return in_any(p.holes, p.n_holes, x, y, z);
+  if (plan.paint == OUT_PAINT) return !in_any(p.windows, p.n_windows, x, y, z);
+  return false;
+}
+
+// Noise value of element e = c * voxels + spatial index of a sample (docs/randomness.md, purpose NOISE).
+GENESIS_HD float noise_value(uint64_t seed, uint64_t sample, int64_t e) {
+  return uniform_float(stream_block(seed, sample, NOISE, uint32_t(e >> 2), 0).v[e & 3]);
+}
+
+// Coordinate of the flipped sample's voxel x along an axis of length s.
+GENESIS_HD int32_t flip_coord(bool flip, int32_t x, int32_t s) { return flip ? s - 1 - x : x; }
+
+}  // namespace genesis

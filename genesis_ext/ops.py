@@ -1,0 +1,243 @@
+"""Functional Models Genesis deformations on batches, for torch tensors and numpy arrays.
+
+Every op takes a float32 batch ``(N, C, X, Y, Z)`` (or ``(N, C, H, W)``), returns new arrays of the same type,
+shape and device, and never modifies its input. Sample ``n`` is deformed with the parameters of global sample index
+``offset + n`` drawn from ``seed`` (docs/randomness.md), so a sample's result does not depend on the batch it is in.
+All channels of a voxel move together. Non-contiguous inputs are accepted (copied to contiguous memory first).
+
+Non-finite values are data, not errors, and behave the same on every device (detecting them on a GPU would need a
+host synchronisation): flips and shuffles move them, painting overwrites them with noise, and the Bézier map sends
+NaN to NaN, -Inf and values below 0 to f(0), +Inf and values above 1 to f(1).
+
+Torch tensors go through ``torch.ops.genesis_ext.*`` custom ops (with fake implementations), so the ops work under
+``torch.compile(fullgraph=True)`` and ``torch.export``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from . import _C
+from .config import DeformConfig
+
+try:
+    import torch
+except ImportError:  # numpy-only installs
+    torch = None
+
+_SEED_LIMIT = 1 << 64
+_OFFSET_LIMIT = 1 << 63
+_OPS = dict(_C.OPS)
+# Which size rules an op needs (DeformConfig.min_axis_length); the pair needs those of every deformation it may apply.
+_SIZE_RULES = {"bezier_remap": (), "flip": (), "local_shuffle": ("local",), "inpaint": ("inpaint",),
+               "outpaint": ("outpaint",)}
+
+_forked = False
+os.register_at_fork(after_in_child=lambda: globals().__setitem__("_forked", True))
+
+
+def _num_threads() -> int:
+    # GNU libgomp hangs in a forked child whose parent ran OpenMP: forked children run single-threaded.
+    if _forked:
+        return 1
+    if torch is not None:
+        return torch.get_num_threads()
+    return len(os.sched_getaffinity(0))
+
+
+def _pair_rules(config: DeformConfig) -> tuple[str, ...]:
+    rules = []
+    if config.local_rate > 0:
+        rules.append("local")
+    if config.paint_rate > 0 and config.inpaint_rate > 0:
+        rules.append("inpaint")
+    if config.paint_rate > 0 and config.outpaint_rate > 0:
+        rules.append("outpaint")
+    return tuple(rules)
+
+
+def _check_seed(seed: Any, offset: Any) -> None:
+    for name, value, limit in (("seed", seed, _SEED_LIMIT), ("offset", offset, _OFFSET_LIMIT)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"genesis_ext: {name} must be an int, got {type(value).__name__}")
+        if not 0 <= int(value) < limit:
+            raise ValueError(f"genesis_ext: {name} must be in [0, 2**{limit.bit_length() - 1}), got {value}")
+
+
+def _validate(op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | None) -> DeformConfig:
+    """Check everything about a call before any work is done; returns the config to use."""
+    if config is None:
+        config = DeformConfig()
+    elif not isinstance(config, DeformConfig):
+        raise TypeError(f"genesis_ext.{op}: config must be a DeformConfig or None, got {type(config).__name__}")
+    is_torch = torch is not None and isinstance(x, torch.Tensor)
+    if not is_torch and not isinstance(x, np.ndarray):
+        if type(x).__module__.split(".")[0] == "cupy":
+            raise NotImplementedError(f"genesis_ext.{op}: cupy arrays need the CUDA kernels, which are not "
+                                      "available yet; use cupy.asnumpy(x) to run on the CPU")
+        raise TypeError(f"genesis_ext.{op}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if is_torch and x.device.type != "cpu" and x.device.type != "meta":
+        raise NotImplementedError(f"genesis_ext.{op}: {x.device.type} tensors need the CUDA kernels, which are not "
+                                  "available yet; move the batch with x.cpu()")
+    dtype_ok = x.dtype == (torch.float32 if is_torch else np.float32)
+    if not dtype_ok:
+        raise TypeError(f"genesis_ext.{op}: expected float32 data, got {x.dtype}")
+    if x.ndim not in (4, 5):
+        raise ValueError(f"genesis_ext.{op}: expected a batch (N, C, X, Y, Z) or (N, C, H, W), got shape "
+                         f"{tuple(x.shape)} ({x.ndim} dims)")
+    n, c, *spatial = (int(s) for s in x.shape)
+    if n == 0:
+        raise ValueError(f"genesis_ext.{op}: empty batch (N = 0)")
+    if c == 0 or min(spatial) == 0:
+        raise ValueError(f"genesis_ext.{op}: every axis needs length >= 1, got shape {tuple(x.shape)}")
+    if c * int(np.prod(spatial)) >= 1 << 31:
+        raise ValueError(f"genesis_ext.{op}: a sample must have fewer than 2**31 elements, got shape {tuple(x.shape)}")
+    rules = _pair_rules(config) if op == "genesis_pair" else _SIZE_RULES[op]
+    for rule in rules:
+        need = config.min_axis_length(rule)
+        if min(spatial) < need:
+            raise ValueError(f"genesis_ext.{op}: spatial size {tuple(spatial)} is too small for {rule} with this "
+                             f"config: every spatial axis needs length >= {need}")
+    _check_seed(seed, offset)
+    return config
+
+
+def _signed(seed: int) -> int:
+    """A uint64 seed as the int64 with the same bits (torch custom ops carry int64)."""
+    return seed - _SEED_LIMIT if seed >= _SEED_LIMIT // 2 else seed
+
+
+def _run_cpu(op: str, x: np.ndarray, with_target: bool, seed: int, offset: int, config_vec: list[float]):
+    """The CPU kernel on a C-contiguous float32 numpy array; returns new arrays."""
+    out = np.empty_like(x)
+    target = np.empty_like(x) if with_target else None
+    _C.deform_cpu(_OPS[op], x.ctypes.data, out.ctypes.data, 0 if target is None else target.ctypes.data,
+                  x.shape[0], x.shape[1], list(x.shape[2:]), seed % _SEED_LIMIT, offset, config_vec, _num_threads())
+    return out if target is None else (out, target)
+
+
+def _torch_cpu(op: str, x: "torch.Tensor", with_target: bool, seed: int, offset: int, config_vec: list[float]):
+    x = x.contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    target = torch.empty_like(out) if with_target else None
+    _C.deform_cpu(_OPS[op], x.data_ptr(), out.data_ptr(), 0 if target is None else target.data_ptr(),
+                  x.shape[0], x.shape[1], list(x.shape[2:]), seed % _SEED_LIMIT, offset, config_vec, _num_threads())
+    return out if target is None else (out, target)
+
+
+def _register_torch_op(name: str):
+    """torch.ops.genesis_ext.<name>(x, seed, offset, config_vector), with a fake implementation for tracing."""
+    with_target = name == "genesis_pair"
+    result = "(Tensor, Tensor)" if with_target else "Tensor"
+
+    def impl(x, seed, offset, config):
+        return _torch_cpu(name, x, with_target, seed, offset, config)
+
+    def fake(x, seed, offset, config):
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return (out, torch.empty_like(out)) if with_target else out
+
+    op = torch.library.custom_op(f"genesis_ext::{name}", impl, mutates_args=(), device_types="cpu",
+                                 schema=f"(Tensor x, int seed, int offset, float[] config) -> {result}")
+    op.register_fake(fake)
+    return op
+
+
+_TORCH_OPS = {name: _register_torch_op(name) for name in _OPS} if torch is not None else {}
+
+
+def _apply(op: str, x, seed: int, offset: int, config: DeformConfig | None):
+    config = _validate(op, x, seed, offset, config)
+    vec = config.to_vector()
+    if isinstance(x, np.ndarray):
+        return _run_cpu(op, np.ascontiguousarray(x), op == "genesis_pair", int(seed), int(offset), vec)
+    return _TORCH_OPS[op](x, _signed(int(seed)), int(offset), vec)
+
+
+_CONTRACT = """
+    Args:
+        x: float32 batch ``(N, C, X, Y, Z)`` or ``(N, C, H, W)``: torch CPU tensor or numpy array. Not modified.
+        seed: int in [0, 2**64). offset: global index of sample 0 (int in [0, 2**63)); sample n uses offset + n.
+        config: DeformConfig (default: the published recipe); supplies the size rules{extra}.
+    Raises TypeError (type, dtype) or ValueError (ndim, empty batch, axes too small for the config, seed range).
+"""
+
+
+def bezier_remap(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+    """Models Genesis non-linear intensity transform, applied to every sample.
+
+    Each sample gets its own random cubic Bézier map f (control points and increasing/decreasing branch from its
+    parameters, see ``sample_params``): ``out = f(x)``. Values outside [0, 1] are clamped to the ends, NaN stays NaN.
+    Within 1e-5 of the exact float64 map (solved cells where the table would not be accurate).
+    """
+    return _apply("bezier_remap", x, seed, offset, config)
+
+
+def local_shuffle(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+    """Models Genesis local pixel shuffling, applied to every sample.
+
+    ``config.num_blocks`` random blocks (sizes ``randint(1, S // block_div)`` per axis) are each filled with a
+    uniformly random permutation of the original voxels inside them; where blocks overlap the later block wins.
+    Output values are a permutation of each sample's input values.
+    """
+    return _apply("local_shuffle", x, seed, offset, config)
+
+
+def inpaint(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+    """Models Genesis in-painting, applied to every sample: up to ``max_holes`` inner boxes become uniform noise in
+    [0, 1) (independent per voxel and channel); the rest is unchanged."""
+    return _apply("inpaint", x, seed, offset, config)
+
+
+def outpaint(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+    """Models Genesis out-painting, applied to every sample: everything outside 1 to ``max_windows`` inner windows
+    becomes uniform noise in [0, 1) (independent per voxel and channel); the windows keep their content."""
+    return _apply("outpaint", x, seed, offset, config)
+
+
+def flip(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+    """The Models Genesis random flip: up to ``max_flips`` flips while ``U() < flip_rate``, each along a random
+    spatial axis (``flip_compat``: the published axis draw). Some samples are returned unflipped."""
+    return _apply("flip", x, seed, offset, config)
+
+
+def genesis_pair(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+    """One Models Genesis training pair per sample, fused in one pass: returns ``(x_deformed, target)``.
+
+    Per sample: flip (input and target alike) -> local shuffle (w.p. ``local_rate``) -> Bézier map (w.p.
+    ``nonlinear_rate``) -> painting (w.p. ``paint_rate``; in-painting w.p. ``inpaint_rate``, else out-painting).
+    ``target`` is the flipped, otherwise undeformed input: the regression target. Sample n equals the composition
+    of the single ops (``flip``, ``local_shuffle``, ...) applied where its gates fire.
+    """
+    return _apply("genesis_pair", x, seed, offset, config)
+
+
+for _op in (bezier_remap, local_shuffle, inpaint, outpaint, flip, genesis_pair):
+    _op.__doc__ += _CONTRACT.format(extra=" and rates" if _op is genesis_pair or _op is flip else "")
+
+
+def sample_params(batch: int, spatial_shape, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
+                  with_blocks: bool = True) -> dict[str, np.ndarray]:
+    """The per-sample parameters the kernels use for samples ``offset .. offset+batch-1``, as numpy arrays.
+
+    Derived by the same shared C++ code as the kernels, so ``genesis_ext.reference`` can replay exactly what a
+    kernel did. Keys (d = number of spatial axes): ``index`` (batch,), the gates ``nonlinear``, ``local``, ``paint``,
+    ``inpaint`` (batch,) bool, ``flip`` (batch, d) bool (net flip per axis), ``bezier`` (batch, 4) float64
+    (x1, y1, x2, y2), ``increasing`` (batch,) bool, ``n_holes`` / ``n_windows`` (batch,), ``holes`` (batch, max_holes,
+    2, d) and ``windows`` (batch, max_windows, 2, d) int32 with [..., 0, :] the origin and [..., 1, :] the size
+    (unused slots 0), and with ``with_blocks`` the shuffle blocks ``blocks`` (batch, num_blocks, 2, d).
+    The noise values and block permutations are functions of (seed, index) too: see docs/randomness.md.
+    """
+    if config is None:
+        config = DeformConfig()
+    spatial = [int(s) for s in spatial_shape]
+    if len(spatial) not in (2, 3) or min(spatial) < 1:
+        raise ValueError(f"genesis_ext.sample_params: spatial_shape must be 2 or 3 positive lengths, got {spatial}")
+    if int(batch) < 1:
+        raise ValueError(f"genesis_ext.sample_params: batch must be >= 1, got {batch}")
+    _check_seed(seed, offset)
+    params = _C.sample_params(int(batch), spatial, int(seed), int(offset), config.to_vector(), bool(with_blocks))
+    params["index"] = np.arange(int(offset), int(offset) + int(batch), dtype=np.int64)
+    return params

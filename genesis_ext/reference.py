@@ -1,0 +1,397 @@
+"""Plain-numpy reference ("oracle") of the Models Genesis deformations.
+
+Written from shared/spec/models_genesis.md (semantics) and docs/randomness.md (every random draw). Everything here is
+a pure function of ``(seed, sample index, config)``: the kernels must reproduce it exactly (the Bézier map within the
+contract's tolerance). One sample is ``(C, *spatial)`` with 2 or 3 spatial axes. Faithful and readable first; the
+local shuffle is deliberately the plain sequential loop of the published code (this is also the CPU baseline).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import DeformConfig
+
+# Purposes of docs/randomness.md: one Philox stream family per kind of random quantity.
+GATES, FLIP, BEZIER, BLOCK, INPAINT, OUTPAINT, NOISE = 1, 2, 3, 4, 5, 6, 7
+
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+_MASK32 = np.uint64(0xFFFFFFFF)
+_SHIFT32 = np.uint64(32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Philox4x32-10 and the stream
+
+
+def philox4x32_10(ctr, key):
+    """Philox4x32-10 (Salmon et al., SC'11): uint32 counters ``(..., 4)`` and keys ``(..., 2)`` (broadcastable)
+    -> uint32 ``(..., 4)``. Vectorised with exact 64-bit products."""
+    ctr = np.asarray(ctr, dtype=np.uint32).astype(np.uint64)
+    key = np.asarray(key, dtype=np.uint32).astype(np.uint64)
+    c0, c1, c2, c3 = ctr[..., 0], ctr[..., 1], ctr[..., 2], ctr[..., 3]
+    k0, k1 = key[..., 0], key[..., 1]
+    for rnd in range(10):
+        if rnd > 0:  # the key is bumped between rounds
+            k0 = (k0 + _W0) & _MASK32
+            k1 = (k1 + _W1) & _MASK32
+        p0 = _M0 * c0  # (hi0, lo0)
+        p1 = _M1 * c2  # (hi1, lo1)
+        c0, c1, c2, c3 = (p1 >> _SHIFT32) ^ c1 ^ k0, p1 & _MASK32, (p0 >> _SHIFT32) ^ c3 ^ k1, p0 & _MASK32
+    return np.stack(np.broadcast_arrays(c0, c1, c2, c3), axis=-1).astype(np.uint32)
+
+
+def _check_seed_index(seed: int, index: int) -> None:
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if not 0 <= int(index) < 2**63:
+        raise ValueError(f"sample index must be in [0, 2**63), got {index}")
+
+
+def _stream_blocks(seed: int, index: int, purpose: int, major, call):
+    """Philox blocks of streams (seed, index, purpose, major): call c holds words 4c .. 4c+3. Shape (..., 4)."""
+    _check_seed_index(seed, index)
+    seed, index = int(seed), int(index)
+    major = np.asarray(major, dtype=np.uint64)
+    call = np.asarray(call, dtype=np.uint64)
+    if np.any(call >= 2**24) or np.any(major >= 2**32):
+        raise ValueError("word index must be < 2**26 and major < 2**32")
+    major, call = np.broadcast_arrays(major, call)
+    ctr = np.empty(major.shape + (4,), dtype=np.uint64)
+    ctr[..., 0] = index & 0xFFFFFFFF
+    ctr[..., 1] = index >> 32
+    ctr[..., 2] = np.uint64(purpose) | (call << np.uint64(8))
+    ctr[..., 3] = major
+    return philox4x32_10(ctr, [seed & 0xFFFFFFFF, seed >> 32])
+
+
+def word(seed: int, index: int, purpose: int, major, w):
+    """Word ``w`` of stream ``(seed, index, purpose, major)``: ``philox4x32_10(ctr, key)[w & 3]`` with
+    ``key = (seed mod 2^32, seed >> 32)`` and ``ctr = (index mod 2^32, index >> 32, purpose | (w >> 2) << 8, major)``.
+    Vectorised over ``major`` and ``w`` (broadcast); returns uint32."""
+    major = np.asarray(major, dtype=np.uint64)
+    w = np.asarray(w, dtype=np.uint64)
+    major, w = np.broadcast_arrays(major, w)
+    block = _stream_blocks(seed, index, purpose, major, w >> np.uint64(2))
+    return np.take_along_axis(block, (w & np.uint64(3)).astype(np.intp)[..., None], axis=-1)[..., 0][()]
+
+
+def _words(seed: int, index: int, purpose: int, major, n_words: int):
+    """Words 0 .. n_words-1 of the streams ``major`` (array): shape ``major.shape + (n_words,)``, uint32."""
+    major = np.asarray(major, dtype=np.uint64)
+    n_calls = (n_words + 3) // 4
+    blocks = _stream_blocks(seed, index, purpose, major[..., None], np.arange(n_calls, dtype=np.uint64))
+    return blocks.reshape(major.shape + (4 * n_calls,))[..., :n_words]
+
+
+def uniform(u32):
+    """``(u32 >> 8) * 2^-24`` as float64: a value in [0, 1), exact in float32 and float64."""
+    return (np.asarray(u32, dtype=np.uint32) >> np.uint32(8)).astype(np.float64) * 2.0**-24
+
+
+def randint(u32, a, b):
+    """Integer in [a, b] (inclusive): ``a + ((u32 * (b - a + 1)) >> 32)`` with a 64-bit product. Returns int64."""
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    span = b - a + 1
+    if np.any(span < 1) or np.any(span > 2**32):
+        raise ValueError(f"randint needs 1 <= b - a + 1 <= 2**32, got a={a}, b={b}")
+    u = np.asarray(u32, dtype=np.uint32).astype(np.uint64)
+    return (a + ((u * span.astype(np.uint64)) >> _SHIFT32).astype(np.int64))[()]
+
+
+def _gate(u32, rate: float) -> bool:
+    return bool(uniform(u32) < float(rate))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-sample parameters
+
+
+def _fits(config: DeformConfig, deformation: str, spatial_shape) -> bool:
+    return all(config._fits(deformation, int(s)) for s in spatial_shape)
+
+
+def derive_params(seed: int, index: int, spatial_shape, config: DeformConfig | None = None) -> dict:
+    """Every random parameter of sample ``index`` (docs/randomness.md), for a sample of ``spatial_shape`` (2 or 3 axes).
+
+    Keys: gates 'nonlinear', 'local', 'paint', 'inpaint' (bool); 'flip' bool (ndim,) net flip parity per spatial axis;
+    'bezier' float64 (x1, y1, x2, y2) and 'increasing'; 'n_holes' and 'holes' int32 (max_holes, 2, ndim) ([k, 0] origin,
+    [k, 1] size, unused slots 0); 'n_windows' and 'windows' int32 (max_windows, 2, ndim); 'blocks' int32
+    (num_blocks, 2, ndim). A deformation whose size rules do not fit ``spatial_shape`` raises ValueError if its rate
+    can fire, and otherwise gets no geometry (0 boxes / 0 blocks).
+    """
+    config = DeformConfig() if config is None else config
+    shape = tuple(int(s) for s in spatial_shape)
+    ndim = len(shape)
+    if ndim not in (2, 3) or min(shape) < 1:
+        raise ValueError(f"spatial_shape must have 2 or 3 positive axes, got {spatial_shape}")
+    p: dict = {}
+
+    g = _words(seed, index, GATES, 0, 4)
+    p["nonlinear"] = _gate(g[0], config.nonlinear_rate)
+    p["local"] = _gate(g[1], config.local_rate)
+    p["paint"] = _gate(g[2], config.paint_rate)
+    p["inpaint"] = _gate(g[3], config.inpaint_rate)
+
+    f = _words(seed, index, FLIP, 0, 2 * max(config.max_flips, 1))
+    flip = np.zeros(ndim, dtype=bool)
+    for k in range(config.max_flips):
+        if not _gate(f[2 * k], config.flip_rate):
+            break
+        if config.flip_compat:  # the published draw over (C, X, Y): 0 is the channel axis, a no-op
+            axis = int(randint(f[2 * k + 1], 0, 2)) - 1
+        else:
+            axis = int(randint(f[2 * k + 1], 0, ndim - 1))
+        if axis >= 0:
+            flip[axis] = not flip[axis]
+    p["flip"] = flip
+
+    b = _words(seed, index, BEZIER, 0, 5)
+    p["bezier"] = uniform(b[:4])
+    p["increasing"] = _gate(b[4], 0.5)
+
+    p["n_holes"], p["holes"] = 0, np.zeros((config.max_holes, 2, ndim), dtype=np.int32)
+    if _fits(config, "inpaint", shape):
+        p["n_holes"], p["holes"] = _painting_boxes(
+            seed, index, INPAINT, shape, config.max_holes, config.hole_continue, first_always=False,
+            lo=[s // config.hole_div_min for s in shape], hi=[s // config.hole_div_max for s in shape],
+            complement=False, margin=config.margin)
+    elif config.paint_rate > 0 and config.inpaint_rate > 0:
+        raise ValueError(f"in-painting needs every axis >= {config.min_axis_length('inpaint')}, got {shape}")
+
+    p["n_windows"], p["windows"] = 0, np.zeros((config.max_windows, 2, ndim), dtype=np.int32)
+    if _fits(config, "outpaint", shape):
+        p["n_windows"], p["windows"] = _painting_boxes(
+            seed, index, OUTPAINT, shape, config.max_windows, config.window_continue, first_always=True,
+            lo=[(config.cut_min_num * s) // config.cut_den for s in shape],
+            hi=[(config.cut_max_num * s) // config.cut_den for s in shape],
+            complement=True, margin=config.margin)
+    elif config.paint_rate > 0 and config.outpaint_rate > 0:
+        raise ValueError(f"out-painting needs every axis >= {config.min_axis_length('outpaint')}, got {shape}")
+
+    p["blocks"] = np.zeros((0, 2, ndim), dtype=np.int32)
+    if _fits(config, "local", shape):
+        p["blocks"] = _shuffle_blocks(seed, index, shape, config.num_blocks, config.block_div)
+    elif config.local_rate > 0:
+        raise ValueError(f"local shuffling needs every axis >= {config.min_axis_length('local')}, got {shape}")
+    return p
+
+
+def _painting_boxes(seed, index, purpose, shape, count, rate, first_always, lo, hi, complement, margin):
+    """Holes (size ``randint(lo, hi)``) or windows (size ``S - randint(lo, hi)``): box k uses words 8k (continue:
+    ``uniform < rate``, else stop; skipped for k = 0 if ``first_always``), 8k+1+a (size) and 8k+4+a (origin
+    ``randint(margin, S - size - margin)``) of stream (purpose, major 0). Returns (n, int32 (count, 2, ndim))."""
+    boxes = np.zeros((count, 2, len(shape)), dtype=np.int32)
+    w = _words(seed, index, purpose, 0, 8 * max(count, 1))
+    n = 0
+    while n < count and ((first_always and n == 0) or _gate(w[8 * n], rate)):
+        for a, s in enumerate(shape):
+            r = int(randint(w[8 * n + 1 + a], lo[a], hi[a]))
+            size = s - r if complement else r
+            boxes[n, 0, a] = randint(w[8 * n + 4 + a], margin, s - size - margin)
+            boxes[n, 1, a] = size
+        n += 1
+    return n, boxes
+
+
+def _shuffle_blocks(seed, index, shape, num_blocks, block_div):
+    """Geometry of all local-shuffle blocks at once: block b uses words a (size ``randint(1, S // block_div)``) and
+    3+a (origin ``randint(0, S - size)``) of stream (BLOCK, major b). Returns int32 (num_blocks, 2, ndim)."""
+    w = _words(seed, index, BLOCK, np.arange(num_blocks), 6)
+    blocks = np.empty((num_blocks, 2, len(shape)), dtype=np.int32)
+    for a, s in enumerate(shape):
+        size = randint(w[:, a], 1, s // block_div)
+        blocks[:, 0, a] = randint(w[:, 3 + a], 0, s - size)
+        blocks[:, 1, a] = size
+    return blocks
+
+
+def block_permutations(seed: int, index: int, blocks) -> list:
+    """Fisher–Yates permutation of every block (docs/randomness.md): block b of n voxels starts from the identity and,
+    for t, k in enumerate(n-1 .. 1), swaps perm[k] and perm[j], j = randint(word(seed, index, BLOCK, b, 6 + t), 0, k).
+    Returns a list of int64 arrays; the voxel at block-local position p receives local position perm[p].
+
+    The per-block loops run side by side over all blocks (step t of every block at once); each block's result is
+    exactly the sequential loop above."""
+    blocks = np.asarray(blocks)
+    n = np.prod(blocks[:, 1, :].astype(np.int64), axis=1)
+    nb = len(n)
+    if nb == 0:
+        return []
+    n_max = int(n.max())
+    # Philox blocks (calls) holding words 6 .. 6 + n - 2 of each block's stream, and only those.
+    last_call = (6 + n - 2) // 4
+    counts = np.where(n >= 2, last_call, 0)  # calls 1 .. last_call
+    rows = np.repeat(np.arange(nb), counts)
+    calls = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + 1
+    words = np.zeros((nb, int(last_call.max()) + 1, 4), dtype=np.uint32)
+    words[rows, calls] = _stream_blocks(seed, index, BLOCK, rows, calls)
+    words = words.reshape(nb, -1)
+
+    perm = np.tile(np.arange(n_max, dtype=np.int64), (nb, 1))
+    for t in range(n_max - 1):
+        k = n - 1 - t
+        r = np.nonzero(k >= 1)[0]
+        k = k[r]
+        j = randint(words[r, 6 + t], 0, k)
+        perm_k, perm_j = perm[r, k], perm[r, j]
+        perm[r, k] = perm_j
+        perm[r, j] = perm_k
+    return [perm[b, : n[b]] for b in range(nb)]
+
+
+def noise(seed: int, index: int, shape) -> np.ndarray:
+    """Painting noise of one sample of ``shape`` = (C, *spatial): element e (C-order flat index, in output coordinates)
+    is ``uniform(word(seed, index, NOISE, e >> 2, e & 3))``. float32 in [0, 1)."""
+    shape = tuple(int(s) for s in shape)
+    size = int(np.prod(shape))
+    blocks = _stream_blocks(seed, index, NOISE, np.arange((size + 3) // 4), 0)  # word w of major m is element 4m + w
+    return uniform(blocks.reshape(-1)[:size]).astype(np.float32).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Deformations of one sample (C, *spatial)
+
+
+def _bernstein(s, p1, p2):
+    """One coordinate of the cubic Bézier with P0 = 0, P3 = 1: 3(1-s)^2 s p1 + 3(1-s) s^2 p2 + s^3 (exact at 0 and 1)."""
+    t = 1.0 - s
+    return 3.0 * t * t * s * p1 + 3.0 * t * s * s * p2 + s * s * s
+
+
+def _bernstein_derivative(s, p1, p2):
+    t = 1.0 - s
+    return 3.0 * t * t * p1 + 6.0 * t * s * (p2 - p1) + 3.0 * s * s * (1.0 - p2)
+
+
+def _solve_bx(v, x1, x2):
+    """s in [0, 1] with Bx(s) = v for v in (0, 1), to full double precision.
+
+    Bx is non-decreasing (control values in [0, 1]) with at most isolated flat points. A 256-interval table of exact
+    Bx values brackets each root; then safeguarded Newton (Newton inside the bracket, bisection whenever Newton would
+    leave it or fails to halve the step, as in Numerical Recipes' rtsafe) until the step is below one ulp of s."""
+    grid = np.linspace(0.0, 1.0, 257)
+    table = _bernstein(grid, x1, x2)
+    i = np.clip(np.searchsorted(table, v, side="right"), 1, 256)
+    lo, hi = grid[i - 1], grid[i]
+    s = np.clip(np.interp(v, table, grid), lo, hi)
+    dx_old = hi - lo
+    dx = dx_old.copy()
+    active = np.arange(v.size)
+    for _ in range(200):
+        va, sa, la, ha = v[active], s[active], lo[active], hi[active]
+        f = _bernstein(sa, x1, x2) - va
+        df = _bernstein_derivative(sa, x1, x2)
+        la = np.where(f < 0, sa, la)
+        ha = np.where(f > 0, sa, ha)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            newton = f / df
+        s_newton = sa - newton
+        use_newton = (df > 0) & (s_newton >= la) & (s_newton <= ha) & (np.abs(2.0 * f) <= np.abs(dx_old[active] * df))
+        step = np.where(f == 0, 0.0, np.where(use_newton, newton, sa - 0.5 * (la + ha)))
+        dx_old[active] = dx[active]
+        dx[active] = step
+        s[active] = sa - step
+        lo[active], hi[active] = la, ha
+        done = np.abs(step) <= 2.0**-52 * np.maximum(sa, 2.0**-52)
+        active = active[~done]
+        if active.size == 0:
+            break
+    return s
+
+
+def bezier_map(v, ctrl, increasing: bool) -> np.ndarray:
+    """Exact non-linear intensity map of spec §1.1, float64: s solves Bx(s) = v (v clamped to [0, 1]); the result is
+    By(s) if ``increasing`` else By(1 - s). ``ctrl`` = (x1, y1, x2, y2) in [0, 1]; NaN stays NaN."""
+    x1, y1, x2, y2 = (float(c) for c in ctrl)
+    v = np.asarray(v, dtype=np.float64)
+    flat = v.reshape(-1)
+    s = np.full(flat.shape, np.nan)
+    s[flat <= 0.0] = 0.0
+    s[flat >= 1.0] = 1.0
+    inner = np.nonzero((flat > 0.0) & (flat < 1.0))[0]
+    s[inner] = _solve_bx(flat[inner], x1, x2)
+    out = _bernstein(s if increasing else 1.0 - s, y1, y2)
+    return out.reshape(v.shape)
+
+
+def _spatial_slices(box) -> tuple:
+    return (slice(None),) + tuple(slice(int(o), int(o) + int(n)) for o, n in zip(box[0], box[1]))
+
+
+def local_shuffle(x, blocks, perms) -> np.ndarray:
+    """Local pixel shuffling: for b = 0, 1, …, block b (origin ``blocks[b, 0]``, size ``blocks[b, 1]``) is filled with
+    the ORIGINAL x's voxels of that block, permuted: local position p (C order in the block) receives local position
+    ``perms[b][p]``. Later blocks overwrite earlier ones; all channels move together."""
+    x = np.asarray(x)
+    out = x.copy()
+    channels = x.shape[0]
+    for box, perm in zip(blocks, perms):
+        window = _spatial_slices(box)
+        original = x[window].reshape(channels, -1)
+        out[window] = original[:, perm].reshape(original.shape[:1] + x[window].shape[1:])
+    return out
+
+
+def _union_mask(spatial_shape, boxes, n) -> np.ndarray:
+    mask = np.zeros(spatial_shape, dtype=bool)
+    for box in boxes[:n]:
+        mask[_spatial_slices(box)[1:]] = True
+    return mask
+
+
+def inpaint(x, holes, n_holes: int, noise) -> np.ndarray:
+    """In-painting: voxels inside the union of the first ``n_holes`` holes take the noise value (per channel)."""
+    x = np.asarray(x)
+    mask = _union_mask(x.shape[1:], holes, n_holes)
+    return np.where(mask, noise, x).astype(x.dtype)
+
+
+def outpaint(x, windows, n_windows: int, noise) -> np.ndarray:
+    """Out-painting: voxels outside the union of the first ``n_windows`` windows take the noise value."""
+    x = np.asarray(x)
+    mask = _union_mask(x.shape[1:], windows, n_windows)
+    return np.where(mask, x, noise).astype(x.dtype)
+
+
+def flip(x, parity) -> np.ndarray:
+    """Flip the spatial axes of x (C, *spatial) whose ``parity`` is True (a new array)."""
+    x = np.asarray(x)
+    axes = tuple(1 + a for a, f in enumerate(parity) if f)
+    return np.flip(x, axis=axes).copy() if axes else x.copy()
+
+
+def genesis_pair(x, seed: int, index: int, config: DeformConfig | None = None, params: dict | None = None):
+    """One Models Genesis training pair of sample x (C, *spatial) with global index ``index``.
+
+    Returns float32 (x_deformed, target): target = flip(x); x_deformed = flip → local shuffle (if 'local') → Bézier
+    map (if 'nonlinear') → in-painting or out-painting (if 'paint', by 'inpaint') with ``noise(seed, index, x.shape)``,
+    which is not intensity-transformed. ``params`` defaults to ``derive_params(seed, index, x.shape[1:], config)``."""
+    config = DeformConfig() if config is None else config
+    x = np.asarray(x, dtype=np.float32)
+    p = derive_params(seed, index, x.shape[1:], config) if params is None else params
+    target = flip(x, p["flip"])
+    out = target
+    if p["local"]:
+        out = local_shuffle(out, p["blocks"], block_permutations(seed, index, p["blocks"]))
+    if p["nonlinear"]:
+        out = bezier_map(out, p["bezier"], p["increasing"]).astype(np.float32)
+    if p["paint"]:
+        z = noise(seed, index, x.shape)
+        if p["inpaint"]:
+            out = inpaint(out, p["holes"], p["n_holes"], z)
+        else:
+            out = outpaint(out, p["windows"], p["n_windows"], z)
+    if out is target:  # no deformation fired: the input is the (flipped) target itself
+        out = target.copy()
+    return out, target
+
+
+def genesis_pair_batch(x, seed: int, offset: int = 0, config: DeformConfig | None = None):
+    """Training pairs of a batch x (N, C, *spatial): sample n has global index ``offset + n``. Returns stacked float32
+    (x_deformed, target). The CPU baseline of the benchmarks."""
+    x = np.asarray(x, dtype=np.float32)
+    pairs = [genesis_pair(x[n], seed, offset + n, config) for n in range(x.shape[0])]
+    return (np.stack([p[0] for p in pairs]) if pairs else np.empty_like(x),
+            np.stack([p[1] for p in pairs]) if pairs else np.empty_like(x))
