@@ -134,15 +134,25 @@ GENESIS_HD Box shuffle_block(Stream& st, const DeformConfig& cfg, const Shape& s
   return b;
 }
 
-// Uniform permutation of 0..n-1 (Durstenfeld): the voxel at block-local position p receives local position perm[p].
-GENESIS_HD void block_permutation(Stream& st, int32_t* perm, int32_t n) {
+// Uniform permutation of 0..n-1 (Durstenfeld) from the block's words 6, 7, ...: the voxel at block-local position p
+// receives local position perm[p]. Words are drawn two Philox blocks at a time, so that the calls overlap.
+GENESIS_HD void block_permutation(uint64_t seed, uint64_t sample, uint32_t block, int32_t* perm, int32_t n) {
+  constexpr uint32_t kCalls = 2;
   for (int32_t k = 0; k < n; ++k) perm[k] = k;
-  uint32_t w = 6;
-  for (int32_t k = n - 1; k > 0; --k) {
-    const int32_t j = randint(st.word(w++), 0, k);
-    const int32_t t = perm[k];
-    perm[k] = perm[j];
-    perm[j] = t;
+  uint32_t words[4 * kCalls];
+  uint32_t w = 6;  // next word of the stream
+  for (int32_t k = n - 1; k > 0;) {
+    const uint32_t first = w >> 2;
+    for (uint32_t c = 0; c < kCalls; ++c) {
+      const U32x4 r = stream_block(seed, sample, BLOCK, block, first + c);
+      for (int lane = 0; lane < 4; ++lane) words[4 * c + lane] = r.v[lane];
+    }
+    for (; k > 0 && w < 4 * (first + kCalls); --k, ++w) {
+      const int32_t j = randint(words[w - 4 * first], 0, k);
+      const int32_t t = perm[k];
+      perm[k] = perm[j];
+      perm[j] = t;
+    }
   }
 }
 
@@ -167,11 +177,48 @@ GENESIS_HD Plan plan_for(Op op, const SampleParams& p) {
   }
 }
 
-// Does voxel (x, y, z) become noise under this plan?
-GENESIS_HD bool painted(const Plan& plan, const SampleParams& p, int32_t x, int32_t y, int32_t z) {
-  if (plan.paint == IN_PAINT) return in_any(p.holes, p.n_holes, x, y, z);
-  if (plan.paint == OUT_PAINT) return !in_any(p.windows, p.n_windows, x, y, z);
-  return false;
+// A half-open range [begin, end) along the last spatial axis.
+struct Span {
+  int32_t begin, end;
+};
+
+// The spans of row (x, y, .) that become noise under this plan, sorted and disjoint; returns their count
+// (at most kMaxParts + 1). In-painting: the union of the holes crossing the row; out-painting: its complement
+// with respect to the windows crossing the row.
+GENESIS_HD int noise_spans(const Plan& plan, const SampleParams& p, int32_t x, int32_t y, int32_t len, Span* out) {
+  if (plan.paint == NO_PAINT) return 0;
+  const bool in = plan.paint == IN_PAINT;
+  const Box* boxes = in ? p.holes : p.windows;
+  const int count = in ? p.n_holes : p.n_windows;
+  Span cover[kMaxParts];  // z-ranges of the boxes crossing the row, sorted by begin (insertion sort)
+  int n = 0;
+  for (int k = 0; k < count; ++k) {
+    const Box& b = boxes[k];
+    if (unsigned(x - b.origin[0]) >= unsigned(b.size[0]) || unsigned(y - b.origin[1]) >= unsigned(b.size[1]))
+      continue;
+    int j = n++;
+    for (; j > 0 && cover[j - 1].begin > b.origin[2]; --j) cover[j] = cover[j - 1];
+    cover[j] = Span{b.origin[2], b.origin[2] + b.size[2]};
+  }
+  int m = 0;  // merge overlapping and touching ranges
+  for (int k = 0; k < n; ++k) {
+    if (m > 0 && cover[k].begin <= cover[m - 1].end) {
+      if (cover[k].end > cover[m - 1].end) cover[m - 1].end = cover[k].end;
+    } else {
+      cover[m++] = cover[k];
+    }
+  }
+  if (in) {
+    for (int k = 0; k < m; ++k) out[k] = cover[k];
+    return m;
+  }
+  int spans = 0, z = 0;
+  for (int k = 0; k < m; ++k) {
+    if (cover[k].begin > z) out[spans++] = Span{z, cover[k].begin};
+    z = cover[k].end;
+  }
+  if (z < len) out[spans++] = Span{z, len};
+  return spans;
 }
 
 // Noise value of element e = c * voxels + spatial index of a sample (docs/randomness.md, purpose NOISE).

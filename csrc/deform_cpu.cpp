@@ -1,106 +1,146 @@
-// CPU kernels: one loop over samples (OpenMP), each sample deformed in one pass over its voxels.
-// Every per-voxel decision comes from the shared headers; this file only loops.
+// CPU kernels: one OpenMP loop over samples; each sample is deformed row by row (rows along the last axis), so the
+// inner loops are plain copies, gathers and table lookups. Every per-voxel decision comes from the shared headers.
 #include "deform_cpu.h"
 
 #include <algorithm>
-#include <cstddef>
 #include <vector>
 
 #include "bezier.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace genesis {
 
-// src[p] = flipped-frame source of voxel p after local shuffling, as a linear index into the unflipped sample.
-// Blocks are visited from the last to the first: the first block to claim a voxel is its owner (last writer wins).
-static void shuffle_sources(uint64_t seed, uint64_t sample, const DeformConfig& cfg, const Shape& sh,
-                            const int32_t* flipped, std::vector<int32_t>& src, std::vector<int32_t>& perm) {
+namespace {
+
+struct Scratch {
+  std::vector<int32_t> src;                 // shuffle: linear input index feeding each voxel
+  std::vector<int32_t> block_vox, block_in;  // shuffle: per local position, output voxel and flipped input voxel
+  std::vector<int32_t> perm;
+  std::vector<float> reversed, shuffled;  // one row
+  BezierTable table;
+};
+
+// Linear index, in the unflipped input, of the voxel that lands at (x, y, z) after the sample's flips.
+struct Flipper {
+  bool f[3];
+  int32_t s[3];
+  int64_t operator()(int32_t x, int32_t y, int32_t z) const {
+    return (int64_t(flip_coord(f[0], x, s[0])) * s[1] + flip_coord(f[1], y, s[1])) * s[2] + flip_coord(f[2], z, s[2]);
+  }
+};
+
+// src[v] for every voxel v after local shuffling. Blocks are visited from the last to the first, so the first block
+// to claim a voxel is its owner (the last writer of the sequential definition).
+void shuffle_sources(uint64_t seed, uint64_t sample, const DeformConfig& cfg, const Shape& sh, const Flipper& flipped,
+                     Scratch& s) {
   const int64_t sy = sh.s[1], sz = sh.s[2];
-  std::fill(src.begin(), src.end(), -1);
+  std::fill(s.src.begin(), s.src.end(), -1);
   for (int32_t b = cfg.num_blocks - 1; b >= 0; --b) {
     Stream st(seed, sample, BLOCK, uint32_t(b));
     const Box box = shuffle_block(st, cfg, sh);
-    bool permuted = false;
-    int32_t p = 0;
-    for (int32_t x = 0; x < box.size[0]; ++x)
-      for (int32_t y = 0; y < box.size[1]; ++y)
-        for (int32_t z = 0; z < box.size[2]; ++z, ++p) {
-          const int64_t v = ((box.origin[0] + x) * sy + box.origin[1] + y) * sz + box.origin[2] + z;
-          if (src[v] >= 0) continue;
-          if (!permuted) {
-            block_permutation(st, perm.data(), box.volume());
-            permuted = true;
-          }
-          const int32_t q = perm[p];
-          const int32_t qx = q / (box.size[1] * box.size[2]), qy = q / box.size[2] % box.size[1], qz = q % box.size[2];
-          src[v] = flipped[((box.origin[0] + qx) * sy + box.origin[1] + qy) * sz + box.origin[2] + qz];
+    int32_t n = 0, unclaimed = 0;
+    for (int32_t x = box.origin[0]; x < box.origin[0] + box.size[0]; ++x)
+      for (int32_t y = box.origin[1]; y < box.origin[1] + box.size[1]; ++y)
+        for (int32_t z = box.origin[2]; z < box.origin[2] + box.size[2]; ++z, ++n) {
+          const int32_t v = int32_t((x * sy + y) * sz + z);
+          s.block_vox[n] = v;
+          s.block_in[n] = int32_t(flipped(x, y, z));
+          unclaimed += s.src[v] < 0;
         }
+    if (unclaimed == 0) continue;
+    block_permutation(seed, sample, uint32_t(b), s.perm.data(), n);
+    for (int32_t p = 0; p < n; ++p) {
+      int32_t& dst = s.src[s.block_vox[p]];
+      dst = dst < 0 ? s.block_in[s.perm[p]] : dst;  // branch-free: the claimed/unclaimed pattern is random
+    }
   }
-  for (std::size_t v = 0; v < src.size(); ++v)
-    if (src[v] < 0) src[v] = flipped[v];
-}
-
-static void deform_sample(Op op, const float* in, float* out, float* target, int64_t channels, const Shape& sh,
-                          uint64_t seed, uint64_t sample, const DeformConfig& cfg, std::vector<int32_t>& flipped,
-                          std::vector<int32_t>& src, std::vector<int32_t>& perm, BezierTable& table) {
-  const SampleParams p = derive_params(seed, sample, cfg, sh);
-  const Plan plan = plan_for(op, p);
-  const int64_t voxels = sh.voxels();
-
-  // flipped[v]: the input voxel that lands at v after the flips (identity when the plan has no flip)
   int64_t v = 0;
   for (int32_t x = 0; x < sh.s[0]; ++x)
     for (int32_t y = 0; y < sh.s[1]; ++y)
-      for (int32_t z = 0; z < sh.s[2]; ++z, ++v) {
-        const bool f = plan.flip;
-        flipped[v] = int32_t((int64_t(flip_coord(f && p.flip[0], x, sh.s[0])) * sh.s[1] +
-                              flip_coord(f && p.flip[1], y, sh.s[1])) * sh.s[2] +
-                             flip_coord(f && p.flip[2], z, sh.s[2]));
-      }
-  if (plan.local) shuffle_sources(seed, sample, cfg, sh, flipped.data(), src, perm);
-  const int32_t* source = plan.local ? src.data() : flipped.data();
-  if (plan.nonlinear) {
-    for (int j = 0; j < 4; ++j) table.ctrl[j] = p.ctrl[j];
-    table.increasing = p.increasing;
-    for (int k = 0; k < kBezierCells; ++k) bezier_cell(table, k);
-  }
+      for (int32_t z = 0; z < sh.s[2]; ++z, ++v)
+        if (s.src[v] < 0) s.src[v] = int32_t(flipped(x, y, z));
+}
 
-  for (int64_t c = 0; c < channels; ++c) {
-    const float* xin = in + c * voxels;
-    float* xout = out + c * voxels;
-    if (target != nullptr)
-      for (int64_t w = 0; w < voxels; ++w) target[c * voxels + w] = xin[flipped[w]];
-    int64_t w = 0;
-    for (int32_t x = 0; x < sh.s[0]; ++x)
-      for (int32_t y = 0; y < sh.s[1]; ++y)
-        for (int32_t z = 0; z < sh.s[2]; ++z, ++w) {
-          if (painted(plan, p, x, y, z)) {
-            xout[w] = noise_value(seed, sample, c * voxels + w);
-          } else {
-            const float value = xin[source[w]];
-            xout[w] = plan.nonlinear ? bezier_apply(table, value) : value;
-          }
-        }
+// Uniform noise for elements [e0, e1) of a sample, four per Philox block.
+void fill_noise(float* dst, uint64_t seed, uint64_t sample, int64_t e0, int64_t e1) {
+  for (int64_t e = e0; e < e1;) {
+    const U32x4 r = stream_block(seed, sample, NOISE, uint32_t(e >> 2), 0);
+    for (int lane = int(e & 3); lane < 4 && e < e1; ++lane, ++e) *dst++ = uniform_float(r.v[lane]);
   }
 }
+
+void deform_sample(Op op, const float* in, float* out, float* target, int64_t channels, const Shape& sh,
+                   uint64_t seed, uint64_t sample, const DeformConfig& cfg, Scratch& s) {
+  const SampleParams p = derive_params(seed, sample, cfg, sh);
+  const Plan plan = plan_for(op, p);
+  const Flipper flipped{{plan.flip && p.flip[0], plan.flip && p.flip[1], plan.flip && p.flip[2]},
+                        {sh.s[0], sh.s[1], sh.s[2]}};
+  const int64_t voxels = sh.voxels();
+  const int32_t len = sh.s[2];
+  if (plan.local) shuffle_sources(seed, sample, cfg, sh, flipped, s);
+  if (plan.nonlinear) {
+    for (int j = 0; j < 4; ++j) s.table.ctrl[j] = p.ctrl[j];
+    s.table.increasing = p.increasing;
+    for (int k = 0; k < kBezierCells; ++k) bezier_cell(s.table, k);
+  }
+
+  Span noise[kMaxParts + 1];
+  for (int32_t x = 0; x < sh.s[0]; ++x)
+    for (int32_t y = 0; y < sh.s[1]; ++y) {
+      const int64_t row = (int64_t(x) * sh.s[1] + y) * len;
+      const int64_t flipped_row = flipped(x, y, 0) - (flipped.f[2] ? len - 1 : 0);  // start of the source row
+      const int spans = noise_spans(plan, p, x, y, len, noise);
+      for (int64_t c = 0; c < channels; ++c) {
+        const float* xin = in + c * voxels;
+        float* xout = out + c * voxels + row;
+        // the flipped source row (the target), and values[z]: the value at z before the Bézier map and painting
+        const float* flipped_values = xin + flipped_row;
+        if (flipped.f[2]) {
+          for (int32_t z = 0; z < len; ++z) s.reversed[z] = xin[flipped_row + len - 1 - z];
+          flipped_values = s.reversed.data();
+        }
+        if (target != nullptr) std::copy(flipped_values, flipped_values + len, target + c * voxels + row);
+        const float* values = flipped_values;
+        if (plan.local) {
+          for (int32_t z = 0; z < len; ++z) s.shuffled[z] = xin[s.src[row + z]];
+          values = s.shuffled.data();
+        }
+        int32_t z = 0;
+        for (int k = 0; k <= spans; ++k) {  // the kept range before noise span k, then the span itself
+          const int32_t keep_end = k < spans ? noise[k].begin : len;
+          if (plan.nonlinear)
+            for (; z < keep_end; ++z) xout[z] = bezier_apply(s.table, values[z]);
+          else
+            for (; z < keep_end; ++z) xout[z] = values[z];
+          if (k < spans) {
+            fill_noise(xout + noise[k].begin, seed, sample, c * voxels + row + noise[k].begin,
+                       c * voxels + row + noise[k].end);
+            z = noise[k].end;
+          }
+        }
+      }
+    }
+}
+
+}  // namespace
 
 void deform_cpu(Op op, const float* in, float* out, float* target, int64_t batch, int64_t channels,
                 const Shape& sh, uint64_t seed, uint64_t offset, const DeformConfig& cfg, int num_threads) {
   const int64_t sample_size = channels * sh.voxels();
-  const int32_t max_block = (sh.s[0] / cfg.block_div) * (sh.ndim > 1 ? sh.s[1] / cfg.block_div : 1) *
-                            (sh.ndim > 2 ? sh.s[2] / cfg.block_div : 1);
+  int32_t max_block = 1;
+  for (int a = 0; a < sh.ndim; ++a) max_block *= std::max(1, sh.s[a] / cfg.block_div);
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<int32_t> flipped(sh.voxels()), src(sh.voxels()), perm(max_block > 0 ? max_block : 1);
-    BezierTable table;
+    Scratch s;
+    s.src.resize(sh.voxels());
+    s.block_vox.resize(max_block);
+    s.block_in.resize(max_block);
+    s.perm.resize(max_block);
+    s.reversed.resize(sh.s[2]);
+    s.shuffled.resize(sh.s[2]);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t n = 0; n < batch; ++n)
       deform_sample(op, in + n * sample_size, out + n * sample_size,
-                    target != nullptr ? target + n * sample_size : nullptr, channels, sh, seed, offset + n, cfg,
-                    flipped, src, perm, table);
+                    target != nullptr ? target + n * sample_size : nullptr, channels, sh, seed, offset + n, cfg, s);
   }
 }
 

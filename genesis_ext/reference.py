@@ -268,51 +268,83 @@ def _bernstein_derivative(s, p1, p2):
 def _solve_bx(v, x1, x2):
     """s in [0, 1] with Bx(s) = v for v in (0, 1), to full double precision.
 
-    Bx is non-decreasing (control values in [0, 1]) with at most isolated flat points. A 256-interval table of exact
-    Bx values brackets each root; then safeguarded Newton (Newton inside the bracket, bisection whenever Newton would
-    leave it or fails to halve the step, as in Numerical Recipes' rtsafe) until the step is below one ulp of s."""
-    grid = np.linspace(0.0, 1.0, 257)
-    table = _bernstein(grid, x1, x2)
-    i = np.clip(np.searchsorted(table, v, side="right"), 1, 256)
-    lo, hi = grid[i - 1], grid[i]
-    s = np.clip(np.interp(v, table, grid), lo, hi)
-    dx_old = hi - lo
-    dx = dx_old.copy()
-    active = np.arange(v.size)
+    Bx(s) = ((a s + b) s + c) s is non-decreasing (control values in [0, 1]) with at most isolated flat points.
+    1. Bisection brackets the root at the 1025 levels u_j = j / 1024: Bx(A_j) <= u_j <= Bx(B_j).
+    2. A value v in [u_j, u_j+1) has its root in [A_j, B_j+1]; linear interpolation there is the first guess.
+    3. Safeguarded Newton (Numerical Recipes' rtsafe: a bisection step whenever Newton would leave the bracket or
+       fails to halve the step) until the step is below one ulp of s. Converged values leave the working arrays."""
+    a, b, c = 1.0 + 3.0 * x1 - 3.0 * x2, 3.0 * x2 - 6.0 * x1, 3.0 * x1
+
+    def bx(s):
+        return ((a * s + b) * s + c) * s
+
+    levels = 1024
+    u = np.arange(levels + 1) / levels
+    lo_u, hi_u = np.zeros_like(u), np.ones_like(u)
+    for _ in range(20):  # the brackets stay valid at any depth; depth only sharpens the first guess
+        mid = 0.5 * (lo_u + hi_u)
+        below = bx(mid) <= u
+        lo_u, hi_u = np.where(below, mid, lo_u), np.where(below, hi_u, mid)
+
+    j = np.minimum((v * levels).astype(np.intp), levels - 1)
+    lo, hi = lo_u[j], hi_u[j + 1]
+    s = lo + (v - u[j]) * levels * (hi - lo)
+    result = np.empty_like(v)
+    idx = np.arange(v.size)
+    dx = hi - lo
+    dx_old = dx.copy()
+    eps = 2.0**-52
     for _ in range(200):
-        va, sa, la, ha = v[active], s[active], lo[active], hi[active]
-        f = _bernstein(sa, x1, x2) - va
-        df = _bernstein_derivative(sa, x1, x2)
-        la = np.where(f < 0, sa, la)
-        ha = np.where(f > 0, sa, ha)
+        f = bx(s) - v
+        df = (3.0 * a * s + 2.0 * b) * s + c
+        rounding = 4.0 * eps * (((abs(a) * s + abs(b)) * s + c) * s + v)  # |f| below this is indistinguishable from 0
+        np.copyto(lo, s, where=f < 0)
+        np.copyto(hi, s, where=f > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             newton = f / df
-        s_newton = sa - newton
-        use_newton = (df > 0) & (s_newton >= la) & (s_newton <= ha) & (np.abs(2.0 * f) <= np.abs(dx_old[active] * df))
-        step = np.where(f == 0, 0.0, np.where(use_newton, newton, sa - 0.5 * (la + ha)))
-        dx_old[active] = dx[active]
-        dx[active] = step
-        s[active] = sa - step
-        lo[active], hi[active] = la, ha
-        done = np.abs(step) <= 2.0**-52 * np.maximum(sa, 2.0**-52)
-        active = active[~done]
-        if active.size == 0:
-            break
-    return s
+        s_newton = s - newton
+        use_newton = (df > 0) & (s_newton >= lo) & (s_newton <= hi) & (np.abs(2.0 * f) <= np.abs(dx_old * df))
+        dx_old = dx
+        dx = np.where(use_newton, newton, s - 0.5 * (lo + hi))
+        at_root = np.abs(f) <= rounding
+        dx[at_root] = 0.0
+        s -= dx
+        # Newton's error after a step dx is |f''| dx^2 / (2 |f'|); accept once it is below a quarter ulp of s
+        tiny = np.maximum(s, eps)
+        done = at_root | (np.abs(dx) <= eps * tiny)
+        done |= use_newton & (np.abs(6.0 * a * s + 2.0 * b) * dx * dx <= 0.5 * eps * df * tiny)
+        if done.all():
+            result[idx] = s
+            return result
+        if done.any():
+            result[idx[done]] = s[done]
+            keep = ~done
+            idx, v, s, lo, hi, dx, dx_old = idx[keep], v[keep], s[keep], lo[keep], hi[keep], dx[keep], dx_old[keep]
+    result[idx] = s
+    return result
 
 
 def bezier_map(v, ctrl, increasing: bool) -> np.ndarray:
     """Exact non-linear intensity map of spec §1.1, float64: s solves Bx(s) = v (v clamped to [0, 1]); the result is
-    By(s) if ``increasing`` else By(1 - s). ``ctrl`` = (x1, y1, x2, y2) in [0, 1]; NaN stays NaN."""
+    By(s) if ``increasing`` else By(1 - s). ``ctrl`` = (x1, y1, x2, y2) in [0, 1]; NaN stays NaN.
+
+    For v > 1/2 the mirrored curve is solved instead: 1 - Bx(1 - t) is the same kind of curve with control values
+    (1 - x2, 1 - x1), so t = 1 - s solves it for 1 - v (exact), keeping full precision where Bx flattens at s = 1.
+    Near an interior flat point of Bx (x1 -> 1, x2 -> 0) the problem itself is ill-conditioned in float64."""
     x1, y1, x2, y2 = (float(c) for c in ctrl)
     v = np.asarray(v, dtype=np.float64)
     flat = v.reshape(-1)
-    s = np.full(flat.shape, np.nan)
-    s[flat <= 0.0] = 0.0
-    s[flat >= 1.0] = 1.0
-    inner = np.nonzero((flat > 0.0) & (flat < 1.0))[0]
-    s[inner] = _solve_bx(flat[inner], x1, x2)
-    out = _bernstein(s if increasing else 1.0 - s, y1, y2)
+    s = np.full(flat.shape, np.nan)  # the root, and t = 1 - s computed without cancellation
+    t = np.full(flat.shape, np.nan)
+    s[flat <= 0.0], t[flat <= 0.0] = 0.0, 1.0
+    s[flat >= 1.0], t[flat >= 1.0] = 1.0, 0.0
+    lower = np.nonzero((flat > 0.0) & (flat <= 0.5))[0]
+    s[lower] = _solve_bx(flat[lower], x1, x2)
+    t[lower] = 1.0 - s[lower]
+    upper = np.nonzero((flat > 0.5) & (flat < 1.0))[0]
+    t[upper] = _solve_bx(1.0 - flat[upper], 1.0 - x2, 1.0 - x1)
+    s[upper] = 1.0 - t[upper]
+    out = _bernstein(s if increasing else t, y1, y2)
     return out.reshape(v.shape)
 
 

@@ -38,13 +38,15 @@ __global__ void shared_code_kernel(const double* cfg_vec, int64_t batch, Shape s
   Stream st(seed, offset + n, BLOCK, 0);
   const Box b = shuffle_block(st, cfg, sh);
   int32_t perm[8];
-  block_permutation(st, perm, b.volume() < 8 ? b.volume() : 8);
+  block_permutation(seed, offset + n, 0, perm, b.volume() < 8 ? b.volume() : 8);
   BezierTable t;
   for (int j = 0; j < 4; ++j) t.ctrl[j] = p.ctrl[j];
   t.increasing = p.increasing;
   bezier_cell(t, 0);
   const Plan plan = plan_for(PAIR, p);
-  values[n] = painted(plan, p, 0, 0, 0) ? noise_value(seed, offset + n, perm[0]) : bezier_apply(t, values[n]);
+  Span spans[kMaxParts + 1];
+  values[n] = noise_spans(plan, p, 0, 0, sh.s[2], spans) > 0 ? noise_value(seed, offset + n, perm[0])
+                                                             : bezier_apply(t, values[n]);
 }
 
 }  // namespace

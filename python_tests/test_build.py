@@ -1,0 +1,178 @@
+"""The compiled core: what was built, the Philox generator, and the per-sample parameters it derives.
+
+The parameter test is the foundation of every kernel-vs-oracle test: ``sample_params`` runs the same shared C++
+``derive_params`` as the kernels, and it must equal ``genesis_ext.reference.derive_params`` (numpy, written from
+docs/randomness.md) bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import genesis_ext
+from genesis_ext import DeformConfig, _C
+from genesis_ext import reference as R
+
+# docs/architecture §4: (counter, key) -> output of Philox4x32-10 (Random123 known-answer vectors)
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+# Every field differs from the default, so a field read from the wrong slot of config.to_vector() shows.
+SCRAMBLED = DeformConfig(nonlinear_rate=0.3, local_rate=0.7, paint_rate=0.6, inpaint_rate=0.45, outpaint_rate=0.55,
+                         flip_rate=0.8, num_blocks=300, block_div=4, max_holes=7, hole_continue=0.8, hole_div_min=5,
+                         hole_div_max=2, max_windows=6, window_continue=0.7, cut_min_num=2, cut_max_num=5,
+                         cut_den=9, margin=1, max_flips=5)
+
+SEEDS = [0, 1, 20190613, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**63 + 12345, 2**64 - 1]
+OFFSETS = [0, 2**32 - 2, 2**62 + 7, 2**63 - 3]  # 2**32 - 2: the batch crosses into the counter's high word
+
+
+def test_build_info_keys_and_types():
+    info = genesis_ext.build_info()
+    assert set(info) == {"with_cuda", "cuda_archs", "with_openmp", "cuda_devices", "cuda_unavailable_reason"}
+    assert isinstance(info["with_cuda"], bool) and isinstance(info["with_openmp"], bool)
+    assert isinstance(info["cuda_archs"], str) and isinstance(info["cuda_unavailable_reason"], str)
+    assert isinstance(info["cuda_devices"], int) and info["cuda_devices"] >= 0
+    if not info["with_cuda"]:
+        assert info["cuda_devices"] == 0 and info["cuda_archs"] == "" and info["cuda_unavailable_reason"]
+    else:
+        assert info["cuda_archs"]
+        # a reason is given exactly when no device can be used
+        assert (info["cuda_devices"] == 0) == bool(info["cuda_unavailable_reason"])
+    assert genesis_ext.build_info() is not genesis_ext.build_info()  # a fresh dict: callers may modify it
+
+
+@pytest.mark.parametrize("ctr, key, expected", PHILOX_KAT)
+def test_philox_known_answers(ctr, key, expected):
+    assert tuple(_C.philox4x32_10(list(ctr), list(key))) == expected
+
+
+def test_philox_core_matches_reference_generator(rng):
+    ctr = rng.integers(0, 2**32, size=(200, 4), dtype=np.uint64).astype(np.uint32)
+    key = rng.integers(0, 2**32, size=(200, 2), dtype=np.uint64).astype(np.uint32)
+    expected = R.philox4x32_10(ctr, key)
+    got = np.array([_C.philox4x32_10(c.tolist(), k.tolist()) for c, k in zip(ctr, key)], dtype=np.uint32)
+    assert np.array_equal(got, expected)
+
+
+def _device_buffers(arrays):
+    """numpy uint32 arrays -> (device arrays, pointer getter, stream handle, to_numpy), with torch or cupy."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            dev = [torch.from_numpy(a.view(np.int32)).cuda() for a in arrays]
+            return (dev, lambda t: t.data_ptr(), torch.cuda.current_stream().cuda_stream,
+                    lambda t: (torch.cuda.synchronize(), t.cpu().numpy().view(np.uint32))[1])
+    except ImportError:
+        pass
+    cupy = pytest.importorskip("cupy", reason="needs a CUDA-enabled torch or cupy to allocate device buffers")
+    dev = [cupy.asarray(a) for a in arrays]
+    return (dev, lambda t: t.data.ptr, cupy.cuda.get_current_stream().ptr,
+            lambda t: (cupy.cuda.get_current_stream().synchronize(), cupy.asnumpy(t))[1])
+
+
+@pytest.mark.cuda
+def test_cuda_philox_matches_cpu(rng):
+    n = 4096
+    ctr = rng.integers(0, 2**32, size=(n, 4), dtype=np.uint64).astype(np.uint32)
+    key = rng.integers(0, 2**32, size=(n, 2), dtype=np.uint64).astype(np.uint32)
+    for j, (c, k, _) in enumerate(PHILOX_KAT):
+        ctr[j], key[j] = c, k
+    (d_ctr, d_key, d_out), ptr, stream, to_numpy = _device_buffers(
+        [ctr, key, np.full((n, 4), 0xDEADBEEF, dtype=np.uint32)])  # poisoned: an unwritten word shows
+    _C.cuda_philox4x32_10(ptr(d_ctr), ptr(d_key), ptr(d_out), n, 0, stream)
+    got = to_numpy(d_out).reshape(n, 4)
+    assert np.array_equal(got, R.philox4x32_10(ctr, key))
+    for j, (_, _, expected) in enumerate(PHILOX_KAT):
+        assert tuple(int(v) for v in got[j]) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sample_params (C++) == reference.derive_params (numpy), exactly
+
+PARAM_KEYS = ("nonlinear", "local", "paint", "inpaint", "flip", "bezier", "increasing", "n_holes", "holes",
+              "n_windows", "windows", "blocks")
+
+
+def _assert_params_equal(seed, offset, batch, spatial, config):
+    got = genesis_ext.sample_params(batch, spatial, seed=seed, offset=offset, config=config)
+    assert set(PARAM_KEYS) | {"index"} == set(got)
+    assert np.array_equal(got["index"], np.arange(offset, offset + batch))
+    d = len(spatial)
+    assert got["flip"].shape == (batch, d) and got["bezier"].shape == (batch, 4)
+    assert got["holes"].shape == (batch, config.max_holes, 2, d)
+    assert got["windows"].shape == (batch, config.max_windows, 2, d)
+    assert got["blocks"].shape == (batch, config.num_blocks, 2, d)
+    for n in range(batch):
+        ref = R.derive_params(seed, offset + n, spatial, config)
+        for key in PARAM_KEYS:
+            a, b = np.asarray(got[key][n]), np.asarray(ref[key])
+            # exact: integers, booleans, and uniforms (u >> 8) * 2^-24 are exact in float64
+            assert a.shape == b.shape and np.array_equal(a, b), (seed, offset + n, spatial, key, a, b)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sample_params_match_reference_official_3d(seed):
+    for offset in OFFSETS:
+        _assert_params_equal(seed, offset, 3, (64, 64, 32), DeformConfig.official())
+
+
+@pytest.mark.parametrize("spatial, config", [
+    ((23, 41, 17), DeformConfig()),
+    ((23, 41, 17), SCRAMBLED),
+    ((64, 64), DeformConfig()),
+    ((64, 64), SCRAMBLED),
+    ((64, 64, 32), DeformConfig.official(flip_compat=True)),
+    ((64, 64), DeformConfig.official(flip_compat=True)),
+    ((23, 41, 17), SCRAMBLED.replace(flip_compat=True)),
+], ids=["odd", "odd-scrambled", "2d", "2d-scrambled", "compat", "2d-compat", "odd-scrambled-compat"])
+def test_sample_params_match_reference_shapes_and_configs(spatial, config):
+    for seed, offset in [(0, 0), (7, 1000), (2**63 + 5, 2**32 - 3), (2**64 - 1, 2**63 - 4), (123456789, 17)]:
+        _assert_params_equal(seed, offset, 4, spatial, config)
+
+
+def test_sample_params_cover_every_branch():
+    """The equality tests above are only meaningful if the samples they compare take different branches."""
+    p = genesis_ext.sample_params(64, (64, 64, 32), seed=0, offset=0, with_blocks=False)
+    for key in ("nonlinear", "local", "paint", "inpaint", "increasing"):
+        assert p[key].any() and not p[key].all(), key
+    assert p["flip"].any(axis=0).all() and not p["flip"].all(axis=0).any()
+    assert len(np.unique(p["n_holes"])) >= 3 and len(np.unique(p["n_windows"])) >= 3
+    assert "blocks" not in p  # with_blocks=False skips the 10,000 blocks per sample
+
+
+def test_sample_params_are_a_function_of_the_global_index():
+    whole = genesis_ext.sample_params(10, (64, 64, 32), seed=99, offset=0)
+    part = genesis_ext.sample_params(4, (64, 64, 32), seed=99, offset=6)
+    for key in PARAM_KEYS:
+        assert np.array_equal(whole[key][6:], part[key]), key
+    other = genesis_ext.sample_params(10, (64, 64, 32), seed=100, offset=0)
+    assert not np.array_equal(whole["bezier"], other["bezier"])
+    assert not np.array_equal(whole["blocks"], other["blocks"])
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+    (dict(seed=2**64), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+    (dict(seed=1.0), TypeError, "seed must be an int"),
+    (dict(seed=1, offset=2**63), ValueError, r"offset must be in \[0, 2\*\*63\)"),
+    (dict(seed=1, offset=-2), ValueError, "offset must be in"),
+])
+def test_sample_params_rejects_bad_seed_and_offset(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        genesis_ext.sample_params(2, (64, 64, 32), **kwargs)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((0, (64, 64, 32)), "batch must be >= 1"),
+    ((2, (64, 64, 32, 4)), "spatial_shape must be 2 or 3 positive lengths"),
+    ((2, (64,)), "spatial_shape must be 2 or 3 positive lengths"),
+    ((2, (64, 0, 32)), "spatial_shape must be 2 or 3 positive lengths"),
+])
+def test_sample_params_rejects_bad_shapes(args, match):
+    with pytest.raises(ValueError, match=match):
+        genesis_ext.sample_params(*args, seed=0)
