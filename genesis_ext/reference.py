@@ -260,11 +260,6 @@ def _bernstein(s, p1, p2):
     return 3.0 * t * t * s * p1 + 3.0 * t * s * s * p2 + s * s * s
 
 
-def _bernstein_derivative(s, p1, p2):
-    t = 1.0 - s
-    return 3.0 * t * t * p1 + 6.0 * t * s * (p2 - p1) + 3.0 * s * s * (1.0 - p2)
-
-
 def _solve_bx(v, x1, x2):
     """s in [0, 1] with Bx(s) = v for v in (0, 1), to full double precision.
 
@@ -272,7 +267,8 @@ def _solve_bx(v, x1, x2):
     1. Bisection brackets the root at the 1025 levels u_j = j / 1024: Bx(A_j) <= u_j <= Bx(B_j).
     2. A value v in [u_j, u_j+1) has its root in [A_j, B_j+1]; linear interpolation there is the first guess.
     3. Safeguarded Newton (Numerical Recipes' rtsafe: a bisection step whenever Newton would leave the bracket or
-       fails to halve the step) until the step is below one ulp of s. Converged values leave the working arrays."""
+       fails to halve the step) until f(s) is at rounding level or the step is below one ulp of s (2^-104 absolute
+       for s < 2^-52). Converged values leave the working arrays."""
     a, b, c = 1.0 + 3.0 * x1 - 3.0 * x2, 3.0 * x2 - 6.0 * x1, 3.0 * x1
 
     def bx(s):
@@ -362,7 +358,7 @@ def local_shuffle(x, blocks, perms) -> np.ndarray:
     for box, perm in zip(blocks, perms):
         window = _spatial_slices(box)
         original = x[window].reshape(channels, -1)
-        out[window] = original[:, perm].reshape(original.shape[:1] + x[window].shape[1:])
+        out[window] = original[:, perm].reshape(x[window].shape)
     return out
 
 
