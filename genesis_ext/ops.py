@@ -14,6 +14,7 @@ Torch tensors go through ``torch.ops.genesis_ext.*`` custom ops (with fake imple
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -92,7 +93,7 @@ def _validate(op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | No
         raise ValueError(f"genesis_ext.{op}: empty batch (N = 0)")
     if c == 0 or min(spatial) == 0:
         raise ValueError(f"genesis_ext.{op}: every axis needs length >= 1, got shape {tuple(x.shape)}")
-    if c * int(np.prod(spatial)) >= 1 << 31:
+    if c * math.prod(spatial) >= 1 << 31:  # math, not numpy: dynamo would trace np.prod
         raise ValueError(f"genesis_ext.{op}: a sample must have fewer than 2**31 elements, got shape {tuple(x.shape)}")
     rules = _pair_rules(config) if op == "genesis_pair" else _SIZE_RULES[op]
     for rule in rules:
@@ -179,8 +180,8 @@ def local_shuffle(x, *, seed: int, offset: int = 0, config: DeformConfig | None 
     """Models Genesis local pixel shuffling, applied to every sample.
 
     ``config.num_blocks`` random blocks (sizes ``randint(1, S // block_div)`` per axis) are each filled with a
-    uniformly random permutation of the original voxels inside them; where blocks overlap the later block wins.
-    Output values are a permutation of each sample's input values.
+    uniformly random permutation of the original voxels inside them; where blocks overlap the later block wins (so
+    overlapping blocks can duplicate some input values and drop others, exactly as in the published code).
     """
     return _apply("local_shuffle", x, seed, offset, config)
 

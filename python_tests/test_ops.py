@@ -1,0 +1,617 @@
+"""The CPU kernels against the numpy oracle (genesis_ext.reference), voxel by voxel, and the ops' contract.
+
+Exactness: everything the kernels do is integer geometry, permutations, copies and Philox noise, so every voxel must
+equal the oracle bit for bit, except the Bézier map, which must be within 1e-5 of the exact float64 map.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+import genesis_ext
+from genesis_ext import DeformConfig
+from genesis_ext import reference as R
+
+torch = pytest.importorskip("torch")
+
+SINGLE_OPS = ("bezier_remap", "local_shuffle", "inpaint", "outpaint", "flip")
+ALL_OPS = SINGLE_OPS + ("genesis_pair",)
+BEZIER_TOL = 1e-5
+
+# Every field differs from the default (fits (23, 41, 17): blocks 1..4 per axis, holes 3..8 on the 17-axis).
+SCRAMBLED = DeformConfig(nonlinear_rate=0.3, local_rate=0.7, paint_rate=0.6, inpaint_rate=0.45, outpaint_rate=0.55,
+                         flip_rate=0.8, num_blocks=300, block_div=4, max_holes=7, hole_continue=0.8, hole_div_min=5,
+                         hole_div_max=2, max_windows=6, window_continue=0.7, cut_min_num=2, cut_max_num=5,
+                         cut_den=9, margin=1, max_flips=5)
+
+# Extremes of the size rules: boxes may touch the faces (margin 0), 8 holes / windows always (MAX_PARTS), heavily
+# overlapping holes, windows from 3 voxels to nearly the whole axis, large shuffle blocks (up to 11 x 20 x 8 voxels:
+# ~1,760 Fisher-Yates draws), up to 8 flips.
+EDGE = DeformConfig(nonlinear_rate=0.5, local_rate=0.5, paint_rate=0.8, inpaint_rate=0.5, outpaint_rate=0.5,
+                    flip_rate=0.9, num_blocks=40, block_div=2, max_holes=8, hole_continue=1.0, hole_div_min=3,
+                    hole_div_max=2, max_windows=8, window_continue=1.0, cut_min_num=1, cut_max_num=6, cut_den=7,
+                    margin=0, max_flips=8)
+
+
+def run(op, x, **kw):
+    return getattr(genesis_ext, op)(x, **kw)
+
+
+def channels_of(base):
+    """(N, 1, *S) -> (N, 3, *S) with channels (x, 2x, -x): all exact in float32, and only 1/3 of them in [0, 1]."""
+    return np.ascontiguousarray(np.concatenate([base, 2 * base, -base], axis=1))
+
+
+def union_mask(spatial, boxes, n):
+    mask = np.zeros(spatial, dtype=bool)
+    for origin, size in np.asarray(boxes)[:n]:
+        mask[tuple(slice(int(o), int(o) + int(s)) for o, s in zip(origin, size))] = True
+    return mask
+
+
+def paint_mask(p, spatial, kind):
+    """Voxels that become noise: kind 'inpaint' (inside the holes) or 'outpaint' (outside the windows)."""
+    if kind == "inpaint":
+        return union_mask(spatial, p["holes"], p["n_holes"])
+    return ~union_mask(spatial, p["windows"], p["n_windows"])
+
+
+def oracle_single(op, x, seed, offset, config):
+    """The oracle of a single op on a batch: every sample gets the op unconditionally (its gate is ignored).
+    bezier_remap returns the exact float64 map; the rest float32."""
+    out = np.empty(x.shape, dtype=np.float64 if op == "bezier_remap" else np.float32)
+    for n in range(x.shape[0]):
+        i = offset + n
+        p = R.derive_params(seed, i, x.shape[2:], config)
+        if op == "bezier_remap":
+            out[n] = R.bezier_map(x[n], p["bezier"], p["increasing"])
+        elif op == "local_shuffle":
+            out[n] = R.local_shuffle(x[n], p["blocks"], R.block_permutations(seed, i, p["blocks"]))
+        elif op == "inpaint":
+            out[n] = R.inpaint(x[n], p["holes"], p["n_holes"], R.noise(seed, i, x[n].shape))
+        elif op == "outpaint":
+            out[n] = R.outpaint(x[n], p["windows"], p["n_windows"], R.noise(seed, i, x[n].shape))
+        else:
+            out[n] = R.flip(x[n], p["flip"])
+    return out
+
+
+def assert_bezier_close(got, exact):
+    """Within BEZIER_TOL of the exact map, NaN exactly where the exact map is NaN."""
+    assert got.dtype == np.float32 and got.shape == exact.shape
+    nan = np.isnan(exact)
+    assert np.array_equal(np.isnan(got), nan)
+    err = np.abs(got[~nan].astype(np.float64) - exact[~nan])
+    assert err.max(initial=0.0) <= BEZIER_TOL, f"Bézier error {err.max():.3g} > {BEZIER_TOL}"
+
+
+def assert_pair_matches_oracle(xd, tg, x, seed, index, config):
+    """One sample (C, *S) of genesis_pair against reference.genesis_pair."""
+    p = R.derive_params(seed, index, x.shape[1:], config)
+    ref_xd, ref_tg = R.genesis_pair(x, seed, index, config, params=p)
+    assert np.array_equal(tg, ref_tg, equal_nan=True)
+    if not p["nonlinear"]:
+        assert np.array_equal(xd, ref_xd, equal_nan=True)
+        return
+    painted = np.zeros(x.shape[1:], dtype=bool)
+    if p["paint"]:
+        painted = paint_mask(p, x.shape[1:], "inpaint" if p["inpaint"] else "outpaint")
+    painted = np.broadcast_to(painted, x.shape)
+    # painting noise is exact and not intensity-mapped
+    assert np.array_equal(xd[painted], ref_xd[painted], equal_nan=True)
+    # the rest is the Bézier map of the flipped and shuffled sample, compared with the exact float64 map
+    pre = R.flip(x, p["flip"])
+    if p["local"]:
+        pre = R.local_shuffle(pre, p["blocks"], R.block_permutations(seed, index, p["blocks"]))
+    exact = R.bezier_map(pre, p["bezier"], p["increasing"])
+    assert_bezier_close(xd[~painted], exact[~painted])
+
+
+def branch_indices(seed, spatial, config, per_branch, offset=0, search=2000):
+    """Global indices of samples covering every branch of the pair: (local, nonlinear, paint kind), `per_branch`
+    each, found from sample_params. Paint kind: 0 none, 1 in-painting, 2 out-painting."""
+    p = genesis_ext.sample_params(search, spatial, seed=seed, offset=offset, config=config, with_blocks=False)
+    kind = np.where(p["paint"], np.where(p["inpaint"], 1, 2), 0)
+    chosen = []
+    for local in (False, True):
+        for nonlinear in (False, True):
+            for k in (0, 1, 2):
+                hits = np.nonzero((p["local"] == local) & (p["nonlinear"] == nonlinear) & (kind == k))[0]
+                assert len(hits) >= per_branch, (local, nonlinear, k)
+                chosen += [offset + int(h) for h in hits[:per_branch]]
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernels vs oracle
+
+# (id, spatial shape, channels, config, seed, offset)
+CASES = [
+    ("official", (64, 64, 32), 1, DeformConfig.official(), 1234, 0),
+    ("official-big-seed", (64, 64, 32), 1, DeformConfig.official(flip_compat=True), 2**64 - 3, 2**32 - 2),
+    ("odd", (23, 41, 17), 1, DeformConfig(), 7, 40),
+    ("odd-c3-scrambled", (23, 41, 17), 3, SCRAMBLED, 2**63 + 1, 5),
+    ("2d-c3", (64, 64), 3, DeformConfig(), 99, 2**40),
+    ("odd-c2-edge", (23, 41, 17), 2, EDGE, 3, 0),
+    ("2d-edge", (40, 24), 1, EDGE, 2**64 - 1, 12),
+]
+
+
+def make_case_input(spatial, channels, n, rng):
+    if channels == 3:
+        return channels_of(rng.random((n, 1, *spatial), dtype=np.float32))
+    return rng.random((n, channels, *spatial), dtype=np.float32)
+
+
+@pytest.mark.parametrize("op", SINGLE_OPS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_single_op_matches_oracle(op, case, rng):
+    _, spatial, channels, config, seed, offset = case
+    x = make_case_input(spatial, channels, 4, rng)
+    got = run(op, x, seed=seed, offset=offset, config=config)
+    expected = oracle_single(op, x, seed, offset, config)
+    if op == "bezier_remap":
+        assert_bezier_close(got, expected)
+    else:
+        assert got.dtype == np.float32 and np.array_equal(got, expected)
+    assert not np.array_equal(got, x)  # the op did something on these samples
+
+
+@pytest.mark.parametrize("op", ("local_shuffle", "flip"))
+def test_channels_move_together(op, rng):
+    x = channels_of(rng.random((4, 1, 23, 41, 17), dtype=np.float32))
+    out = run(op, x, seed=3, offset=0, config=SCRAMBLED)
+    assert np.array_equal(out[:, 1], 2 * out[:, 0]) and np.array_equal(out[:, 2], -out[:, 0])
+    assert not np.array_equal(out, x)
+
+
+def test_painting_noise_is_independent_per_channel(rng):
+    x = channels_of(rng.random((2, 1, 64, 64, 32), dtype=np.float32))
+    out = genesis_ext.inpaint(x, seed=8)
+    for n in range(2):
+        mask = paint_mask(R.derive_params(8, n, (64, 64, 32)), (64, 64, 32), "inpaint")
+        assert mask.any()
+        noise = out[n][:, mask]
+        assert ((noise >= 0) & (noise < 1)).all()
+        assert (noise[0] != noise[1]).mean() > 0.99 and (noise[0] != noise[2]).mean() > 0.99
+
+
+def test_pair_matches_oracle_on_every_branch(rng):
+    """Two samples of each of the 12 branches (local x nonlinear x {no paint, in-, out-painting}) of the official
+    recipe, each run as a one-sample batch at its own global index."""
+    seed = 31337
+    x = rng.random((1, 64, 64, 32), dtype=np.float32)
+    for index in branch_indices(seed, (64, 64, 32), DeformConfig(), per_branch=2):
+        xd, tg = genesis_ext.genesis_pair(x[None], seed=seed, offset=index)
+        assert xd.shape == tg.shape == (1, 1, 64, 64, 32)
+        assert_pair_matches_oracle(xd[0], tg[0], x, seed, index, DeformConfig())
+
+
+def test_pair_matches_oracle_on_ct(ct_cubes):
+    """Real chest CT through every branch: one cube per branch, cycling over the cubes."""
+    seed = 2024
+    for k, index in enumerate(branch_indices(seed, (64, 64, 32), DeformConfig(), per_branch=1, offset=500)):
+        x = ct_cubes[k % len(ct_cubes)]
+        xd, tg = genesis_ext.genesis_pair(x[None], seed=seed, offset=index)
+        assert_pair_matches_oracle(xd[0], tg[0], x, seed, index, DeformConfig())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_pair_batch_matches_oracle(case, rng):
+    _, spatial, channels, config, seed, offset = case
+    x = make_case_input(spatial, channels, 4, rng)
+    xd, tg = genesis_ext.genesis_pair(x, seed=seed, offset=offset, config=config)
+    for n in range(x.shape[0]):
+        assert_pair_matches_oracle(xd[n], tg[n], x[n], seed, offset + n, config)
+
+
+def test_pair_channels_move_together(rng):
+    """Target always, and the input where no Bézier map or painting changes values, keep channels (x, 2x, -x)."""
+    seed, config = 5, DeformConfig(nonlinear_rate=0.0, paint_rate=0.0, local_rate=0.5, flip_rate=0.6)
+    x = channels_of(rng.random((6, 1, 23, 41, 17), dtype=np.float32))
+    xd, tg = genesis_ext.genesis_pair(x, seed=seed, config=config)
+    for out in (xd, tg):
+        assert np.array_equal(out[:, 1], 2 * out[:, 0]) and np.array_equal(out[:, 2], -out[:, 0])
+    p = genesis_ext.sample_params(6, (23, 41, 17), seed=seed, config=config, with_blocks=False)
+    assert p["local"].any() and p["flip"].any()
+    for n in range(6):
+        assert np.array_equal(xd[n], tg[n]) == (not p["local"][n])
+
+
+@pytest.mark.parametrize("spatial, channels, config", [
+    ((64, 64, 32), 1, DeformConfig()),
+    ((23, 41, 17), 3, SCRAMBLED),
+    ((64, 64), 2, DeformConfig.official(flip_compat=True)),
+    ((23, 41, 17), 2, EDGE),
+], ids=["official", "odd-c3-scrambled", "2d-c2-compat", "odd-c2-edge"])
+def test_pair_is_composition_of_single_ops(spatial, channels, config, rng):
+    """For every branch: x_deformed == the single ops chained on the running result (flip first: shuffle blocks live
+    in the flipped frame), each with the same (seed, offset). Bit-exact, the Bézier map included."""
+    seed = 4242
+    x = rng.random((1, channels, *spatial), dtype=np.float32)
+    for index in branch_indices(seed, spatial, config, per_branch=2, offset=10**6):
+        p = genesis_ext.sample_params(1, spatial, seed=seed, offset=index, config=config, with_blocks=False)
+        kw = dict(seed=seed, offset=index, config=config)
+        chain = genesis_ext.flip(x, **kw)
+        target = chain.copy()
+        if p["local"][0]:
+            chain = genesis_ext.local_shuffle(chain, **kw)
+        if p["nonlinear"][0]:
+            chain = genesis_ext.bezier_remap(chain, **kw)
+        if p["paint"][0]:
+            chain = (genesis_ext.inpaint if p["inpaint"][0] else genesis_ext.outpaint)(chain, **kw)
+        xd, tg = genesis_ext.genesis_pair(x, **kw)
+        assert np.array_equal(tg, target), index
+        assert np.array_equal(xd, chain), index
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 5, 7, 1), (3, 2, 1, 1, 1), (4, 1, 1, 9), (2, 3, 1, 1)])
+@pytest.mark.parametrize("op", ("bezier_remap", "flip"))
+def test_shape_free_ops_on_degenerate_axes(op, shape, rng):
+    """bezier_remap and flip have no size rules: axes of length 1 work (a flip along them is the identity)."""
+    config = DeformConfig(flip_rate=0.9)
+    x = rng.random(shape, dtype=np.float32)
+    got = run(op, x, seed=21, offset=0, config=config)
+    # the oracle draws no geometry it cannot fit; flips and Bézier curves do not depend on these rates
+    expected = oracle_single(op, x, 21, 0, config.replace(local_rate=0.0, paint_rate=0.0))
+    if op == "bezier_remap":
+        assert_bezier_close(got, expected)
+    else:
+        assert np.array_equal(got, expected)
+
+
+def test_pure_autoencoder_sample_returns_flipped_input(rng):
+    config = DeformConfig(nonlinear_rate=0.0, local_rate=0.0, paint_rate=0.0)
+    x = rng.random((6, 2, 16, 16, 16), dtype=np.float32)
+    xd, tg = genesis_ext.genesis_pair(x, seed=1, config=config)
+    assert np.array_equal(xd, tg) and xd is not tg
+    assert np.array_equal(tg, oracle_single("flip", x, 1, 0, config))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Contract: types, inputs untouched, strides, determinism, batch independence, threads, fork
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_numpy_and_torch_in_same_type_out_and_agree(op, rng):
+    x = rng.random((2, 2, 23, 41, 17), dtype=np.float32)
+    out_np = run(op, x, seed=11, offset=3)
+    out_t = run(op, torch.from_numpy(x), seed=11, offset=3)
+    outs_np = out_np if op == "genesis_pair" else (out_np,)
+    outs_t = out_t if op == "genesis_pair" else (out_t,)
+    assert isinstance(out_np, tuple) == isinstance(out_t, tuple) == (op == "genesis_pair")
+    for a, b in zip(outs_np, outs_t):
+        assert type(a) is np.ndarray and a.dtype == np.float32 and a.shape == x.shape and a.flags.c_contiguous
+        assert isinstance(b, torch.Tensor) and b.dtype == torch.float32 and b.device.type == "cpu"
+        assert tuple(b.shape) == x.shape and b.is_contiguous()
+        assert np.array_equal(a, b.numpy())
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_inputs_are_not_modified(op, rng):
+    x = rng.random((3, 1, 64, 64, 32), dtype=np.float32)
+    keep = x.copy()
+    run(op, x, seed=2, offset=0)
+    assert np.array_equal(x, keep)
+    t = torch.from_numpy(keep.copy())
+    out = run(op, t, seed=2, offset=0)
+    assert torch.equal(t, torch.from_numpy(keep))
+    for o in out if isinstance(out, tuple) else (out,):
+        assert o.data_ptr() != t.data_ptr()
+
+
+def _noncontiguous_views(rng):
+    """(view, description) pairs, all float32 (N, C, X, Y, Z) views that are not C-contiguous."""
+    base = rng.random((3, 2, 17, 41, 23), dtype=np.float32)
+    wide = rng.random((3, 2, 23, 82, 17), dtype=np.float32)
+    tbase = torch.from_numpy(base.copy())
+    return [
+        (base.transpose(0, 1, 4, 3, 2), "numpy transposed"),
+        (wide[:, :, :, ::2], "numpy strided"),
+        (np.flip(base.transpose(0, 1, 4, 3, 2), axis=2), "numpy negative strides"),
+        (np.asfortranarray(base.transpose(0, 1, 4, 3, 2)), "numpy fortran"),
+        (tbase.permute(0, 1, 4, 3, 2), "torch permuted"),
+        (torch.from_numpy(wide.copy())[:, :, :, ::2], "torch strided"),
+        (torch.from_numpy(base.copy()).permute(1, 0, 4, 3, 2).transpose(0, 1), "torch batch/channel swapped"),
+    ]
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_noncontiguous_inputs_equal_contiguous_copies(op, rng):
+    for view, what in _noncontiguous_views(rng):
+        is_torch = isinstance(view, torch.Tensor)
+        assert tuple(view.shape) == (3, 2, 23, 41, 17)
+        assert not (view.is_contiguous() if is_torch else view.flags.c_contiguous), what
+        copy = view.contiguous() if is_torch else np.ascontiguousarray(view)
+        a = run(op, view, seed=17, offset=1)
+        b = run(op, copy, seed=17, offset=1)
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            u, v = (u.numpy(), v.numpy()) if is_torch else (u, v)
+            assert np.array_equal(u, v), (op, what)
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_deterministic_and_seed_dependent(op, rng):
+    x = rng.random((3, 1, 64, 64, 32), dtype=np.float32)
+    first = run(op, x, seed=123, offset=9)
+    again = run(op, x, seed=123, offset=9)
+    other_seed = run(op, x, seed=124, offset=9)
+    other_offset = run(op, x, seed=123, offset=10)
+    as_tuple = (lambda r: r) if op == "genesis_pair" else (lambda r: (r,))
+    for a, b in zip(as_tuple(first), as_tuple(again)):
+        assert np.array_equal(a, b)
+    # every sample's deformed output changes with the seed (flip, inpaint: a sample may be unflipped or get no hole)
+    changed = [not np.array_equal(a, b) for a, b in zip(as_tuple(first)[0], as_tuple(other_seed)[0])]
+    assert all(changed) if op not in ("flip", "inpaint") else any(changed)
+    assert not np.array_equal(as_tuple(first)[0], as_tuple(other_offset)[0])
+    # sample n uses global index offset + n: x[1:] at offset 10 is samples 1, 2 of the call at offset 9
+    shifted = as_tuple(run(op, x[1:], seed=123, offset=10))[0]
+    assert np.array_equal(shifted, as_tuple(first)[0][1:])
+
+
+def test_batch_split_independence(rng):
+    x = rng.random((8, 1, 64, 64, 32), dtype=np.float32)
+    seed = 2**63 + 99
+    xd, tg = genesis_ext.genesis_pair(x, seed=seed, offset=0)
+    xd_a, tg_a = genesis_ext.genesis_pair(x[:3], seed=seed, offset=0)
+    xd_b, tg_b = genesis_ext.genesis_pair(x[3:], seed=seed, offset=3)
+    assert np.array_equal(xd, np.concatenate([xd_a, xd_b])) and np.array_equal(tg, np.concatenate([tg_a, tg_b]))
+    for k in (0, 5, 7):
+        xd_k, tg_k = genesis_ext.genesis_pair(x[k:k + 1], seed=seed, offset=k)
+        assert np.array_equal(xd_k[0], xd[k]) and np.array_equal(tg_k[0], tg[k])
+    # a sample's result depends only on (seed, global index), not on the data of its batch neighbours
+    y = x.copy()
+    y[[0, 1, 2, 4, 5, 6, 7]] = rng.random((7, 1, 64, 64, 32), dtype=np.float32)
+    xd_y, tg_y = genesis_ext.genesis_pair(y, seed=seed, offset=0)
+    assert np.array_equal(xd_y[3], xd[3]) and np.array_equal(tg_y[3], tg[3])
+
+
+def test_result_does_not_depend_on_thread_count(rng):
+    x = rng.random((5, 1, 64, 64, 32), dtype=np.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = genesis_ext.genesis_pair(x, seed=77)
+        torch.set_num_threads(max(2, threads))
+        multi = genesis_ext.genesis_pair(x, seed=77)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(np.array_equal(a, b) for a, b in zip(single, multi))
+
+
+def _pair_in_child(x):
+    return genesis_ext.genesis_pair(x, seed=5, offset=2)
+
+
+def test_forked_child_runs_without_hanging(rng):
+    """DataLoader workers are forked children of a parent that has used OpenMP (GNU libgomp hangs there unless the
+    child runs single-threaded)."""
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    x = rng.random((4, 1, 64, 64, 32), dtype=np.float32)
+    expected = genesis_ext.genesis_pair(x, seed=5, offset=2)  # the parent's OpenMP pool is now alive
+    with mp.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_pair_in_child, (x,)).get(timeout=120)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
+def test_extreme_seed_and_offset(rng):
+    x = rng.random((1, 1, 64, 64, 32), dtype=np.float32)
+    for seed, offset in [(2**64 - 1, 2**63 - 1), (np.uint64(2**64 - 1), np.int64(2**63 - 1))]:
+        xd, tg = genesis_ext.genesis_pair(x, seed=seed, offset=offset)
+        assert_pair_matches_oracle(xd[0], tg[0], x[0], 2**64 - 1, 2**63 - 1, DeformConfig())
+        t_xd, t_tg = genesis_ext.genesis_pair(torch.from_numpy(x), seed=seed, offset=offset)  # int64 in the schema
+        assert np.array_equal(t_xd.numpy(), xd) and np.array_equal(t_tg.numpy(), tg)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Non-finite values (ops.py: data, not errors)
+
+
+def test_bezier_nonfinite_and_out_of_range_values(rng):
+    special = np.array([np.nan, np.inf, -np.inf, -0.5, 1.5, -0.0, 0.0, 1.0, 3e38, -3e38], dtype=np.float32)
+    x = np.concatenate([special, rng.random(54, dtype=np.float32)]).reshape(1, 1, 8, 8)
+    x = np.ascontiguousarray(np.repeat(x, 6, axis=0))
+    out = genesis_ext.bezier_remap(x, seed=10).reshape(6, -1)
+    p = genesis_ext.sample_params(6, (8, 8), seed=10, with_blocks=False)
+    assert p["increasing"].any() and not p["increasing"].all()
+    for n in range(6):
+        o = out[n]
+        assert np.isnan(o[0]) and np.isfinite(o[1:]).all()
+        at0, at1 = o[6], o[7]
+        assert abs(at0 - (0.0 if p["increasing"][n] else 1.0)) <= BEZIER_TOL
+        assert abs(at1 - (1.0 if p["increasing"][n] else 0.0)) <= BEZIER_TOL
+        for k in (2, 3, 5, 9):  # -Inf, -0.5, -0.0, -3e38: the value at 0
+            assert o[k] == at0, k
+        for k in (1, 4, 8):  # +Inf, 1.5, 3e38: the value at 1
+            assert o[k] == at1, k
+        assert_bezier_close(o[10:], R.bezier_map(x[n].reshape(-1)[10:], p["bezier"][n], p["increasing"][n]))
+
+
+def _with_nonfinite(x, rng):
+    x = x.copy()
+    flat = x.reshape(-1)
+    idx = rng.choice(flat.size, size=flat.size // 10, replace=False)
+    flat[idx[0::3]] = np.nan
+    flat[idx[1::3]] = np.inf
+    flat[idx[2::3]] = -np.inf
+    return x
+
+
+@pytest.mark.parametrize("op", ("local_shuffle", "flip"))
+def test_moves_carry_nonfinite_values(op, rng):
+    x = _with_nonfinite(rng.random((2, 2, 23, 41, 17), dtype=np.float32), rng)
+    out = run(op, x, seed=12, config=SCRAMBLED)
+    assert np.array_equal(out, oracle_single(op, x, 12, 0, SCRAMBLED), equal_nan=True)
+    for n in range(2):  # values are copied, never made: every output value occurs in the sample's input
+        assert np.isin(out[n], x[n]).sum() + np.isnan(out[n]).sum() == out[n].size
+        assert np.isnan(out[n]).any() and np.isinf(out[n]).any()
+
+
+@pytest.mark.parametrize("op", ("inpaint", "outpaint"))
+def test_painting_overwrites_nonfinite_values(op, rng):
+    x = np.full((2, 2, 64, 64, 32), np.nan, dtype=np.float32)
+    x[:, 1] = np.inf
+    out = run(op, x, seed=13)
+    for n in range(2):
+        mask = np.broadcast_to(paint_mask(R.derive_params(13, n, (64, 64, 32)), (64, 64, 32), op), x.shape[1:])
+        assert ((out[n][mask] >= 0) & (out[n][mask] < 1)).all()
+        assert np.array_equal(out[n][~mask], x[n][~mask], equal_nan=True)
+    assert np.array_equal(out, oracle_single(op, x, 13, 0, DeformConfig()), equal_nan=True)
+
+
+def test_pair_with_nonfinite_values(rng):
+    x = _with_nonfinite(rng.random((1, 64, 64, 32), dtype=np.float32), rng)
+    seed = 606
+    for index in branch_indices(seed, (64, 64, 32), DeformConfig(), per_branch=1):
+        xd, tg = genesis_ext.genesis_pair(x[None], seed=seed, offset=index)
+        assert_pair_matches_oracle(xd[0], tg[0], x, seed, index, DeformConfig())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+@pytest.mark.parametrize("make, exc, match", [
+    (lambda: np.zeros((2, 1, 64, 64, 32)), TypeError, "expected float32 data, got float64"),
+    (lambda: np.zeros((2, 1, 64, 64, 32), dtype=np.int32), TypeError, "expected float32 data, got int32"),
+    (lambda: torch.zeros(2, 1, 64, 64, 32, dtype=torch.float64), TypeError, "expected float32 data, got torch.float64"),
+    (lambda: torch.zeros(2, 1, 64, 64, 32, dtype=torch.int64), TypeError, "expected float32 data"),
+    (lambda: np.zeros((64, 64, 32), dtype=np.float32), ValueError, r"expected a batch .* \(3 dims\)"),
+    (lambda: np.zeros((1, 2, 1, 64, 64, 32), dtype=np.float32), ValueError, r"expected a batch .* \(6 dims\)"),
+    (lambda: torch.zeros(64, 64, 32), ValueError, r"expected a batch .* \(3 dims\)"),
+    (lambda: np.zeros((0, 1, 64, 64, 32), dtype=np.float32), ValueError, r"empty batch \(N = 0\)"),
+    (lambda: torch.zeros(0, 1, 64, 64, 32), ValueError, r"empty batch \(N = 0\)"),
+    (lambda: np.zeros((2, 0, 64, 64, 32), dtype=np.float32), ValueError, "every axis needs length >= 1"),
+    (lambda: np.zeros((2, 1, 64, 64, 32), dtype=np.float32).tolist(), TypeError,
+     "expected a torch.Tensor or numpy.ndarray, got list"),
+    (lambda: 3.0, TypeError, "expected a torch.Tensor or numpy.ndarray, got float"),
+], ids=["np-float64", "np-int32", "torch-float64", "torch-int64", "ndim3", "ndim6", "torch-ndim3", "empty",
+        "torch-empty", "no-channels", "list", "scalar"])
+def test_bad_inputs_raise(op, make, exc, match):
+    with pytest.raises(exc, match=rf"genesis_ext\.{op}: {match}"):
+        run(op, make(), seed=0)
+
+
+@pytest.mark.parametrize("op, shape, config, rule, need", [
+    ("local_shuffle", (9, 64, 32), None, "local", 10),
+    ("local_shuffle", (64, 64, 9), None, "local", 10),
+    ("local_shuffle", (64, 9), None, "local", 10),
+    ("inpaint", (64, 7, 32), None, "inpaint", 8),
+    ("outpaint", (64, 64, 13), None, "outpaint", 14),
+    ("outpaint", (13, 64), None, "outpaint", 14),
+    ("genesis_pair", (64, 64, 13), None, "outpaint", 14),
+    ("genesis_pair", (9, 64, 32), DeformConfig(inpaint_rate=1.0, outpaint_rate=0.0), "local", 10),
+    ("genesis_pair", (7, 64, 32), DeformConfig(local_rate=0.0, inpaint_rate=1.0, outpaint_rate=0.0), "inpaint", 8),
+    ("local_shuffle", (19, 64, 32), DeformConfig(block_div=20), "local", 20),
+])
+def test_too_small_for_size_rules(op, shape, config, rule, need):
+    x = np.random.default_rng(0).random((1, 1, *shape), dtype=np.float32)
+    with pytest.raises(ValueError, match=rf"genesis_ext\.{op}: spatial size .* too small for {rule} .* >= {need}"):
+        run(op, x, seed=0, config=config)
+    # one voxel more on the short axis fits
+    grown = tuple(need if s < need else s for s in shape)
+    run(op, np.random.default_rng(0).random((1, 1, *grown), dtype=np.float32), seed=0, config=config)
+
+
+def test_size_rules_follow_the_config():
+    """Deformations that cannot fire impose no size rule on the pair, and shape-free ops take any size."""
+    x = np.random.default_rng(1).random((2, 1, 9, 9, 5), dtype=np.float32)
+    quiet = DeformConfig(local_rate=0.0, paint_rate=0.0)
+    xd, tg = genesis_ext.genesis_pair(x, seed=1, config=quiet)
+    assert_pair_matches_oracle(xd[0], tg[0], x[0], 1, 0, quiet)
+    tiny = np.random.default_rng(2).random((2, 1, 1, 1, 1), dtype=np.float32)
+    for op in ("bezier_remap", "flip"):
+        assert run(op, tiny, seed=0).shape == tiny.shape
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\), got -1"),
+    (dict(seed=2**64), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+    (dict(seed=1.0), TypeError, "seed must be an int, got float"),
+    (dict(seed=True), TypeError, "seed must be an int, got bool"),
+    (dict(seed="1"), TypeError, "seed must be an int, got str"),
+    (dict(seed=None), TypeError, "seed must be an int, got NoneType"),
+    (dict(seed=1, offset=-1), ValueError, r"offset must be in \[0, 2\*\*63\), got -1"),
+    (dict(seed=1, offset=2**63), ValueError, r"offset must be in \[0, 2\*\*63\)"),
+    (dict(seed=1, offset=2.0), TypeError, "offset must be an int, got float"),
+    (dict(seed=1, config={"local_rate": 0.5}), TypeError, "config must be a DeformConfig or None, got dict"),
+])
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_bad_seed_offset_config_raise(op, kwargs, exc, match):
+    x = np.random.default_rng(0).random((1, 1, 64, 64, 32), dtype=np.float32)
+    with pytest.raises(exc, match=match):
+        run(op, x, **kwargs)
+    with pytest.raises(exc, match=match):
+        run(op, torch.from_numpy(x), **kwargs)
+
+
+def test_seed_is_keyword_only():
+    x = np.zeros((1, 1, 64, 64, 32), dtype=np.float32)
+    with pytest.raises(TypeError):
+        genesis_ext.genesis_pair(x, 1)
+    with pytest.raises(TypeError):
+        genesis_ext.genesis_pair(x)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(local_rate=1.5), r"DeformConfig\.local_rate must be a number in \[0, 1\], got 1.5"),
+    (dict(nonlinear_rate=-0.1), r"DeformConfig\.nonlinear_rate must be a number in \[0, 1\]"),
+    (dict(flip_rate=float("nan")), r"DeformConfig\.flip_rate must be a number in \[0, 1\], got nan"),
+    (dict(paint_rate=True), r"DeformConfig\.paint_rate must be a number in \[0, 1\], got True"),
+    (dict(hole_continue=2), r"DeformConfig\.hole_continue must be a number in \[0, 1\]"),
+    (dict(window_continue="0.9"), r"DeformConfig\.window_continue must be a number"),
+    (dict(inpaint_rate=0.5), "outpaint_rate must be 1 - inpaint_rate; got inpaint_rate=0.5, outpaint_rate=0.8"),
+    (dict(outpaint_rate=1.0), "outpaint_rate must be 1 - inpaint_rate"),
+    (dict(num_blocks=0), r"DeformConfig\.num_blocks must be >= 1"),
+    (dict(block_div=0), r"DeformConfig\.block_div must be >= 1"),
+    (dict(max_holes=9), r"DeformConfig\.max_holes must be in \[0, 8\]"),
+    (dict(max_flips=-1), r"DeformConfig\.max_flips must be in \[0, 8\]"),
+    (dict(max_windows=0), r"DeformConfig\.max_windows must be >= 1"),
+    (dict(hole_div_min=2), "hole_div_min must be >= hole_div_max"),
+    (dict(cut_min_num=5), "need 0 <= cut_min_num <= cut_max_num <= cut_den"),
+    (dict(margin=-1), r"DeformConfig\.margin must be >= 0"),
+])
+def test_config_validation(changes, match):
+    with pytest.raises(ValueError, match=match):
+        DeformConfig(**changes)
+    with pytest.raises(ValueError, match=match):
+        DeformConfig.official().replace(**changes)
+
+
+def test_config_accepts_boundary_rates_and_ablations():
+    for rate in (0, 0.0, 1, 1.0):
+        DeformConfig(local_rate=rate, nonlinear_rate=rate, paint_rate=rate, flip_rate=rate)
+    assert DeformConfig(inpaint_rate=1.0, outpaint_rate=0.0).inpaint_rate == 1.0
+    assert DeformConfig.official() == DeformConfig() and DeformConfig.official(flip_compat=True).flip_compat
+    vec = DeformConfig().to_vector()
+    assert len(vec) == 20 and all(isinstance(v, float) for v in vec)
+
+
+def test_cupy_like_arrays_get_a_clear_message():
+    fake = type("ndarray", (), {"__module__": "cupy._core.core", "dtype": np.float32, "ndim": 5})()
+    with pytest.raises(NotImplementedError, match=r"genesis_ext\.genesis_pair: cupy arrays .* cupy\.asnumpy"):
+        genesis_ext.genesis_pair(fake, seed=0)
+
+
+def test_meta_tensors_give_shapes_only():
+    x = torch.empty(2, 3, 23, 41, 17, device="meta")
+    out = genesis_ext.local_shuffle(x, seed=0)
+    assert out.device.type == "meta" and out.shape == x.shape and out.dtype == torch.float32
+    xd, tg = genesis_ext.genesis_pair(x, seed=0)
+    assert xd.shape == tg.shape == x.shape and xd.device.type == tg.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device")
+def test_cuda_tensors_are_supported_or_refused_clearly(rng):
+    x = rng.random((2, 1, 64, 64, 32), dtype=np.float32)
+    try:
+        out = genesis_ext.genesis_pair(torch.from_numpy(x).cuda(), seed=3)
+    except NotImplementedError as e:
+        assert "x.cpu()" in str(e) and "cuda" in str(e)
+        return
+    expected = genesis_ext.genesis_pair(x, seed=3)
+    assert all(np.array_equal(a.cpu().numpy(), b) for a, b in zip(out, expected))
