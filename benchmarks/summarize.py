@@ -29,7 +29,7 @@ def table(report: dict) -> str:
     for (op, batch, threads), k_ms in sorted(kernel.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])):
         r_ms = ref.get(op)
         r_text = f"{r_ms:.2f}" if r_ms is not None else "–"
-        speedup = f"{r_ms / k_ms:.0f}x" if r_ms is not None else "–"
+        speedup = "–" if r_ms is None else f"{r_ms / k_ms:.1f}x" if r_ms < 10 * k_ms else f"{r_ms / k_ms:.0f}x"
         lines.append(f"| {op} | {batch} | {threads} | {k_ms:.3f} | {r_text} | {speedup} |")
     cpu = report.get("machine_info", {}).get("cpu", {})
     machine = cpu.get("brand_raw") or report.get("machine_info", {}).get("processor", "unknown CPU")

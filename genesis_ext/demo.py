@@ -86,7 +86,7 @@ def _tile(cube: np.ndarray):
     from PIL import Image
 
     sl = cube[0, :, :, cube.shape[3] // 2].T
-    img = Image.fromarray((np.clip(np.nan_to_num(sl), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L")
+    img = Image.fromarray((np.clip(np.nan_to_num(sl), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
     return img.resize((img.width * SCALE, img.height * SCALE), Image.NEAREST)
 
 
@@ -144,7 +144,12 @@ def main(argv=None) -> int:
     captions = []
     for n, (k, origin) in enumerate(where):
         at = ",".join(map(str, origin))
-        captions.append(f"{n}: {Path(inputs[k]).name.split('.')[0]} @({at})  " + ", ".join(fired(params, n)))
+        caption = f"{n}: {Path(inputs[k]).name.split('.')[0]} @({at})  " + ", ".join(fired(params, n))
+        mid = CUBE[2] // 2
+        deformed_at_all = params["local"][n] or params["nonlinear"][n] or params["paint"][n]
+        if deformed_at_all and np.array_equal(deformed[n, ..., mid], target[n, ..., mid], equal_nan=True):
+            caption += " - not in this slice"
+        captions.append(caption)
     title = f"genesis_ext.genesis_pair, seed {args.seed}: mid-Z slice of each 64x64x32 cube"
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "genesis_pairs.png"
