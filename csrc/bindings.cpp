@@ -130,5 +130,23 @@ PYBIND11_MODULE(_C, m) {
                                      device, stream);
         },
         "Philox4x32-10 over n device counters/keys on the given device and stream (device pointers).");
+  m.def("cuda_scratch_bytes",
+        [](int32_t op, int64_t batch, const std::vector<int64_t>& spatial, const std::vector<double>& config) {
+          return cuda::scratch_bytes(Op(op), batch, make_shape(spatial), make_config(config));
+        },
+        py::arg("op"), py::arg("batch"), py::arg("spatial"), py::arg("config"));
+  m.def("deform_cuda",
+        [](int32_t op, uintptr_t in, uintptr_t out, uintptr_t target, int64_t batch, int64_t channels,
+           const std::vector<int64_t>& spatial, uint64_t seed, uint64_t offset, const std::vector<double>& config,
+           uintptr_t scratch, size_t scratch_size, int device, uintptr_t stream) {
+          const Shape sh = make_shape(spatial);
+          const DeformConfig cfg = make_config(config);
+          py::gil_scoped_release release;
+          cuda::deform_cuda(Op(op), ptr<const float>(in), ptr<float>(out), target ? ptr<float>(target) : nullptr,
+                            batch, channels, sh, seed, offset, cfg, ptr<void>(scratch), scratch_size, device, stream);
+        },
+        py::arg("op"), py::arg("input"), py::arg("out"), py::arg("target"), py::arg("batch"), py::arg("channels"),
+        py::arg("spatial"), py::arg("seed"), py::arg("offset"), py::arg("config"), py::arg("scratch"),
+        py::arg("scratch_size"), py::arg("device"), py::arg("stream"));
 #endif
 }

@@ -136,9 +136,10 @@ GENESIS_HD Box shuffle_block(Stream& st, const DeformConfig& cfg, const Shape& s
 
 // Uniform permutation of 0..n-1 (Durstenfeld) from the block's words 6, 7, ...: the voxel at block-local position p
 // receives local position perm[p]. Words are drawn two Philox blocks at a time, so that the calls overlap.
-GENESIS_HD void block_permutation(uint64_t seed, uint64_t sample, uint32_t block, int32_t* perm, int32_t n) {
+template <typename Index>
+GENESIS_HD void block_permutation(uint64_t seed, uint64_t sample, uint32_t block, Index* perm, int32_t n) {
   constexpr uint32_t kCalls = 2;
-  for (int32_t k = 0; k < n; ++k) perm[k] = k;
+  for (int32_t k = 0; k < n; ++k) perm[k] = Index(k);
   uint32_t words[4 * kCalls];
   uint32_t w = 6;  // next word of the stream
   for (int32_t k = n - 1; k > 0;) {
@@ -149,7 +150,7 @@ GENESIS_HD void block_permutation(uint64_t seed, uint64_t sample, uint32_t block
     }
     for (; k > 0 && w < 4 * (first + kCalls); --k, ++w) {
       const int32_t j = randint(words[w - 4 * first], 0, k);
-      const int32_t t = perm[k];
+      const Index t = perm[k];
       perm[k] = perm[j];
       perm[j] = t;
     }
@@ -175,6 +176,13 @@ GENESIS_HD Plan plan_for(Op op, const SampleParams& p) {
     case OUTPAINT_OP: return Plan{false, false, false, OUT_PAINT};
     default: return Plan{true, false, false, NO_PAINT};
   }
+}
+
+// Does voxel (x, y, z) become noise under this plan? (noise_spans below is the same decision for a whole row.)
+GENESIS_HD bool painted(const Plan& plan, const SampleParams& p, int32_t x, int32_t y, int32_t z) {
+  if (plan.paint == IN_PAINT) return in_any(p.holes, p.n_holes, x, y, z);
+  if (plan.paint == OUT_PAINT) return !in_any(p.windows, p.n_windows, x, y, z);
+  return false;
 }
 
 // A half-open range [begin, end) along the last spatial axis.

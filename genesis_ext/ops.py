@@ -1,4 +1,4 @@
-"""Functional Models Genesis deformations on batches, for torch tensors and numpy arrays.
+"""Functional Models Genesis deformations on batches, for torch tensors (CPU and CUDA), numpy and cupy arrays.
 
 Every op takes a float32 batch ``(N, C, X, Y, Z)`` (or ``(N, C, H, W)``), returns new arrays of the same type,
 shape and device, and never modifies its input. Sample ``n`` is deformed with the parameters of global sample index
@@ -9,8 +9,10 @@ Non-finite values are data, not errors, and behave the same on every device (det
 host synchronisation): flips and shuffles move them, painting overwrites them with noise, and the Bézier map sends
 NaN to NaN, -Inf and values below 0 to f(0), +Inf and values above 1 to f(1).
 
-Torch tensors go through ``torch.ops.genesis_ext.*`` custom ops (with fake implementations), so the ops work under
-``torch.compile(fullgraph=True)`` and ``torch.export``.
+CUDA data (torch CUDA tensors, cupy arrays) is deformed by the CUDA kernels on the caller's current stream and
+device, with outputs and scratch from the caller's allocator, without synchronising the host: bit for bit the CPU
+result. Torch tensors go through ``torch.ops.genesis_ext.*`` custom ops (with fake implementations), so the ops work
+under ``torch.compile(fullgraph=True)``, ``torch.export`` and CUDA-graph capture.
 """
 from __future__ import annotations
 
@@ -74,14 +76,15 @@ def _validate(op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | No
     elif not isinstance(config, DeformConfig):
         raise TypeError(f"genesis_ext.{op}: config must be a DeformConfig or None, got {type(config).__name__}")
     is_torch = torch is not None and isinstance(x, torch.Tensor)
-    if not is_torch and not isinstance(x, np.ndarray):
-        if type(x).__module__.split(".")[0] == "cupy":
-            raise NotImplementedError(f"genesis_ext.{op}: cupy arrays need the CUDA kernels, which are not "
-                                      "available yet; use cupy.asnumpy(x) to run on the CPU")
-        raise TypeError(f"genesis_ext.{op}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-    if is_torch and x.device.type != "cpu" and x.device.type != "meta":
-        raise NotImplementedError(f"genesis_ext.{op}: {x.device.type} tensors need the CUDA kernels, which are not "
-                                  "available yet; move the batch with x.cpu()")
+    if not is_torch and not isinstance(x, np.ndarray) and not _is_cupy(x):
+        raise TypeError(f"genesis_ext.{op}: expected a torch.Tensor, numpy.ndarray or cupy.ndarray, "
+                        f"got {type(x).__name__}")
+    on_cuda = _is_cupy(x) or (is_torch and x.device.type == "cuda")
+    if is_torch and x.device.type not in ("cpu", "cuda", "meta"):
+        raise NotImplementedError(f"genesis_ext.{op}: {x.device.type} tensors are not supported; use CPU or CUDA")
+    if on_cuda and not _C.build_info()["with_cuda"]:
+        raise RuntimeError(f"genesis_ext.{op}: this genesis_ext was built without CUDA kernels; reinstall with "
+                           "nvcc available (GENESIS_CUDA=ON) or move the batch to the CPU")
     dtype_ok = x.dtype == (torch.float32 if is_torch else np.float32)
     if not dtype_ok:
         raise TypeError(f"genesis_ext.{op}: expected float32 data, got {x.dtype}")
@@ -110,21 +113,60 @@ def _signed(seed: int) -> int:
     return seed - _SEED_LIMIT if seed >= _SEED_LIMIT // 2 else seed
 
 
-def _run_cpu(op: str, x: np.ndarray, with_target: bool, seed: int, offset: int, config_vec: list[float]):
-    """The CPU kernel on a C-contiguous float32 numpy array; returns new arrays."""
+def _is_cupy(x) -> bool:
+    return type(x).__module__.split(".")[0] == "cupy" and hasattr(x, "__cuda_array_interface__")
+
+
+def _kernel(op: str, x_ptr: int, out_ptr: int, target_ptr: int, shape, seed: int, offset: int,
+            config_vec: list[float], cuda: tuple | None) -> None:
+    """Run the op's kernel on contiguous buffers; cuda = (scratch pointer, scratch bytes, device, stream) or None."""
+    args = (_OPS[op], x_ptr, out_ptr, target_ptr, int(shape[0]), int(shape[1]), [int(s) for s in shape[2:]],
+            seed % _SEED_LIMIT, offset, config_vec)
+    if cuda is None:
+        _C.deform_cpu(*args, _num_threads())
+    else:
+        _C.deform_cuda(*args, *cuda)
+
+
+def _scratch_bytes(op: str, shape, config_vec: list[float]) -> int:
+    return _C.cuda_scratch_bytes(_OPS[op], int(shape[0]), [int(s) for s in shape[2:]], config_vec)
+
+
+def _run_numpy(op: str, x: np.ndarray, with_target: bool, seed: int, offset: int, config_vec: list[float]):
     out = np.empty_like(x)
     target = np.empty_like(x) if with_target else None
-    _C.deform_cpu(_OPS[op], x.ctypes.data, out.ctypes.data, 0 if target is None else target.ctypes.data,
-                  x.shape[0], x.shape[1], list(x.shape[2:]), seed % _SEED_LIMIT, offset, config_vec, _num_threads())
+    _kernel(op, x.ctypes.data, out.ctypes.data, 0 if target is None else target.ctypes.data, x.shape, seed, offset,
+            config_vec, None)
     return out if target is None else (out, target)
 
 
-def _torch_cpu(op: str, x: "torch.Tensor", with_target: bool, seed: int, offset: int, config_vec: list[float]):
+def _run_cupy(op: str, x, with_target: bool, seed: int, offset: int, config_vec: list[float]):
+    """cupy arrays: outputs and scratch from cupy's memory pool, kernels on cupy's current stream."""
+    import cupy
+
+    with x.device:
+        x = cupy.ascontiguousarray(x)
+        out = cupy.empty_like(x)
+        target = cupy.empty_like(x) if with_target else None
+        size = _scratch_bytes(op, x.shape, config_vec)
+        scratch = cupy.empty(size, dtype=cupy.uint8)
+        _kernel(op, x.data.ptr, out.data.ptr, 0 if target is None else target.data.ptr, x.shape, seed, offset,
+                config_vec, (scratch.data.ptr, size, x.device.id, cupy.cuda.get_current_stream().ptr))
+    return out if target is None else (out, target)
+
+
+def _run_torch(op: str, x: "torch.Tensor", with_target: bool, seed: int, offset: int, config_vec: list[float]):
+    """torch tensors: outputs and scratch from torch's allocator, CUDA kernels on torch's current stream."""
     x = x.contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     target = torch.empty_like(out) if with_target else None
-    _C.deform_cpu(_OPS[op], x.data_ptr(), out.data_ptr(), 0 if target is None else target.data_ptr(),
-                  x.shape[0], x.shape[1], list(x.shape[2:]), seed % _SEED_LIMIT, offset, config_vec, _num_threads())
+    cuda = None
+    if x.is_cuda:
+        size = _scratch_bytes(op, x.shape, config_vec)
+        scratch = torch.empty(size, dtype=torch.uint8, device=x.device)  # freed into the same stream's pool
+        cuda = (scratch.data_ptr(), size, x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
+    _kernel(op, x.data_ptr(), out.data_ptr(), 0 if target is None else target.data_ptr(), x.shape, seed, offset,
+            config_vec, cuda)
     return out if target is None else (out, target)
 
 
@@ -134,13 +176,13 @@ def _register_torch_op(name: str):
     result = "(Tensor, Tensor)" if with_target else "Tensor"
 
     def impl(x, seed, offset, config):
-        return _torch_cpu(name, x, with_target, seed, offset, config)
+        return _run_torch(name, x, with_target, seed, offset, config)
 
     def fake(x, seed, offset, config):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         return (out, torch.empty_like(out)) if with_target else out
 
-    op = torch.library.custom_op(f"genesis_ext::{name}", impl, mutates_args=(), device_types="cpu",
+    op = torch.library.custom_op(f"genesis_ext::{name}", impl, mutates_args=(),
                                  schema=f"(Tensor x, int seed, int offset, float[] config) -> {result}")
     op.register_fake(fake)
     return op
@@ -153,16 +195,20 @@ def _apply(op: str, x, seed: int, offset: int, config: DeformConfig | None):
     config = _validate(op, x, seed, offset, config)
     vec = config.to_vector()
     if isinstance(x, np.ndarray):
-        return _run_cpu(op, np.ascontiguousarray(x), op == "genesis_pair", int(seed), int(offset), vec)
+        return _run_numpy(op, np.ascontiguousarray(x), op == "genesis_pair", int(seed), int(offset), vec)
+    if _is_cupy(x):
+        return _run_cupy(op, x, op == "genesis_pair", int(seed), int(offset), vec)
     return _TORCH_OPS[op](x, _signed(int(seed)), int(offset), vec)
 
 
 _CONTRACT = """
     Args:
-        x: float32 batch ``(N, C, X, Y, Z)`` or ``(N, C, H, W)``: torch CPU tensor or numpy array. Not modified.
+        x: float32 batch ``(N, C, X, Y, Z)`` or ``(N, C, H, W)``: torch tensor (CPU or CUDA), numpy array or cupy
+            array; results come back as the same type on the same device. Not modified.
         seed: int in [0, 2**64). offset: global index of sample 0 (int in [0, 2**63)); sample n uses offset + n.
         config: DeformConfig (default: the published recipe); supplies the size rules{extra}.
-    Raises TypeError (type, dtype) or ValueError (ndim, empty batch, axes too small for the config, seed range).
+    Raises TypeError (type, dtype) or ValueError (ndim, empty batch, axes too small for the config, seed range);
+    RuntimeError for CUDA data without usable CUDA kernels.
 """
 
 

@@ -1,7 +1,10 @@
 // Host-side interface of the CUDA library (compiled by nvcc into its own static library).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <string>
+
+#include "../deform.h"
 
 namespace genesis::cuda {
 
@@ -13,5 +16,15 @@ int device_count();
 // Pointers are device pointers; runs on `stream` (a cudaStream_t as an integer), never synchronises the host.
 void philox_known_answers(const uint32_t* ctr, const uint32_t* key, uint32_t* out, int64_t n, int device,
                           uintptr_t stream);
+
+// Bytes of device scratch deform_cuda needs for this call (per-sample parameters, Bézier tables, block geometry).
+size_t scratch_bytes(Op op, int64_t batch, const Shape& sh, const DeformConfig& cfg);
+
+// The CUDA twin of deform_cpu: same arguments and results, bit for bit. All pointers are device pointers on
+// `device`; `scratch` holds at least scratch_bytes(...) bytes. Kernels are queued on `stream` (a cudaStream_t as an
+// integer); the host is never synchronised and nothing is allocated.
+void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batch, int64_t channels,
+                 const Shape& sh, uint64_t seed, uint64_t offset, const DeformConfig& cfg, void* scratch,
+                 size_t scratch_size, int device, uintptr_t stream);
 
 }  // namespace genesis::cuda

@@ -1,0 +1,285 @@
+// CUDA kernels of every op. Two launches per call, on the caller's stream, no host synchronisation, no cudaMalloc:
+//  1. prepare_kernel (one thread block per sample): the sample's parameters, its Bézier table and the geometry of its
+//     shuffle blocks, into the caller-allocated scratch buffer;
+//  2. deform_kernel (one thread block per tile of a sample): in shared memory, the owner (highest block index) of
+//     each voxel of the tile by atomicMax over the blocks crossing the tile, then each owning block's Fisher–Yates
+//     permutation gives the tile's shuffle sources; then one pass reads the inputs and writes the deformed input and
+//     the target. A block crossing several tiles is permuted once per tile (the same permutation: it is a pure
+//     function of its stream), which is cheaper than a global owner map and its extra DRAM traffic.
+// All per-sample and per-voxel decisions are the shared __host__ __device__ code the CPU kernels use.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "../bezier.h"
+#include "../deform.h"
+#include "deform_cuda.h"
+
+namespace genesis::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kTileVoxels = 4096;        // owner and source maps: 2 x 16 KiB of shared memory
+constexpr int kMaxBatchPerLaunch = 65535;  // gridDim.y limit
+constexpr int32_t kMaxBlockVolume = 1024;   // largest shuffle block the kernels' permutation array holds
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("genesis_ext CUDA: ") + what + ": " + cudaGetErrorString(err));
+}
+
+// Shuffle-block geometry kept between the two kernels (int16: 12 bytes per block, L2-resident for large batches).
+struct BlockBox {
+  int16_t origin[3], size[3];
+};
+
+struct Tiles {
+  int32_t extent[3], count[3];
+  int64_t per_sample() const { return int64_t(count[0]) * count[1] * count[2]; }
+};
+
+Tiles make_tiles(const Shape& sh) {
+  Tiles t{};
+  t.extent[2] = std::min(sh.s[2], kTileVoxels);
+  t.extent[1] = std::min(sh.s[1], std::max(1, kTileVoxels / t.extent[2]));
+  t.extent[0] = std::min(sh.s[0], std::max(1, kTileVoxels / (t.extent[2] * t.extent[1])));
+  for (int a = 0; a < 3; ++a) t.count[a] = (sh.s[a] + t.extent[a] - 1) / t.extent[a];
+  return t;
+}
+
+bool may_shuffle(Op op, const DeformConfig& cfg) { return op == SHUFFLE_OP || (op == PAIR && cfg.local_rate > 0); }
+bool may_remap(Op op, const DeformConfig& cfg) { return op == BEZIER_OP || (op == PAIR && cfg.nonlinear_rate > 0); }
+
+int32_t max_block_volume(const Shape& sh, const DeformConfig& cfg) {
+  int32_t v = 1;
+  for (int a = 0; a < sh.ndim; ++a) v *= std::max(1, sh.s[a] / cfg.block_div);
+  return v;
+}
+
+size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
+
+struct ScratchLayout {
+  size_t params, tables, boxes, total;
+  ScratchLayout(Op op, int64_t batch, const Shape& sh, const DeformConfig& cfg) {
+    params = 0;
+    tables = params + align_up(sizeof(SampleParams) * batch);
+    boxes = tables + (may_remap(op, cfg) ? align_up(sizeof(BezierTable) * batch) : 0);
+    total = boxes + (may_shuffle(op, cfg) ? align_up(sizeof(BlockBox) * batch * cfg.num_blocks) : 0);
+  }
+};
+
+__global__ void prepare_kernel(Op op, DeformConfig cfg, Shape sh, uint64_t seed, uint64_t offset,
+                               SampleParams* params, BezierTable* tables, BlockBox* boxes) {
+  const int64_t n = blockIdx.x;
+  __shared__ SampleParams p;
+  if (threadIdx.x == 0) {
+    p = derive_params(seed, offset + n, cfg, sh);
+    params[n] = p;
+  }
+  __syncthreads();
+  const Plan plan = plan_for(op, p);
+  if (plan.nonlinear) {
+    BezierTable& t = tables[n];
+    if (threadIdx.x == 0) {
+      for (int j = 0; j < 4; ++j) t.ctrl[j] = p.ctrl[j];
+      t.increasing = p.increasing;
+    }
+    __syncthreads();  // bezier_cell reads ctrl and increasing
+    for (int k = threadIdx.x; k < kBezierCells; k += blockDim.x) bezier_cell(t, k);
+  }
+  if (plan.local) {
+    for (int32_t b = threadIdx.x; b < cfg.num_blocks; b += blockDim.x) {
+      Stream st(seed, offset + n, BLOCK, uint32_t(b));
+      const Box box = shuffle_block(st, cfg, sh);
+      BlockBox& out = boxes[n * cfg.num_blocks + b];
+      for (int a = 0; a < 3; ++a) out.origin[a] = int16_t(box.origin[a]), out.size[a] = int16_t(box.size[a]);
+    }
+  }
+}
+
+__device__ __forceinline__ int64_t flipped_index(const SampleParams& p, bool flip, const Shape& sh, int32_t x,
+                                                 int32_t y, int32_t z) {
+  return (int64_t(flip_coord(flip && p.flip[0], x, sh.s[0])) * sh.s[1] + flip_coord(flip && p.flip[1], y, sh.s[1])) *
+             sh.s[2] +
+         flip_coord(flip && p.flip[2], z, sh.s[2]);
+}
+
+// The part of a block inside the tile [lo, hi): false when they do not meet.
+__device__ __forceinline__ bool clip(const BlockBox& b, const int32_t lo[3], const int32_t hi[3], int32_t from[3],
+                                     int32_t to[3]) {
+  for (int a = 0; a < 3; ++a) {
+    from[a] = max(int32_t(b.origin[a]), lo[a]);
+    to[a] = min(int32_t(b.origin[a]) + b.size[a], hi[a]);
+    if (from[a] >= to[a]) return false;
+  }
+  return true;
+}
+
+// Cap: largest block volume the per-thread permutation array holds; Index: its element type.
+template <int Cap, typename Index>
+__global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cfg, Shape sh, Tiles tiles,
+                                                          uint64_t seed, uint64_t offset, int64_t channels,
+                                                          const SampleParams* params, const BezierTable* tables,
+                                                          const BlockBox* boxes, const float* in, float* out,
+                                                          float* target) {
+  __shared__ SampleParams p;
+  __shared__ BezierTable table;
+  __shared__ int32_t owner[kTileVoxels];   // highest block index covering each tile voxel, -1 for none
+  __shared__ int32_t source[kTileVoxels];  // its shuffled source: linear index into the unflipped input
+
+  const int64_t n = blockIdx.y;
+  const uint64_t sample = offset + n;
+  if (threadIdx.x == 0) p = params[n];
+  __syncthreads();
+  const Plan plan = plan_for(op, p);
+  if (plan.nonlinear) {  // copy the table word by word
+    const int32_t* src = reinterpret_cast<const int32_t*>(tables + n);
+    int32_t* dst = reinterpret_cast<int32_t*>(&table);
+    for (int i = threadIdx.x; i < int(sizeof(BezierTable) / 4); i += blockDim.x) dst[i] = src[i];
+  }
+
+  int32_t lo[3], hi[3], tile = int32_t(blockIdx.x);
+  for (int a = 2; a >= 0; --a) {
+    lo[a] = (tile % tiles.count[a]) * tiles.extent[a];
+    hi[a] = min(lo[a] + tiles.extent[a], sh.s[a]);
+    tile /= tiles.count[a];
+  }
+  const int32_t ey = hi[1] - lo[1], ez = hi[2] - lo[2];
+  const int32_t tile_voxels = (hi[0] - lo[0]) * ey * ez;
+
+  if (plan.local) {
+    const BlockBox* sample_boxes = boxes + n * cfg.num_blocks;
+    for (int i = threadIdx.x; i < tile_voxels; i += blockDim.x) owner[i] = -1;
+    __syncthreads();
+    for (int32_t b = threadIdx.x; b < cfg.num_blocks; b += blockDim.x) {
+      int32_t from[3], to[3];
+      if (!clip(sample_boxes[b], lo, hi, from, to)) continue;
+      for (int32_t x = from[0]; x < to[0]; ++x)
+        for (int32_t y = from[1]; y < to[1]; ++y)
+          for (int32_t z = from[2]; z < to[2]; ++z)
+            atomicMax(&owner[((x - lo[0]) * ey + y - lo[1]) * ez + z - lo[2]], b);
+    }
+    __syncthreads();
+    Index perm[Cap];
+    for (int32_t b = threadIdx.x; b < cfg.num_blocks; b += blockDim.x) {
+      const BlockBox box = sample_boxes[b];
+      int32_t from[3], to[3];
+      if (!clip(box, lo, hi, from, to)) continue;
+      bool owns = false;
+      for (int32_t x = from[0]; x < to[0] && !owns; ++x)
+        for (int32_t y = from[1]; y < to[1] && !owns; ++y)
+          for (int32_t z = from[2]; z < to[2] && !owns; ++z)
+            owns = owner[((x - lo[0]) * ey + y - lo[1]) * ez + z - lo[2]] == b;
+      if (!owns) continue;
+      block_permutation(seed, sample, uint32_t(b), perm, int32_t(box.size[0]) * box.size[1] * box.size[2]);
+      for (int32_t x = from[0]; x < to[0]; ++x)
+        for (int32_t y = from[1]; y < to[1]; ++y)
+          for (int32_t z = from[2]; z < to[2]; ++z) {
+            const int32_t i = ((x - lo[0]) * ey + y - lo[1]) * ez + z - lo[2];
+            if (owner[i] != b) continue;
+            const int32_t q = perm[((x - box.origin[0]) * box.size[1] + y - box.origin[1]) * box.size[2] + z -
+                                   box.origin[2]];
+            const int32_t qz = q % box.size[2], qy = q / box.size[2] % box.size[1], qx = q / (box.size[2] * box.size[1]);
+            source[i] = int32_t(flipped_index(p, plan.flip, sh, box.origin[0] + qx, box.origin[1] + qy,
+                                              box.origin[2] + qz));
+          }
+    }
+  }
+  __syncthreads();
+
+  const int64_t voxels = sh.voxels();
+  const float* xin = in + n * channels * voxels;
+  float* xout = out + n * channels * voxels;
+  float* xtarget = target != nullptr ? target + n * channels * voxels : nullptr;
+  for (int i = threadIdx.x; i < tile_voxels; i += blockDim.x) {
+    const int32_t x = lo[0] + i / (ey * ez), y = lo[1] + i / ez % ey, z = lo[2] + i % ez;
+    const int64_t v = (int64_t(x) * sh.s[1] + y) * sh.s[2] + z;
+    const int64_t unshuffled = flipped_index(p, plan.flip, sh, x, y, z);
+    const int64_t src = plan.local && owner[i] >= 0 ? source[i] : unshuffled;
+    const bool noise = painted(plan, p, x, y, z);
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t e = c * voxels;
+      float value;
+      if (noise) {
+        value = noise_value(seed, sample, e + v);
+      } else {
+        value = xin[e + src];
+        if (plan.nonlinear) value = bezier_apply(table, value);
+      }
+      xout[e + v] = value;
+      if (xtarget != nullptr) xtarget[e + v] = xin[e + unshuffled];
+    }
+  }
+}
+
+// Makes `device` current for the scope and restores the caller's device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (device != previous_) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+
+ private:
+  int previous_ = 0;
+};
+
+template <int Cap, typename Index>
+void launch_deform(cudaStream_t stream, dim3 grid, Op op, const DeformConfig& cfg, const Shape& sh,
+                   const Tiles& tiles, uint64_t seed, uint64_t offset, int64_t channels, const SampleParams* params,
+                   const BezierTable* tables, const BlockBox* boxes, const float* in, float* out, float* target) {
+  deform_kernel<Cap, Index><<<grid, kThreads, 0, stream>>>(op, cfg, sh, tiles, seed, offset, channels, params,
+                                                          tables, boxes, in, out, target);
+}
+
+}  // namespace
+
+size_t scratch_bytes(Op op, int64_t batch, const Shape& sh, const DeformConfig& cfg) {
+  return ScratchLayout(op, batch, sh, cfg).total;
+}
+
+void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batch, int64_t channels,
+                 const Shape& sh, uint64_t seed, uint64_t offset, const DeformConfig& cfg, void* scratch,
+                 size_t scratch_size, int device, uintptr_t stream_handle) {
+  const std::string reason = unavailable_reason();
+  if (!reason.empty()) throw std::runtime_error("genesis_ext CUDA: " + reason);
+  const ScratchLayout layout(op, batch, sh, cfg);
+  if (scratch_size < layout.total) throw std::invalid_argument("genesis_ext CUDA: scratch buffer too small");
+  const int32_t block_volume = max_block_volume(sh, cfg);
+  if (may_shuffle(op, cfg) && block_volume > kMaxBlockVolume)
+    throw std::invalid_argument("genesis_ext CUDA: shuffle blocks of up to " + std::to_string(block_volume) +
+                                " voxels exceed the CUDA kernels' limit of " + std::to_string(kMaxBlockVolume) +
+                                "; raise block_div or use the CPU");
+  if (batch <= 0) return;
+  DeviceGuard guard(device);
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  char* base = static_cast<char*>(scratch);
+  auto* params = reinterpret_cast<SampleParams*>(base + layout.params);
+  auto* tables = reinterpret_cast<BezierTable*>(base + layout.tables);
+  auto* boxes = reinterpret_cast<BlockBox*>(base + layout.boxes);
+  const Tiles tiles = make_tiles(sh);
+  const int64_t sample_size = channels * sh.voxels();
+  for (int64_t first = 0; first < batch; first += kMaxBatchPerLaunch) {
+    const int64_t count = std::min<int64_t>(kMaxBatchPerLaunch, batch - first);
+    prepare_kernel<<<unsigned(count), kThreads, 0, stream>>>(op, cfg, sh, seed, offset + first, params + first,
+                                                             tables + first, boxes + first * cfg.num_blocks);
+    check(cudaGetLastError(), "prepare kernel launch");
+    const dim3 grid(unsigned(tiles.per_sample()), unsigned(count));
+    const float* x = in + first * sample_size;
+    float* y = out + first * sample_size;
+    float* t = target != nullptr ? target + first * sample_size : nullptr;
+    if (block_volume <= 128)
+      launch_deform<128, uint8_t>(stream, grid, op, cfg, sh, tiles, seed, offset + first, channels, params + first,
+                                  tables + first, boxes + first * cfg.num_blocks, x, y, t);
+    else
+      launch_deform<kMaxBlockVolume, uint16_t>(stream, grid, op, cfg, sh, tiles, seed, offset + first, channels,
+                                    params + first, tables + first, boxes + first * cfg.num_blocks, x, y, t);
+    check(cudaGetLastError(), "deform kernel launch");
+  }
+}
+
+}  // namespace genesis::cuda
