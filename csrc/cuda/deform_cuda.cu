@@ -1,11 +1,11 @@
 // CUDA kernels of every op. Two launches per call, on the caller's stream, no host synchronisation, no cudaMalloc:
-//  1. prepare_kernel (one thread block per sample): the sample's parameters, its Bézier table and the geometry of its
-//     shuffle blocks, into the caller-allocated scratch buffer;
+//  1. prepare_kernel (one thread block per sample): the sample's parameters, its Bézier table, the geometry of its
+//     shuffle blocks and, per tile of the sample, the list of blocks crossing it; into the caller's scratch buffer;
 //  2. deform_kernel (one thread block per tile of a sample): in shared memory, the owner (highest block index) of
-//     each voxel of the tile by atomicMax over the blocks crossing the tile, then each owning block's Fisher–Yates
+//     each voxel of the tile by atomicMax over the blocks crossing it, then each owning block's Fisher–Yates
 //     permutation gives the tile's shuffle sources; then one pass reads the inputs and writes the deformed input and
 //     the target. A block crossing several tiles is permuted once per tile (the same permutation: it is a pure
-//     function of its stream), which is cheaper than a global owner map and its extra DRAM traffic.
+//     function of its stream): cheaper than a global owner map and its extra DRAM traffic.
 // All per-sample and per-voxel decisions are the shared __host__ __device__ code the CPU kernels use.
 #include <cuda_runtime.h>
 
@@ -38,14 +38,17 @@ struct BlockBox {
 
 struct Tiles {
   int32_t extent[3], count[3];
-  int64_t per_sample() const { return int64_t(count[0]) * count[1] * count[2]; }
+  GENESIS_HD int32_t per_sample() const { return count[0] * count[1] * count[2]; }
 };
 
+// Near-cubic tiles of at most kTileVoxels voxels (halving the longest extent), so that few blocks cross tile faces.
 Tiles make_tiles(const Shape& sh) {
   Tiles t{};
-  t.extent[2] = std::min(sh.s[2], kTileVoxels);
-  t.extent[1] = std::min(sh.s[1], std::max(1, kTileVoxels / t.extent[2]));
-  t.extent[0] = std::min(sh.s[0], std::max(1, kTileVoxels / (t.extent[2] * t.extent[1])));
+  for (int a = 0; a < 3; ++a) t.extent[a] = sh.s[a];
+  while (int64_t(t.extent[0]) * t.extent[1] * t.extent[2] > kTileVoxels) {
+    const int a = t.extent[0] >= t.extent[1] && t.extent[0] >= t.extent[2] ? 0 : (t.extent[1] >= t.extent[2] ? 1 : 2);
+    t.extent[a] = (t.extent[a] + 1) / 2;
+  }
   for (int a = 0; a < 3; ++a) t.count[a] = (sh.s[a] + t.extent[a] - 1) / t.extent[a];
   return t;
 }
@@ -61,18 +64,52 @@ int32_t max_block_volume(const Shape& sh, const DeformConfig& cfg) {
 
 size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
 
+// Most tiles one block can cross: along each axis, a block of up to S / block_div voxels spans at most
+// ceil((size - 1) / extent) + 1 tiles.
+int32_t max_tiles_per_block(const Shape& sh, const DeformConfig& cfg, const Tiles& tiles) {
+  int32_t n = 1;
+  for (int a = 0; a < 3; ++a) {
+    const int32_t size = a < sh.ndim ? std::max(1, sh.s[a] / cfg.block_div) : 1;
+    n *= std::min(tiles.count[a], (size - 1 + tiles.extent[a] - 1) / tiles.extent[a] + 1);
+  }
+  return n;
+}
+
+// Scratch, per sample: parameters; Bézier table; shuffle blocks, and per tile the list of blocks that cross it
+// (tile t's block indices are lists[starts[t] .. starts[t + 1]); cursors is working space for building them).
 struct ScratchLayout {
-  size_t params, tables, boxes, total;
-  ScratchLayout(Op op, int64_t batch, const Shape& sh, const DeformConfig& cfg) {
+  size_t params, tables, boxes, starts, cursors, lists, total;
+  int32_t list_capacity;  // per sample
+  ScratchLayout(Op op, int64_t batch, const Shape& sh, const DeformConfig& cfg, const Tiles& tiles) {
+    const bool shuffle = may_shuffle(op, cfg);
+    const int64_t per_sample_tiles = tiles.per_sample();
+    list_capacity = shuffle ? cfg.num_blocks * max_tiles_per_block(sh, cfg, tiles) : 0;
     params = 0;
     tables = params + align_up(sizeof(SampleParams) * batch);
     boxes = tables + (may_remap(op, cfg) ? align_up(sizeof(BezierTable) * batch) : 0);
-    total = boxes + (may_shuffle(op, cfg) ? align_up(sizeof(BlockBox) * batch * cfg.num_blocks) : 0);
+    starts = boxes + (shuffle ? align_up(sizeof(BlockBox) * batch * cfg.num_blocks) : 0);
+    cursors = starts + (shuffle ? align_up(sizeof(int32_t) * batch * (per_sample_tiles + 1)) : 0);
+    lists = cursors + (shuffle ? align_up(sizeof(int32_t) * batch * per_sample_tiles) : 0);
+    total = lists + align_up(sizeof(int32_t) * batch * list_capacity);
   }
 };
 
-__global__ void prepare_kernel(Op op, DeformConfig cfg, Shape sh, uint64_t seed, uint64_t offset,
-                               SampleParams* params, BezierTable* tables, BlockBox* boxes) {
+// Calls f(tile) for every tile the block crosses.
+template <typename F>
+__device__ void for_each_tile(const BlockBox& b, const Tiles& tiles, F f) {
+  int32_t first[3], last[3];
+  for (int a = 0; a < 3; ++a) {
+    first[a] = b.origin[a] / tiles.extent[a];
+    last[a] = (b.origin[a] + b.size[a] - 1) / tiles.extent[a];
+  }
+  for (int32_t tx = first[0]; tx <= last[0]; ++tx)
+    for (int32_t ty = first[1]; ty <= last[1]; ++ty)
+      for (int32_t tz = first[2]; tz <= last[2]; ++tz) f((tx * tiles.count[1] + ty) * tiles.count[2] + tz);
+}
+
+__global__ void prepare_kernel(Op op, DeformConfig cfg, Shape sh, Tiles tiles, uint64_t seed, uint64_t offset,
+                               SampleParams* params, BezierTable* tables, BlockBox* boxes, int32_t* starts,
+                               int32_t* cursors, int32_t* lists, int32_t list_capacity) {
   const int64_t n = blockIdx.x;
   __shared__ SampleParams p;
   if (threadIdx.x == 0) {
@@ -90,14 +127,34 @@ __global__ void prepare_kernel(Op op, DeformConfig cfg, Shape sh, uint64_t seed,
     __syncthreads();  // bezier_cell reads ctrl and increasing
     for (int k = threadIdx.x; k < kBezierCells; k += blockDim.x) bezier_cell(t, k);
   }
-  if (plan.local) {
-    for (int32_t b = threadIdx.x; b < cfg.num_blocks; b += blockDim.x) {
-      Stream st(seed, offset + n, BLOCK, uint32_t(b));
-      const Box box = shuffle_block(st, cfg, sh);
-      BlockBox& out = boxes[n * cfg.num_blocks + b];
-      for (int a = 0; a < 3; ++a) out.origin[a] = int16_t(box.origin[a]), out.size[a] = int16_t(box.size[a]);
+  if (!plan.local) return;
+  // Shuffle blocks, then bucket them by tile: count per tile, prefix sums, fill. The order inside a tile's list
+  // does not matter: owners are a maximum and each block's permutation is a function of its own stream.
+  const int32_t n_tiles = tiles.per_sample();
+  BlockBox* sample_boxes = boxes + n * cfg.num_blocks;
+  int32_t* start = starts + n * (n_tiles + 1);
+  int32_t* cursor = cursors + n * n_tiles;
+  int32_t* list = lists + n * list_capacity;
+  for (int32_t t = threadIdx.x; t < n_tiles; t += blockDim.x) cursor[t] = 0;
+  __syncthreads();
+  for (int32_t b = threadIdx.x; b < cfg.num_blocks; b += blockDim.x) {
+    Stream st(seed, offset + n, BLOCK, uint32_t(b));
+    const Box box = shuffle_block(st, cfg, sh);
+    BlockBox& out = sample_boxes[b];
+    for (int a = 0; a < 3; ++a) out.origin[a] = int16_t(box.origin[a]), out.size[a] = int16_t(box.size[a]);
+    for_each_tile(out, tiles, [&](int32_t t) { atomicAdd(&cursor[t], 1); });
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    start[0] = 0;
+    for (int32_t t = 0; t < n_tiles; ++t) {
+      start[t + 1] = start[t] + cursor[t];
+      cursor[t] = start[t];
     }
   }
+  __syncthreads();
+  for (int32_t b = threadIdx.x; b < cfg.num_blocks; b += blockDim.x)
+    for_each_tile(sample_boxes[b], tiles, [&](int32_t t) { list[atomicAdd(&cursor[t], 1)] = b; });
 }
 
 __device__ __forceinline__ int64_t flipped_index(const SampleParams& p, bool flip, const Shape& sh, int32_t x,
@@ -107,15 +164,13 @@ __device__ __forceinline__ int64_t flipped_index(const SampleParams& p, bool fli
          flip_coord(flip && p.flip[2], z, sh.s[2]);
 }
 
-// The part of a block inside the tile [lo, hi): false when they do not meet.
-__device__ __forceinline__ bool clip(const BlockBox& b, const int32_t lo[3], const int32_t hi[3], int32_t from[3],
+// The part [from, to) of a block inside the tile [lo, hi) (the block crosses the tile).
+__device__ __forceinline__ void clip(const BlockBox& b, const int32_t lo[3], const int32_t hi[3], int32_t from[3],
                                      int32_t to[3]) {
   for (int a = 0; a < 3; ++a) {
     from[a] = max(int32_t(b.origin[a]), lo[a]);
     to[a] = min(int32_t(b.origin[a]) + b.size[a], hi[a]);
-    if (from[a] >= to[a]) return false;
   }
-  return true;
 }
 
 // Cap: largest block volume the per-thread permutation array holds; Index: its element type.
@@ -123,8 +178,9 @@ template <int Cap, typename Index>
 __global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cfg, Shape sh, Tiles tiles,
                                                           uint64_t seed, uint64_t offset, int64_t channels,
                                                           const SampleParams* params, const BezierTable* tables,
-                                                          const BlockBox* boxes, const float* in, float* out,
-                                                          float* target) {
+                                                          const BlockBox* boxes, const int32_t* starts,
+                                                          const int32_t* lists, int32_t list_capacity,
+                                                          const float* in, float* out, float* target) {
   __shared__ SampleParams p;
   __shared__ BezierTable table;
   __shared__ int32_t owner[kTileVoxels];   // highest block index covering each tile voxel, -1 for none
@@ -152,11 +208,15 @@ __global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cf
 
   if (plan.local) {
     const BlockBox* sample_boxes = boxes + n * cfg.num_blocks;
+    const int32_t* start = starts + n * (tiles.per_sample() + 1) + blockIdx.x;
+    const int32_t* crossing = lists + n * list_capacity + start[0];  // the blocks crossing this tile
+    const int32_t n_crossing = start[1] - start[0];
     for (int i = threadIdx.x; i < tile_voxels; i += blockDim.x) owner[i] = -1;
     __syncthreads();
-    for (int32_t b = threadIdx.x; b < cfg.num_blocks; b += blockDim.x) {
+    for (int32_t j = threadIdx.x; j < n_crossing; j += blockDim.x) {
+      const int32_t b = crossing[j];
       int32_t from[3], to[3];
-      if (!clip(sample_boxes[b], lo, hi, from, to)) continue;
+      clip(sample_boxes[b], lo, hi, from, to);
       for (int32_t x = from[0]; x < to[0]; ++x)
         for (int32_t y = from[1]; y < to[1]; ++y)
           for (int32_t z = from[2]; z < to[2]; ++z)
@@ -164,10 +224,11 @@ __global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cf
     }
     __syncthreads();
     Index perm[Cap];
-    for (int32_t b = threadIdx.x; b < cfg.num_blocks; b += blockDim.x) {
+    for (int32_t j = threadIdx.x; j < n_crossing; j += blockDim.x) {
+      const int32_t b = crossing[j];
       const BlockBox box = sample_boxes[b];
       int32_t from[3], to[3];
-      if (!clip(box, lo, hi, from, to)) continue;
+      clip(box, lo, hi, from, to);
       bool owns = false;
       for (int32_t x = from[0]; x < to[0] && !owns; ++x)
         for (int32_t y = from[1]; y < to[1] && !owns; ++y)
@@ -228,18 +289,36 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
+// Pointers into the scratch buffer for samples first .. of one launch.
+struct ScratchPointers {
+  SampleParams* params;
+  BezierTable* tables;
+  BlockBox* boxes;
+  int32_t *starts, *cursors, *lists;
+  ScratchPointers(void* scratch, const ScratchLayout& l, int64_t first, const DeformConfig& cfg, int32_t n_tiles) {
+    char* base = static_cast<char*>(scratch);
+    params = reinterpret_cast<SampleParams*>(base + l.params) + first;
+    tables = reinterpret_cast<BezierTable*>(base + l.tables) + first;
+    boxes = reinterpret_cast<BlockBox*>(base + l.boxes) + first * cfg.num_blocks;
+    starts = reinterpret_cast<int32_t*>(base + l.starts) + first * (n_tiles + 1);
+    cursors = reinterpret_cast<int32_t*>(base + l.cursors) + first * n_tiles;
+    lists = reinterpret_cast<int32_t*>(base + l.lists) + first * l.list_capacity;
+  }
+};
+
 template <int Cap, typename Index>
 void launch_deform(cudaStream_t stream, dim3 grid, Op op, const DeformConfig& cfg, const Shape& sh,
-                   const Tiles& tiles, uint64_t seed, uint64_t offset, int64_t channels, const SampleParams* params,
-                   const BezierTable* tables, const BlockBox* boxes, const float* in, float* out, float* target) {
-  deform_kernel<Cap, Index><<<grid, kThreads, 0, stream>>>(op, cfg, sh, tiles, seed, offset, channels, params,
-                                                          tables, boxes, in, out, target);
+                   const Tiles& tiles, uint64_t seed, uint64_t offset, int64_t channels, const ScratchPointers& s,
+                   int32_t list_capacity, const float* in, float* out, float* target) {
+  deform_kernel<Cap, Index><<<grid, kThreads, 0, stream>>>(op, cfg, sh, tiles, seed, offset, channels, s.params,
+                                                          s.tables, s.boxes, s.starts, s.lists, list_capacity, in,
+                                                          out, target);
 }
 
 }  // namespace
 
 size_t scratch_bytes(Op op, int64_t batch, const Shape& sh, const DeformConfig& cfg) {
-  return ScratchLayout(op, batch, sh, cfg).total;
+  return ScratchLayout(op, batch, sh, cfg, make_tiles(sh)).total;
 }
 
 void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batch, int64_t channels,
@@ -247,8 +326,11 @@ void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batc
                  size_t scratch_size, int device, uintptr_t stream_handle) {
   const std::string reason = unavailable_reason();
   if (!reason.empty()) throw std::runtime_error("genesis_ext CUDA: " + reason);
-  const ScratchLayout layout(op, batch, sh, cfg);
+  const Tiles tiles = make_tiles(sh);
+  const ScratchLayout layout(op, batch, sh, cfg, tiles);
   if (scratch_size < layout.total) throw std::invalid_argument("genesis_ext CUDA: scratch buffer too small");
+  for (int a = 0; a < 3; ++a)
+    if (sh.s[a] > 32767) throw std::invalid_argument("genesis_ext CUDA: spatial axes longer than 32767 voxels");
   const int32_t block_volume = max_block_volume(sh, cfg);
   if (may_shuffle(op, cfg) && block_volume > kMaxBlockVolume)
     throw std::invalid_argument("genesis_ext CUDA: shuffle blocks of up to " + std::to_string(block_volume) +
@@ -257,27 +339,24 @@ void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batc
   if (batch <= 0) return;
   DeviceGuard guard(device);
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  char* base = static_cast<char*>(scratch);
-  auto* params = reinterpret_cast<SampleParams*>(base + layout.params);
-  auto* tables = reinterpret_cast<BezierTable*>(base + layout.tables);
-  auto* boxes = reinterpret_cast<BlockBox*>(base + layout.boxes);
-  const Tiles tiles = make_tiles(sh);
   const int64_t sample_size = channels * sh.voxels();
   for (int64_t first = 0; first < batch; first += kMaxBatchPerLaunch) {
     const int64_t count = std::min<int64_t>(kMaxBatchPerLaunch, batch - first);
-    prepare_kernel<<<unsigned(count), kThreads, 0, stream>>>(op, cfg, sh, seed, offset + first, params + first,
-                                                             tables + first, boxes + first * cfg.num_blocks);
+    const ScratchPointers s(scratch, layout, first, cfg, tiles.per_sample());
+    prepare_kernel<<<unsigned(count), kThreads, 0, stream>>>(op, cfg, sh, tiles, seed, offset + first, s.params,
+                                                             s.tables, s.boxes, s.starts, s.cursors, s.lists,
+                                                             layout.list_capacity);
     check(cudaGetLastError(), "prepare kernel launch");
     const dim3 grid(unsigned(tiles.per_sample()), unsigned(count));
     const float* x = in + first * sample_size;
     float* y = out + first * sample_size;
     float* t = target != nullptr ? target + first * sample_size : nullptr;
     if (block_volume <= 128)
-      launch_deform<128, uint8_t>(stream, grid, op, cfg, sh, tiles, seed, offset + first, channels, params + first,
-                                  tables + first, boxes + first * cfg.num_blocks, x, y, t);
+      launch_deform<128, uint8_t>(stream, grid, op, cfg, sh, tiles, seed, offset + first, channels, s,
+                                  layout.list_capacity, x, y, t);
     else
-      launch_deform<kMaxBlockVolume, uint16_t>(stream, grid, op, cfg, sh, tiles, seed, offset + first, channels,
-                                    params + first, tables + first, boxes + first * cfg.num_blocks, x, y, t);
+      launch_deform<kMaxBlockVolume, uint16_t>(stream, grid, op, cfg, sh, tiles, seed, offset + first, channels, s,
+                                               layout.list_capacity, x, y, t);
     check(cudaGetLastError(), "deform kernel launch");
   }
 }
