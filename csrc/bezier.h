@@ -54,32 +54,34 @@ struct BezierTable {
   bool increasing;
 };
 
-// f and h * f' at v = k / kBezierCells; `ok` is false where f' is unbounded (Bx' = 0).
-GENESIS_HD void bezier_node(int k, const double ctrl[4], bool increasing, double& f, double& hd, bool& ok) {
+// The map at node v = k / kBezierCells: its value f and h * f' (h the cell width); `ok` is false where f' is
+// unbounded (Bx' = 0).
+struct BezierNode {
+  double f, hd;
+  bool ok;
+};
+
+GENESIS_HD BezierNode bezier_node(int k, const double ctrl[4], bool increasing) {
   const double v = double(k) / kBezierCells;
   const double s = bezier_inverse(v, ctrl[0], ctrl[2]);
   const double sy = increasing ? s : 1.0 - s;
-  f = bezier(sy, ctrl[1], ctrl[3]);
   const double dx = bezier_slope(s, ctrl[0], ctrl[2]);
   const double dy = bezier_slope(sy, ctrl[1], ctrl[3]);
-  ok = dx > 1e-12;
-  hd = ok ? (increasing ? dy : -dy) / dx / kBezierCells : 0.0;
+  const bool ok = dx > 1e-12;
+  return BezierNode{bezier(sy, ctrl[1], ctrl[3]), ok ? (increasing ? dy : -dy) / dx / kBezierCells : 0.0, ok};
 }
 
 GENESIS_HD float hermite_eval(const float c[4], float u) { return c[0] + u * (c[1] + u * (c[2] + u * c[3])); }
 
-// Cell k of the table: Hermite coefficients from its two nodes, then checked against the exact map.
-GENESIS_HD void bezier_cell(BezierTable& t, int k) {
-  double f0, d0, f1, d1;
-  bool ok0, ok1;
-  bezier_node(k, t.ctrl, t.increasing, f0, d0, ok0);
-  bezier_node(k + 1, t.ctrl, t.increasing, f1, d1, ok1);
+// Cell k of the table from its nodes k and k + 1: Hermite coefficients, then a check against the exact map at
+// the cell's quarter points (the Hermite error of a smooth map peaks mid-cell).
+GENESIS_HD void bezier_cell(BezierTable& t, int k, const BezierNode& n0, const BezierNode& n1) {
   float* c = t.coef[k];
-  c[0] = float(f0);
-  c[1] = float(d0);
-  c[2] = float(3.0 * (f1 - f0) - 2.0 * d0 - d1);
-  c[3] = float(2.0 * (f0 - f1) + d0 + d1);
-  bool exact = !(ok0 && ok1);
+  c[0] = float(n0.f);
+  c[1] = float(n0.hd);
+  c[2] = float(3.0 * (n1.f - n0.f) - 2.0 * n0.hd - n1.hd);
+  c[3] = float(2.0 * (n0.f - n1.f) + n0.hd + n1.hd);
+  bool exact = !(n0.ok && n1.ok);
   for (int q = 1; q < 4 && !exact; ++q) {
     const float u = 0.25f * float(q);
     const double v = (double(k) + u) / kBezierCells;

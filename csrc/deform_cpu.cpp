@@ -80,7 +80,12 @@ void deform_sample(Op op, const float* in, float* out, float* target, int64_t ch
   if (plan.nonlinear) {
     for (int j = 0; j < 4; ++j) s.table.ctrl[j] = p.ctrl[j];
     s.table.increasing = p.increasing;
-    for (int k = 0; k < kBezierCells; ++k) bezier_cell(s.table, k);
+    BezierNode left = bezier_node(0, p.ctrl, p.increasing);
+    for (int k = 0; k < kBezierCells; ++k) {
+      const BezierNode right = bezier_node(k + 1, p.ctrl, p.increasing);
+      bezier_cell(s.table, k, left, right);
+      left = right;
+    }
   }
 
   Span noise[kMaxParts + 1];

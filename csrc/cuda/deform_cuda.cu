@@ -124,8 +124,10 @@ __global__ void prepare_kernel(Op op, DeformConfig cfg, Shape sh, Tiles tiles, u
       for (int j = 0; j < 4; ++j) t.ctrl[j] = p.ctrl[j];
       t.increasing = p.increasing;
     }
-    __syncthreads();  // bezier_cell reads ctrl and increasing
-    for (int k = threadIdx.x; k < kBezierCells; k += blockDim.x) bezier_cell(t, k);
+    __shared__ BezierNode nodes[kBezierCells + 1];
+    for (int k = threadIdx.x; k <= kBezierCells; k += blockDim.x) nodes[k] = bezier_node(k, p.ctrl, p.increasing);
+    __syncthreads();  // bezier_cell reads the nodes, ctrl and increasing
+    for (int k = threadIdx.x; k < kBezierCells; k += blockDim.x) bezier_cell(t, k, nodes[k], nodes[k + 1]);
   }
   if (!plan.local) return;
   // Shuffle blocks, then bucket them by tile: count per tile, prefix sums, fill. The order inside a tile's list
