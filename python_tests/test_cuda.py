@@ -194,7 +194,8 @@ CASES = [
     ("odd", (3, 1, 23, 41, 17), DeformConfig()),
     ("odd-c3-scrambled", (3, 3, 23, 41, 17), SCRAMBLED),
     ("odd-c3-scrambled-compat", (3, 3, 23, 41, 17), SCRAMBLED.replace(flip_compat=True)),
-    ("odd-c2-edge", (3, 2, 23, 41, 17), EDGE),
+    # block_div 3: blocks up to 7 x 13 x 5 = 455 voxels, the kernels' larger permutation array (up to 1,024)
+    ("odd-c2-edge", (3, 2, 23, 41, 17), EDGE.replace(block_div=3)),
     ("2d-c3", (4, 3, 64, 64), DeformConfig()),
     ("2d-scrambled", (4, 1, 41, 23), SCRAMBLED),
     ("2d-edge", (4, 1, 40, 24), EDGE),
@@ -652,3 +653,11 @@ def test_cuda_philox_known_answers_and_cpu_equality(dev):
         assert tuple(int(v) for v in got[j]) == expected, j
     want = np.array([_C.philox4x32_10(c.tolist(), k.tolist()) for c, k in zip(ctr, key)], dtype=np.uint32)
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("op", ("local_shuffle", "genesis_pair"))
+def test_shuffle_blocks_beyond_the_cuda_limit_raise_clearly(op):
+    # EDGE on (23, 41, 17): blocks up to 11 x 20 x 8 = 1,760 voxels; the CUDA kernels hold permutations of <= 1,024
+    x = torch.rand(1, 1, 23, 41, 17, device="cuda")
+    with pytest.raises(ValueError, match="1760 voxels exceed the CUDA kernels' limit of 1024"):
+        run(op, x, seed=0, config=EDGE)
