@@ -1,0 +1,33 @@
+"""Models Genesis classification fine-tuning network (shared/spec/models_genesis.md §5).
+
+The pre-trained encoder's 512-channel bottleneck → global average pool → Linear(512, 1024) → ReLU →
+Linear(1024, n_class). The encoder keeps the published key names (``down_tr64`` …), so
+``load_pretrained(GenesisClassifier(n), "Genesis_Chest_CT.pt", encoder_only=True)`` loads the pre-trained encoder
+and leaves the head freshly initialised. Unlike the published code it runs only the encoder, not the whole U-Net.
+"""
+from torch import Tensor, nn
+
+from .unet3d import GenesisEncoder, _check_channels
+
+
+class GenesisClassifier(GenesisEncoder):
+    """Encoder + global average pool + ``dense_1`` Linear(512, 1024) + ReLU + ``dense_2`` Linear(1024, n_class).
+
+    ``forward`` returns logits ``(N, n_class)`` (pair with ``BCEWithLogitsLoss`` or ``CrossEntropyLoss``). Spatial
+    sizes must be at least 8 per axis. ``batchnorm`` as in ``UNet3D`` (``"batch_stats"`` by default, as the
+    published weights were trained).
+    """
+
+    def __init__(self, n_class: int, in_channels: int = 1, batchnorm: str = "batch_stats"):
+        super().__init__(in_channels, batchnorm)
+        _check_channels("GenesisClassifier", "n_class", n_class)
+        self.n_class = n_class
+        self.dense_1 = nn.Linear(512, 1024)
+        self.dense_2 = nn.Linear(1024, n_class)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = self.encode(x).mean(dim=(2, 3, 4))
+        return self.dense_2(nn.functional.relu(self.dense_1(pooled)))
+
+    def extra_repr(self) -> str:
+        return f"n_class={self.n_class}, in_channels={self.in_channels}, batchnorm={self.batchnorm!r}"

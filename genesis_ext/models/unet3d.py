@@ -1,0 +1,211 @@
+"""The Models Genesis 3D U-Net (shared/spec/models_genesis.md §4), with the published state-dict key names.
+
+Layout (channels per 3x3x3 conv; every conv is followed by BatchNorm3d and ReLU, an ``LUConv``):
+
+    down_tr64   in→32→64     skip 64     max-pool 2
+    down_tr128  64→64→128    skip 128    max-pool 2
+    down_tr256  128→128→256  skip 256    max-pool 2
+    down_tr512  256→256→512  bottleneck
+    up_tr256    up 512→512, cat [up, skip256] = 768 → 256 → 256
+    up_tr128    up 256→256, cat [up, skip128] = 384 → 128 → 128
+    up_tr64     up 128→128, cat [up, skip64]  = 192 → 64 → 64
+    out_tr      1x1x1 conv 64 → n_class, sigmoid
+
+19,073,665 parameters and 106 state-dict entries for ``in_channels=1, n_class=1``. The module names are those of the
+published checkpoint, so ``Genesis_Chest_CT.pt`` loads strictly (``genesis_ext.models.load_pretrained``).
+
+Written to be ``torch.jit.script``-, ``torch.compile``- and ``torch.export``-able: no Python-only constructs in any
+``forward``, the input checks included.
+"""
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BATCHNORM_MODES = ("batch_stats", "standard")
+
+
+class BatchStatsBatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm3d that normalises with the current batch's statistics in training AND eval mode.
+
+    This is how the published Models Genesis network behaves and how its weights were trained. The running
+    statistics are still updated on every call (with torch's momentum semantics, ``momentum=None`` meaning a
+    cumulative average), so a checkpoint stays loadable into a standard BatchNorm3d, but they are never used.
+    A batch must therefore hold more than one value per channel, in eval mode too.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0
+        if self.momentum is not None:
+            factor = self.momentum
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True, factor,
+                            self.eps)
+
+
+def _norm(batchnorm: str, channels: int) -> nn.BatchNorm3d:
+    if batchnorm == "batch_stats":
+        return BatchStatsBatchNorm3d(channels)
+    return nn.BatchNorm3d(channels)
+
+
+def _check_batchnorm(owner: str, batchnorm: str) -> None:
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"genesis_ext.{owner}: batchnorm must be one of {BATCHNORM_MODES} ('batch_stats' is the "
+                         f"published behaviour, needed for the published weights), got {batchnorm!r}")
+
+
+def _check_channels(owner: str, name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"genesis_ext.{owner}: {name} must be a positive int, got {value!r}")
+
+
+class LUConv(nn.Module):
+    """Conv3d(k=3, padding=1, bias) → BatchNorm3d → ReLU; children ``conv1`` and ``bn1`` as published."""
+
+    def __init__(self, in_channels: int, out_channels: int, batchnorm: str):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.bn1 = _norm(batchnorm, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn1(self.conv1(x)))
+
+
+class DownTransition(nn.Module):
+    """Two LUConvs, ``in → out/2 → out`` (``ops.0``, ``ops.1``). Pooling is the caller's: it has no weights."""
+
+    def __init__(self, in_channels: int, out_channels: int, batchnorm: str):
+        super().__init__()
+        self.ops = nn.Sequential(LUConv(in_channels, out_channels // 2, batchnorm),
+                                 LUConv(out_channels // 2, out_channels, batchnorm))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ops(x)
+
+
+class UpTransition(nn.Module):
+    """ConvTranspose3d(k=2, s=2) keeping the channels, concatenation [upsampled, skip], two LUConvs to ``out``."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, batchnorm: str):
+        super().__init__()
+        self.up_conv = nn.ConvTranspose3d(in_channels, in_channels, kernel_size=2, stride=2)
+        self.ops = nn.Sequential(LUConv(in_channels + skip_channels, out_channels, batchnorm),
+                                 LUConv(out_channels, out_channels, batchnorm))
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.ops(torch.cat((self.up_conv(x), skip), 1))
+
+
+class OutputTransition(nn.Module):
+    """1x1x1 convolution to ``n_class`` channels (``final_conv``); the sigmoid is applied by ``UNet3D``."""
+
+    def __init__(self, in_channels: int, n_class: int):
+        super().__init__()
+        self.final_conv = nn.Conv3d(in_channels, n_class, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.final_conv(x)
+
+
+def _nearest_valid(size: int) -> str:
+    below = size // 8 * 8
+    if below < 8:
+        return "8"
+    return f"{below} or {below + 8}"
+
+
+def _check_input(owner: str, x: Tensor, in_channels: int, divisible: bool) -> None:
+    """Shape checks on Python ints only, so they are TorchScript-compatible and constant under tracing/export.
+
+    Three 2x poolings: every spatial size must be at least 8, and divisible by 8 where the decoder concatenates the
+    skips (``divisible``). Literal 8s: TorchScript cannot read module-level constants."""
+    if x.dim() != 5:
+        raise ValueError(f"genesis_ext.{owner}: expected a 5D batch (N, C, X, Y, Z), got shape {list(x.shape)}")
+    if x.size(1) != in_channels:
+        raise ValueError(f"genesis_ext.{owner}: expected {in_channels} input channel(s), got shape {list(x.shape)}")
+    bad: List[str] = []
+    for axis, name in [(2, "X"), (3, "Y"), (4, "Z")]:
+        size = x.size(axis)
+        if size < 8 or (divisible and size % 8 != 0):
+            bad.append(f"{name} = {size} (use {_nearest_valid(size)})")
+    if len(bad) > 0:
+        rule = "divisible by 8" if divisible else "at least 8"
+        raise ValueError(f"genesis_ext.{owner}: spatial sizes must be {rule} (three 2x poolings), got shape "
+                         f"{list(x.shape)}: {'; '.join(bad)}")
+
+
+class GenesisEncoder(nn.Module):
+    """The contracting half of the Models Genesis U-Net: ``down_tr64`` … ``down_tr512``, published key names.
+
+    ``forward(x)`` returns the 512-channel bottleneck (spatial size / 8, floored). Any spatial size of at least 8
+    works here; ``UNet3D`` additionally needs sizes divisible by 8.
+    """
+
+    def __init__(self, in_channels: int = 1, batchnorm: str = "batch_stats"):
+        super().__init__()
+        owner = type(self).__name__
+        _check_channels(owner, "in_channels", in_channels)
+        _check_batchnorm(owner, batchnorm)
+        self.in_channels = in_channels
+        self.batchnorm = batchnorm
+        self._owner = owner  # error messages name the class the user built
+        self.down_tr64 = DownTransition(in_channels, 64, batchnorm)
+        self.down_tr128 = DownTransition(64, 128, batchnorm)
+        self.down_tr256 = DownTransition(128, 256, batchnorm)
+        self.down_tr512 = DownTransition(256, 512, batchnorm)
+
+    def _encode_with_skips(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(skip64, skip128, skip256, bottleneck512): each level's output before its pooling."""
+        skip64 = self.down_tr64(x)
+        skip128 = self.down_tr128(F.max_pool3d(skip64, 2))
+        skip256 = self.down_tr256(F.max_pool3d(skip128, 2))
+        return skip64, skip128, skip256, self.down_tr512(F.max_pool3d(skip256, 2))
+
+    @torch.jit.export
+    def encode(self, x: Tensor) -> Tensor:
+        """The 512-channel bottleneck ``(N, 512, X/8, Y/8, Z/8)``."""
+        _check_input(self._owner, x, self.in_channels, False)
+        return self._encode_with_skips(x)[3]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encode(x)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, batchnorm={self.batchnorm!r}"
+
+
+class UNet3D(GenesisEncoder):
+    """Models Genesis 3D U-Net; ``forward`` returns sigmoid probabilities ``(N, n_class, X, Y, Z)``, like the published
+    model (its regression target for pre-training and its output for segmentation fine-tuning).
+
+    ``batchnorm="batch_stats"`` (default) is the published behaviour, which the published weights need: batch
+    statistics in training and eval mode (see ``BatchStatsBatchNorm3d``). ``"standard"`` is torch's BatchNorm3d (running
+    statistics in eval mode). Both have the same state-dict keys. Spatial sizes must be divisible by 8.
+    ``encode(x)`` returns the 512-channel bottleneck.
+    """
+
+    def __init__(self, in_channels: int = 1, n_class: int = 1, batchnorm: str = "batch_stats"):
+        super().__init__(in_channels, batchnorm)
+        _check_channels("UNet3D", "n_class", n_class)
+        self.n_class = n_class
+        self.up_tr256 = UpTransition(512, 256, 256, batchnorm)
+        self.up_tr128 = UpTransition(256, 128, 128, batchnorm)
+        self.up_tr64 = UpTransition(128, 64, 64, batchnorm)
+        self.out_tr = OutputTransition(64, n_class)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(self._owner, x, self.in_channels, True)
+        skip64, skip128, skip256, out = self._encode_with_skips(x)
+        out = self.up_tr256(out, skip256)
+        out = self.up_tr128(out, skip128)
+        out = self.up_tr64(out, skip64)
+        return torch.sigmoid(self.out_tr(out))
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, n_class={self.n_class}, batchnorm={self.batchnorm!r}"
