@@ -2,10 +2,12 @@
 
     python -m genesis_ext.demo [--out DIR] [--seed S] [--count N] [--inputs FILE ...]
 
-Loads CT volumes (NIfTI, values in HU; default: the two bundled crops in data/sample), clips HU to [-1000, 1000],
-scales to [0, 1], cuts ``--count`` random 64x64x32 cubes (seeded), runs ``genesis_ext.genesis_pair`` on the batch
-and writes ``genesis_pairs.png``: one row per cube with its mid-Z slice as original, deformed input and target, and a
-caption naming the deformations that fired (read from ``genesis_ext.sample_params``). Needs nibabel and Pillow.
+Loads CT volumes with ``genesis_ext.data`` (values in HU; default: the two bundled crops in data/sample; any
+file or DICOM directory ``load_volume`` reads), cuts ``--count`` random 64x64x32 cubes (seeded) with
+``extract_cubes`` (HU window [-1000, 1000] -> [0, 1], ``foreground`` filter, margins scaled to the volume; each cube
+from a uniformly chosen volume), runs ``genesis_ext.genesis_pair`` on the batch and writes ``genesis_pairs.png``: one
+row per cube with its mid-Z slice as original, deformed input and target, and a caption naming the deformations that
+fired (read from ``genesis_ext.sample_params``). Needs nibabel and Pillow.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import genesis_ext
+from genesis_ext.data import Foreground, Window, extract_cubes, load_volume
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 SAMPLE_FILES = ("pulmonary_ct.nii.gz", "aorta_ct.nii.gz")
@@ -26,21 +29,14 @@ SCALE = 3  # pixels per voxel in the figure
 
 
 def load_ct(path: Path) -> np.ndarray:
-    """A 3D CT volume in HU as float32 (x, y, z), clipped to [-1000, 1000] and scaled to [0, 1]."""
-    import nibabel as nib
-
-    hu = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
-    if hu.ndim == 4 and hu.shape[3] == 1:
-        hu = hu[..., 0]
-    if hu.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {hu.shape}")
-    lo, hi = HU_WINDOW
-    return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    """A 3D CT volume (x, y, z in LPS+, see ``genesis_ext.data.load_volume``) clipped to [-1000, 1000] HU and scaled
+    to [0, 1], float32. With :func:`random_cubes`, the fixed inputs of the benchmarks."""
+    return Window(*HU_WINDOW).apply(load_volume(path).data)
 
 
 def random_cubes(volumes: list[np.ndarray], count: int, rng: np.random.Generator, size=CUBE):
-    """``count`` cubes of ``size``, each from a uniformly chosen volume at a uniformly random position inside it.
-    Returns the batch (count, 1, *size) float32 and a list of (volume index, origin)."""
+    """``count`` cubes of ``size``, each from a uniformly chosen volume at a uniformly random position inside it
+    (no filter, no margins). Returns the batch (count, 1, *size) float32 and a list of (volume index, origin)."""
     for v in volumes:
         if any(s < c for s, c in zip(v.shape, size)):
             raise ValueError(f"a volume of shape {v.shape} is smaller than the {size} cube")
@@ -51,6 +47,27 @@ def random_cubes(volumes: list[np.ndarray], count: int, rng: np.random.Generator
         origin = tuple(int(rng.integers(0, s - c + 1)) for s, c in zip(volumes[k].shape, size))
         batch[n, 0] = volumes[k][tuple(slice(o, o + c) for o, c in zip(origin, size))]
         where.append((k, origin))
+    return batch, where
+
+
+def pipeline_cubes(volumes, count: int, rng: np.random.Generator, size=CUBE):
+    """``count`` cubes through ``genesis_ext.data.extract_cubes`` (HU window, ``foreground`` filter, auto margins),
+    each from a uniformly chosen volume. Returns the batch (count, 1, *size) float32 and a list of
+    (volume index, origin); raises ValueError if a volume cannot give its share."""
+    picks = rng.integers(len(volumes), size=count)
+    batch = np.empty((count, 1, *size), dtype=np.float32)
+    where = [None] * count
+    for k, volume in enumerate(volumes):
+        slots = np.flatnonzero(picks == k)
+        if not len(slots):
+            continue
+        got = extract_cubes(volume.data, cube=size, count=len(slots), filter=Foreground(), window=Window(*HU_WINDOW),
+                            rng=rng)
+        if len(got.cubes) < len(slots):
+            raise ValueError(f"{volume.source}: only {len(got.cubes)} of {len(slots)} cubes pass the foreground filter")
+        batch[slots, 0] = got.cubes
+        for n, origin in zip(slots, got.origins):
+            where[n] = (k, tuple(int(o) for o in origin))
     return batch, where
 
 
@@ -120,21 +137,25 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the cube positions and the deformations")
     parser.add_argument("--count", type=int, default=8, help="number of cubes (default: 8)")
     parser.add_argument("--inputs", type=Path, nargs="+", metavar="FILE",
-                        help="CT volumes in HU, any format nibabel reads (default: the bundled data/sample crops)")
+                        help="CT volumes in HU: NIfTI, MetaImage, NRRD or DICOM series directories "
+                             "(default: the bundled data/sample crops)")
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be >= 1")
 
     inputs = args.inputs or [SAMPLE_DIR / f for f in SAMPLE_FILES]
-    missing = [str(p) for p in inputs if not Path(p).is_file()]
+    missing = [str(p) for p in inputs if not Path(p).exists()]
     if missing:
         hint = "" if args.inputs else " (the sample data ships with the source tree: run from a checkout or pass --inputs)"
         print(f"genesis_ext.demo: not found: {', '.join(missing)}{hint}", file=sys.stderr)
         return 2
 
-    volumes = [load_ct(p) for p in inputs]
-    rng = np.random.default_rng(args.seed)
-    batch, where = random_cubes(volumes, args.count, rng)
+    try:
+        volumes = [load_volume(p) for p in inputs]
+        batch, where = pipeline_cubes(volumes, args.count, np.random.default_rng(args.seed))
+    except ValueError as err:
+        print(f"genesis_ext.demo: {err}", file=sys.stderr)
+        return 2
 
     start = time.perf_counter()
     deformed, target = genesis_ext.genesis_pair(batch, seed=args.seed)

@@ -1,0 +1,123 @@
+"""The ``genesis-ext`` command: one verb per stage of the workflow.
+
+    genesis-ext extract INPUT... --out DIR      real CT (NIfTI, DICOM, MetaImage, NRRD) -> a cube store
+
+A verb is a ``(help, add_arguments, run)`` entry in :data:`VERBS`; ``run(args)`` returns the exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_extract(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="volume files (.nii, .nii.gz, .mhd, .mha, .nrrd, .dcm) or directories, searched recursively "
+                        "(every DICOM series in a directory is one volume)")
+    p.add_argument("--out", required=True, help="output directory (a cube store; an existing one made with the same "
+                                                "options is continued)")
+    g = p.add_argument_group("cubes")
+    g.add_argument("--cube", nargs=3, type=_positive_int, default=[64, 64, 32], metavar=("X", "Y", "Z"),
+                   help="cube size in voxels (default: 64 64 32)")
+    g.add_argument("--per-volume", type=_positive_int, default=32, help="cubes per volume, at most (default: 32)")
+    g.add_argument("--candidates", type=_positive_int, default=None,
+                   help="random candidates tried per volume, at most (default: 50 x --per-volume)")
+    g.add_argument("--margins", nargs="+", default=["auto"], metavar="M",
+                   help="'auto' (the published 100/100/30-voxel margins scaled to the volume, default) or three "
+                        "voxel counts X Y Z (e.g. 100 100 30, as published)")
+    g.add_argument("--seed", type=int, default=0, help="seed; each volume's cubes depend only on it and the file")
+    g = p.add_argument_group("filter")
+    g.add_argument("--filter", choices=["official-lung", "foreground", "none"], default="official-lung",
+                   help="official-lung: the published 'mostly lung' rule (default); foreground: mostly not background "
+                        "(any organ or modality); none: keep every candidate")
+    g.add_argument("--lung-threshold", type=float, default=-150.0, help="official-lung: HU threshold (default -150)")
+    g.add_argument("--lung-max-fraction", type=float, default=0.15,
+                   help="official-lung: largest score fraction kept (default 0.15)")
+    g.add_argument("--foreground-level", type=float, default=0.05,
+                   help="foreground: a voxel is foreground above this level of the window, 0..1 (default 0.05, i.e. "
+                        "-900 HU in the default window)")
+    g.add_argument("--foreground-fraction", type=float, default=0.6,
+                   help="foreground: smallest foreground fraction kept (default 0.6)")
+    g = p.add_argument_group("intensity")
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"),
+                   help="intensity window in input units mapped to [0, 1] (default: -1000 1000 HU)")
+    w.add_argument("--window-percentile", nargs=2, type=float, metavar=("P_LO", "P_HI"),
+                   help="per-volume window from these intensity percentiles (non-CT modalities), e.g. 0.5 99.5")
+    g.add_argument("--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"),
+                   help="resample to this spacing in mm first (default: native spacing, as published)")
+    g = p.add_argument_group("output and execution")
+    g.add_argument("--format", choices=["store", "published"], default="store",
+                   help="store: one array per volume (default); published: one bat_<n>_s_<X>x<Y>x<Z>_<subset>.npy "
+                        "array per INPUT, as the published script writes")
+    g.add_argument("--jobs", type=_positive_int, default=None, help="parallel workers (default: all cores)")
+    g.add_argument("--executor", choices=["thread", "process"], default="thread",
+                   help="workers as threads (default: loading and NumPy release the GIL) or spawned processes")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_extract(args) -> int:
+    from .data import ExtractSettings, Foreground, NoFilter, OfficialLung, PercentileWindow, Window, run_extract
+
+    if args.margins == ["auto"]:
+        margins = "auto"
+    else:
+        try:
+            margins = tuple(int(m) for m in args.margins)
+        except ValueError:
+            margins = ()
+        if len(margins) != 3 or min(margins) < 0:
+            raise SystemExit(f"genesis-ext extract: --margins takes 'auto' or three voxel counts, got {args.margins}")
+    filt = {"official-lung": lambda: OfficialLung(args.lung_threshold, args.lung_max_fraction),
+            "foreground": lambda: Foreground(args.foreground_level, args.foreground_fraction),
+            "none": NoFilter}[args.filter]()
+    try:
+        window = (PercentileWindow(*args.window_percentile) if args.window_percentile
+                  else Window(*args.window) if args.window else Window())
+    except ValueError as err:
+        raise SystemExit(f"genesis-ext extract: {err}") from None
+    settings = ExtractSettings(cube=tuple(args.cube), count=args.per_volume, max_candidates=args.candidates,
+                               filter=filt, window=window, margins=margins,
+                               spacing=tuple(args.spacing) if args.spacing else None, seed=args.seed)
+    try:
+        summary = run_extract(args.inputs, args.out, settings, jobs=args.jobs, executor=args.executor, fmt=args.format,
+                              progress=not args.quiet)
+    except (ValueError, OSError) as err:  # e.g. --out holds a store made with other options, or is a file
+        print(f"genesis-ext extract: {err}", file=sys.stderr)
+        return 2
+    for line in summary.lines():
+        print(line)
+    for path in summary.outputs:
+        print(f"wrote {path}")
+    print(f"cube store: {os.path.abspath(args.out)}")
+    return 0 if summary.written + summary.kept > 0 else 1
+
+
+VERBS = {
+    "extract": ("cut training cubes from CT volumes into a cube store", _add_extract, _run_extract),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genesis-ext", description="Models Genesis pre-training tools.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, (help_text, add_arguments, _) in VERBS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return VERBS[args.verb][2](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

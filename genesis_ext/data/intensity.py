@@ -1,0 +1,101 @@
+"""Intensity windows (input units → [0, 1]) and optional resampling to a target spacing.
+
+Models Genesis clips CT to [-1000, 1000] HU and scales by ``(v + 1000) / 2000`` (:data:`CT_WINDOW`). Any fixed
+window works the same way; for modalities without absolute units (MRI, PET) a :class:`PercentileWindow` is resolved
+per volume from its own intensity percentiles.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .io import Volume
+
+
+@dataclass(frozen=True)
+class Window:
+    """A fixed intensity window ``[lo, hi]`` in input units (HU for CT): values are clipped to it and scaled to [0, 1]."""
+
+    lo: float = -1000.0
+    hi: float = 1000.0
+
+    def __post_init__(self):
+        if not (np.isfinite(self.lo) and np.isfinite(self.hi) and self.hi > self.lo):
+            raise ValueError(f"a window needs finite lo < hi, got [{self.lo}, {self.hi}]")
+
+    def resolve(self, data: np.ndarray) -> "Window":
+        return self
+
+    def apply(self, data: np.ndarray) -> np.ndarray:
+        """``(clip(v, lo, hi) - lo) / (hi - lo)`` as float32: computed in float64 as the published script does, then
+        rounded once (so cubes equal the published float64 values rounded to float32)."""
+        v = np.clip(np.asarray(data, dtype=np.float64), self.lo, self.hi)
+        return ((v - self.lo) / (self.hi - self.lo)).astype(np.float32)
+
+    def level(self, value: float) -> float:
+        """The input value at ``value`` (0..1) of the window."""
+        return self.lo + value * (self.hi - self.lo)
+
+    def describe(self) -> dict:
+        return {"kind": "fixed", "lo": self.lo, "hi": self.hi}
+
+
+CT_WINDOW = Window(-1000.0, 1000.0)
+
+
+@dataclass(frozen=True)
+class PercentileWindow:
+    """A window from each volume's own ``p_lo``-th and ``p_hi``-th intensity percentiles (for non-CT modalities).
+    Percentiles are estimated on at most ``max_samples`` voxels taken at a fixed stride (deterministic)."""
+
+    p_lo: float = 0.5
+    p_hi: float = 99.5
+    max_samples: int = 1 << 22
+
+    def __post_init__(self):
+        if not 0.0 <= self.p_lo < self.p_hi <= 100.0:
+            raise ValueError(f"percentiles need 0 <= p_lo < p_hi <= 100, got {self.p_lo}, {self.p_hi}")
+
+    def resolve(self, data: np.ndarray) -> Window:
+        flat = np.asarray(data).reshape(-1)
+        flat = flat[:: max(1, flat.size // self.max_samples)]
+        lo, hi = (float(v) for v in np.percentile(flat[np.isfinite(flat)], [self.p_lo, self.p_hi]))
+        if not hi > lo:
+            raise ValueError(f"the {self.p_lo}-{self.p_hi} percentile window is empty ({lo} .. {hi}): a constant volume?")
+        return Window(lo, hi)
+
+    def describe(self) -> dict:
+        return {"kind": "percentile", "p_lo": self.p_lo, "p_hi": self.p_hi}
+
+
+def resample(volume: Volume, spacing) -> Volume:
+    """``volume`` linearly resampled to ``spacing`` (mm per axis, (x, y, z)); voxel centres keep the same extent.
+
+    Separable linear interpolation (trilinear), float32, edge values held. The affine is updated so voxel → patient
+    positions stay correct. Published Models Genesis does not resample (it uses native spacing)."""
+    target = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    if target.shape != (3,) or not np.all(target > 0):
+        raise ValueError(f"spacing must be three positive numbers (mm), got {spacing}")
+    old = np.asarray(volume.spacing, dtype=np.float64)
+    data = volume.data
+    scale = old / target
+    shape = np.maximum(1, np.round(np.asarray(data.shape) * scale).astype(int))
+    offsets = np.zeros(3)
+    for axis in range(3):
+        n_old, n_new = data.shape[axis], int(shape[axis])
+        # centre-aligned: new voxel j sits at old coordinate (j + 0.5) / scale - 0.5
+        coord = (np.arange(n_new) + 0.5) / scale[axis] - 0.5
+        offsets[axis] = coord[0]
+        coord = np.clip(coord, 0.0, n_old - 1)
+        i0 = np.floor(coord).astype(np.intp)
+        i1 = np.minimum(i0 + 1, n_old - 1)
+        w = (coord - i0).astype(np.float32)
+        bshape = [1, 1, 1]
+        bshape[axis] = n_new
+        w = w.reshape(bshape)
+        data = np.take(data, i0, axis=axis) * (1.0 - w) + np.take(data, i1, axis=axis) * w
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.affine[:3, :3] @ offsets + volume.affine[:3, 3]
+    affine[:3, :3] = volume.affine[:3, :3] / scale
+    return Volume(np.ascontiguousarray(data, dtype=np.float32), tuple(float(s) for s in target), affine, volume.source)

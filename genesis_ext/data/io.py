@@ -1,0 +1,315 @@
+"""Loading CT volumes (NIfTI, DICOM series, MetaImage, NRRD) in one canonical orientation.
+
+Every loader returns a :class:`Volume` whose array is indexed ``(x, y, z)`` in the **LPS+** orientation:
+x increases towards the patient's Left, y towards Posterior, z towards Superior (z is the cranio-caudal axis).
+LPS+ is the DICOM patient frame and the orientation of most CT files (LUNA16 MetaImage, DICOM axial series),
+so they load without any copy-reordering; other files are flipped/permuted to the closest LPS+ axes (oblique
+volumes are not resampled: each voxel axis goes to the patient axis it is closest to). Spacing is in mm per axis,
+in the same (x, y, z) order. Values are float32, in Hounsfield units for CT (DICOM rescale slope/intercept and
+NIfTI scl_slope/scl_inter are applied).
+
+NIfTI is read with nibabel (a core dependency); DICOM series, MetaImage (.mhd/.mha) and NRRD need SimpleITK
+(``pip install 'genesis-ext[io]'``). DICOM slices are ordered by their position (GDCM's position sorter), never by
+file name.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ORIENTATION = ("L", "P", "S")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".mhd", ".mha", ".nrrd", ".nhdr")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+SUPPORTED = "NIfTI (.nii, .nii.gz), MetaImage (.mhd, .mha), NRRD (.nrrd, .nhdr), a DICOM series directory or .dcm file"
+_INSTALL_IO = "pip install 'genesis-ext[io]'"
+
+
+class VolumeError(ValueError):
+    """A volume that cannot be used, with the file it came from: ``str(err)`` is ``"<path>: <reason>"``."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self):  # keep (path, reason) across process boundaries
+        return type(self), (self.path, self.reason)
+
+
+@dataclass
+class Volume:
+    """A 3D scan. ``data``: float32 ``(x, y, z)`` in LPS+ (HU for CT), usually laid out x-fastest in memory (Fortran
+    order, as NIfTI and ITK store it; no negative strides); ``spacing``: mm along x, y, z; ``affine``: 4x4 map from
+    voxel index (x, y, z) to patient LPS coordinates in mm; ``source``: where it came from."""
+
+    data: np.ndarray
+    spacing: tuple
+    affine: np.ndarray = field(repr=False)
+    source: str = ""
+
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+
+@dataclass(frozen=True)
+class Source:
+    """One volume to load: a file, or a DICOM directory (optionally one series of it). ``key`` names it stably
+    (relative to the input it was found under); it seeds the volume's cubes and names its output."""
+
+    path: str
+    key: str
+    series_uid: str | None = None
+    input: str = ""  # the input (file or directory argument) it was found under
+
+    @property
+    def tag(self) -> str:
+        """A file-name-safe, unique name: the key's readable part plus a hash of the whole key."""
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", _strip_suffix(self.key).replace(os.sep, "__")).strip("_.")
+        return f"{stem[-60:] or 'volume'}-{hashlib.sha1(self.key.encode()).hexdigest()[:8]}"
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES[::-1] + SITK_SUFFIXES + DICOM_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _suffix_in(path: Path, suffixes) -> bool:
+    return path.name.lower().endswith(tuple(suffixes))
+
+
+def sitk_module():
+    """SimpleITK, with its console warnings off, or an ImportError that says how to install it."""
+    try:
+        import SimpleITK as sitk
+    except ImportError as err:
+        raise ImportError(f"reading DICOM, MetaImage and NRRD needs SimpleITK: {_INSTALL_IO}") from err
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    return sitk
+
+
+def is_dicom_file(path) -> bool:
+    """True for a .dcm/.dicom file or any file with the DICOM preamble ('DICM' at byte 128)."""
+    path = Path(path)
+    if _suffix_in(path, DICOM_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def load_volume(path, *, series_uid: str | None = None, backend: str = "auto") -> Volume:
+    """Load a 3D scan as a :class:`Volume` (float32, ``(x, y, z)`` in LPS+, spacing in mm).
+
+    ``path``: a NIfTI file (nibabel), a MetaImage/NRRD file (SimpleITK), a DICOM file (its whole series is read) or
+    a directory holding a DICOM series (``series_uid`` picks one when it holds several; by default the one with the
+    most slices). ``backend="sitk"`` reads NIfTI with SimpleITK instead (both give the same array).
+    Raises :class:`VolumeError` naming the file for anything unreadable, non-3D or empty.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(path, "no such file or directory")
+    if backend not in ("auto", "nibabel", "sitk"):
+        raise ValueError(f"backend must be 'auto', 'nibabel' or 'sitk', not {backend!r}")
+    if path.is_dir():
+        return _load_dicom(path, series_uid)
+    if _suffix_in(path, NIFTI_SUFFIXES) and backend != "sitk":
+        return _load_nibabel(path)
+    if is_dicom_file(path):
+        return _load_dicom(path.parent, series_uid or _series_of(path))
+    if _suffix_in(path, NIFTI_SUFFIXES + SITK_SUFFIXES) or backend == "sitk":
+        return _load_sitk_file(path)
+    try:  # other formats SimpleITK may know; anything else is not an image
+        sitk = sitk_module()
+    except ImportError:
+        raise VolumeError(path, f"not a supported image format; supported: {SUPPORTED}") from None
+    if not sitk.ImageFileReader.GetImageIOFromFileName(str(path)):
+        raise VolumeError(path, f"not a supported image format; supported: {SUPPORTED}")
+    return _load_sitk_file(path)
+
+
+def _check_3d(path, shape) -> None:
+    if len(shape) != 3 or min(shape) < 2:
+        raise VolumeError(path, f"is not a 3D volume (shape {tuple(shape)}); need one with at least 2 voxels per axis")
+
+
+def _load_nibabel(path: Path) -> Volume:
+    import nibabel as nib
+    from nibabel import orientations as ornt
+
+    try:
+        img = nib.load(str(path))
+        shape = img.shape
+        while len(shape) > 3 and shape[-1] == 1:  # (x, y, z, 1): a 3D volume stored as 4D
+            shape = shape[:-1]
+        _check_3d(path, shape)
+        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+    except VolumeError:
+        raise
+    except Exception as err:  # nibabel raises many types for truncated or corrupt files (EOFError, zlib.error, ...)
+        raise VolumeError(path, f"cannot read as NIfTI ({type(err).__name__}: {err})") from err
+    affine = img.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise VolumeError(path, "has an invalid (singular) affine")
+    transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(ORIENTATION))
+    data = _positive_strides(ornt.apply_orientation(data, transform))
+    ras = affine @ ornt.inv_ornt_aff(transform, shape)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras  # nibabel's world is RAS+, ours LPS+
+    return Volume(data, _spacing(lps), lps, str(path))
+
+
+def _positive_strides(data: np.ndarray) -> np.ndarray:
+    """``data`` as is (a view) unless a flip gave it a negative stride (which torch.from_numpy rejects): then a copy
+    in the nearest memory order."""
+    return data if min(data.strides) > 0 else np.array(data, order="K")
+
+
+def _spacing(affine: np.ndarray) -> tuple:
+    return tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+
+
+def _from_sitk(path, image) -> Volume:
+    sitk = sitk_module()
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; need a scalar image")
+    _check_3d(path, image.GetSize())
+    image = sitk.DICOMOrient(image, "".join(ORIENTATION))  # ITK's world is LPS: this makes the direction ~identity
+    # ITK stores x fastest: convert in memory order, then view as (x, y, z) (a strided transposing copy is ~5x slower)
+    data = np.array(sitk.GetArrayViewFromImage(image), dtype=np.float32).transpose(2, 1, 0)
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return Volume(data, tuple(float(s) for s in image.GetSpacing()), affine, str(path))
+
+
+def _load_sitk_file(path: Path) -> Volume:
+    try:
+        sitk = sitk_module()
+    except ImportError as err:
+        raise VolumeError(path, str(err)) from None
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise VolumeError(path, f"cannot read image ({reason})") from err
+    return _from_sitk(path, image)
+
+
+def _series_of(path: Path) -> str | None:
+    """The SeriesInstanceUID of one DICOM file (None if SimpleITK is missing or the tag is absent)."""
+    try:
+        sitk = sitk_module()
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else None
+    except (ImportError, RuntimeError):
+        return None
+
+
+def dicom_series(directory) -> dict:
+    """``{series_uid: [file, ...]}`` of the DICOM series directly in ``directory``, files sorted by slice position."""
+    sitk = sitk_module()
+    reader = sitk.ImageSeriesReader()
+    return {uid: list(reader.GetGDCMSeriesFileNames(str(directory), uid)) for uid in reader.GetGDCMSeriesIDs(str(directory))}
+
+
+def _load_dicom(directory: Path, series_uid: str | None) -> Volume:
+    try:
+        sitk = sitk_module()
+    except ImportError as err:
+        raise VolumeError(directory, str(err)) from None
+    series = dicom_series(directory)
+    if not series:
+        raise VolumeError(directory, "no DICOM series found in this directory")
+    if series_uid is None:
+        series_uid = max(series, key=lambda uid: len(series[uid]))
+        if len(series) > 1:
+            warnings.warn(f"{directory}: {len(series)} DICOM series; reading {series_uid} ({len(series[series_uid])} "
+                          "files), pass series_uid to choose", stacklevel=3)
+    elif series_uid not in series:
+        raise VolumeError(directory, f"no DICOM series {series_uid} here (found: {', '.join(series)})")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(series[series_uid])
+    try:
+        image = reader.Execute()  # GDCM applies RescaleSlope/RescaleIntercept: values come back in HU
+    except RuntimeError as err:
+        raise VolumeError(directory, f"cannot read DICOM series {series_uid} ({str(err).strip().splitlines()[-1]})") from err
+    return _from_sitk(directory, image)
+
+
+def find_sources(inputs) -> tuple[list[Source], list[tuple[str, str]]]:
+    """The volumes named by ``inputs`` (files and directories, searched recursively), sorted and deduplicated.
+
+    Image files are found by suffix (NIfTI, MetaImage, NRRD); DICOM files by suffix or by their preamble, grouped into
+    one source per series and directory. A source's key is its path relative to the directory it was found in (a file
+    named directly: its name; a DICOM directory named directly: its name), so the same file gets the same key (and
+    cubes) whether it is named or found; two sources with the same key both get their absolute paths as keys. Other files met while walking a directory (READMEs, .raw payloads of .mhd
+    headers, ...) are ignored. A file named explicitly is always a source, so that a non-image fails with its reason.
+    Returns ``(sources, problems)``; ``problems`` lists ``(input, reason)`` for inputs that hold nothing usable.
+    """
+    sources: dict = {}
+    problems = []
+
+    def add(path: Path, key: str, uid=None):
+        s = Source(str(path), key, uid, str(item))
+        sources.setdefault((s.path, uid), s)
+
+    def add_dicom_dir(directory: Path, key: str) -> int:
+        try:
+            uids = list(dicom_series(directory))
+        except ImportError:
+            uids = []  # loading will fail with the install hint
+        if len(uids) <= 1:
+            add(directory, key)
+            return 1
+        for uid in sorted(uids):
+            add(directory, f"{key}#{uid}", uid)
+        return len(uids)
+
+    for item in inputs:
+        item = Path(item)
+        if not item.exists():
+            problems.append((str(item), "no such file or directory"))
+        elif item.is_file():
+            if is_dicom_file(item) and not _suffix_in(item, NIFTI_SUFFIXES + SITK_SUFFIXES):
+                add_dicom_dir(item.parent, item.resolve().parent.name)
+            else:
+                add(item, item.name)
+        else:
+            found = 0
+            base = item.resolve()
+            for root, dirs, files in os.walk(base):
+                dirs.sort()
+                root = Path(root)
+                has_dicom = False
+                for name in sorted(files):
+                    f = root / name
+                    if _suffix_in(f, NIFTI_SUFFIXES + SITK_SUFFIXES):
+                        add(f, str(f.relative_to(base)))
+                        found += 1
+                    elif not has_dicom and is_dicom_file(f):
+                        has_dicom = True
+                if has_dicom:
+                    found += add_dicom_dir(root, str(root.relative_to(base)) if root != base else base.name)
+            if not found:
+                problems.append((str(item), f"no image files or DICOM series found (looked for {SUPPORTED})"))
+    result, seen = [], set()
+    for s in sorted(sources.values(), key=lambda s: (s.key, s.path)):
+        if s.key in seen:  # same name under two inputs: the absolute path keeps keys (seeds, output names) distinct
+            s = Source(s.path, str(Path(s.path).resolve()) + (f"#{s.series_uid}" if s.series_uid else ""), s.series_uid,
+                       s.input)
+        seen.add(s.key)
+        result.append(s)
+    return result, problems
