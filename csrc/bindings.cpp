@@ -120,6 +120,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("sample_params", &sample_params, py::arg("batch"), py::arg("spatial"), py::arg("seed"), py::arg("offset"),
         py::arg("config"), py::arg("with_blocks"));
   m.def("build_info", &build_info);
+#ifdef GENESIS_WITH_CUDA
+  m.attr("WITH_CUDA") = true;  // what was compiled; asks the driver nothing (build_info does)
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
   m.attr("OPS") = py::dict(py::arg("genesis_pair") = int(PAIR), py::arg("bezier_remap") = int(BEZIER_OP),
                            py::arg("local_shuffle") = int(SHUFFLE_OP), py::arg("inpaint") = int(INPAINT_OP),
                            py::arg("outpaint") = int(OUTPAINT_OP), py::arg("flip") = int(FLIP_OP));

@@ -82,7 +82,7 @@ def _validate(op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | No
     on_cuda = _is_cupy(x) or (is_torch and x.device.type == "cuda")
     if is_torch and x.device.type not in ("cpu", "cuda", "meta"):
         raise NotImplementedError(f"genesis_ext.{op}: {x.device.type} tensors are not supported; use CPU or CUDA")
-    if on_cuda and not _C.build_info()["with_cuda"]:
+    if on_cuda and not _C.WITH_CUDA:
         raise RuntimeError(f"genesis_ext.{op}: this genesis_ext was built without CUDA kernels; reinstall with "
                            "nvcc available (GENESIS_CUDA=ON) or move the batch to the CPU")
     dtype_ok = x.dtype == (torch.float32 if is_torch else np.float32)
