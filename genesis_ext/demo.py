@@ -1,6 +1,6 @@
-"""See one batch of Models Genesis training pairs made from real chest CT.
+"""See one batch of Models Genesis training pairs made from real chest CT, then pre-train on it for a few minutes.
 
-    python -m genesis_ext.demo [--out DIR] [--seed S] [--count N] [--inputs FILE ...]
+    python -m genesis_ext.demo [--out DIR] [--seed S] [--count N] [--inputs FILE ...] [--train-minutes M]
 
 Loads CT volumes with ``genesis_ext.data`` (values in HU; default: the two bundled crops in data/sample; any
 file or DICOM directory ``load_volume`` reads), cuts ``--count`` random 64x64x32 cubes (seeded) with
@@ -8,6 +8,12 @@ file or DICOM directory ``load_volume`` reads), cuts ``--count`` random 64x64x32
 from a uniformly chosen volume), runs ``genesis_ext.genesis_pair`` on the batch and writes ``genesis_pairs.png``: one
 row per cube with its mid-Z slice as original, deformed input and target, and a caption naming the deformations that
 fired (read from ``genesis_ext.sample_params``). Needs nibabel and Pillow.
+
+Then (unless ``--train-minutes 0``) the real job, small: ``genesis-ext extract`` of the same volumes into
+``DIR/cubes`` (``--train-cube``, default 32x32x16 so that a CPU takes seconds per step, not minutes) and
+``genesis-ext pretrain`` (default preset) into ``DIR/run`` for about ``--train-minutes`` minutes (default 3):
+``DIR/run/checkpoints/{last,best}.pt``, ``metrics.csv``, TensorBoard logs and ``preview.png`` (deformed input |
+target | restoration). Needs torch for this part.
 """
 from __future__ import annotations
 
@@ -139,6 +145,10 @@ def main(argv=None) -> int:
     parser.add_argument("--inputs", type=Path, nargs="+", metavar="FILE",
                         help="CT volumes in HU: NIfTI, MetaImage, NRRD or DICOM series directories "
                              "(default: the bundled data/sample crops)")
+    parser.add_argument("--train-minutes", type=float, default=3.0,
+                        help="then extract cubes and pre-train for about this long (default: 3; 0: skip)")
+    parser.add_argument("--train-cube", type=int, nargs=3, default=[32, 32, 16], metavar=("X", "Y", "Z"),
+                        help="cube size of the pre-training part (default: 32 32 16)")
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be >= 1")
@@ -184,7 +194,24 @@ def main(argv=None) -> int:
     print(f"{args.count} cubes {'x'.join(map(str, CUBE))} from {len(volumes)} volume(s) in {ms:.1f} ms "
           f"({ms / args.count:.2f} ms/cube on the CPU); "
           f"fired: {fired_text}")
+    if args.train_minutes > 0:
+        return pretrain_demo(inputs, args.out, args.train_minutes, tuple(args.train_cube), args.seed)
     return 0
+
+
+def pretrain_demo(inputs, out: Path, minutes: float, cube, seed: int) -> int:
+    """``genesis-ext extract`` of ``inputs`` into ``out/cubes``, then ``genesis-ext pretrain`` into ``out/run`` for
+    about ``minutes`` (default preset, batch 4, 10 steps per epoch, a preview every epoch)."""
+    from genesis_ext.cli import main as cli
+
+    cube_args = [str(c) for c in cube]
+    status = cli(["extract", *map(str, inputs), "--out", str(out / "cubes"), "--filter", "foreground", "--cube",
+                  *cube_args, "--per-volume", "48", "--seed", str(seed), "--quiet"])
+    if status != 0:
+        return status
+    resume = ["--resume"] if (out / "run" / "checkpoints" / "last.pt").exists() else []  # a second demo continues
+    return cli(["pretrain", "--data", str(out / "cubes"), "--out", str(out / "run"), "--batch-size", "4",
+                "--steps-per-epoch", "10", "--max-minutes", str(minutes), "--seed", str(seed), *resume])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,16 @@
+"""Models Genesis pre-training (``genesis-ext pretrain``): see :mod:`genesis_ext.train.pretraining`. Needs torch.
+
+Names are imported lazily, so ``genesis_ext.train.cli`` (the argument parser) does not import torch."""
+from importlib import import_module
+
+_NAMES = {"PRESETS": "pretraining", "NonFiniteLossError": "pretraining", "PretrainConfig": "pretraining",
+          "PretrainResult": "pretraining", "pretrain": "pretraining", "atomic_save": "checkpoint",
+          "load_training_state": "checkpoint", "read_csv": "logs"}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        return getattr(import_module(f".{_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,66 @@
+"""Training checkpoints: written atomically (temp file, fsync, rename), read back with ``weights_only=True``.
+
+A checkpoint is ``{"state_dict": <model weights, plain key names>, "optimizer": ..., "scheduler": ..., "epoch":
+<epochs completed>, "sample_offset": <global index of the next training sample>, "best_val": ..., "bad_epochs": ...,
+"config": {...}, "format": FORMAT}``: ``genesis_ext.models.load_pretrained`` loads its weights directly.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models import CheckpointError
+
+FORMAT = "genesis_ext.pretrain/1"
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` via a temporary file in the same directory, fsync'ed, then renamed over
+    ``path``: a crash at any moment leaves either the old file or the new one, never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    """Read a training checkpoint written by :func:`atomic_save` in :func:`genesis_ext.train.pretraining.pretrain`.
+
+    Raises ``FileNotFoundError`` for a missing file and ``CheckpointError`` for an unreadable one or one that is not a
+    pre-training checkpoint (e.g. bare published weights, which can start a run through ``init_weights`` instead)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or refused by the weights_only unpickler
+        raise CheckpointError(f"checkpoint {path} is unreadable (corrupt or not a torch checkpoint): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a genesis_ext pre-training checkpoint (no "
+                              f"format={FORMAT!r} entry); to start from its weights, use init_weights / --init")
+    missing = [k for k in ("state_dict", "optimizer", "scheduler", "epoch", "sample_offset", "best_val", "bad_epochs")
+               if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    return state

@@ -1,0 +1,80 @@
+"""Arguments and entry of ``genesis-ext pretrain`` (imports torch only when the verb runs)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _pos(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="a cube store (genesis-ext extract), .npy cube arrays, or CT volumes/directories (cut on the "
+                        "fly)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.csv, tensorboard/, previews")
+    p.add_argument("--preset", choices=["default", "official"], default="default",
+                   help="official: published SGD lr 1.0 momentum 0.9, batch 6, lr halved every 40 epochs, early stop "
+                        "after 50; default: the same with Adam lr 1e-3 (official SGD lr 1.0 can collapse)")
+    g = p.add_argument_group("optimisation (default: from the preset)")
+    g.add_argument("--optimizer", choices=["sgd", "adam"])
+    g.add_argument("--lr", type=float)
+    g.add_argument("--momentum", type=float, help="SGD momentum / Adam beta1")
+    g.add_argument("--batch-size", type=_pos, help="global batch size")
+    g.add_argument("--epochs", type=_pos, help="at most this many epochs")
+    g.add_argument("--steps-per-epoch", type=_pos, help="default: training cubes // batch size")
+    g.add_argument("--lr-step-epochs", type=_pos, help="halve the lr every this many epochs")
+    g.add_argument("--patience", type=_pos, help="early stop after this many epochs without improvement")
+    g.add_argument("--accumulate", type=_pos, default=1, help="micro-batches per process and step (default 1)")
+    g = p.add_argument_group("data and randomness")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the cubes (default 0.1)")
+    g.add_argument("--val-data", nargs="+", metavar="PATH", help="separate validation data instead")
+    g.add_argument("--seed", type=int, default=0, help="init, split and batch order (default 0)")
+    g.add_argument("--deform-seed", type=int, default=1, help="training deformations (default 1)")
+    g.add_argument("--val-seed", type=int, default=2, help="fixed validation deformations (default 2)")
+    g.add_argument("--cube", nargs=3, type=_pos, default=[64, 64, 32], metavar=("X", "Y", "Z"),
+                   help="volume inputs: cube size (default 64 64 32)")
+    g.add_argument("--per-volume", type=_pos, default=32, help="volume inputs: cubes per volume and epoch")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="auto: bf16 on CUDA")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--threads", type=_pos, help="torch CPU threads")
+    g.add_argument("--max-minutes", type=float, help="stop at the first epoch end after this much time")
+    g.add_argument("--preview-every", type=int, default=1, help="epochs between PNG previews (0: none)")
+    g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue from OUT/checkpoints/last.pt (or CKPT)")
+    g.add_argument("--init", metavar="WEIGHTS", help="start from these weights (e.g. Genesis_Chest_CT.pt)")
+    g.add_argument("--no-tensorboard", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from ..models import CheckpointError
+    from .pretraining import NonFiniteLossError, PretrainConfig, pretrain
+
+    cfg = PretrainConfig(
+        data=args.data, out=args.out, preset=args.preset, optimizer=args.optimizer, lr=args.lr,
+        momentum=args.momentum, batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        lr_step_epochs=args.lr_step_epochs, patience=args.patience, accumulate=args.accumulate,
+        val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, deform_seed=args.deform_seed,
+        val_seed=args.val_seed, cube=tuple(args.cube), per_volume=args.per_volume, workers=args.workers,
+        device=args.device, amp=args.amp, compile=args.compile, threads=args.threads, max_minutes=args.max_minutes,
+        preview_every=args.preview_every, resume=args.resume, init_weights=args.init,
+        tensorboard=not args.no_tensorboard, progress=not args.quiet)
+    try:
+        result = pretrain(cfg)
+    except NonFiniteLossError as e:
+        print(f"genesis-ext pretrain: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"genesis-ext pretrain: {e}", file=sys.stderr)
+        return 2
+    print(f"best validation loss {result.best_val:.5f} (identity baseline {result.baselines.get('identity', 0):.5f}, "
+          f"mean baseline {result.baselines.get('mean', 0):.5f}); checkpoint {result.last_checkpoint}")
+    return 0
