@@ -170,13 +170,36 @@ def load_pretrained(model: nn.Module | None, path: str | os.PathLike, *, encoder
     return model
 
 
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` via a temporary file in the same directory, fsync'ed, then renamed over
+    ``path``: a crash at any moment leaves either the old file or the new one, never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:
     """Write ``{"state_dict": <model's state_dict, plain key names>, **extra}`` to ``path`` (atomically: a partly
     written file never replaces a good one). ``extra`` (e.g. ``optimizer_state_dict``, ``epoch``) must hold only
     tensors, numbers, strings and containers of them, so that ``torch.load(weights_only=True)`` can read it back."""
     if "state_dict" in extra:
         raise ValueError("genesis_ext.save_checkpoint: 'state_dict' is the model's entry; pass other names in extra")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": _unwrap(model).state_dict(), **extra}, tmp)
-    os.replace(tmp, path)
+    atomic_save({"state_dict": _unwrap(model).state_dict(), **extra}, path)

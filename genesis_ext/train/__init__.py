@@ -4,7 +4,7 @@ Names are imported lazily, so ``genesis_ext.train.cli`` (the argument parser) do
 from importlib import import_module
 
 _NAMES = {"PRESETS": "pretraining", "NonFiniteLossError": "pretraining", "PretrainConfig": "pretraining",
-          "PretrainResult": "pretraining", "pretrain": "pretraining", "atomic_save": "checkpoint",
+          "PretrainResult": "pretraining", "pretrain": "pretraining",
           "load_training_state": "checkpoint", "read_csv": "logs"}
 
 __all__ = sorted(_NAMES)

@@ -41,9 +41,10 @@ import torch.nn.functional as F
 
 from ..config import DeformConfig
 from ..models import UNet3D, load_pretrained
+from ..models.weights import atomic_save
 from ..ops import genesis_pair
 from . import distributed
-from .checkpoint import FORMAT, atomic_save, load_training_state
+from .checkpoint import FORMAT, load_training_state
 from .logs import CsvLog, TensorBoard, preview_image, save_png
 
 # Presets: the published settings, and the default (Adam: the published SGD at lr 1.0 is reported to collapse to a
