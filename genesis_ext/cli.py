@@ -1,6 +1,8 @@
 """The ``genesis-ext`` command: one verb per stage of the workflow.
 
     genesis-ext extract INPUT... --out DIR      real CT (NIfTI, DICOM, MetaImage, NRRD) -> a cube store
+    genesis-ext pretrain --data DATA --out DIR  pre-train the 3D U-Net (checkpoints, logs, previews in DIR)
+    genesis-ext finetune --task segmentation|classification --data DATA --out DIR [--weights W]
 
 A verb is a ``(help, add_arguments, run)`` entry in :data:`VERBS`; ``run(args)`` returns the exit status.
 """
@@ -101,8 +103,26 @@ def _run_extract(args) -> int:
     return 0 if summary.written + summary.kept > 0 else 1
 
 
+def _add_pretrain(p: argparse.ArgumentParser) -> None:
+    from .train.cli import add_arguments
+    add_arguments(p)
+
+
+def _run_pretrain(args) -> int:
+    from .train.cli import run
+    return run(args)
+
+
+def _finetune():
+    from .train import finetune
+    return finetune
+
+
 VERBS = {
     "extract": ("cut training cubes from CT volumes into a cube store", _add_extract, _run_extract),
+    "pretrain": ("Models Genesis self-supervised pre-training of the 3D U-Net", _add_pretrain, _run_pretrain),
+    "finetune": ("fine-tune on a segmentation or classification task (published or our weights)",
+                 lambda p: _finetune().add_arguments(p), lambda args: _finetune().run(args)),
 }
 
 

@@ -1,0 +1,660 @@
+"""Fine-tuning Models Genesis on a target task: 3D segmentation or classification (shared/spec/models_genesis.md §4-5).
+
+    genesis-ext finetune --task segmentation   --data DIR_OR_CSV --out RUN [--weights Genesis_Chest_CT.pt]
+    genesis-ext finetune --task classification --data labels.csv --out RUN [--weights Genesis_Chest_CT.pt]
+
+Segmentation data: a directory with ``images/`` and ``labels/`` holding volumes (NIfTI, or anything ``load_volume``
+reads) matched by file name (``images/case1.nii.gz`` ↔ ``labels/case1.nii.gz``), or a CSV with an ``image,label``
+header (paths relative to the CSV). Images are windowed (CT: [-1000, 1000] HU → [0, 1]); a label voxel is foreground
+where its value is > 0.5 (``n_class`` 1), or channel ``k`` is ``label == k + 1`` (``n_class`` > 1). The whole U-Net
+is trained on random patches (``--patch``, multiples of 8; half of them centred on a foreground voxel) with the soft
+Dice loss ``1 - (2 Σ y p + 1) / (Σ y + Σ p + 1)`` on the sigmoid output; validation reports the Dice loss and the
+Dice and IoU at threshold 0.5 over a fixed, seeded set of patches from the held-out volumes.
+
+Classification data: a CSV with a ``path,label`` header. ``path`` (relative to the CSV) is a cube: a ``.npy`` array
+already in [0, 1] (as ``genesis-ext extract`` and the published cubes are) or a volume file (HU, windowed here);
+each is centre-cropped / zero-padded to ``--patch``. Labels are any strings; ``n_class`` is the number of distinct
+labels (>= 2). The network is the published head (encoder → global average pool → Linear(512, 1024) → ReLU →
+Linear(1024, n_class)) trained with cross-entropy; validation reports the loss, accuracy and ROC AUC (binary: of the
+class sorted second; more classes: the macro average of one-vs-rest AUCs), split stratified by label.
+
+``--weights``: published ``Genesis_Chest_CT.pt`` or a checkpoint of ours (``save_checkpoint``); from scratch when
+absent. Segmentation loads the whole U-Net (a checkpoint with another ``n_class`` loads all but ``out_tr``, with a
+note); classification loads the encoder only. Optimiser: Adam (default, lr 1e-3) or SGD (momentum 0.9).
+Writes ``RUN/log.csv`` (one row per epoch), ``RUN/last.pt`` and ``RUN/best.pt`` (``save_checkpoint`` format, best by
+validation Dice or AUC) and ``RUN/metrics.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+try:  # the module (its argument parser included) imports without torch; training needs it
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # pragma: no cover - exercised only without torch
+    torch = None
+    F = None
+
+TASKS = ("segmentation", "classification")
+DEFAULT_PATCH = (64, 64, 32)
+_IMAGE_DIR, _LABEL_DIR = "images", "labels"
+_MAX_FG_CENTRES = 200_000
+
+
+class FinetuneError(ValueError):
+    """Bad input to fine-tuning (data, options or weights), with a message for the user."""
+
+
+# --------------------------------------------------------------------------------------------------- losses, metrics
+def dice_loss(pred, target, smooth: float = 1.0):
+    """Soft Dice loss ``1 - (2 Σ y p + smooth) / (Σ y + Σ p + smooth)``, sums over the whole batch (all voxels and
+    channels at once, as published). ``pred``: probabilities (the sigmoid output); ``target``: 0/1, same shape."""
+    if pred.shape != target.shape:
+        raise ValueError(f"dice_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    inter = (pred * target).sum()
+    return 1.0 - (2.0 * inter + smooth) / (target.sum() + pred.sum() + smooth)
+
+
+def dice_iou(tp: float, fp: float, fn: float) -> tuple[float, float]:
+    """Dice ``2TP / (2TP + FP + FN)`` and IoU ``TP / (TP + FP + FN)`` from voxel counts; both 1.0 when there is no
+    foreground in either the prediction or the truth."""
+    denom = tp + fp + fn
+    if denom == 0:
+        return 1.0, 1.0
+    return 2.0 * tp / (2.0 * tp + fp + fn), tp / denom
+
+
+def roc_auc(scores, labels) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (True/1 = positive): the probability that a random
+    positive scores above a random negative, ties counting one half (Mann-Whitney U with average ranks). NaN when
+    one class is absent."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    if s.shape != y.shape:
+        raise ValueError(f"roc_auc: {s.size} scores but {y.size} labels")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    sorted_s = s[order]
+    ranks = np.empty(s.size, dtype=np.float64)
+    # average rank (1-based) of each run of equal scores
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
+    ends = np.r_[starts[1:], s.size]
+    avg = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def multiclass_auc(probs, labels) -> float:
+    """Binary (2 columns): AUC of column 1; more: macro mean of the one-vs-rest AUCs of the classes that have both
+    positives and negatives (NaN when none has)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1)
+    if probs.shape[1] == 2:
+        return roc_auc(probs[:, 1], labels == 1)
+    aucs = [roc_auc(probs[:, k], labels == k) for k in range(probs.shape[1])]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+def _check_patch(patch) -> tuple[int, int, int]:
+    patch = tuple(int(p) for p in patch)
+    if len(patch) != 3 or any(p < 8 or p % 8 for p in patch):
+        raise FinetuneError(f"--patch must be three sizes, each a positive multiple of 8 (the U-Net pools three "
+                            f"times), got {patch}")
+    return patch
+
+
+def _strip(name: str) -> str:
+    for suffix in (".nii.gz", ".nii", ".mhd", ".mha", ".nrrd", ".nhdr", ".npy"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            if not set(columns) <= set(header):
+                raise FinetuneError(f"{path}: a CSV with a header naming the columns {', '.join(columns)} is needed; "
+                                    f"found header {header}")
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise FinetuneError(f"{path}: cannot read as CSV ({err})") from err
+    rows = [r for r in rows if any(r.values())]
+    for i, r in enumerate(rows, start=2):
+        for c in columns:
+            if not r.get(c):
+                raise FinetuneError(f"{path}: line {i} has an empty '{c}'")
+    return rows
+
+
+def segmentation_pairs(data) -> list[tuple[Path, Path]]:
+    """``(image, label)`` paths: from a directory with ``images/`` and ``labels/`` (matched by name without the
+    suffix) or from a CSV with an ``image,label`` header (paths relative to the CSV)."""
+    data = Path(data)
+    if not data.exists():
+        raise FinetuneError(f"--data {data}: no such file or directory")
+    if data.is_file():
+        rows = _read_csv(data, ("image", "label"))
+        pairs = [(data.parent / r["image"], data.parent / r["label"]) for r in rows]
+        for image, label in pairs:
+            for p in (image, label):
+                if not p.exists():
+                    raise FinetuneError(f"{data}: {p} does not exist")
+    else:
+        img_dir, lab_dir = data / _IMAGE_DIR, data / _LABEL_DIR
+        if not img_dir.is_dir() or not lab_dir.is_dir():
+            raise FinetuneError(f"--data {data}: expected sub-directories '{_IMAGE_DIR}/' and '{_LABEL_DIR}/' with "
+                                f"volumes matched by file name (or a CSV with an image,label header)")
+        images = {_strip(p.name): p for p in sorted(img_dir.iterdir()) if not p.name.startswith(".")}
+        labels = {_strip(p.name): p for p in sorted(lab_dir.iterdir()) if not p.name.startswith(".")}
+        unmatched = sorted(set(images) ^ set(labels))
+        if unmatched:
+            raise FinetuneError(f"--data {data}: {len(unmatched)} image(s)/label(s) without a partner: "
+                                f"{unmatched[:10]}")
+        pairs = [(images[k], labels[k]) for k in sorted(images)]
+    if not pairs:
+        raise FinetuneError(f"--data {data}: no image/label pairs found (empty data)")
+    return pairs
+
+
+@dataclass
+class SegCase:
+    name: str
+    image: np.ndarray   # (x, y, z) float32 in [0, 1]
+    label: np.ndarray   # (n_class, x, y, z) uint8
+    fg: np.ndarray      # (k, 3) int32 coordinates of foreground voxels (any channel; at most _MAX_FG_CENTRES)
+
+
+def load_seg_case(image_path: Path, label_path: Path, n_class: int, window) -> SegCase:
+    from ..data import load_volume
+
+    img, lab = load_volume(image_path), load_volume(label_path)
+    if img.shape != lab.shape:
+        raise FinetuneError(f"{label_path}: label shape {lab.shape} differs from its image "
+                            f"{image_path} shape {img.shape}")
+    if not np.all(np.isfinite(lab.data)):
+        raise FinetuneError(f"{label_path}: label holds non-finite values")
+    if not np.allclose(img.affine, lab.affine, atol=1e-2):
+        warnings.warn(f"{label_path}: its voxel-to-patient affine differs from that of {image_path}; the label is "
+                      f"used voxel by voxel (same shape), check that it belongs to this image", stacklevel=2)
+    image = window.resolve(img.data).apply(img.data)
+    if n_class == 1:
+        label = (lab.data > 0.5)[None]
+    else:
+        values = np.rint(lab.data).astype(np.int64)
+        label = np.stack([values == k + 1 for k in range(n_class)])
+    flat = np.flatnonzero(label.any(axis=0))
+    if flat.size > _MAX_FG_CENTRES:  # patch centres: an evenly spaced subset keeps memory bounded on large volumes
+        flat = flat[np.linspace(0, flat.size - 1, _MAX_FG_CENTRES).astype(np.int64)]
+    fg = np.stack(np.unravel_index(flat, label.shape[1:]), axis=1).astype(np.int32)
+    return SegCase(_strip(image_path.name), image, label.astype(np.uint8), fg)
+
+
+def _pad_to(arr: np.ndarray, shape, axis0: int) -> np.ndarray:
+    """Zero-pad the last three axes of ``arr`` to at least ``shape``."""
+    pads = [(0, 0)] * axis0 + [(0, max(0, s - a)) for a, s in zip(arr.shape[axis0:], shape)]
+    return np.pad(arr, pads) if any(p[1] for p in pads) else arr
+
+
+def sample_patches(case: SegCase, patch, count: int, rng: np.random.Generator, fg_fraction: float = 0.5):
+    """``count`` random ``patch``-sized (image (1, *patch), label (n_class, *patch)) pairs from one case; a patch is
+    centred on a random foreground voxel with probability ``fg_fraction``. Volumes smaller than the patch are zero-
+    padded (image 0 = the window's low end, label background)."""
+    image = _pad_to(case.image, patch, 0)
+    label = _pad_to(case.label, patch, 1)
+    shape = np.array(image.shape)
+    p = np.array(patch)
+    xs, ys = [], []
+    for _ in range(count):
+        if len(case.fg) and rng.random() < fg_fraction:
+            centre = case.fg[rng.integers(len(case.fg))]
+            lo = np.clip(centre - p // 2, 0, shape - p)
+        else:
+            lo = np.array([rng.integers(0, s - q + 1) for s, q in zip(shape, p)])
+        sl = tuple(slice(a, a + q) for a, q in zip(lo, p))
+        xs.append(image[sl][None])
+        ys.append(label[(slice(None),) + sl])
+    return np.stack(xs).astype(np.float32), np.stack(ys).astype(np.float32)
+
+
+def _fit_cube(arr: np.ndarray, patch) -> np.ndarray:
+    """Centre-crop / zero-pad a 3D array to ``patch``."""
+    out = np.zeros(patch, dtype=np.float32)
+    src, dst = [], []
+    for a, q in zip(arr.shape, patch):
+        if a >= q:
+            s = (a - q) // 2
+            src.append(slice(s, s + q))
+            dst.append(slice(0, q))
+        else:
+            d = (q - a) // 2
+            src.append(slice(0, a))
+            dst.append(slice(d, d + a))
+    out[tuple(dst)] = arr[tuple(src)]
+    return out
+
+
+def load_classification(data, patch, window) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Cubes ``(n, 1, *patch)`` in [0, 1], integer labels and the sorted class names, from a ``path,label`` CSV."""
+    from ..data import VolumeError, load_volume
+
+    data = Path(data)
+    if not data.exists():
+        raise FinetuneError(f"--data {data}: no such file or directory")
+    if data.is_dir():
+        raise FinetuneError(f"--data {data}: classification needs a CSV file with a path,label header, not a "
+                            f"directory")
+    rows = _read_csv(data, ("path", "label"))
+    if not rows:
+        raise FinetuneError(f"--data {data}: no rows (empty data)")
+    classes = sorted({r["label"] for r in rows}, key=lambda c: (not _is_number(c), float(c) if _is_number(c) else 0,
+                                                                c))
+    if len(classes) < 2:
+        raise FinetuneError(f"--data {data}: classification needs at least 2 distinct labels, found {classes}")
+    index = {c: i for i, c in enumerate(classes)}
+    cubes, labels = [], []
+    for r in rows:
+        path = data.parent / r["path"]
+        if not path.exists():
+            raise FinetuneError(f"{data}: {path} does not exist")
+        if path.name.lower().endswith(".npy"):
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except Exception as err:
+                raise FinetuneError(f"{path}: cannot read as .npy ({type(err).__name__}: {err})") from err
+            arr = np.squeeze(np.asarray(arr, dtype=np.float32))
+            if arr.ndim != 3:
+                raise FinetuneError(f"{path}: a cube must be 3D, got shape {arr.shape}")
+            if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1:
+                raise FinetuneError(f"{path}: .npy cubes must already be windowed to [0, 1] (as genesis-ext extract "
+                                    f"writes them); found values in [{arr.min()}, {arr.max()}]. Store HU as NIfTI "
+                                    f"instead, which is windowed here")
+        else:
+            try:
+                vol = load_volume(path)
+            except VolumeError as err:
+                raise FinetuneError(str(err)) from err
+            arr = window.resolve(vol.data).apply(vol.data)
+        cubes.append(_fit_cube(arr, patch)[None])
+        labels.append(index[r["label"]])
+    return np.stack(cubes), np.array(labels, dtype=np.int64), classes
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def split_indices(n: int, val_fraction: float, rng: np.random.Generator, strata=None) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation split of ``range(n)``; stratified by ``strata`` when given (each stratum of >= 2 items
+    gives round(fraction x size), at least 1, to validation). ``val_fraction`` 0: no validation."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise FinetuneError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0:
+        return np.arange(n), np.arange(0)
+    groups = [np.arange(n)] if strata is None else [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    val = []
+    for g in groups:
+        g = rng.permutation(g)
+        if len(g) >= 2:
+            val.extend(g[: max(1, int(round(val_fraction * len(g))))].tolist())
+    val = np.array(sorted(val), dtype=np.int64)
+    train = np.setdiff1d(np.arange(n), val)
+    if len(val) == 0 or len(train) == 0:
+        raise FinetuneError(f"cannot split {n} item(s) into training and validation with --val-fraction "
+                            f"{val_fraction}: need at least 2 (or pass --val-fraction 0 for no validation)")
+    return train, val
+
+
+# --------------------------------------------------------------------------------------------------------- weights
+def load_weights(model, path, task: str, log=print):
+    """Load ``path`` into ``model`` (``load_pretrained``'s errors for missing, corrupt or mismatching files).
+    Segmentation: the whole U-Net; a U-Net checkpoint with another ``n_class`` loads all but ``out_tr``.
+    Classification: the encoder only."""
+    from ..models import CheckpointError, UNet3D, load_pretrained
+
+    if task == "classification":
+        load_pretrained(model, path, encoder_only=True)
+        log(f"loaded the encoder of {path}; the classification head is freshly initialised")
+        return model
+    try:
+        load_pretrained(model, path)
+        log(f"loaded {path} (whole U-Net)")
+        return model
+    except CheckpointError as err:
+        first = err
+    try:  # another n_class? the checkpoint's own U-Net, then everything but the output layer
+        ref = load_pretrained(None, path)
+    except CheckpointError:
+        raise first from None
+    if not isinstance(ref, UNet3D) or ref.in_channels != model.in_channels or ref.n_class == model.n_class:
+        raise first
+    state = {k: v for k, v in ref.state_dict().items() if not k.startswith("out_tr.")}
+    model.load_state_dict(state, strict=False)
+    log(f"loaded {path} except its output layer: the checkpoint has n_class={ref.n_class}, this task "
+        f"n_class={model.n_class}; out_tr is freshly initialised")
+    return model
+
+
+# -------------------------------------------------------------------------------------------------------- training
+@dataclass
+class FinetuneConfig:
+    task: str
+    data: str
+    out: str
+    weights: str | None = None
+    patch: tuple = DEFAULT_PATCH
+    n_class: int = 1                    # segmentation only; classification counts its labels
+    epochs: int = 10
+    batch_size: int = 4
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    patches_per_volume: int = 16        # training patches per training volume per epoch
+    val_patches_per_volume: int = 16
+    fg_fraction: float = 0.5
+    val_fraction: float = 0.2
+    threshold: float = 0.5
+    window: tuple = (-1000.0, 1000.0)
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
+
+
+def _device(name: str):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FinetuneError(f"--device {name}: CUDA is not available to torch here")
+    return torch.device(name)
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
+    """Index batches (shuffled when ``rng`` is given); a trailing batch of one joins the batch before it (the published
+    BatchNorm uses batch statistics, which one small sample may not have)."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    for k, i in enumerate(starts):
+        yield order[i: starts[k + 1] if k + 1 < len(starts) else n]
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+
+
+def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
+    """Fine-tune as ``cfg`` says; returns the final summary (also written to ``<out>/metrics.json``)."""
+    if torch is None:
+        raise FinetuneError("fine-tuning needs torch: pip install 'genesis-ext[torch]'")
+    from ..data import Window
+    from ..models import GenesisClassifier, UNet3D, save_checkpoint
+
+    if cfg.task not in TASKS:
+        raise FinetuneError(f"--task must be one of {TASKS}, got {cfg.task!r}")
+    patch = _check_patch(cfg.patch)
+    for name in ("epochs", "batch_size", "patches_per_volume", "val_patches_per_volume", "n_class"):
+        if getattr(cfg, name) < 1:
+            raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.fg_fraction <= 1.0:
+        raise FinetuneError(f"--fg-fraction must be in [0, 1], got {cfg.fg_fraction}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise FinetuneError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise FileNotFoundError(f"genesis_ext: no checkpoint file at {cfg.weights}")
+    try:
+        window = Window(*cfg.window)
+    except ValueError as err:
+        raise FinetuneError(f"--window: {err}") from None
+    device = _device(cfg.device)
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # ---- data
+    if cfg.task == "segmentation":
+        pairs = segmentation_pairs(cfg.data)
+        cases = [load_seg_case(i, lab, cfg.n_class, window) for i, lab in pairs]
+        train_idx, val_idx = split_indices(len(cases), cfg.val_fraction, rng)
+        train_cases = [cases[i] for i in train_idx]
+        val_cases = [cases[i] for i in val_idx]
+        n_train = len(train_cases) * cfg.patches_per_volume
+        vx, vy = [], []
+        val_rng = np.random.default_rng([cfg.seed, 1])
+        for c in val_cases:
+            x, y = sample_patches(c, patch, cfg.val_patches_per_volume, val_rng, cfg.fg_fraction)
+            vx.append(x)
+            vy.append(y)
+        val_x = np.concatenate(vx) if vx else None
+        val_y = np.concatenate(vy) if vy else None
+        log(f"segmentation: {len(train_cases)} training volume(s) ({n_train} patches of {patch} per epoch), "
+            f"{len(val_cases)} validation volume(s) ({0 if val_x is None else len(val_x)} fixed patches)")
+        model = UNet3D(1, cfg.n_class)
+    else:
+        cubes, labels, classes = load_classification(cfg.data, patch, window)
+        train_idx, val_idx = split_indices(len(cubes), cfg.val_fraction, rng, strata=labels)
+        n_train = len(train_idx)
+        val_x, val_y = (cubes[val_idx], labels[val_idx]) if len(val_idx) else (None, None)
+        log(f"classification: {len(classes)} classes {classes}; {n_train} training cube(s), {len(val_idx)} "
+            f"validation cube(s) of {patch}")
+        model = GenesisClassifier(len(classes))
+    if cfg.batch_size > n_train:
+        raise FinetuneError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training "
+                            f"{'patches per epoch' if cfg.task == 'segmentation' else 'samples'}; lower it"
+                            f"{' or raise --patches-per-volume' if cfg.task == 'segmentation' else ''}")
+
+    # ---- model, weights, optimiser
+    if cfg.weights:
+        load_weights(model, cfg.weights, cfg.task, log)
+    else:
+        log("no --weights: training from scratch")
+    model.to(device)
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+    else:
+        raise FinetuneError(f"--optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.task == "segmentation":
+        fields = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "seconds"]
+        key = "val_dice"
+    else:
+        fields = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_auc", "seconds"]
+        key = "val_auc"
+    log_path = out / "log.csv"
+    with open(log_path, "w", newline="") as f:
+        csv.writer(f).writerow(fields)
+
+    best, best_epoch, row = -math.inf, None, {}
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        if cfg.task == "segmentation":
+            xs, ys = zip(*(sample_patches(c, patch, cfg.patches_per_volume, rng, cfg.fg_fraction)
+                           for c in train_cases))
+            tx, ty = np.concatenate(xs), np.concatenate(ys)
+        else:
+            tx, ty = cubes[train_idx], labels[train_idx]
+        losses, sizes = [], []
+        bar = _bar(math.ceil(len(tx) / cfg.batch_size), f"epoch {epoch}/{cfg.epochs}", cfg.progress)
+        for b in _batches(len(tx), cfg.batch_size, rng):
+            x = torch.from_numpy(tx[b]).to(device)
+            y = torch.from_numpy(ty[b]).to(device)
+            pred = model(x)
+            loss = dice_loss(pred, y) if cfg.task == "segmentation" else F.cross_entropy(pred, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            sizes.append(len(b))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if bar is not None:
+            bar.close()
+        train_loss = float(np.average(losses, weights=sizes))
+        if not math.isfinite(train_loss):
+            raise FinetuneError(f"epoch {epoch}: the training loss is {train_loss}; lower --lr")
+        row = {"epoch": epoch, "train_loss": train_loss}
+        row.update(evaluate(model, cfg.task, val_x, val_y, cfg.batch_size, device, cfg.threshold))
+        row["seconds"] = time.perf_counter() - t0
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow([_fmt(row.get(k)) for k in fields])
+        log(" ".join(f"{k}={_fmt(row.get(k))}" for k in fields))
+        extra = {"optimizer_state_dict": opt.state_dict(), "epoch": epoch, "task": cfg.task,
+                 **{k: float(v) for k, v in row.items() if isinstance(v, float) and math.isfinite(v)}}
+        if cfg.task == "classification":
+            extra["classes"] = list(classes)
+        save_checkpoint(model, out / "last.pt", **extra)
+        score = row.get(key, float("nan"))
+        score = -train_loss if score is None or not math.isfinite(score) else score
+        if score > best:
+            best, best_epoch = score, epoch
+            save_checkpoint(model, out / "best.pt", **extra)
+
+    summary = {"task": cfg.task, "epochs": cfg.epochs, "best_epoch": best_epoch, "final": row,
+               "weights": cfg.weights, "device": str(device), "patch": list(patch),
+               "log": str(log_path), "checkpoint": str(out / "last.pt"), "best_checkpoint": str(out / "best.pt")}
+    if cfg.task == "classification":
+        summary["classes"] = list(classes)
+    with open(out / "metrics.json", "w") as f:
+        json.dump(summary, f, indent=2, default=_json_default)
+    return summary
+
+
+def _json_default(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else str(v)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+@torch.no_grad() if torch is not None else (lambda f: f)
+def evaluate(model, task: str, x, y, batch_size: int, device, threshold: float = 0.5) -> dict:
+    """Validation metrics: segmentation ``val_loss`` (soft Dice over all patches), ``val_dice``, ``val_iou``
+    (threshold ``threshold``, voxel counts pooled over all patches); classification ``val_loss`` (cross-entropy),
+    ``val_accuracy``, ``val_auc``. Empty dict without validation data."""
+    if x is None or len(x) == 0:
+        return {}
+    model.eval()  # the published BatchNorm still uses batch statistics here
+    tp = fp = fn = 0.0
+    inter = psum = ysum = 0.0
+    probs, ce = [], 0.0
+    for b in _batches(len(x), batch_size, None):
+        xb = torch.from_numpy(x[b]).to(device)
+        yb = torch.from_numpy(y[b]).to(device)
+        pred = model(xb)
+        if task == "segmentation":
+            inter += float((pred * yb).sum())
+            psum += float(pred.sum())
+            ysum += float(yb.sum())
+            hard = pred >= threshold
+            truth = yb > 0.5
+            tp += float((hard & truth).sum())
+            fp += float((hard & ~truth).sum())
+            fn += float((~hard & truth).sum())
+        else:
+            ce += float(F.cross_entropy(pred, yb, reduction="sum"))
+            probs.append(torch.softmax(pred.float(), dim=1).cpu().numpy())
+    model.train()
+    if task == "segmentation":
+        dice, iou = dice_iou(tp, fp, fn)
+        return {"val_loss": 1.0 - (2.0 * inter + 1.0) / (ysum + psum + 1.0), "val_dice": dice, "val_iou": iou}
+    p = np.concatenate(probs)
+    return {"val_loss": ce / len(x), "val_accuracy": float(np.mean(p.argmax(1) == y)),
+            "val_auc": multiclass_auc(p, y)}
+
+
+# ------------------------------------------------------------------------------------------------------ command line
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=TASKS, required=True, help="segmentation (U-Net, soft Dice) or classification "
+                                                               "(encoder + published head, cross-entropy)")
+    p.add_argument("--data", required=True,
+                   help="segmentation: a directory with images/ and labels/ (matched by file name) or a CSV with an "
+                        "image,label header; classification: a CSV with a path,label header (.npy cubes in [0, 1] or "
+                        "volume files in HU). Paths in a CSV are relative to it")
+    p.add_argument("--out", required=True, help="run directory: log.csv, last.pt, best.pt, metrics.json")
+    p.add_argument("--weights", default=None, help="published Genesis_Chest_CT.pt or a checkpoint of ours (default: "
+                                                   "from scratch); classification loads the encoder only")
+    p.add_argument("--patch", nargs=3, type=_positive_int, default=list(DEFAULT_PATCH), metavar=("X", "Y", "Z"),
+                   help="patch (segmentation) or cube (classification) size, multiples of 8 (default: 64 64 32)")
+    p.add_argument("--n-class", type=_positive_int, default=1,
+                   help="segmentation: output channels; 1: label > 0.5 is foreground; >1: channel k is label == k+1 "
+                        "(default 1)")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="default 10")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="default 4")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam (default) or sgd (momentum 0.9)")
+    p.add_argument("--patches-per-volume", type=_positive_int, default=16,
+                   help="segmentation: random training patches per training volume per epoch (default 16)")
+    p.add_argument("--val-patches-per-volume", type=_positive_int, default=16,
+                   help="segmentation: fixed validation patches per validation volume (default 16)")
+    p.add_argument("--fg-fraction", type=float, default=0.5,
+                   help="segmentation: share of patches centred on a foreground voxel (default 0.5)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of volumes (segmentation) or cubes (classification, stratified) held out for "
+                        "validation, seeded (default 0.2; 0: no validation)")
+    p.add_argument("--window", nargs=2, type=float, default=[-1000.0, 1000.0], metavar=("LO", "HI"),
+                   help="intensity window of the images in their units, mapped to [0, 1] (default: -1000 1000 HU)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, default), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, patches, batches and initialisation")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    """The ``genesis-ext finetune`` verb."""
+    cfg = FinetuneConfig(task=args.task, data=args.data, out=args.out, weights=args.weights, patch=tuple(args.patch),
+                         n_class=args.n_class, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         optimizer=args.optimizer, patches_per_volume=args.patches_per_volume,
+                         val_patches_per_volume=args.val_patches_per_volume, fg_fraction=args.fg_fraction,
+                         val_fraction=args.val_fraction, window=tuple(args.window), device=args.device,
+                         seed=args.seed, progress=not args.quiet)
+    try:
+        summary = run_finetune(cfg)
+    except (FinetuneError, FileNotFoundError, ValueError) as err:  # CheckpointError and VolumeError are ValueErrors
+        print(f"genesis-ext finetune: {err}", file=sys.stderr)
+        return 2
+    final = summary["final"]
+    metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in final.items() if k.startswith("val_"))
+    print(f"finished {summary['epochs']} epoch(s): {metrics or 'no validation data'}")
+    print(f"log: {summary['log']}")
+    print(f"checkpoints: {summary['checkpoint']}, {summary['best_checkpoint']} (epoch {summary['best_epoch']})")
+    return 0

@@ -1,0 +1,322 @@
+"""Fine-tuning (genesis_ext.train.finetune, ``genesis-ext finetune``) on real chest CT with simple real labels.
+
+Segmentation: lung masks by thresholding (HU < -400; the sample crops lie inside the body) of the two sample CT crops;
+classification: cubes cut from them, labelled by whether their mean HU is below -300 (a real, if trivial, label).
+Runs on CPU with tiny patches; a run takes about a second.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nib = pytest.importorskip("nibabel")
+
+from genesis_ext.cli import main as cli_main  # noqa: E402
+from genesis_ext.models import CheckpointError, GenesisClassifier, UNet3D, save_checkpoint  # noqa: E402
+from genesis_ext.train.finetune import (FinetuneConfig, FinetuneError, dice_iou, dice_loss,  # noqa: E402
+                                        multiclass_auc, roc_auc, run_finetune, segmentation_pairs)
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+VOLUMES = sorted(SAMPLE.glob("*.nii.gz"))
+pytestmark = pytest.mark.skipif(len(VOLUMES) < 2, reason="data/sample/*.nii.gz (two CT crops) not found")
+PATCH = ["32", "32", "16"]
+
+
+@pytest.fixture(scope="module")
+def seg_data(tmp_path_factory) -> Path:
+    """images/ + labels/ NIfTI pairs: the sample CT and its lung mask (HU < -400)."""
+    root = tmp_path_factory.mktemp("seg")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    for f in VOLUMES:
+        img = nib.load(str(f))
+        hu = np.asarray(img.dataobj)
+        nib.save(img, str(root / "images" / f.name))
+        nib.save(nib.Nifti1Image((hu < -400).astype(np.uint8), img.affine), str(root / "labels" / f.name))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cls_data(tmp_path_factory) -> Path:
+    """A path,label CSV of 16x16x16 cubes (.npy in [0, 1] and NIfTI in HU), label = mean HU < -300."""
+    root = tmp_path_factory.mktemp("cls")
+    rng = np.random.default_rng(0)
+    rows = []
+    for f in VOLUMES:
+        img = nib.load(str(f))
+        hu = np.asarray(img.dataobj, dtype=np.float32)
+        for i in range(12):
+            lo = [int(rng.integers(0, s - 16)) for s in hu.shape]
+            cube = hu[lo[0]:lo[0] + 16, lo[1]:lo[1] + 16, lo[2]:lo[2] + 16]
+            label = "low" if cube.mean() < -300 else "high"
+            name = f"{f.name.split('.')[0]}_{i}"
+            if i % 3 == 0:  # some as NIfTI in HU, windowed by the loader
+                nib.save(nib.Nifti1Image(cube, img.affine), str(root / f"{name}.nii.gz"))
+                rows.append((f"{name}.nii.gz", label))
+            else:
+                np.save(root / f"{name}.npy", (np.clip(cube, -1000, 1000) + 1000) / 2000)
+                rows.append((f"{name}.npy", label))
+    labels = [r[1] for r in rows]
+    assert labels.count("low") >= 3 and labels.count("high") >= 3, labels
+    with open(root / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        w.writerows(rows)
+    return root / "labels.csv"
+
+
+def _seg_args(data, out, *extra):
+    return ["finetune", "--task", "segmentation", "--data", str(data), "--out", str(out), "--patch", *PATCH,
+            "--epochs", "1", "--batch-size", "2", "--patches-per-volume", "2", "--val-patches-per-volume", "2",
+            "--val-fraction", "0.5", "--quiet", *extra]
+
+
+def _log_rows(out: Path) -> list[dict]:
+    with open(out / "log.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ---------------------------------------------------------------------------------------------------- loss, metrics
+def test_dice_loss_matches_hand_computation():
+    y = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0])
+    p = torch.tensor([0.9, 0.2, 0.4, 0.0, 0.7])
+    # sum(y p) = 0.9 + 0.2 + 0.7 = 1.8; sum y = 3; sum p = 2.2 -> 1 - (3.6 + 1) / (3 + 2.2 + 1)
+    expected = 1.0 - 4.6 / 6.2
+    assert float(dice_loss(p.view(1, 1, 5), y.view(1, 1, 5))) == pytest.approx(expected, abs=1e-6)
+    assert float(dice_loss(y, y)) == pytest.approx(0.0, abs=1e-7)
+    assert float(dice_loss(torch.zeros(4), torch.zeros(4))) == pytest.approx(0.0)  # empty vs empty: smooth term
+    with pytest.raises(ValueError):
+        dice_loss(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+def test_dice_iou_counts():
+    assert dice_iou(6, 2, 2) == pytest.approx((12 / 16, 6 / 10))
+    assert dice_iou(0, 0, 0) == (1.0, 1.0)
+    assert dice_iou(0, 3, 1) == (0.0, 0.0)
+
+
+def _auc_brute(scores, labels):
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    total = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg))
+    return total / (len(pos) * len(neg))
+
+
+def test_roc_auc_matches_pairwise_count():
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        n = int(rng.integers(2, 60))
+        labels = rng.random(n) < 0.4
+        labels[0], labels[1] = True, False
+        scores = np.round(rng.random(n) + 0.3 * labels, 1)  # rounding makes ties
+        assert roc_auc(scores, labels) == pytest.approx(_auc_brute(scores, labels), abs=1e-12)
+    assert roc_auc([0.1, 0.9], [0, 1]) == 1.0
+    assert roc_auc([0.9, 0.1], [0, 1]) == 0.0
+    assert roc_auc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5
+    assert math.isnan(roc_auc([0.1, 0.2], [1, 1]))
+
+
+def test_multiclass_auc_is_macro_one_vs_rest():
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1], [0.3, 0.3, 0.4]])
+    labels = np.array([0, 1, 2, 1, 2])
+    expected = np.mean([_auc_brute(probs[:, k], labels == k) for k in range(3)])
+    assert multiclass_auc(probs, labels) == pytest.approx(expected)
+    assert multiclass_auc(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1])) == 1.0
+
+
+# ------------------------------------------------------------------------------------------------------ segmentation
+def test_segmentation_from_scratch_cli(seg_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(_seg_args(seg_data, out, "--epochs", "2")) == 0
+    assert "val_dice=" in capsys.readouterr().out
+    rows = _log_rows(out)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for r in rows:
+        for k in ("train_loss", "val_loss", "val_dice", "val_iou"):
+            assert math.isfinite(float(r[k])), r
+        assert 0.0 <= float(r["val_dice"]) <= 1.0 and 0.0 <= float(r["val_iou"]) <= float(r["val_dice"]) + 1e-12
+        assert 0.0 <= float(r["train_loss"]) <= 1.0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["final"]["epoch"] == 2 and summary["weights"] is None
+    # the checkpoints are ours: they load back strictly into a UNet3D
+    from genesis_ext.models import load_pretrained
+    for name in ("last.pt", "best.pt"):
+        load_pretrained(UNet3D(), out / name)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_segmentation_from_our_and_published_checkpoints(seg_data, tmp_path, capsys):
+    torch.manual_seed(1)
+    model = UNet3D()
+    ours = tmp_path / "ours.pt"
+    save_checkpoint(model, ours, epoch=3)
+    published = tmp_path / "Genesis_Chest_CT.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "optimizer_state_dict": {"state": {}, "param_groups": []}, "epoch": 7}, published)
+    for weights in (ours, published):
+        out = tmp_path / weights.stem
+        assert cli_main(_seg_args(seg_data, out, "--weights", str(weights))) == 0
+        assert f"loaded {weights} (whole U-Net)" in capsys.readouterr().out
+        (row,) = _log_rows(out)
+        assert 0.0 <= float(row["val_dice"]) <= 1.0
+
+
+def test_segmentation_runs_are_seeded(seg_data, tmp_path):
+    cfg = dict(task="segmentation", data=str(seg_data), patch=(16, 16, 16), epochs=1, batch_size=2,
+               patches_per_volume=2, val_patches_per_volume=2, val_fraction=0.5, progress=False)
+    a = run_finetune(FinetuneConfig(out=str(tmp_path / "a"), **cfg), log=lambda *_: None)["final"]
+    b = run_finetune(FinetuneConfig(out=str(tmp_path / "b"), **cfg), log=lambda *_: None)["final"]
+    assert a["train_loss"] == b["train_loss"] and a["val_dice"] == b["val_dice"]
+
+
+def test_segmentation_other_n_class_loads_all_but_the_output_layer(seg_data, tmp_path):
+    torch.manual_seed(2)
+    ckpt = tmp_path / "two_class.pt"
+    save_checkpoint(UNet3D(n_class=2), ckpt)
+    lines = []
+    run_finetune(FinetuneConfig(task="segmentation", data=str(seg_data), out=str(tmp_path / "run"), weights=str(ckpt),
+                                patch=(16, 16, 16), epochs=1, batch_size=2, patches_per_volume=2,
+                                val_patches_per_volume=2, val_fraction=0.5, progress=False), log=lines.append)
+    assert any("except its output layer" in line and "n_class=2" in line for line in lines), lines
+
+
+def test_segmentation_two_classes(tmp_path):
+    """Label values 1 (lung, HU < -400) and 2 (bone / contrast, HU > 300): two output channels."""
+    root = tmp_path / "multi"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for f in VOLUMES:
+        img = nib.load(str(f))
+        hu = np.asarray(img.dataobj)
+        label = np.where(hu < -400, 1, np.where(hu > 300, 2, 0)).astype(np.uint8)
+        nib.save(img, str(root / "images" / f.name))
+        nib.save(nib.Nifti1Image(label, img.affine), str(root / "labels" / f.name))
+    summary = run_finetune(FinetuneConfig(task="segmentation", data=str(root), out=str(tmp_path / "run"), n_class=2,
+                                          patch=(16, 16, 16), epochs=1, batch_size=2, patches_per_volume=3,
+                                          val_patches_per_volume=3, val_fraction=0.5, progress=False),
+                           log=lambda *_: None)
+    assert 0.0 <= summary["final"]["val_dice"] <= 1.0
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]["out_tr.final_conv.weight"].shape[
+        0] == 2
+
+
+def test_segmentation_csv_pairs(seg_data, tmp_path):
+    table = tmp_path / "pairs.csv"
+    table.write_text("image,label\n" + "".join(
+        f"{seg_data}/images/{f.name},{seg_data}/labels/{f.name}\n" for f in VOLUMES))
+    assert segmentation_pairs(table) == segmentation_pairs(seg_data)
+
+
+# ---------------------------------------------------------------------------------------------------- classification
+def test_classification_cli(cls_data, tmp_path, capsys):
+    out = tmp_path / "cls"
+    weights = tmp_path / "unet.pt"
+    save_checkpoint(UNet3D(), weights)  # a U-Net checkpoint: its encoder starts the classifier
+    args = ["finetune", "--task", "classification", "--data", str(cls_data), "--out", str(out), "--patch", "16", "16",
+            "16", "--epochs", "2", "--batch-size", "4", "--val-fraction", "0.35", "--weights", str(weights),
+            "--quiet"]
+    assert cli_main(args) == 0
+    text = capsys.readouterr().out
+    assert "loaded the encoder of" in text and "val_auc=" in text
+    rows = _log_rows(out)
+    assert len(rows) == 2
+    for r in rows:
+        assert 0.0 <= float(r["val_auc"]) <= 1.0 and 0.0 <= float(r["val_accuracy"]) <= 1.0
+        assert math.isfinite(float(r["train_loss"])) and math.isfinite(float(r["val_loss"]))
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["classes"] == ["high", "low"]
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    GenesisClassifier(2).load_state_dict(ckpt["state_dict"])
+    assert ckpt["classes"] == ["high", "low"]
+
+
+# --------------------------------------------------------------------------------------------------------- bad input
+def _fails(args, capsys, *needles):
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_missing_and_corrupt_checkpoints(seg_data, tmp_path, capsys):
+    _fails(_seg_args(seg_data, tmp_path / "a", "--weights", str(tmp_path / "nope.pt")), capsys, "no checkpoint file")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02 not a checkpoint at all" * 10)
+    _fails(_seg_args(seg_data, tmp_path / "b", "--weights", str(corrupt)), capsys, "not a readable PyTorch checkpoint")
+    truncated = tmp_path / "truncated.pt"
+    save_checkpoint(UNet3D(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    _fails(_seg_args(seg_data, tmp_path / "c", "--weights", str(truncated)), capsys, "not a readable")
+
+
+def test_wrong_architecture_weights(seg_data, cls_data, tmp_path, capsys):
+    classifier = tmp_path / "classifier.pt"
+    save_checkpoint(GenesisClassifier(3), classifier)  # an encoder + head, no decoder: not a U-Net
+    _fails(_seg_args(seg_data, tmp_path / "a", "--weights", str(classifier)), capsys, "does not fit", "missing key")
+    two_channel = tmp_path / "two_channel.pt"
+    save_checkpoint(UNet3D(in_channels=2), two_channel)
+    _fails(_seg_args(seg_data, tmp_path / "b", "--weights", str(two_channel)), capsys, "shape mismatch")
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {"conv.weight": torch.zeros(3, 3)}}, other)
+    _fails(["finetune", "--task", "classification", "--data", str(cls_data), "--out", str(tmp_path / "c"),
+            "--patch", "16", "16", "16", "--weights", str(other), "--quiet"], capsys, "does not fit the encoder")
+
+
+def test_empty_and_malformed_data(tmp_path, capsys, seg_data):
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "labels").mkdir()
+    _fails(_seg_args(empty, tmp_path / "a"), capsys, "no image/label pairs")
+    _fails(_seg_args(tmp_path / "missing", tmp_path / "b"), capsys, "no such file or directory")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    _fails(_seg_args(bare, tmp_path / "c"), capsys, "images/", "labels/")
+    table = tmp_path / "empty.csv"
+    table.write_text("path,label\n")
+    _fails(["finetune", "--task", "classification", "--data", str(table), "--out", str(tmp_path / "d"), "--quiet"],
+           capsys, "no rows")
+    # a label whose shape differs from its image
+    bad = tmp_path / "mismatch"
+    (bad / "images").mkdir(parents=True)
+    (bad / "labels").mkdir()
+    f = VOLUMES[0]
+    img = nib.load(str(f))
+    nib.save(img, str(bad / "images" / f.name))
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), img.affine), str(bad / "labels" / f.name))
+    _fails(_seg_args(bad, tmp_path / "e", "--val-fraction", "0"), capsys, "differs from its image")
+    # an image without its label
+    (bad / "images" / "extra.nii.gz").write_bytes((bad / "images" / f.name).read_bytes())
+    _fails(_seg_args(bad, tmp_path / "f"), capsys, "without a partner", "extra")
+
+
+def test_batch_size_larger_than_data(seg_data, cls_data, tmp_path, capsys):
+    # 1 training volume x 2 patches per epoch < batch 4
+    _fails(_seg_args(seg_data, tmp_path / "a", "--batch-size", "4"), capsys, "--batch-size 4 is larger than the 2")
+    _fails(["finetune", "--task", "classification", "--data", str(cls_data), "--out", str(tmp_path / "b"),
+            "--patch", "16", "16", "16", "--batch-size", "500", "--quiet"], capsys, "--batch-size 500 is larger")
+
+
+def test_bad_options(seg_data, tmp_path, capsys):
+    _fails(_seg_args(seg_data, tmp_path / "a", "--patch", "20", "32", "16"), capsys, "multiple of 8")
+    _fails(_seg_args(seg_data, tmp_path / "b", "--val-fraction", "1.0"), capsys, "--val-fraction")
+    # one volume cannot be split into training and validation volumes
+    one = tmp_path / "one"
+    (one / "images").mkdir(parents=True)
+    (one / "labels").mkdir()
+    for sub in ("images", "labels"):
+        (one / sub / VOLUMES[0].name).write_bytes((seg_data / sub / VOLUMES[0].name).read_bytes())
+    with pytest.raises(FinetuneError, match="at least 2"):
+        run_finetune(FinetuneConfig(task="segmentation", data=str(one), out=str(tmp_path / "c"), patch=(16, 16, 16),
+                                    val_fraction=0.2, progress=False), log=lambda *_: None)
+
+
+def test_checkpoint_error_is_a_value_error():
+    assert issubclass(CheckpointError, ValueError) and issubclass(FinetuneError, ValueError)
