@@ -13,7 +13,8 @@ import os
 import sys
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type of the verbs' counts and sizes."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
@@ -27,10 +28,10 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (a cube store; an existing one made with the same "
                                                 "options is continued)")
     g = p.add_argument_group("cubes")
-    g.add_argument("--cube", nargs=3, type=_positive_int, default=[64, 64, 32], metavar=("X", "Y", "Z"),
+    g.add_argument("--cube", nargs=3, type=positive_int, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="cube size in voxels (default: 64 64 32)")
-    g.add_argument("--per-volume", type=_positive_int, default=32, help="cubes per volume, at most (default: 32)")
-    g.add_argument("--candidates", type=_positive_int, default=None,
+    g.add_argument("--per-volume", type=positive_int, default=32, help="cubes per volume, at most (default: 32)")
+    g.add_argument("--candidates", type=positive_int, default=None,
                    help="random candidates tried per volume, at most (default: 50 x --per-volume)")
     g.add_argument("--margins", nargs="+", default=["auto"], metavar="M",
                    help="'auto' (the published 100/100/30-voxel margins scaled to the volume, default) or three "
@@ -60,7 +61,7 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     g.add_argument("--format", choices=["store", "published"], default="store",
                    help="store: one array per volume (default); published: one bat_<n>_s_<X>x<Y>x<Z>_<subset>.npy "
                         "array per INPUT, as the published script writes")
-    g.add_argument("--jobs", type=_positive_int, default=None, help="parallel workers (default: all cores)")
+    g.add_argument("--jobs", type=positive_int, default=None, help="parallel workers (default: all cores)")
     g.add_argument("--executor", choices=["thread", "process"], default="thread",
                    help="workers as threads (default: loading and NumPy release the GIL) or spawned processes")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -4,12 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _pos(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+from ..cli import positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,27 +19,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=["sgd", "adam"])
     g.add_argument("--lr", type=float)
     g.add_argument("--momentum", type=float, help="SGD momentum / Adam beta1")
-    g.add_argument("--batch-size", type=_pos, help="global batch size")
-    g.add_argument("--epochs", type=_pos, help="at most this many epochs")
-    g.add_argument("--steps-per-epoch", type=_pos, help="default: training cubes // batch size")
-    g.add_argument("--lr-step-epochs", type=_pos, help="halve the lr every this many epochs")
-    g.add_argument("--patience", type=_pos, help="early stop after this many epochs without improvement")
-    g.add_argument("--accumulate", type=_pos, default=1, help="micro-batches per process and step (default 1)")
+    g.add_argument("--batch-size", type=positive_int, help="global batch size")
+    g.add_argument("--epochs", type=positive_int, help="at most this many epochs")
+    g.add_argument("--steps-per-epoch", type=positive_int, help="default: training cubes // batch size")
+    g.add_argument("--lr-step-epochs", type=positive_int, help="halve the lr every this many epochs")
+    g.add_argument("--patience", type=positive_int, help="early stop after this many epochs without improvement")
+    g.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per process and step (default 1)")
     g = p.add_argument_group("data and randomness")
     g.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the cubes (default 0.1)")
     g.add_argument("--val-data", nargs="+", metavar="PATH", help="separate validation data instead")
     g.add_argument("--seed", type=int, default=0, help="init, split and batch order (default 0)")
     g.add_argument("--deform-seed", type=int, default=1, help="training deformations (default 1)")
     g.add_argument("--val-seed", type=int, default=2, help="fixed validation deformations (default 2)")
-    g.add_argument("--cube", nargs=3, type=_pos, default=[64, 64, 32], metavar=("X", "Y", "Z"),
+    g.add_argument("--cube", nargs=3, type=positive_int, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="volume inputs: cube size (default 64 64 32)")
-    g.add_argument("--per-volume", type=_pos, default=32, help="volume inputs: cubes per volume and epoch")
+    g.add_argument("--per-volume", type=positive_int, default=32, help="volume inputs: cubes per volume and epoch")
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     g = p.add_argument_group("execution")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="auto: bf16 on CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--threads", type=_pos, help="torch CPU threads")
+    g.add_argument("--threads", type=positive_int, help="torch CPU threads")
     g.add_argument("--max-minutes", type=float, help="stop at the first epoch end after this much time")
     g.add_argument("--preview-every", type=int, default=1, help="epochs between PNG previews (0: none)")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli import positive_int
+
 try:  # the module (its argument parser included) imports without torch; training needs it
     import torch
     import torch.nn.functional as F
@@ -596,13 +598,6 @@ def evaluate(model, task: str, x, y, batch_size: int, device, threshold: float =
 
 
 # ------------------------------------------------------------------------------------------------------ command line
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=TASKS, required=True, help="segmentation (U-Net, soft Dice) or classification "
                                                                "(encoder + published head, cross-entropy)")
@@ -613,19 +608,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory: log.csv, last.pt, best.pt, metrics.json")
     p.add_argument("--weights", default=None, help="published Genesis_Chest_CT.pt or a checkpoint of ours (default: "
                                                    "from scratch); classification loads the encoder only")
-    p.add_argument("--patch", nargs=3, type=_positive_int, default=list(DEFAULT_PATCH), metavar=("X", "Y", "Z"),
+    p.add_argument("--patch", nargs=3, type=positive_int, default=list(DEFAULT_PATCH), metavar=("X", "Y", "Z"),
                    help="patch (segmentation) or cube (classification) size, multiples of 8 (default: 64 64 32)")
-    p.add_argument("--n-class", type=_positive_int, default=1,
+    p.add_argument("--n-class", type=positive_int, default=1,
                    help="segmentation: output channels; 1: label > 0.5 is foreground; >1: channel k is label == k+1 "
                         "(default 1)")
-    p.add_argument("--epochs", type=_positive_int, default=10, help="default 10")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="default 4")
+    p.add_argument("--epochs", type=positive_int, default=10, help="default 10")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="default 4")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="adam (default) or sgd (momentum 0.9)")
-    p.add_argument("--patches-per-volume", type=_positive_int, default=16,
+    p.add_argument("--patches-per-volume", type=positive_int, default=16,
                    help="segmentation: random training patches per training volume per epoch (default 16)")
-    p.add_argument("--val-patches-per-volume", type=_positive_int, default=16,
+    p.add_argument("--val-patches-per-volume", type=positive_int, default=16,
                    help="segmentation: fixed validation patches per validation volume (default 16)")
     p.add_argument("--fg-fraction", type=float, default=0.5,
                    help="segmentation: share of patches centred on a foreground voxel (default 0.5)")
