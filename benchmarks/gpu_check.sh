@@ -24,7 +24,15 @@
 #                    access hits unallocated memory, not a neighbouring block of the cache), and capture needs it
 #   SANITIZER_TIMEOUT  seconds per sanitizer run (default 0: none)
 #   BENCH_ARGS       extra arguments of benchmarks/gpu_bench.py, e.g. "--reps 100"
+# The GPU image has no nibabel or SimpleITK and cannot download: fetch their wheels here first with
+# `bash benchmarks/gpu_wheels.sh` (writes .whl/, about 56 MB) and carry .whl; this script installs them to /tmp/site.
 set -euo pipefail
+
+if compgen -G ".whl/*.whl" > /dev/null || compgen -G "$(dirname "$0")/../.whl/*.whl" > /dev/null; then
+    (cd "$(dirname "$0")/.." && "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl)
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 out=${1:-${OUT:-gpu_check_out}}
 mkdir -p "$out"
@@ -108,7 +116,8 @@ print("python", platform.python_version(), sys.executable)
 required = [("numpy", "everything"), ("torch", "the tests and the benchmark"), ("pytest", "the tests"),
             ("cupy", "the cupy tests (cuda tests may not skip)"), ("triton", "torch.compile of CUDA code (inductor)"),
             ("scikit_build_core", "the build (--no-build-isolation)"), ("pybind11", "the build (--no-build-isolation)")]
-optional = [("nibabel", "CT-cube tests skip and the benchmark uses random cubes"),
+optional = [("nibabel", "genesis_ext.data and its tests, CT cubes of the benchmark: carry .whl/ (see the header)"),
+            ("SimpleITK", "DICOM tests: carry .whl/ (see the header)"),
             ("pytest_benchmark", "benchmarks/bench_ops.py (not run by this script)"),
             ("PIL", "the demo (not run by this script)"), ("cmake", "only if no cmake >= 3.24 is on PATH")]
 missing = []
