@@ -45,18 +45,8 @@ struct Shape {
 // An axis-aligned box: origin and size per axis (origin 0, size 1 on the unused third axis of 2D samples).
 struct Box {
   int32_t origin[3], size[3];
-  GENESIS_HD bool contains(int32_t x, int32_t y, int32_t z) const {
-    return unsigned(x - origin[0]) < unsigned(size[0]) && unsigned(y - origin[1]) < unsigned(size[1]) &&
-           unsigned(z - origin[2]) < unsigned(size[2]);
-  }
   GENESIS_HD int32_t volume() const { return size[0] * size[1] * size[2]; }
 };
-
-GENESIS_HD bool in_any(const Box* boxes, int n, int32_t x, int32_t y, int32_t z) {
-  for (int k = 0; k < n; ++k)
-    if (boxes[k].contains(x, y, z)) return true;
-  return false;
-}
 
 // Everything random about one sample except the shuffle blocks (drawn per block) and the noise (drawn per voxel).
 struct SampleParams {
@@ -178,20 +168,13 @@ GENESIS_HD Plan plan_for(Op op, const SampleParams& p) {
   }
 }
 
-// Does voxel (x, y, z) become noise under this plan? (noise_spans below is the same decision for a whole row.)
-GENESIS_HD bool painted(const Plan& plan, const SampleParams& p, int32_t x, int32_t y, int32_t z) {
-  if (plan.paint == IN_PAINT) return in_any(p.holes, p.n_holes, x, y, z);
-  if (plan.paint == OUT_PAINT) return !in_any(p.windows, p.n_windows, x, y, z);
-  return false;
-}
-
 // A half-open range [begin, end) along the last spatial axis.
 struct Span {
   int32_t begin, end;
 };
 
 // The spans of row (x, y, .) that become noise under this plan, sorted and disjoint; returns their count
-// (at most kMaxParts + 1). In-painting: the union of the holes crossing the row; out-painting: its complement
+// (at most kMaxParts + 1). The one definition of which voxels painting replaces, for both kernels. In-painting: the union of the holes crossing the row; out-painting: its complement
 // with respect to the windows crossing the row.
 GENESIS_HD int noise_spans(const Plan& plan, const SampleParams& p, int32_t x, int32_t y, int32_t len, Span* out) {
   if (plan.paint == NO_PAINT) return 0;

@@ -187,6 +187,7 @@ __global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cf
   __shared__ BezierTable table;
   __shared__ int32_t owner[kTileVoxels];   // highest block index covering each tile voxel, -1 for none
   __shared__ int32_t source[kTileVoxels];  // its shuffled source: linear index into the unflipped input
+  __shared__ uint32_t noise_bits[kTileVoxels / 32];
 
   const int64_t n = blockIdx.y;
   const uint64_t sample = offset + n;
@@ -251,6 +252,19 @@ __global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cf
           }
     }
   }
+  if (plan.paint != NO_PAINT) {  // which tile voxels become noise: one bit each, from each row's noise spans
+    for (int i = threadIdx.x; i < kTileVoxels / 32; i += blockDim.x) noise_bits[i] = 0u;
+    __syncthreads();
+    for (int32_t r = threadIdx.x; r < (hi[0] - lo[0]) * ey; r += blockDim.x) {
+      Span spans[kMaxParts + 1];
+      const int n_spans = noise_spans(plan, p, lo[0] + r / ey, lo[1] + r % ey, sh.s[2], spans);
+      for (int k = 0; k < n_spans; ++k)
+        for (int32_t z = max(spans[k].begin, lo[2]); z < min(spans[k].end, hi[2]); ++z) {
+          const int32_t i = r * ez + z - lo[2];
+          atomicOr(&noise_bits[i >> 5], 1u << (i & 31));
+        }
+    }
+  }
   __syncthreads();
 
   const int64_t voxels = sh.voxels();
@@ -262,7 +276,7 @@ __global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cf
     const int64_t v = (int64_t(x) * sh.s[1] + y) * sh.s[2] + z;
     const int64_t unshuffled = flipped_index(p, plan.flip, sh, x, y, z);
     const int64_t src = plan.local && owner[i] >= 0 ? source[i] : unshuffled;
-    const bool noise = painted(plan, p, x, y, z);
+    const bool noise = plan.paint != NO_PAINT && ((noise_bits[i >> 5] >> (i & 31)) & 1u);
     for (int64_t c = 0; c < channels; ++c) {
       const int64_t e = c * voxels;
       float value;
