@@ -212,9 +212,13 @@ GENESIS_HD int noise_spans(const Plan& plan, const SampleParams& p, int32_t x, i
   return spans;
 }
 
-// Noise value of element e = c * voxels + spatial index of a sample (docs/randomness.md, purpose NOISE).
+// Noise of element e = c * voxels + spatial index of a sample (docs/randomness.md, purpose NOISE): lane e & 3 of
+// the Philox block of elements e & ~3 .. e | 3.
+GENESIS_HD U32x4 noise_block(uint64_t seed, uint64_t sample, int64_t e) {
+  return stream_block(seed, sample, NOISE, uint32_t(e >> 2), 0);
+}
 GENESIS_HD float noise_value(uint64_t seed, uint64_t sample, int64_t e) {
-  return uniform_float(stream_block(seed, sample, NOISE, uint32_t(e >> 2), 0).v[e & 3]);
+  return uniform_float(noise_block(seed, sample, e).v[e & 3]);
 }
 
 // Coordinate of the flipped sample's voxel x along an axis of length s.

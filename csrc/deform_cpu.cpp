@@ -63,7 +63,7 @@ void shuffle_sources(uint64_t seed, uint64_t sample, const DeformConfig& cfg, co
 // Uniform noise for elements [e0, e1) of a sample, four per Philox block.
 void fill_noise(float* dst, uint64_t seed, uint64_t sample, int64_t e0, int64_t e1) {
   for (int64_t e = e0; e < e1;) {
-    const U32x4 r = stream_block(seed, sample, NOISE, uint32_t(e >> 2), 0);
+    const U32x4 r = noise_block(seed, sample, e);
     for (int lane = int(e & 3); lane < 4 && e < e1; ++lane, ++e) *dst++ = uniform_float(r.v[lane]);
   }
 }
