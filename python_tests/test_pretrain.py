@@ -92,6 +92,22 @@ def test_run_writes_logs_checkpoints_previews_and_learns(uninterrupted):
     base = json.loads((run / "baselines.json").read_text())
     assert base["identity"] > base["mean"] > 0
     assert min(r["val_loss"] for r in rows) < base["identity"]  # a few steps already beat the identity output
+    # the per-branch losses split the total by the painting branch of each fixed validation pair
+    from genesis_ext import sample_params
+    from genesis_ext.train.pretraining import BRANCHES, _branches
+    branch = _branches(sample_params(4, CUBE, seed=2, with_blocks=False))
+    counts = {b: int((branch == b).sum()) for b in BRANCHES}
+    assert sum(counts.values()) == 4 and max(counts.values()) < 4  # 4 validation cubes, more than one branch
+
+    def combined(parts: dict, prefix: str) -> float:
+        for b in BRANCHES:
+            assert (parts[f"{prefix}_{b}"] is None) == (counts[b] == 0)
+        return sum(counts[b] * parts[f"{prefix}_{b}"] for b in BRANCHES if counts[b]) / 4
+
+    for r in rows:
+        assert combined(r, "val") == pytest.approx(r["val_loss"], rel=1e-6)
+    for prefix in ("identity", "mean"):
+        assert combined(base, prefix) == pytest.approx(base[prefix], rel=1e-9)
 
 
 def test_validation_is_fixed_and_resume_after_sigkill_reproduces_losses(cubes, uninterrupted, tmp_path):
@@ -162,7 +178,7 @@ def test_bad_inputs(cubes, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cubes, tmp_path):
     run = tmp_path / "run"
-    pretrain(_cfg(cubes, run))
+    pretrain(_cfg(cubes, run, steps_per_epoch=3))
     good = (run / "checkpoints" / "last.pt").read_bytes()
     nan_cubes = tmp_path / "nan"
     nan_cubes.mkdir()
@@ -171,10 +187,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cubes, tmp_pat
     from genesis_ext.data import CubeStore
     count = len(CubeStore(str(cubes)))
     np.save(nan_cubes / "cubes.npy", np.full((count, *CUBE), np.nan, dtype=np.float32))
-    with pytest.raises(NonFiniteLossError, match="non-finite training loss .* epoch 2, step 1/1.*last good checkpoint"):
-        pretrain(_cfg(nan_cubes, run, epochs=2, resume=True))
+    # the loss is read every 2 steps: the error names the first bad step, not the step of the read
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss .* epoch 2, step 1/3.*last good checkpoint"):
+        pretrain(_cfg(nan_cubes, run, epochs=2, steps_per_epoch=3, log_every=2, resume=True))
     assert (run / "checkpoints" / "last.pt").read_bytes() == good
     assert load_training_state(run / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_reading_the_loss_every_step_changes_nothing(cubes, uninterrupted, tmp_path):
+    """The uninterrupted run reads the loss once per epoch (2 steps < --log-every 10); reading it every step must
+    give the same run."""
+    run = tmp_path / "run"
+    rc, out, err = _run_cli(["--data", cubes, "--out", run, *TINY, "--log-every", "1"])
+    assert rc == 0, err
+    assert _losses(run) == _losses(uninterrupted)
 
 
 def test_a_fresh_run_refuses_to_overwrite_a_run(uninterrupted, cubes):

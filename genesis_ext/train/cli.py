@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=positive_int, help="torch CPU threads")
     g.add_argument("--max-minutes", type=float, help="stop at the first epoch end after this much time")
     g.add_argument("--preview-every", type=int, default=1, help="epochs between PNG previews (0: none)")
+    g.add_argument("--log-every", type=positive_int, default=10,
+                   help="steps between host reads of the training loss (step logs, non-finite check; default 10)")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
                    help="continue from OUT/checkpoints/last.pt (or CKPT)")
     g.add_argument("--init", metavar="WEIGHTS", help="start from these weights (e.g. Genesis_Chest_CT.pt)")
@@ -60,7 +62,7 @@ def run(args) -> int:
         val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, deform_seed=args.deform_seed,
         val_seed=args.val_seed, cube=tuple(args.cube), per_volume=args.per_volume, workers=args.workers,
         device=args.device, amp=args.amp, compile=args.compile, threads=args.threads, max_minutes=args.max_minutes,
-        preview_every=args.preview_every, resume=args.resume, init_weights=args.init,
+        preview_every=args.preview_every, log_every=args.log_every, resume=args.resume, init_weights=args.init,
         tensorboard=not args.no_tensorboard, progress=not args.quiet)
     try:
         result = pretrain(cfg)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-CSV_FIELDS = ("epoch", "step", "samples", "lr", "train_loss", "val_loss", "best_val", "bad_epochs", "seconds")
+# val_<branch>: the validation MSE of the pairs of one painting branch (none, in-painting, out-painting)
+CSV_FIELDS = ("epoch", "step", "samples", "lr", "train_loss", "val_loss", "val_none", "val_inpaint", "val_outpaint",
+              "best_val", "bad_epochs", "seconds")
 
 
 class CsvLog:

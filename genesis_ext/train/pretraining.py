@@ -11,7 +11,10 @@ The command line is ``genesis-ext pretrain --data CUBES_OR_VOLUMES --out DIR``. 
   seeded by ``(seed, epoch)``. Training sample ``p`` of epoch ``e`` has the global index
   ``e * steps_per_epoch * batch_size + p``, and is deformed on the training device by ``genesis_pair`` with
   ``deform_seed`` at that index: the pair depends only on (seed, index), not on the process layout.
-* Validation pairs use ``val_seed`` with offsets 0..V-1: the same deformations every epoch.
+* Validation pairs use ``val_seed`` with offsets 0..V-1: the same deformations every epoch. The loss is logged over
+  all pairs and per painting branch (none / in-painting / out-painting), with the same split of the baselines
+  (identity: the deformed input; mean: the targets' mean) in ``baselines.json``: out-painting hides about 2/3 of a
+  cube, so its loss has a high floor and dominates the total.
 * ``accumulate=K`` splits each batch into K micro-batches (gradients summed, then divided by K). Under torchrun with W
   processes, rank r takes micro-batches r*K .. r*K+K-1 of each global batch, so W processes with K micro-batches
   each compute exactly what one process with ``accumulate=W*K`` computes (BatchNorm statistics are per micro-batch
@@ -21,8 +24,10 @@ The command line is ``genesis-ext pretrain --data CUBES_OR_VOLUMES --out DIR``. 
   reproduces the uninterrupted run's losses exactly.
 * Logs: ``metrics.csv`` (one row per epoch), TensorBoard under ``tensorboard/``, previews
   ``previews/epoch_XXXX.png`` (mid-Z slices: deformed input | target | restoration) and ``preview.png`` (latest).
-* A non-finite training loss stops the run with :class:`NonFiniteLossError` before the optimiser step; the last
-  checkpoint (that of the previous epoch) is kept.
+* The training loss is read on the host every ``log_every`` steps and at each epoch end (one GPU sync per read, not
+  per step): per-step TensorBoard scalars, the progress bar and the non-finite check. A non-finite loss stops the
+  run with :class:`NonFiniteLossError` at that read, before the next checkpoint: the checkpoints on disk (the
+  previous epoch's) predate it.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ import torch.nn.functional as F
 from ..config import DeformConfig
 from ..models import UNet3D, load_pretrained
 from ..models.weights import atomic_save
-from ..ops import genesis_pair
+from ..ops import genesis_pair, sample_params
 from . import distributed
 from .checkpoint import FORMAT, load_training_state
 from .logs import CsvLog, TensorBoard, preview_image, save_png
@@ -55,6 +60,14 @@ PRESETS = {
     "default": dict(optimizer="adam", lr=1e-3, momentum=0.9, batch_size=6, lr_step_epochs=40, lr_gamma=0.5,
                     patience=50, epochs=10000),
 }
+
+
+# The painting branch of a pair: none, in-painting or out-painting (``sample_params`` ``paint`` / ``inpaint``).
+BRANCHES = ("none", "inpaint", "outpaint")
+
+
+def _branches(params: dict) -> np.ndarray:
+    return np.where(~params["paint"], "none", np.where(params["inpaint"], "inpaint", "outpaint"))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,6 +104,7 @@ class PretrainConfig:
     workers: int = 0                         # DataLoader workers
     threads: Optional[int] = None            # torch.set_num_threads
     preview_every: int = 1                   # epochs between PNG previews (0: never)
+    log_every: int = 10                      # steps between host reads of the loss (one GPU sync each)
     max_minutes: Optional[float] = None      # stop at the first epoch end after this much training time
     resume: bool | str | os.PathLike = False  # True: OUT/checkpoints/last.pt, or a path
     init_weights: Optional[str | os.PathLike] = None  # start from these weights (e.g. the published checkpoint)
@@ -109,7 +123,7 @@ class PretrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
         if cfg.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {cfg.amp!r}")
-        for name in ("batch_size", "epochs", "accumulate", "lr_step_epochs", "patience"):
+        for name in ("batch_size", "epochs", "accumulate", "lr_step_epochs", "patience", "log_every"):
             if int(getattr(cfg, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
@@ -339,39 +353,45 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
     # ---- validation: fixed pairs, computed on rank 0 with the bare model ----
     val_batches = [list(map(int, val_items[i:i + B])) for i in range(0, len(val_items), B)]
 
+    # the painting branch of each validation pair: outpainting hides ~2/3 of a cube, so its loss has a large floor
+    branch = _branches(sample_params(len(val_items), cube, seed=cfg.val_seed, config=cfg.deform, with_blocks=False))
+
+    def by_branch(per_sample: np.ndarray, prefix: str) -> dict:
+        return {f"{prefix}_{b}": float(per_sample[branch == b].mean()) if (branch == b).any() else None
+                for b in BRANCHES}
+
     def validate(first_batch_out: list):
+        """Validation MSE: over all pairs, and per painting branch (``val_none``, ``val_inpaint``, ...)."""
         model.eval()
-        total, count = 0.0, 0
+        per_sample = []
         with torch.no_grad():
             offset = 0
             for batch in _loader(val_dataset, val_batches, cfg.workers, device.type == "cuda"):
                 x = to_device(batch)
                 xd, target = deform(x, cfg.val_seed, offset)
                 restored = run_model(model, xd).float()
-                n = x.shape[0]
-                total += float(F.mse_loss(restored, target, reduction="sum")) / target[0].numel()
-                count += n
+                per_sample.append(((restored - target) ** 2).flatten(1).mean(1).double().cpu())
                 if first_batch_out is not None and not first_batch_out:
                     first_batch_out.extend(t.detach().float().cpu().numpy() for t in (xd, target, restored))
-                offset += n
+                offset += x.shape[0]
         model.train()
-        return total / count
+        mse = torch.cat(per_sample).numpy()
+        return float(mse.mean()), by_branch(mse, "val")
 
     def baselines() -> dict:
-        ident, s, n = 0.0, 0.0, 0
-        targets = []
-        offset = 0
+        """Validation MSE of returning the deformed input (identity) and of returning the targets' mean (mean)."""
+        ident, targets, offset = [], [], 0
         with torch.no_grad():
             for batch in _loader(val_dataset, val_batches, cfg.workers, False):
                 xd, target = genesis_pair(batch.float(), seed=cfg.val_seed, offset=offset, config=cfg.deform)
-                ident += float(((xd - target) ** 2).sum())
-                s += float(target.sum())
-                n += target.numel()
-                targets.append(target)
+                ident.append(((xd - target) ** 2).flatten(1).mean(1).double())
+                targets.append(target.flatten(1).double())
                 offset += batch.shape[0]
-        mean = s / n
-        sq = sum(float(((t - mean) ** 2).sum()) for t in targets)
-        return {"identity": ident / n, "mean": sq / n, "target_mean": mean}
+        targets = torch.cat(targets)
+        mean = float(targets.mean())
+        ident, const = torch.cat(ident).numpy(), ((targets - mean) ** 2).mean(1).numpy()
+        return {"identity": float(ident.mean()), "mean": float(const.mean()), "target_mean": mean,
+                **by_branch(ident, "identity"), **by_branch(const, "mean")}
 
     base = None
     if dd.main:
@@ -394,7 +414,10 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
             f"batch {B} ({dd.world} process(es) x {cfg.accumulate} micro-batch(es) of {micro}), {steps} steps/epoch, "
             f"{cfg.optimizer} lr {cfg.lr}, device {device}{', bf16' if use_amp else ''}"
             + (f"; resumed after epoch {start_epoch}" if cfg.resume else ""))
-        log(f"validation baselines (MSE): identity {base['identity']:.5f}, constant mean {base['mean']:.5f}")
+        counts = ", ".join(f"{int((branch == b).sum())} {b}" for b in BRANCHES)
+        log(f"validation pairs: {counts}; baselines (MSE): identity {base['identity']:.5f}, constant mean "
+            f"{base['mean']:.5f} (" + ", ".join(f"{b} {base['mean_' + b]:.5f}" for b in BRANCHES
+                                                if base["mean_" + b] is not None) + ")")
 
     if start_epoch >= cfg.epochs:
         stopped = "epochs"
@@ -415,7 +438,31 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
         loader = _loader(dataset, [m[1] for m in mine], cfg.workers, device.type == "cuda")
         it = iter(loader)
         bar = bar_cls(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True) if bar_cls else None
-        loss_total = 0.0
+        loss_total, pending = 0.0, []  # pending: (step, loss on the device) not yet read on the host
+
+        def read_losses():
+            """One host sync for the pending steps: the non-finite check, step logs and the progress bar."""
+            nonlocal loss_total
+            values = torch.stack([loss for _, loss in pending]).tolist()
+            for (s, _), value in zip(pending, values):
+                if not math.isfinite(value):
+                    if bar is not None:
+                        bar.close()
+                    where = f"epoch {epoch + 1}, step {s + 1}/{steps} (global samples {base_offset + s * B}.." \
+                            f"{base_offset + (s + 1) * B - 1})"
+                    kept = f"the last good checkpoint is {last_path} (epoch {epoch})" if last_path.exists() else \
+                        "no checkpoint was written yet"
+                    raise NonFiniteLossError(
+                        f"non-finite training loss ({value}) at {where}; stopped before the next checkpoint; {kept}. "
+                        f"Check the data for NaN/Inf, or lower the learning rate (e.g. --preset default).")
+                loss_total += value
+                if dd.main:
+                    tb.scalar("train/loss_step", value, epoch * steps + s)
+            if bar is not None:
+                bar.update(len(pending))
+                bar.set_postfix(loss=f"{values[-1]:.5f}")
+            pending.clear()
+
         for s in range(steps):
             opt.zero_grad(set_to_none=True)
             local = torch.zeros((), device=device)
@@ -434,24 +481,10 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
                 for p in model.parameters():
                     if p.grad is not None:
                         p.grad.div_(cfg.accumulate)
-            step_loss = float(dd.all_reduce_mean(local / cfg.accumulate if cfg.accumulate > 1 else local))
-            if not math.isfinite(step_loss):
-                if bar is not None:
-                    bar.close()
-                where = f"epoch {epoch + 1}, step {s + 1}/{steps} (global samples {base_offset + s * B}.." \
-                        f"{base_offset + (s + 1) * B - 1})"
-                kept = f"the last good checkpoint is {last_path} (epoch {epoch})" if last_path.exists() else \
-                    "no checkpoint was written yet"
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({step_loss}) at {where}; stopped without applying the step; {kept}. "
-                    f"Check the data for NaN/Inf, or lower the learning rate (e.g. --preset default).")
+            pending.append((s, dd.all_reduce_mean(local / cfg.accumulate if cfg.accumulate > 1 else local)))
             opt.step()
-            loss_total += step_loss
-            if dd.main:
-                tb.scalar("train/loss_step", step_loss, epoch * steps + s)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.5f}")
+            if len(pending) == cfg.log_every or s == steps - 1:
+                read_losses()
         if bar is not None:
             bar.close()
         train_loss = loss_total / steps
@@ -461,7 +494,7 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
 
         # validation, early stopping and checkpoints: rank 0 decides, everyone follows
         first = [] if (cfg.preview_every and epoch % cfg.preview_every == 0) else None
-        val = validate(first) if dd.main else 0.0
+        val, val_parts = validate(first) if dd.main else (0.0, {})
         elapsed = time.perf_counter() - t_start
         out_of_time = cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60
         flags = dd.broadcast(torch.tensor([val, float(out_of_time)], dtype=torch.float64,
@@ -473,13 +506,16 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
         else:
             bad_epochs += 1
         row = dict(epoch=epoch, step=epoch * steps, samples=epoch * samples_per_epoch, lr=lr_now,
-                   train_loss=train_loss, val_loss=val, best_val=best_val, bad_epochs=bad_epochs,
+                   train_loss=train_loss, val_loss=val, **val_parts, best_val=best_val, bad_epochs=bad_epochs,
                    seconds=round(time.perf_counter() - t_epoch, 3))
         history.append(row)
         if dd.main:
             csv_log.write(row)
             tb.scalar("train/loss", train_loss, epoch * steps)
             tb.scalar("val/loss", val, epoch * steps)
+            for name, value in val_parts.items():
+                if value is not None:
+                    tb.scalar(f"val/{name[4:]}", value, epoch * steps)
             tb.scalar("lr", lr_now, epoch * steps)
             if first:
                 img = preview_image(*first)
@@ -493,7 +529,8 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
             if improved:
                 atomic_save(state, best_path)
             atomic_save(state, last_path)
-            log(f"epoch {epoch}: train {train_loss:.5f}  val {val:.5f}  best {best_val:.5f}"
+            parts = ", ".join(f"{b} {val_parts['val_' + b]:.5f}" for b in BRANCHES if val_parts["val_" + b] is not None)
+            log(f"epoch {epoch}: train {train_loss:.5f}  val {val:.5f} ({parts})  best {best_val:.5f}"
                 f"{'  *' if improved else ''}  ({row['seconds']:.1f} s)")
         dd.barrier()
         if bad_epochs >= cfg.patience:
