@@ -6,6 +6,8 @@
 #   tests     the whole suite in two runs: the cuda-marked tests (none may skip, but ALLOWED_SKIPS), then the rest
 #   sanitize  compute-sanitizer memcheck and racecheck over the cuda-marked tests
 #   bench     benchmarks/gpu_bench.py: the markdown table and JSON go to the output folder
+#   train     benchmarks/bench_train.py: training steps on the GPU (bf16, channels-last, compile; 64x64x32, batch 6)
+#             against the same model fed by the numpy reference; cubes/s and the share of the step spent on pairs
 #
 # Usage: benchmarks/gpu_check.sh [OUT_DIR]          (default: $OUT, else gpu_check_out/)
 # Every stage writes its log to OUT_DIR (and the terminal); OUT_DIR/summary.txt lists the steps with their status.
@@ -13,7 +15,7 @@
 # if any step failed.
 # Environment:
 #   PYTHON           interpreter (default python3)
-#   STAGES           stages to run, in order (default "env build tests sanitize bench"). To fit a per-command time
+#   STAGES           stages to run, in order (default "env build tests sanitize bench train"). To fit a per-command time
 #                    limit, split the run: STAGES="env build tests", then STAGES="sanitize", then STAGES="bench" (the
 #                    editable install and build/gpu stay in place between calls on the same machine).
 #   CUDA_ARCHS       CMAKE_CUDA_ARCHITECTURES of the build (default 90: H100/H200)
@@ -40,7 +42,7 @@ out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-env build tests sanitize bench}
+STAGES=${STAGES:-env build tests sanitize bench train}
 CUDA_ARCHS=${CUDA_ARCHS:-90}
 ALLOWED_SKIPS=${ALLOWED_SKIPS:-needs 2 CUDA devices}
 SANITIZER_K=${SANITIZER_K:-not compile and not huge}
@@ -239,8 +241,12 @@ for stage in $STAGES; do
             step "GPU benchmark" bench.log "$PY" benchmarks/gpu_bench.py \
                 --json "$out/gpu_bench.json" --markdown "$out/gpu_bench.md" ${BENCH_ARGS:-}
             ;;
+        train)
+            step "GPU training benchmark" bench_train.log "$PY" benchmarks/bench_train.py --device cuda --amp \
+                --channels-last --compile --cube 64 64 32 --batch 6 --steps 20 --warmup 5 --json "$out/bench_train.json"
+            ;;
         *)
-            echo "gpu_check: unknown stage '$stage' (stages: env build tests sanitize bench)" >&2
+            echo "gpu_check: unknown stage '$stage' (stages: env build tests sanitize bench train)" >&2
             exit 2
             ;;
     esac

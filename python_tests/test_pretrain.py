@@ -215,6 +215,18 @@ def test_bf16_compile_and_channels_last_train_like_fp32(cubes, tmp_path):
     load_pretrained(UNet3D(), tmp_path / "fast" / "checkpoints" / "last.pt")  # plain keys, no _orig_mod. prefix
 
 
+@pytest.mark.cuda
+def test_cuda_compiled_bf16_run_trains_like_the_cpu_run(cubes, tmp_path):
+    """On CUDA the loop defaults to bf16 autocast and channels-last; with --compile too, the first step (same
+    weights, bit-identical pairs from the CUDA kernels) gives the CPU fp32 loss up to bf16 and cuDNN rounding."""
+    cpu = pretrain(_cfg(cubes, tmp_path / "cpu", amp="off", device="cpu"))
+    gpu = pretrain(_cfg(cubes, tmp_path / "gpu", device="cuda", compile=True))
+    a, b = cpu.history[0], gpu.history[0]
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.02)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=0.05)
+    load_pretrained(UNet3D(), gpu.last_checkpoint)  # a CUDA run's checkpoint loads on the CPU
+
+
 def test_a_fresh_run_refuses_to_overwrite_a_run(uninterrupted, cubes):
     with pytest.raises(ValueError, match="already holds a run"):
         pretrain(_cfg(cubes, uninterrupted))
