@@ -110,6 +110,23 @@ def test_run_writes_logs_checkpoints_previews_and_learns(uninterrupted):
         assert combined(base, prefix) == pytest.approx(base[prefix], rel=1e-9)
 
 
+def test_val_repeats_deforms_each_held_out_cube_repeatedly_with_consecutive_offsets(cubes, tmp_path):
+    import json
+
+    from genesis_ext import genesis_pair
+    from genesis_ext.data import CubeStoreDataset
+    from genesis_ext.train.pretraining import _Split
+
+    cfg = _cfg(cubes, tmp_path / "run", val_repeats=3)
+    pretrain(cfg)
+    ds = CubeStoreDataset([str(cubes)])
+    val = _Split(len(ds), cfg.resolved(), False).val
+    x = torch.stack([torch.as_tensor(np.asarray(ds[int(i)])) for i in val]).float()
+    xd, target = genesis_pair(x.repeat(3, 1, 1, 1, 1), seed=cfg.val_seed, offset=0)  # pair j: offset j
+    base = json.loads((tmp_path / "run" / "baselines.json").read_text())
+    assert base["identity"] == pytest.approx(float(((xd - target) ** 2).mean()), rel=1e-6)
+
+
 def test_validation_is_fixed_and_resume_after_sigkill_reproduces_losses(cubes, uninterrupted, tmp_path):
     run = tmp_path / "run"
     p = _cli(["--data", cubes, "--out", run, *TINY])

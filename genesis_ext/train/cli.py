@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and randomness")
     g.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the cubes (default 0.1)")
     g.add_argument("--val-data", nargs="+", metavar="PATH", help="separate validation data instead")
+    g.add_argument("--val-repeats", type=positive_int, default=1,
+                   help="fixed deformations per held-out cube (default 1; more: a steadier validation loss)")
     g.add_argument("--seed", type=int, default=0, help="init, split and batch order (default 0)")
     g.add_argument("--deform-seed", type=int, default=1, help="training deformations (default 1)")
     g.add_argument("--val-seed", type=int, default=2, help="fixed validation deformations (default 2)")
@@ -59,9 +61,10 @@ def run(args) -> int:
         data=args.data, out=args.out, preset=args.preset, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         lr_step_epochs=args.lr_step_epochs, patience=args.patience, accumulate=args.accumulate,
-        val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, deform_seed=args.deform_seed,
-        val_seed=args.val_seed, cube=tuple(args.cube), per_volume=args.per_volume, workers=args.workers,
-        device=args.device, amp=args.amp, compile=args.compile, threads=args.threads, max_minutes=args.max_minutes,
+        val_fraction=args.val_fraction, val_data=args.val_data, val_repeats=args.val_repeats, seed=args.seed,
+        deform_seed=args.deform_seed, val_seed=args.val_seed, cube=tuple(args.cube), per_volume=args.per_volume,
+        workers=args.workers, device=args.device, amp=args.amp, compile=args.compile, threads=args.threads,
+        max_minutes=args.max_minutes,
         preview_every=args.preview_every, log_every=args.log_every, resume=args.resume, init_weights=args.init,
         tensorboard=not args.no_tensorboard, progress=not args.quiet)
     try:

@@ -11,7 +11,8 @@ The command line is ``genesis-ext pretrain --data CUBES_OR_VOLUMES --out DIR``. 
   seeded by ``(seed, epoch)``. Training sample ``p`` of epoch ``e`` has the global index
   ``e * steps_per_epoch * batch_size + p``, and is deformed on the training device by ``genesis_pair`` with
   ``deform_seed`` at that index: the pair depends only on (seed, index), not on the process layout.
-* Validation pairs use ``val_seed`` with offsets 0..V-1: the same deformations every epoch. The loss is logged over
+* Validation pairs use ``val_seed`` with offsets 0..V*R-1 (V held-out cubes, each ``val_repeats`` = R times): the
+  same deformations every epoch. The loss is logged over
   all pairs and per painting branch (none / in-painting / out-painting), with the same split of the baselines
   (identity: the deformed input; mean: the targets' mean) in ``baselines.json``: out-painting hides about 2/3 of a
   cube, so its loss has a high floor and dominates the total.
@@ -92,6 +93,7 @@ class PretrainConfig:
     patience: Optional[int] = None           # early stop after this many epochs without validation improvement
     val_fraction: float = 0.1
     val_data: Optional[Sequence[str | os.PathLike]] = None
+    val_repeats: int = 1                     # validation pairs per held-out cube (more pairs: a steadier loss)
     seed: int = 0                            # weights init, split and batch order
     deform_seed: int = 1                     # training deformations
     val_seed: int = 2                        # the fixed validation deformations
@@ -123,7 +125,7 @@ class PretrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
         if cfg.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {cfg.amp!r}")
-        for name in ("batch_size", "epochs", "accumulate", "lr_step_epochs", "patience", "log_every"):
+        for name in ("batch_size", "epochs", "accumulate", "lr_step_epochs", "patience", "log_every", "val_repeats"):
             if int(getattr(cfg, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
@@ -161,7 +163,8 @@ class PretrainResult:
 
 
 # Training state that must match for --resume to continue the same run.
-_RESUME_KEYS = ("batch_size", "seed", "deform_seed", "val_seed", "optimizer", "steps_per_epoch", "val_fraction")
+_RESUME_KEYS = ("batch_size", "seed", "deform_seed", "val_seed", "optimizer", "steps_per_epoch", "val_fraction",
+                "val_repeats")
 
 
 def _is_cube_source(p: Path) -> bool:
@@ -351,10 +354,11 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
             return m(xd)
 
     # ---- validation: fixed pairs, computed on rank 0 with the bare model ----
-    val_batches = [list(map(int, val_items[i:i + B])) for i in range(0, len(val_items), B)]
+    # each held-out cube val_repeats times, each time with its own deformation (pair j has offset j)
+    val_batches = [list(map(int, val_items[i:i + B])) for i in range(0, len(val_items), B)] * cfg.val_repeats
 
     # the painting branch of each validation pair: outpainting hides ~2/3 of a cube, so its loss has a large floor
-    branch = _branches(sample_params(len(val_items), cube, seed=cfg.val_seed, config=cfg.deform, with_blocks=False))
+    branch = _branches(sample_params(len(val_items) * cfg.val_repeats, cube, seed=cfg.val_seed, config=cfg.deform, with_blocks=False))
 
     def by_branch(per_sample: np.ndarray, prefix: str) -> dict:
         return {f"{prefix}_{b}": float(per_sample[branch == b].mean()) if (branch == b).any() else None
@@ -410,7 +414,8 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
             bar_cls = None
     log = (bar_cls.write if bar_cls is not None else print) if dd.main else (lambda *a, **k: None)
     if dd.main:
-        log(f"pre-training: {n_train} training / {len(val_items)} validation cubes {'x'.join(map(str, cube))}, "
+        log(f"pre-training: {n_train} training / {len(val_items)} validation cubes (x{cfg.val_repeats} deformations) "
+            f"{'x'.join(map(str, cube))}, "
             f"batch {B} ({dd.world} process(es) x {cfg.accumulate} micro-batch(es) of {micro}), {steps} steps/epoch, "
             f"{cfg.optimizer} lr {cfg.lr}, device {device}{', bf16' if use_amp else ''}"
             + (f"; resumed after epoch {start_epoch}" if cfg.resume else ""))
@@ -459,7 +464,6 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
                 if dd.main:
                     tb.scalar("train/loss_step", value, epoch * steps + s)
             if bar is not None:
-                bar.update(len(pending))
                 bar.set_postfix(loss=f"{values[-1]:.5f}")
             pending.clear()
 
@@ -485,6 +489,8 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
             opt.step()
             if len(pending) == cfg.log_every or s == steps - 1:
                 read_losses()
+            if bar is not None:
+                bar.update(1)
         if bar is not None:
             bar.close()
         train_loss = loss_total / steps
