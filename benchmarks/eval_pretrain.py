@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genesis_ext import DeformConfig, genesis_pair, sample_params
+from genesis_ext import DeformConfig, sample_params
 from genesis_ext.models import UNet3D, load_pretrained
-from genesis_ext.train.pretraining import BRANCHES, PretrainConfig, _branches, _dataset, _Split
+from genesis_ext.train.pretraining import (BRANCHES, PretrainConfig, _branches, _dataset, _Split, mean_baseline,
+                                          pair_errors)
 
 
 def held_out_cubes(run: Path, data=None) -> tuple[torch.Tensor, DeformConfig]:
@@ -42,19 +43,13 @@ def evaluate(model: torch.nn.Module, cubes: torch.Tensor, deform: DeformConfig, 
              batch: int = 6) -> dict:
     """Per-pair MSE of the model, of the identity output and of the targets' mean; and each pair's branch."""
     model.eval()
-    mse, ident, targets, branch = [], [], [], []
-    with torch.no_grad():
-        for k in range(repeats):
-            xd, target = genesis_pair(cubes, seed=seed + k, offset=0, config=deform)
-            restored = torch.cat([model(xd[i:i + batch]) for i in range(0, len(xd), batch)])
-            mse.append(((restored - target) ** 2).flatten(1).mean(1).double())
-            ident.append(((xd - target) ** 2).flatten(1).mean(1).double())
-            targets.append(target.flatten(1).double())
-            branch.append(_branches(sample_params(len(cubes), cubes.shape[2:], seed=seed + k, config=deform,
-                                                  with_blocks=False)))
-    targets = torch.cat(targets)
-    const = ((targets - targets.mean()) ** 2).mean(1)
-    return {"model": torch.cat(mse).numpy(), "identity": torch.cat(ident).numpy(), "mean": const.numpy(),
+    runs = [pair_errors([cubes[i:i + batch] for i in range(0, len(cubes), batch)], seed + k, deform, model)
+            for k in range(repeats)]
+    errors = {key: np.concatenate([r[key] for r in runs]) for key in ("model", "identity", "sum", "sumsq")}
+    errors["voxels"] = runs[0]["voxels"]
+    branch = [_branches(sample_params(len(cubes), cubes.shape[2:], seed=seed + k, config=deform, with_blocks=False))
+              for k in range(repeats)]
+    return {"model": errors["model"], "identity": errors["identity"], "mean": mean_baseline(errors),
             "branch": np.concatenate(branch)}
 
 

@@ -231,6 +231,40 @@ def _epoch_positions(train: np.ndarray, seed: int, epoch: int, count: int) -> np
     return np.concatenate(chunks)[:count]
 
 
+def pair_errors(batches, seed: int, config: DeformConfig, restore=None, first: Optional[list] = None) -> dict:
+    """Per-pair errors of the pairs made from ``batches`` (cube batches; pair j is deformed with (seed, offset j)).
+
+    Returns float64 arrays over the pairs: ``identity`` (MSE of the deformed input), ``model`` (MSE of
+    ``restore(deformed)``, when given), and ``sum`` / ``sumsq`` (sums of the target and of its square), from which
+    :func:`mean_baseline` gives the MSE of the targets' mean. ``first``, when an empty list, receives the first
+    batch's deformed input, target and restoration as numpy arrays (the previews). One host read at the end."""
+    errors = {"identity": [], "model": [], "sum": [], "sumsq": []}
+    offset = 0
+    with torch.no_grad():
+        for x in batches:
+            xd, target = genesis_pair(x, seed=seed, offset=offset, config=config)
+            t = target.flatten(1).double()
+            errors["identity"].append(((xd.flatten(1).double() - t) ** 2).mean(1))
+            errors["sum"].append(t.sum(1))
+            errors["sumsq"].append((t * t).sum(1))
+            if restore is not None:
+                restored = restore(xd).float()
+                errors["model"].append(((restored.flatten(1).double() - t) ** 2).mean(1))
+                if first is not None and not first:
+                    first.extend(a.detach().float().cpu().numpy() for a in (xd, target, restored))
+            offset += x.shape[0]
+    out = {k: torch.cat(v).cpu().numpy() for k, v in errors.items() if v}
+    out["voxels"] = int(target[0].numel())
+    return out
+
+
+def mean_baseline(errors: dict) -> np.ndarray:
+    """Per-pair MSE of returning the mean of all the targets in ``errors`` (from :func:`pair_errors`)."""
+    n = errors["voxels"]
+    mean = errors["sum"].sum() / (n * len(errors["sum"]))
+    return (errors["sumsq"] - 2 * mean * errors["sum"]) / n + mean * mean
+
+
 def _loader(dataset, batches: list, workers: int, pin: bool):
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin)
 
@@ -340,16 +374,11 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
                          enabled=cfg.tensorboard)
 
     def to_device(x):
-        x = x.to(device, non_blocking=True)
-        return x
-
-    def deform(x, seed, offset):
-        xd, target = genesis_pair(x, seed=seed, offset=offset, config=cfg.deform)
-        if channels_last:
-            xd = xd.contiguous(memory_format=torch.channels_last_3d)
-        return xd, target
+        return x.to(device, non_blocking=True)
 
     def run_model(m, xd):
+        if channels_last:
+            xd = xd.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             return m(xd)
 
@@ -358,43 +387,29 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
     val_batches = [list(map(int, val_items[i:i + B])) for i in range(0, len(val_items), B)] * cfg.val_repeats
 
     # the painting branch of each validation pair: outpainting hides ~2/3 of a cube, so its loss has a large floor
-    branch = _branches(sample_params(len(val_items) * cfg.val_repeats, cube, seed=cfg.val_seed, config=cfg.deform, with_blocks=False))
+    branch = _branches(sample_params(len(val_items) * cfg.val_repeats, cube, seed=cfg.val_seed, config=cfg.deform,
+                                     with_blocks=False))
 
     def by_branch(per_sample: np.ndarray, prefix: str) -> dict:
         return {f"{prefix}_{b}": float(per_sample[branch == b].mean()) if (branch == b).any() else None
                 for b in BRANCHES}
 
-    def validate(first_batch_out: list):
+    def validate(first: Optional[list]):
         """Validation MSE: over all pairs, and per painting branch (``val_none``, ``val_inpaint``, ...)."""
         model.eval()
-        per_sample = []
-        with torch.no_grad():
-            offset = 0
-            for batch in _loader(val_dataset, val_batches, cfg.workers, device.type == "cuda"):
-                x = to_device(batch)
-                xd, target = deform(x, cfg.val_seed, offset)
-                restored = run_model(model, xd).float()
-                per_sample.append(((restored - target) ** 2).flatten(1).mean(1).double().cpu())
-                if first_batch_out is not None and not first_batch_out:
-                    first_batch_out.extend(t.detach().float().cpu().numpy() for t in (xd, target, restored))
-                offset += x.shape[0]
+        loader = _loader(val_dataset, val_batches, cfg.workers, device.type == "cuda")
+        mse = pair_errors((to_device(b) for b in loader), cfg.val_seed, cfg.deform, lambda xd: run_model(model, xd),
+                          first)["model"]
         model.train()
-        mse = torch.cat(per_sample).numpy()
         return float(mse.mean()), by_branch(mse, "val")
 
     def baselines() -> dict:
         """Validation MSE of returning the deformed input (identity) and of returning the targets' mean (mean)."""
-        ident, targets, offset = [], [], 0
-        with torch.no_grad():
-            for batch in _loader(val_dataset, val_batches, cfg.workers, False):
-                xd, target = genesis_pair(batch.float(), seed=cfg.val_seed, offset=offset, config=cfg.deform)
-                ident.append(((xd - target) ** 2).flatten(1).mean(1).double())
-                targets.append(target.flatten(1).double())
-                offset += batch.shape[0]
-        targets = torch.cat(targets)
-        mean = float(targets.mean())
-        ident, const = torch.cat(ident).numpy(), ((targets - mean) ** 2).mean(1).numpy()
-        return {"identity": float(ident.mean()), "mean": float(const.mean()), "target_mean": mean,
+        errors = pair_errors((b.float() for b in _loader(val_dataset, val_batches, cfg.workers, False)),
+                             cfg.val_seed, cfg.deform)
+        ident, const = errors["identity"], mean_baseline(errors)
+        return {"identity": float(ident.mean()), "mean": float(const.mean()),
+                "target_mean": float(errors["sum"].sum() / (errors["voxels"] * len(ident))),
                 **by_branch(ident, "identity"), **by_branch(const, "mean")}
 
     base = None
@@ -473,7 +488,7 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
             for c in range(cfg.accumulate):
                 start = mine[s * cfg.accumulate + c][0]
                 x = to_device(next(it))
-                xd, target = deform(x, cfg.deform_seed, base_offset + start)
+                xd, target = genesis_pair(x, seed=cfg.deform_seed, offset=base_offset + start, config=cfg.deform)
                 last = c == cfg.accumulate - 1
                 ctx = net.no_sync() if dd.world > 1 and not last else _nullcontext()
                 with ctx:
