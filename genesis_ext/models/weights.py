@@ -64,21 +64,20 @@ def _reason(e: BaseException) -> str:
 
 
 def _read(path: Path, map_location: Any) -> Any:
+    """``torch.load(path, weights_only=True)`` with clear errors: FileNotFoundError, or CheckpointError for a file
+    that is corrupt or would run code when unpickled."""
     if not path.is_file():
-        raise FileNotFoundError(f"genesis_ext: no checkpoint file at {path}")
+        raise FileNotFoundError(f"genesis_ext: no checkpoint file at {path}: it does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):  # the weights_only unpickler met a class or function: the file can run code
+    except Exception as e:  # torch.load fails in many ways on arbitrary bytes (RuntimeError, EOFError, KeyError, ...)
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # a class or function: the file can run code
             raise CheckpointError(
                 f"genesis_ext: refused to load {path}: it holds pickled Python objects other than tensors and plain "
                 f"containers, which could run arbitrary code when unpickled (read with torch.load(weights_only=True); "
                 f"{_reason(e)})") from e
-        raise CheckpointError(f"genesis_ext: {path} is not a readable PyTorch checkpoint (corrupt, truncated or not "
-                              f"written by torch.save): {_reason(e)}") from e
-    except Exception as e:  # torch.load fails in many ways on arbitrary bytes (RuntimeError, EOFError, KeyError, ...)
-        raise CheckpointError(f"genesis_ext: {path} is not a readable PyTorch checkpoint (corrupt, truncated or not "
-                              f"written by torch.save): {_reason(e)}") from e
+        raise CheckpointError(f"genesis_ext: {path} is not a readable PyTorch checkpoint (unreadable: corrupt, "
+                              f"truncated or not written by torch.save): {_reason(e)}") from e
 
 
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:

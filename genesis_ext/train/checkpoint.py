@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from ..models import CheckpointError
+from ..models.weights import _read
 
 FORMAT = "genesis_ext.pretrain/1"
 
@@ -22,13 +21,7 @@ def load_training_state(path: str | os.PathLike) -> dict:
     Raises ``FileNotFoundError`` for a missing file and ``CheckpointError`` for an unreadable one or one that is not a
     pre-training checkpoint (e.g. bare published weights, which can start a run through ``init_weights`` instead)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or refused by the weights_only unpickler
-        raise CheckpointError(f"checkpoint {path} is unreadable (corrupt or not a torch checkpoint): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    state = _read(path, "cpu")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a genesis_ext pre-training checkpoint (no "
                               f"format={FORMAT!r} entry); to start from its weights, use init_weights / --init")
