@@ -185,9 +185,8 @@ def main(argv=None) -> int:
     table("the DICOM series and the two NIfTI crops", extract_runs(jobs, args.repeats))
     if args.large:
         with tempfile.TemporaryDirectory(prefix="bench_extract_large_") as folder:
-            scans = large_scans(Path(folder), args.large)
+            large_scans(Path(folder), args.large)
             table(f"{args.large} LUNA16-sized scans (512x512x192 MetaImage)", extract_runs(jobs, 1, [Path(folder)]))
-            del scans
     if args.foreground_study:
         foreground_study()
     return 0

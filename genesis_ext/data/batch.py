@@ -30,7 +30,7 @@ import numpy as np
 from .cubes import CUBE, CUBES_PER_VOLUME, OfficialLung, extract_cubes
 from .intensity import CT_WINDOW, resample
 from .io import Source, VolumeError, find_sources, load_volume
-from .store import CubeStore, StoreWriter, published_name, save_npy, save_published
+from .store import StoreWriter, published_name, save_npy, save_published
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -266,4 +266,4 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="vol", desc="extract", dynamic_ncols=True)
 
 
-__all__ = ["ExtractSettings", "Summary", "extract_source", "run_extract", "volume_seed", "CubeStore"]
+__all__ = ["ExtractSettings", "Summary", "extract_source", "run_extract", "volume_seed"]

@@ -218,11 +218,15 @@ def _series_of(path: Path) -> str | None:
         return None
 
 
+def dicom_series_ids(directory) -> list:
+    """The series instance UIDs of the DICOM series directly in ``directory`` (one directory scan)."""
+    return list(sitk_module().ImageSeriesReader.GetGDCMSeriesIDs(str(directory)))
+
+
 def dicom_series(directory) -> dict:
     """``{series_uid: [file, ...]}`` of the DICOM series directly in ``directory``, files sorted by slice position."""
-    sitk = sitk_module()
-    reader = sitk.ImageSeriesReader()
-    return {uid: list(reader.GetGDCMSeriesFileNames(str(directory), uid)) for uid in reader.GetGDCMSeriesIDs(str(directory))}
+    reader = sitk_module().ImageSeriesReader
+    return {uid: list(reader.GetGDCMSeriesFileNames(str(directory), uid)) for uid in dicom_series_ids(directory)}
 
 
 def _load_dicom(directory: Path, series_uid: str | None) -> Volume:
@@ -268,7 +272,7 @@ def find_sources(inputs) -> tuple[list[Source], list[tuple[str, str]]]:
 
     def add_dicom_dir(directory: Path, key: str) -> int:
         try:
-            uids = list(dicom_series(directory))
+            uids = dicom_series_ids(directory)
         except ImportError:
             uids = []  # loading will fail with the install hint
         if len(uids) <= 1:
