@@ -56,7 +56,7 @@ def find_ct_volumes() -> list[Path]:
     """The NIfTI chest-CT volumes of the first data folder that has any (sorted, so cube order is stable)."""
     for folder in CT_DIRS:
         if folder.is_dir():
-            files = sorted(folder.rglob("*.nii.gz")) + sorted(folder.rglob("*.nii"))
+            files = sorted(folder.rglob("*ct*.nii.gz"))  # the CT scans, not the label masks beside them
             if files:
                 return files
     return []

@@ -196,8 +196,16 @@ def test_find_sources_real_data_tree():
     needs_dicom()
     sources, problems = find_sources([SHARED])
     assert not problems
-    names = sorted(Path(s.path).name for s in sources)
-    assert names == ["3.000000-5mm-41315", "ct_cropped.nii.gz", "ct_cropped.nii.gz"]  # READMEs, LICENSEs ignored
+    # Every image source, the two label masks included (extraction, not discovery, decides what is CT); the DICOM
+    # series as one source per folder; READMEs and LICENSEs ignored.
+    assert sorted(s.key for s in sources) == [
+        "lung-pet-ct-dx/Lung_Dx-A0001/3.000000-5mm-41315",
+        "popi-4dct/00",
+        "totalsegmentator/aorta_report/aorta.nii.gz",
+        "totalsegmentator/aorta_report/ct_cropped.nii.gz",
+        "totalsegmentator/pulmonary_report/ct_cropped.nii.gz",
+        "totalsegmentator/pulmonary_report/pulmonary_artery.nii.gz",
+    ]
 
 
 def test_without_simpleitk_the_message_says_how_to_install(monkeypatch, tmp_path, pulmonary):
