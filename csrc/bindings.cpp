@@ -99,7 +99,8 @@ py::dict build_info() {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+// GENESIS_MODULE: _C, or _C_emu (the CUDA kernels executed on the host by HIP-CPU; see CMakeLists.txt).
+PYBIND11_MODULE(GENESIS_MODULE, m) {
   m.doc() = "genesis_ext core: Models Genesis deformation kernels (raw-pointer interface; use genesis_ext.ops)";
   m.def("philox4x32_10", [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
     const U32x4 r = philox4x32_10(U32x4{{ctr[0], ctr[1], ctr[2], ctr[3]}}, key[0], key[1]);
@@ -135,6 +136,8 @@ PYBIND11_MODULE(_C, m) {
                                      device, stream);
         },
         "Philox4x32-10 over n device counters/keys on the given device and stream (device pointers).");
+  m.def("cuda_synchronize", &cuda::synchronize, py::arg("device"), py::call_guard<py::gil_scoped_release>(),
+        "Wait for all work queued on the device.");
   m.def("cuda_scratch_bytes",
         [](int32_t op, int64_t batch, const std::vector<int64_t>& spatial, const std::vector<double>& config) {
           return cuda::scratch_bytes(Op(op), batch, make_shape(spatial), make_config(config));
@@ -153,5 +156,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("op"), py::arg("input"), py::arg("out"), py::arg("target"), py::arg("batch"), py::arg("channels"),
         py::arg("spatial"), py::arg("seed"), py::arg("offset"), py::arg("config"), py::arg("scratch"),
         py::arg("scratch_size"), py::arg("device"), py::arg("stream"));
+#endif
+#ifdef GENESIS_HIP_CPU
+  m.def("barrier_probe",
+        [](uintptr_t out, int32_t blocks, int32_t threads, int32_t tag, bool barrier) {
+          cuda::barrier_probe(ptr<int32_t>(out), blocks, threads, tag, barrier);
+        },
+        py::arg("out"), py::arg("blocks"), py::arg("threads"), py::arg("tag"), py::arg("barrier"),
+        py::call_guard<py::gil_scoped_release>());
 #endif
 }

@@ -118,18 +118,19 @@ def _is_cupy(x) -> bool:
 
 
 def _kernel(op: str, x_ptr: int, out_ptr: int, target_ptr: int, shape, seed: int, offset: int,
-            config_vec: list[float], cuda: tuple | None) -> None:
-    """Run the op's kernel on contiguous buffers; cuda = (scratch pointer, scratch bytes, device, stream) or None."""
+            config_vec: list[float], cuda: tuple | None, core=_C) -> None:
+    """Run the op's kernel on contiguous buffers; cuda = (scratch pointer, scratch bytes, device, stream) or None.
+    core: the extension module (the tests pass genesis_ext._emulated's)."""
     args = (_OPS[op], x_ptr, out_ptr, target_ptr, int(shape[0]), int(shape[1]), [int(s) for s in shape[2:]],
             seed % _SEED_LIMIT, offset, config_vec)
     if cuda is None:
-        _C.deform_cpu(*args, _num_threads())
+        core.deform_cpu(*args, _num_threads())
     else:
-        _C.deform_cuda(*args, *cuda)
+        core.deform_cuda(*args, *cuda)
 
 
-def _scratch_bytes(op: str, shape, config_vec: list[float]) -> int:
-    return _C.cuda_scratch_bytes(_OPS[op], int(shape[0]), [int(s) for s in shape[2:]], config_vec)
+def _scratch_bytes(op: str, shape, config_vec: list[float], core=_C) -> int:
+    return core.cuda_scratch_bytes(_OPS[op], int(shape[0]), [int(s) for s in shape[2:]], config_vec)
 
 
 def _run_numpy(op: str, x: np.ndarray, with_target: bool, seed: int, offset: int, config_vec: list[float]):

@@ -3,6 +3,7 @@ allocator, no host synchronisation, CUDA-graph capture, torch.compile, torch and
 
 The CPU kernels are checked against the numpy oracle (test_ops.py), so CPU == CUDA extends that to the GPU. Every
 comparison is of float32 bit patterns (NaN compared as NaN: only the Bézier map makes new NaNs, from NaN inputs).
+The parity cases are kernel_cases.py's, which test_emulated.py also runs on the same kernels under HIP-CPU.
 Every test here is marked ``cuda``: conftest skips them, with the reason, where genesis_ext has no usable device.
 
 Environment switches (set by benchmarks/gpu_check.sh):
@@ -13,51 +14,24 @@ Environment switches (set by benchmarks/gpu_check.sh):
 from __future__ import annotations
 
 import os
-import zlib
 
 import numpy as np
 import pytest
 
 import genesis_ext
+import kernel_cases as cases
 from genesis_ext import DeformConfig, _C
+from kernel_cases import (ALL_OPS, BIG_CASES, CASES, EDGE, NONFINITE_CASES, NONFINITE_OFFSETS, OFFICIAL, PHILOX_KAT,
+                          SCRAMBLED, SPLIT_CHUNKS, branch_covering_seed, case_input, case_seed_offsets, outputs)
 
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.cuda
 
-SINGLE_OPS = ("bezier_remap", "local_shuffle", "inpaint", "outpaint", "flip")
-ALL_OPS = SINGLE_OPS + ("genesis_pair",)
-OFFICIAL = (64, 64, 32)
-# The promise is bit identity, the Bézier map included (shared __host__ __device__ code, --fmad=false).
-BEZIER_ATOL = 0.0
 # torch.cuda._sleep cycles: ~0.5 s on an H100; an op call must return (and enqueue everything) well within this.
 SLEEP_CYCLES = 1 << 30
 UNDER_SANITIZER = os.environ.get("GENESIS_UNDER_SANITIZER") == "1"
 CACHING_ALLOCATOR = os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") in ("", "0")
-
-# Every field differs from the default (fits (23, 41, 17): blocks 1..4 per axis, holes 3..8 on the 17-axis).
-SCRAMBLED = DeformConfig(nonlinear_rate=0.3, local_rate=0.7, paint_rate=0.6, inpaint_rate=0.45, outpaint_rate=0.55,
-                         flip_rate=0.8, num_blocks=300, block_div=4, max_holes=7, hole_continue=0.8, hole_div_min=5,
-                         hole_div_max=2, max_windows=6, window_continue=0.7, cut_min_num=2, cut_max_num=5,
-                         cut_den=9, margin=1, max_flips=5)
-# Extremes of the size rules (as test_ops.EDGE): boxes touching the faces, 8 holes / windows, large shuffle blocks.
-EDGE = DeformConfig(nonlinear_rate=0.5, local_rate=0.5, paint_rate=0.8, inpaint_rate=0.5, outpaint_rate=0.5,
-                    flip_rate=0.9, num_blocks=40, block_div=2, max_holes=8, hole_continue=1.0, hole_div_min=3,
-                    hole_div_max=2, max_windows=8, window_continue=1.0, cut_min_num=1, cut_max_num=6, cut_den=7,
-                    margin=0, max_flips=8)
-
-# docs/architecture §4: (counter, key) -> output of Philox4x32-10 (Random123 known-answer vectors)
-PHILOX_KAT = [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]
-
-# Fixed (seed, offset) pairs of every case: small, 32-bit edges (the batch crosses into the counter's high word), and
-# the top of both ranges; each case adds random ones.
-SEED_OFFSETS = [(0, 0), (1234, 7), (2**63 + 1, 2**32 - 2), (2**64 - 1, 2**63 - 16)]
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers
@@ -75,10 +49,6 @@ def run(op, x, **kw):
     return getattr(genesis_ext, op)(x, **kw)
 
 
-def outputs(result):
-    return result if isinstance(result, tuple) else (result,)
-
-
 def as_torch_cpu(a) -> "torch.Tensor":
     """A torch CPU tensor with the values of a (torch tensor on any device, numpy or cupy array)."""
     if isinstance(a, torch.Tensor):
@@ -89,29 +59,11 @@ def as_torch_cpu(a) -> "torch.Tensor":
     return torch.from_numpy(cupy.asnumpy(a))
 
 
-def _bits(t: "torch.Tensor") -> "torch.Tensor":
-    """float32 bit patterns as int32, every NaN as the canonical quiet NaN (payloads are not part of the promise)."""
-    b = t.contiguous().view(torch.int32).clone()
-    b[torch.isnan(t)] = 0x7FC00000
-    return b
-
-
-def assert_identical(got, want, what: str, atol: float = 0.0) -> None:
-    """Same shape and float32 bits (NaN where NaN). atol > 0 allows finite values to differ by up to atol (only ever
-    BEZIER_ATOL, for outputs of the Bézier map); non-finite positions must still agree exactly."""
-    got, want = as_torch_cpu(got), as_torch_cpu(want)
-    assert got.dtype == want.dtype == torch.float32, (what, got.dtype, want.dtype)
-    assert got.shape == want.shape, (what, tuple(got.shape), tuple(want.shape))
-    differ = _bits(got) != _bits(want)
-    if atol > 0:
-        finite = torch.isfinite(got) & torch.isfinite(want)
-        differ &= ~(finite & ((got.double() - want.double()).abs() <= atol))
-    if differ.any():
-        first = tuple(int(i) for i in differ.nonzero()[0])
-        both = differ & torch.isfinite(got) & torch.isfinite(want)
-        worst = float((got[both].double() - want[both].double()).abs().max()) if both.any() else float("nan")
-        pytest.fail(f"{what}: {int(differ.sum())} of {differ.numel()} values differ from the CPU kernel; first at "
-                    f"{first}: got {float(got[first])!r}, CPU {float(want[first])!r}; max finite |diff| {worst:.3g}")
+def assert_identical(got, want, what: str) -> None:
+    """Same shape and float32 bits, NaN where NaN (kernel_cases.bit_mismatch)."""
+    message = cases.bit_mismatch(as_torch_cpu(got).numpy(), as_torch_cpu(want).numpy(), what)
+    if message:
+        pytest.fail(message)
 
 
 def assert_matches_cpu(op, got, x_cpu, what, **kw) -> None:
@@ -120,8 +72,7 @@ def assert_matches_cpu(op, got, x_cpu, what, **kw) -> None:
     got = outputs(got)
     assert len(got) == len(want), what
     for k, (g, w) in enumerate(zip(got, want)):
-        bezier = op == "bezier_remap" or (op == "genesis_pair" and k == 0)
-        assert_identical(g, w, f"{what} output {k}", atol=BEZIER_ATOL if bezier else 0.0)
+        assert_identical(g, w, f"{what} output {k}")
 
 
 def assert_device_outputs(result, x) -> None:
@@ -134,42 +85,15 @@ def assert_device_outputs(result, x) -> None:
 
 def uniform(shape, seed) -> "torch.Tensor":
     """float32 CPU tensor of uniform [0, 1) values (fixed seed)."""
-    return torch.from_numpy(np.random.default_rng(seed).random(shape, dtype=np.float32))
+    return torch.from_numpy(cases.uniform(shape, seed))
 
 
-def channels_of(base):
-    """(N, 1, *S) -> (N, 3, *S) with channels (x, 2x, -x): exact in float32, only 1/3 of them in [0, 1]."""
-    return torch.cat([base, 2 * base, -base], dim=1).contiguous()
-
-
-def make_input(shape, seed):
-    n, c, *spatial = shape
-    if c == 3:
-        return channels_of(uniform((n, 1, *spatial), seed))
-    return uniform(shape, seed)
+def make_input(shape, seed) -> "torch.Tensor":
+    return torch.from_numpy(cases.make_input(shape, seed))
 
 
 def with_special_values(x: "torch.Tensor", seed) -> "torch.Tensor":
-    """A copy of x with 1/8 of its values NaN, ±Inf, ±0, out of [0, 1], subnormal or huge."""
-    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1.0, -0.5, 1.5, 1e-45, -1e-45,
-                            3e38, -3e38, 1e-30, 0.99999994], dtype=torch.float32)
-    x = x.clone()
-    flat = x.view(-1)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(flat.numel(), generator=g)[: flat.numel() // 8]
-    flat[idx] = special[torch.randint(len(special), (len(idx),), generator=g)]
-    return x
-
-
-def branch_covering_seed(batch, spatial, config, offset=0, start=1000):
-    """The first seed >= start whose samples offset .. offset+batch-1 take every branch of the pair (local x
-    nonlinear x {no paint, in-, out-painting}), so a pair comparison over the batch covers the whole kernel."""
-    for seed in range(start, start + 500):
-        p = genesis_ext.sample_params(batch, spatial, seed=seed, offset=offset, config=config, with_blocks=False)
-        kind = np.where(p["paint"], np.where(p["inpaint"], 1, 2), 0)
-        if len(set(zip(p["local"].tolist(), p["nonlinear"].tolist(), kind.tolist()))) == 12:
-            return seed
-    raise AssertionError(f"no seed in [{start}, {start + 500}) covers every branch with batch {batch}")
+    return torch.from_numpy(cases.with_special_values(x.numpy(), seed))
 
 
 def warm_up(dev, ops=ALL_OPS):
@@ -185,38 +109,20 @@ def warm_up(dev, ops=ALL_OPS):
 # CPU == CUDA, bit for bit
 
 
-# (id, batch shape (N, C, *spatial), config)
-CASES = [
-    ("official", (4, 1, *OFFICIAL), DeformConfig.official()),
-    ("official-compat", (4, 1, *OFFICIAL), DeformConfig.official(flip_compat=True)),
-    ("official-c3", (2, 3, *OFFICIAL), DeformConfig()),
-    ("batch1", (1, 1, *OFFICIAL), DeformConfig()),
-    ("odd", (3, 1, 23, 41, 17), DeformConfig()),
-    ("odd-c3-scrambled", (3, 3, 23, 41, 17), SCRAMBLED),
-    ("odd-c3-scrambled-compat", (3, 3, 23, 41, 17), SCRAMBLED.replace(flip_compat=True)),
-    # block_div 3: blocks up to 7 x 13 x 5 = 455 voxels, the kernels' larger permutation array (up to 1,024)
-    ("odd-c2-edge", (3, 2, 23, 41, 17), EDGE.replace(block_div=3)),
-    ("2d-c3", (4, 3, 64, 64), DeformConfig()),
-    ("2d-scrambled", (4, 1, 41, 23), SCRAMBLED),
-    ("2d-edge", (4, 1, 40, 24), EDGE),
-]
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_cuda_equals_cpu(op, case, dev):
     name, shape, config = case
-    x = make_input(shape, seed=zlib.crc32(name.encode()))
+    x = torch.from_numpy(case_input(name, shape))
     xd = x.to(dev)
-    rng = np.random.default_rng(zlib.crc32(f"{op}/{name}".encode()))  # stable across runs (hash() is salted)
-    randoms = [(int(rng.integers(0, 2**64, dtype=np.uint64)), int(rng.integers(0, 2**40))) for _ in range(4)]
-    for seed, offset in SEED_OFFSETS + randoms:
+    pairs = case_seed_offsets(op, name)
+    for seed, offset in pairs:
         kw = dict(seed=seed, offset=offset, config=config)
         got = run(op, xd, **kw)
         assert_device_outputs(got, xd)
         assert_matches_cpu(op, got, x, f"{op} {name} seed={seed} offset={offset}", **kw)
     # deterministic on the device, and sample n depends only on (seed, offset + n)
-    seed, offset = randoms[0]
+    seed, offset = pairs[-1]
     kw = dict(seed=seed, offset=offset, config=config)
     first, again = outputs(run(op, xd, **kw)), outputs(run(op, xd, **kw))
     for a, b in zip(first, again):
@@ -225,14 +131,6 @@ def test_cuda_equals_cpu(op, case, dev):
         tail = outputs(run(op, xd[1:], seed=seed, offset=offset + 1, config=config))
         for a, b in zip(first, tail):
             assert_identical(a[1:], b, f"{op} {name}: batch x[1:] at offset + 1")
-
-
-BIG_CASES = [
-    ("official", (257, 1, *OFFICIAL), DeformConfig(), 0),
-    ("official-crosses-2^32", (257, 1, *OFFICIAL), DeformConfig(), 2**32 - 100),
-    ("odd-c2-scrambled", (257, 2, 23, 41, 17), SCRAMBLED, 3),
-    ("2d-c3", (257, 3, 64, 64), DeformConfig(), 2**40),
-]
 
 
 @pytest.mark.parametrize("case", BIG_CASES, ids=[c[0] for c in BIG_CASES])
@@ -250,11 +148,25 @@ def test_cuda_equals_cpu_batch_257(op, case, dev):
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_cuda_equals_cpu_with_nonfinite_values(op, dev):
     """NaN, ±Inf, ±0, subnormals and values outside [0, 1] are data: moved, mapped or painted over as on the CPU."""
-    for shape, config in (((3, 2, 23, 41, 17), SCRAMBLED), ((2, 1, *OFFICIAL), DeformConfig()), ((3, 3, 40, 24), EDGE)):
+    for shape, config in NONFINITE_CASES:
         x = with_special_values(make_input(shape, seed=5), seed=6)
-        for offset in (0, 40, 2**32 - 1):
+        for offset in NONFINITE_OFFSETS:
             kw = dict(seed=606, offset=offset, config=config)
             assert_matches_cpu(op, run(op, x.to(dev), **kw), x, f"{op} non-finite {shape} offset={offset}", **kw)
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_uneven_batch_split_equals_the_whole_batch(op, dev):
+    x = make_input((sum(SPLIT_CHUNKS), 2, 23, 41, 17), seed=8)
+    seed = branch_covering_seed(len(x), x.shape[2:], SCRAMBLED, offset=50)
+    xd = x.to(dev)
+    whole = outputs(run(op, x, seed=seed, offset=50, config=SCRAMBLED))
+    start = 0
+    for size in SPLIT_CHUNKS:
+        part = outputs(run(op, xd[start:start + size], seed=seed, offset=50 + start, config=SCRAMBLED))
+        for k, (p, w) in enumerate(zip(part, whole)):
+            assert_identical(p, w[start:start + size], f"{op} chunk [{start}, {start + size}), output {k}")
+        start += size
 
 
 def test_huge_batch_over_2_31_elements(dev):
@@ -276,9 +188,7 @@ def test_huge_batch_over_2_31_elements(dev):
             x_k = x[k:k + 1].cpu()
             want = outputs(run(op, x_k, seed=seed, offset=offset + k))
             for j, (g, w) in enumerate(zip(got, want)):
-                bezier = op == "bezier_remap" or (op == "genesis_pair" and j == 0)
-                assert_identical(g[k:k + 1], w, f"{op} huge batch: sample {k} of {n}, output {j}",
-                                 atol=BEZIER_ATOL if bezier else 0.0)
+                assert_identical(g[k:k + 1], w, f"{op} huge batch: sample {k} of {n}, output {j}")
         del got
     del x
     torch.cuda.empty_cache()
@@ -395,7 +305,7 @@ def test_inputs_requiring_grad_behave_as_on_cpu(op, dev):
     for device in ("cpu", dev):
         xg = x.to(device).requires_grad_(True)
         got = outputs(run(op, xg, seed=4))
-        assert_identical(got[0], outputs(run(op, x, seed=4))[0], f"{op} requires_grad on {device}", atol=BEZIER_ATOL)
+        assert_identical(got[0], outputs(run(op, x, seed=4))[0], f"{op} requires_grad on {device}")
         try:
             got[0].sum().backward()
             backward = "ok"
@@ -541,7 +451,7 @@ def test_torch_compile_fullgraph_on_cuda(mode, dev):
         torch.compiler.cudagraph_mark_step_begin()
         got = [t.clone() for t in compiled(x, offset)]  # cudagraph outputs are overwritten by the next replay
         eager = step(x, offset)
-        assert_identical(got[0], eager[0], f"compiled ({mode}) x_deformed, offset {offset}", atol=BEZIER_ATOL)
+        assert_identical(got[0], eager[0], f"compiled ({mode}) x_deformed, offset {offset}")
         assert_identical(got[1], eager[1], f"compiled ({mode}) target, offset {offset}")
         torch.testing.assert_close(got[2], eager[2], rtol=0, atol=1e-6)
     assert_matches_cpu("genesis_pair", tuple(got[:2]), x.cpu(), f"compiled ({mode}) vs CPU", seed=1234, offset=0)

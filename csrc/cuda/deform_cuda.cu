@@ -7,8 +7,6 @@
 //     the target. A block crossing several tiles is permuted once per tile (the same permutation: it is a pure
 //     function of its stream): cheaper than a global owner map and its extra DRAM traffic.
 // All per-sample and per-voxel decisions are the shared __host__ __device__ code the CPU kernels use.
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -16,6 +14,7 @@
 #include "../bezier.h"
 #include "../deform.h"
 #include "deform_cuda.h"
+#include "gpu_runtime.h"
 
 namespace genesis::cuda {
 
@@ -25,11 +24,6 @@ constexpr int kThreads = 256;
 constexpr int kTileVoxels = 4096;        // owner and source maps: 2 x 16 KiB of shared memory
 constexpr int kMaxBatchPerLaunch = 65535;  // gridDim.y limit
 constexpr int32_t kMaxBlockVolume = 1024;   // largest shuffle block the kernels' permutation array holds
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("genesis_ext CUDA: ") + what + ": " + cudaGetErrorString(err));
-}
 
 // Shuffle-block geometry kept between the two kernels (int16: 12 bytes per block, L2-resident for large batches).
 struct BlockBox {
@@ -322,15 +316,6 @@ struct ScratchPointers {
   }
 };
 
-template <int Cap, typename Index>
-void launch_deform(cudaStream_t stream, dim3 grid, Op op, const DeformConfig& cfg, const Shape& sh,
-                   const Tiles& tiles, uint64_t seed, uint64_t offset, int64_t channels, const ScratchPointers& s,
-                   int32_t list_capacity, const float* in, float* out, float* target) {
-  deform_kernel<Cap, Index><<<grid, kThreads, 0, stream>>>(op, cfg, sh, tiles, seed, offset, channels, s.params,
-                                                          s.tables, s.boxes, s.starts, s.lists, list_capacity, in,
-                                                          out, target);
-}
-
 }  // namespace
 
 size_t scratch_bytes(Op op, int64_t batch, const Shape& sh, const DeformConfig& cfg) {
@@ -359,20 +344,16 @@ void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batc
   for (int64_t first = 0; first < batch; first += kMaxBatchPerLaunch) {
     const int64_t count = std::min<int64_t>(kMaxBatchPerLaunch, batch - first);
     const ScratchPointers s(scratch, layout, first, cfg, tiles.per_sample());
-    prepare_kernel<<<unsigned(count), kThreads, 0, stream>>>(op, cfg, sh, tiles, seed, offset + first, s.params,
-                                                             s.tables, s.boxes, s.starts, s.cursors, s.lists,
-                                                             layout.list_capacity);
+    launch(prepare_kernel, unsigned(count), kThreads, stream, op, cfg, sh, tiles, seed, offset + first, s.params,
+           s.tables, s.boxes, s.starts, s.cursors, s.lists, layout.list_capacity);
     check(cudaGetLastError(), "prepare kernel launch");
     const dim3 grid(unsigned(tiles.per_sample()), unsigned(count));
     const float* x = in + first * sample_size;
     float* y = out + first * sample_size;
     float* t = target != nullptr ? target + first * sample_size : nullptr;
-    if (block_volume <= 128)
-      launch_deform<128, uint8_t>(stream, grid, op, cfg, sh, tiles, seed, offset + first, channels, s,
-                                  layout.list_capacity, x, y, t);
-    else
-      launch_deform<kMaxBlockVolume, uint16_t>(stream, grid, op, cfg, sh, tiles, seed, offset + first, channels, s,
-                                               layout.list_capacity, x, y, t);
+    launch(block_volume <= 128 ? deform_kernel<128, uint8_t> : deform_kernel<kMaxBlockVolume, uint16_t>, grid,
+           kThreads, stream, op, cfg, sh, tiles, seed, offset + first, channels, s.params, s.tables, s.boxes,
+           s.starts, s.lists, layout.list_capacity, x, y, t);
     check(cudaGetLastError(), "deform kernel launch");
   }
 }

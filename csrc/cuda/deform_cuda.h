@@ -11,6 +11,8 @@ namespace genesis::cuda {
 // Empty string when a CUDA driver and at least one device are usable, else why not.
 std::string unavailable_reason();
 int device_count();
+// Waits for all work queued on `device` (the emulated module's tests read results on the host right after a call).
+void synchronize(int device);
 
 // Philox4x32-10 on the device: out[4*j .. 4*j+3] = philox(ctr[4*j ..], key[2*j ..]) for j < n.
 // Pointers are device pointers; runs on `stream` (a cudaStream_t as an integer), never synchronises the host.
@@ -26,5 +28,11 @@ size_t scratch_bytes(Op op, int64_t batch, const Shape& sh, const DeformConfig& 
 void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batch, int64_t channels,
                  const Shape& sh, uint64_t seed, uint64_t offset, const DeformConfig& cfg, void* scratch,
                  size_t scratch_size, int device, uintptr_t stream);
+
+#ifdef GENESIS_HIP_CPU
+// Emulation only (csrc/cuda/emulated.cpp): out[b * threads + t] = tag + b, written by thread 0 of block b and read
+// by thread t, with or without a barrier between (host memory; waits for the kernel).
+void barrier_probe(int32_t* out, int32_t blocks, int32_t threads, int32_t tag, bool barrier);
+#endif
 
 }  // namespace genesis::cuda

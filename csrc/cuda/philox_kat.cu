@@ -1,20 +1,14 @@
-// Device side of the shared generator: the Philox known-answer kernel, and the CUDA availability checks.
-#include <cuda_runtime.h>
-
-#include <stdexcept>
+// Device side of the shared generator (the Philox known-answer kernel), and the runtime queries: availability,
+// device count, synchronisation.
 #include <string>
 
 #include "../philox.h"
 #include "deform_cuda.h"
+#include "gpu_runtime.h"
 
 namespace genesis::cuda {
 
 namespace {
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("genesis_ext CUDA: ") + what + ": " +
-                                                   cudaGetErrorString(err));
-}
 
 __global__ void philox_kernel(const uint32_t* ctr, const uint32_t* key, uint32_t* out, int64_t n) {
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -49,11 +43,20 @@ void philox_known_answers(const uint32_t* ctr, const uint32_t* key, uint32_t* ou
   check(cudaGetDevice(&previous), "cudaGetDevice");
   check(cudaSetDevice(device), "cudaSetDevice");
   const int threads = 128;
-  philox_kernel<<<unsigned((n + threads - 1) / threads), threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      ctr, key, out, n);
+  launch(philox_kernel, unsigned((n + threads - 1) / threads), threads, reinterpret_cast<cudaStream_t>(stream), ctr,
+         key, out, n);
   const cudaError_t launched = cudaGetLastError();
   check(cudaSetDevice(previous), "cudaSetDevice");  // leave the caller's current device as it was
   check(launched, "philox kernel launch");
+}
+
+void synchronize(int device) {
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  check(cudaSetDevice(device), "cudaSetDevice");
+  const cudaError_t done = cudaDeviceSynchronize();
+  check(cudaSetDevice(previous), "cudaSetDevice");
+  check(done, "cudaDeviceSynchronize");
 }
 
 }  // namespace genesis::cuda

@@ -1,0 +1,182 @@
+"""The CUDA kernels of csrc/cuda, executed on the CPU by HIP-CPU (genesis_ext._C_emu), against the CPU kernels, bit
+for bit, on the case lists test_cuda.py runs on a real GPU (kernel_cases.py).
+
+This runs the kernels' logic: tiles, scratch layout, shared-memory ownership, atomics, barriers, launch grids, batch
+splits. It cannot show nvcc's code generation, real warps' memory effects, speed, graphs or streams (docs/emulation.md).
+The whole module skips, with the reason, where _C_emu was not built (it needs HIP-CPU and TBB).
+
+Thread order: HIP-CPU runs a block's threads as fibres one after another between barriers. A result must not depend
+on that order, nor on how many host threads run the blocks: test_parity_in_reversed_order_on_one_core runs this
+module again with the fibres reversed (HIP_CPU_REVERSE_THREADS=1, read once per process) on a single core.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kernel_cases import (
+    ALL_OPS,
+    BIG_CASES,
+    CASES,
+    EDGE,
+    N_SEED_OFFSETS,
+    NONFINITE_CASES,
+    NONFINITE_OFFSETS,
+    PHILOX_KAT,
+    SCRAMBLED,
+    SPLIT_CHUNKS,
+    bit_mismatch,
+    branch_covering_seed,
+    case_input,
+    case_seed_offsets,
+    make_input,
+    outputs,
+    with_special_values,
+)
+
+import genesis_ext
+from genesis_ext import _C, _emulated
+
+pytestmark = pytest.mark.skipif(_emulated.UNAVAILABLE is not None, reason=str(_emulated.UNAVAILABLE))
+
+REVERSED = os.environ.get("HIP_CPU_REVERSE_THREADS", "") not in ("", "0")
+
+
+def assert_same(got, want, what):
+    got, want = outputs(got), outputs(want)
+    assert len(got) == len(want), what
+    for k, (g, w) in enumerate(zip(got, want)):
+        message = bit_mismatch(g, w, f"{what}, output {k}")
+        if message:
+            pytest.fail(message)
+
+
+def assert_matches_cpu(op, x, what, **kw):
+    """The emulated CUDA kernel on x equals the CPU kernel on x."""
+    assert_same(_emulated.deform(op, x, **kw), getattr(genesis_ext, op)(x, **kw), what)
+
+
+@pytest.mark.parametrize("k", range(N_SEED_OFFSETS), ids=lambda k: f"seed{k}")
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_emulated_equals_cpu(op, case, k):
+    name, shape, config = case
+    seed, offset = case_seed_offsets(op, name)[k]
+    assert_matches_cpu(op, case_input(name, shape), f"{op} {name} seed={seed} offset={offset}", seed=seed,
+                       offset=offset, config=config)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_emulated_is_deterministic_and_batch_independent(op, case):
+    """A second identical call gives the same bits, and sample n depends only on (seed, offset + n)."""
+    name, shape, config = case
+    x = case_input(name, shape)
+    seed, offset = case_seed_offsets(op, name)[-1]
+    kw = dict(seed=seed, offset=offset, config=config)
+    first = outputs(_emulated.deform(op, x, **kw))
+    assert_same(_emulated.deform(op, x, **kw), first, f"{op} {name}: a second identical call")
+    if shape[0] > 1:
+        tail = _emulated.deform(op, x[1:], seed=seed, offset=offset + 1, config=config)
+        assert_same(tail, tuple(f[1:] for f in first), f"{op} {name}: batch x[1:] at offset + 1")
+
+
+@pytest.mark.parametrize("case", BIG_CASES, ids=[c[0] for c in BIG_CASES])
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_emulated_equals_cpu_batch_257(op, case):
+    name, shape, config, offset = case
+    seed = branch_covering_seed(shape[0], shape[2:], config, offset=offset)
+    assert_matches_cpu(op, make_input(shape, seed=17), f"{op} batch-257 {name}", seed=seed, offset=offset,
+                       config=config)
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_emulated_equals_cpu_with_nonfinite_values(op):
+    for shape, config in NONFINITE_CASES:
+        x = with_special_values(make_input(shape, seed=5), seed=6)
+        for offset in NONFINITE_OFFSETS:
+            assert_matches_cpu(op, x, f"{op} non-finite {shape} offset={offset}", seed=606, offset=offset,
+                               config=config)
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_uneven_batch_split_equals_the_whole_batch(op):
+    x = make_input((sum(SPLIT_CHUNKS), 2, 23, 41, 17), seed=8)
+    seed = branch_covering_seed(len(x), x.shape[2:], SCRAMBLED, offset=50)
+    whole = outputs(getattr(genesis_ext, op)(x, seed=seed, offset=50, config=SCRAMBLED))
+    start = 0
+    for size in SPLIT_CHUNKS:
+        part = _emulated.deform(op, x[start:start + size], seed=seed, offset=50 + start, config=SCRAMBLED)
+        assert_same(part, tuple(w[start:start + size] for w in whole), f"{op} chunk [{start}, {start + size})")
+        start += size
+
+
+def test_emulated_philox_known_answers_and_cpu_equality():
+    rng = np.random.default_rng(4)
+    n = len(PHILOX_KAT) + 1000
+    ctr = rng.integers(0, 2**32, size=(n, 4), dtype=np.uint64).astype(np.uint32)
+    key = rng.integers(0, 2**32, size=(n, 2), dtype=np.uint64).astype(np.uint32)
+    for j, (c, k, _) in enumerate(PHILOX_KAT):
+        ctr[j], key[j] = c, k
+    got = _emulated.philox(ctr, key)
+    for j, (_, _, expected) in enumerate(PHILOX_KAT):
+        assert tuple(int(v) for v in got[j]) == expected, j
+    want = np.array([_C.philox4x32_10(c.tolist(), k.tolist()) for c, k in zip(ctr, key)], dtype=np.uint32)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("op", ("local_shuffle", "genesis_pair"))
+def test_shuffle_blocks_beyond_the_kernel_limit_raise_clearly(op):
+    # EDGE on (23, 41, 17): blocks up to 11 x 20 x 8 = 1,760 voxels; the CUDA kernels hold permutations of <= 1,024
+    x = make_input((1, 1, 23, 41, 17), seed=1)
+    with pytest.raises(ValueError, match="1760 voxels exceed the CUDA kernels' limit of 1024"):
+        _emulated.deform(op, x, seed=0, config=EDGE)
+
+
+def test_build_info_of_the_emulated_module():
+    info = _emulated._C_emu.build_info()
+    assert info["with_cuda"] and info["cuda_archs"] == "hip-cpu"
+    assert info["cuda_devices"] == 1 and info["cuda_unavailable_reason"] == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Thread order
+
+
+def _probe(barrier: bool, tag: int) -> np.ndarray:
+    blocks, threads = 3, 64
+    out = np.full(blocks * threads, -1, dtype=np.int32)
+    _emulated._C_emu.barrier_probe(out.ctypes.data, blocks, threads, tag, barrier)
+    return out.reshape(blocks, threads) - tag
+
+
+def test_the_reversed_order_catches_a_missing_barrier():
+    """The probe works: without its barrier, a kernel whose thread 0 writes what all threads read is right in the
+    normal fibre order (why one order is not enough) and wrong in the reversed one (this module's second run, below);
+    with the barrier, right in both."""
+    expected = np.arange(3)[:, None]
+    assert int((_probe(True, tag=500) != expected).sum()) == 0
+    stale = int((_probe(False, tag=700) != expected).sum())
+    assert stale == (3 * 63 if REVERSED else 0), f"{stale} of 192 threads read a stale word"
+
+
+def test_parity_in_reversed_order_on_one_core():
+    """This module again, in a fresh process with the fibres reversed and TBB confined to one core (the suite itself
+    runs in the normal order on every core): any difference is a race or a missing barrier."""
+    if REVERSED:
+        pytest.skip("already running in the reversed order")
+    env = dict(os.environ, HIP_CPU_REVERSE_THREADS="1")
+    one_core = min(os.sched_getaffinity(0))
+    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x"],
+                         env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=1800,
+                         preexec_fn=lambda: os.sched_setaffinity(0, {one_core}))
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    print(f"reversed fibre order, 1 core: {summary}")
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
+    passed = int(re.search(r"(\d+) passed", summary).group(1))
+    assert passed >= 100 and "failed" not in summary, summary
