@@ -1,5 +1,6 @@
-"""The cases on which the CUDA kernels must equal the CPU kernels bit for bit, shared by test_cuda.py (a real GPU) and
-test_emulated.py (the same kernels under HIP-CPU), so the two cannot drift. numpy only: each side converts.
+"""The test configs (SCRAMBLED, EDGE), the Philox known answers, and the cases on which the CUDA kernels must equal
+the CPU kernels bit for bit, shared by test_cuda.py (a real GPU) and test_emulated.py (the same kernels under
+HIP-CPU), so the two cannot drift; test_ops.py and test_build.py take their configs from here too. numpy only.
 
 Every comparison is of float32 bit patterns, every NaN as one NaN (payloads are not part of the promise; only the
 Bézier map makes new NaNs, from NaN inputs). The Bézier map is bit-identical too: its body is shared.
@@ -64,6 +65,11 @@ BIG_CASES = [
     ("odd-c2-scrambled", (257, 2, 23, 41, 17), SCRAMBLED, 3),
     ("2d-c3", (257, 3, 64, 64), DeformConfig(), 2**40),
 ]
+
+# More samples than one launch takes (65,535, the grid's y limit): (id, shape, config, offset), for the ops given.
+MULTI_LAUNCH_CASE = ("65540-samples", (65540, 1, 3, 2), DeformConfig(local_rate=0.0, paint_rate=0.0, flip_rate=0.9),
+                     2**40)
+MULTI_LAUNCH_OPS = ("flip", "genesis_pair")
 
 # (shape, config) of the non-finite cases, each run at NONFINITE_OFFSETS.
 NONFINITE_CASES = [((3, 2, 23, 41, 17), SCRAMBLED), ((2, 1, *OFFICIAL), DeformConfig()), ((3, 3, 40, 24), EDGE)]

@@ -6,26 +6,19 @@ docs/randomness.md) bit for bit.
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+from kernel_cases import PHILOX_KAT, SCRAMBLED
 
 import genesis_ext
-from genesis_ext import DeformConfig, _C
+from genesis_ext import _C, DeformConfig
 from genesis_ext import reference as R
 
-# docs/architecture §4: (counter, key) -> output of Philox4x32-10 (Random123 known-answer vectors)
-PHILOX_KAT = [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]
-
-# Every field differs from the default, so a field read from the wrong slot of config.to_vector() shows.
-SCRAMBLED = DeformConfig(nonlinear_rate=0.3, local_rate=0.7, paint_rate=0.6, inpaint_rate=0.45, outpaint_rate=0.55,
-                         flip_rate=0.8, num_blocks=300, block_div=4, max_holes=7, hole_continue=0.8, hole_div_min=5,
-                         hole_div_max=2, max_windows=6, window_continue=0.7, cut_min_num=2, cut_max_num=5,
-                         cut_den=9, margin=1, max_flips=5)
+REPO = Path(__file__).resolve().parents[1]
 
 SEEDS = [0, 1, 20190613, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**63 + 12345, 2**64 - 1]
 OFFSETS = [0, 2**32 - 2, 2**62 + 7, 2**63 - 3]  # 2**32 - 2: the batch crosses into the counter's high word
@@ -176,3 +169,38 @@ def test_sample_params_rejects_bad_seed_and_offset(kwargs, exc, match):
 def test_sample_params_rejects_bad_shapes(args, match):
     with pytest.raises(ValueError, match=match):
         genesis_ext.sample_params(*args, seed=0)
+
+
+def _cuda_resources():
+    spec = importlib.util.spec_from_file_location("cuda_resources", REPO / "benchmarks" / "cuda_resources.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_resource_report_fails_on_spills_and_launches_that_cannot_fit():
+    """benchmarks/cuda_resources.py (CI's sm_90 report) reads ptxas' report and fails what the launch cannot afford."""
+    res = _cuda_resources()
+    ptxas = """ptxas info    : Compiling entry function '_ZN7genesis4cuda12_GLOBAL__N_114prepare_kernelEv' for 'sm_90'
+ptxas info    : Function properties for _ZN7genesis4cuda12_GLOBAL__N_114prepare_kernelEv
+    552 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 62 registers, used 1 barriers, 552 bytes cumulative stack size, 6608 bytes smem
+ptxas info    : Compiling entry function '_ZN7genesis4cuda12_GLOBAL__N_113philox_kernelEv' for 'sm_90'
+ptxas info    : Function properties for _ZN7genesis4cuda12_GLOBAL__N_113philox_kernelEv
+    16 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers
+ptxas info    : Compiling entry function '_ZN7genesis4cuda12_GLOBAL__N_110new_kernelEv' for 'sm_90'
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 8 registers, used 0 barriers
+"""
+    kernels = res.parse(ptxas)
+    assert [(k.name, k.registers, k.stack, k.smem) for k in kernels] == [
+        ("prepare_kernel", 62, 552, 6608), ("philox_kernel", 255, 16, 0), ("new_kernel", 8, 0, 0)]
+    rows, problems = res.judge(kernels)
+    assert "50%" in rows[1] and "registers" in rows[1]  # 62 registers x 256 threads: 4 blocks, 32 of 64 warps
+    assert problems == ["philox_kernel: spills 8 bytes stored, 8 loaded",
+                        "new_kernel: no launch size in LAUNCH_THREADS"]
+    big = res.Kernel("deform_kernel<1024, unsigned short>", registers=40, smem=60 * 1024)
+    assert res.judge([big])[1] == ["deform_kernel<1024, unsigned short>: cannot launch 256 threads per block "
+                                   "(shared memory)"]

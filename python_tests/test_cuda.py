@@ -21,8 +21,9 @@ import pytest
 import genesis_ext
 import kernel_cases as cases
 from genesis_ext import DeformConfig, _C
-from kernel_cases import (ALL_OPS, BIG_CASES, CASES, EDGE, NONFINITE_CASES, NONFINITE_OFFSETS, OFFICIAL, PHILOX_KAT,
-                          SCRAMBLED, SPLIT_CHUNKS, branch_covering_seed, case_input, case_seed_offsets, outputs)
+from kernel_cases import (ALL_OPS, BIG_CASES, CASES, EDGE, MULTI_LAUNCH_CASE, MULTI_LAUNCH_OPS, NONFINITE_CASES,
+                          NONFINITE_OFFSETS, OFFICIAL, PHILOX_KAT, SCRAMBLED, SPLIT_CHUNKS, branch_covering_seed,
+                          case_input, case_seed_offsets, outputs)
 
 torch = pytest.importorskip("torch")
 
@@ -153,6 +154,14 @@ def test_cuda_equals_cpu_with_nonfinite_values(op, dev):
         for offset in NONFINITE_OFFSETS:
             kw = dict(seed=606, offset=offset, config=config)
             assert_matches_cpu(op, run(op, x.to(dev), **kw), x, f"{op} non-finite {shape} offset={offset}", **kw)
+
+
+@pytest.mark.parametrize("op", MULTI_LAUNCH_OPS)
+def test_cuda_equals_cpu_over_several_launches(op, dev):
+    name, shape, config, offset = MULTI_LAUNCH_CASE
+    x = make_input(shape, seed=3)
+    kw = dict(seed=77, offset=offset, config=config)
+    assert_matches_cpu(op, run(op, x.to(dev), **kw), x, f"{op} {name}", **kw)
 
 
 @pytest.mark.parametrize("op", ALL_OPS)

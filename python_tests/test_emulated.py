@@ -24,6 +24,8 @@ from kernel_cases import (
     BIG_CASES,
     CASES,
     EDGE,
+    MULTI_LAUNCH_CASE,
+    MULTI_LAUNCH_OPS,
     N_SEED_OFFSETS,
     NONFINITE_CASES,
     NONFINITE_OFFSETS,
@@ -93,6 +95,12 @@ def test_emulated_equals_cpu_batch_257(op, case):
     seed = branch_covering_seed(shape[0], shape[2:], config, offset=offset)
     assert_matches_cpu(op, make_input(shape, seed=17), f"{op} batch-257 {name}", seed=seed, offset=offset,
                        config=config)
+
+
+@pytest.mark.parametrize("op", MULTI_LAUNCH_OPS)
+def test_emulated_equals_cpu_over_several_launches(op):
+    name, shape, config, offset = MULTI_LAUNCH_CASE
+    assert_matches_cpu(op, make_input(shape, seed=3), f"{op} {name}", seed=77, offset=offset, config=config)
 
 
 @pytest.mark.parametrize("op", ALL_OPS)

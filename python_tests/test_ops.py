@@ -9,6 +9,7 @@ import multiprocessing as mp
 
 import numpy as np
 import pytest
+from kernel_cases import ALL_OPS, EDGE, SCRAMBLED, SINGLE_OPS
 
 import genesis_ext
 from genesis_ext import DeformConfig
@@ -16,23 +17,7 @@ from genesis_ext import reference as R
 
 torch = pytest.importorskip("torch")
 
-SINGLE_OPS = ("bezier_remap", "local_shuffle", "inpaint", "outpaint", "flip")
-ALL_OPS = SINGLE_OPS + ("genesis_pair",)
 BEZIER_TOL = 1e-5
-
-# Every field differs from the default (fits (23, 41, 17): blocks 1..4 per axis, holes 3..8 on the 17-axis).
-SCRAMBLED = DeformConfig(nonlinear_rate=0.3, local_rate=0.7, paint_rate=0.6, inpaint_rate=0.45, outpaint_rate=0.55,
-                         flip_rate=0.8, num_blocks=300, block_div=4, max_holes=7, hole_continue=0.8, hole_div_min=5,
-                         hole_div_max=2, max_windows=6, window_continue=0.7, cut_min_num=2, cut_max_num=5,
-                         cut_den=9, margin=1, max_flips=5)
-
-# Extremes of the size rules: boxes may touch the faces (margin 0), 8 holes / windows always (MAX_PARTS), heavily
-# overlapping holes, windows from 3 voxels to nearly the whole axis, large shuffle blocks (up to 11 x 20 x 8 voxels:
-# ~1,760 Fisher-Yates draws), up to 8 flips.
-EDGE = DeformConfig(nonlinear_rate=0.5, local_rate=0.5, paint_rate=0.8, inpaint_rate=0.5, outpaint_rate=0.5,
-                    flip_rate=0.9, num_blocks=40, block_div=2, max_holes=8, hole_continue=1.0, hole_div_min=3,
-                    hole_div_max=2, max_windows=8, window_continue=1.0, cut_min_num=1, cut_max_num=6, cut_den=7,
-                    margin=0, max_flips=8)
 
 
 def run(op, x, **kw):
