@@ -5,6 +5,8 @@
 #include <pybind11/stl.h>
 
 #include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "deform.h"
@@ -126,6 +128,10 @@ PYBIND11_MODULE(GENESIS_MODULE, m) {
 #else
   m.attr("WITH_CUDA") = false;
 #endif
+#define GENESIS_NAME(type, name) std::pair<std::string, std::string>(#name, #type),
+  const std::vector<std::pair<std::string, std::string>> config_fields{GENESIS_CONFIG_FIELDS(GENESIS_NAME)};
+#undef GENESIS_NAME
+  m.attr("CONFIG_FIELDS") = py::tuple(py::cast(config_fields));  // (name, C++ type) in order
   m.attr("OPS") = py::dict(py::arg("genesis_pair") = int(PAIR), py::arg("bezier_remap") = int(BEZIER_OP),
                            py::arg("local_shuffle") = int(SHUFFLE_OP), py::arg("inpaint") = int(INPAINT_OP),
                            py::arg("outpaint") = int(OUTPAINT_OP), py::arg("flip") = int(FLIP_OP));

@@ -3,34 +3,29 @@
 #pragma once
 #include <cstdint>
 
+#include "config_fields.h"
 #include "philox.h"
 
 namespace genesis {
 
 constexpr int kMaxParts = 8;  // capacity for holes, windows and flips (DeformConfig.MAX_PARTS)
 
-// DeformConfig fields in declaration order (genesis_ext/config.py: DeformConfig.to_vector()).
+// Rates and size rules (genesis_ext.DeformConfig), with the fields of config_fields.h.
 struct DeformConfig {
-  double nonlinear_rate, local_rate, paint_rate, inpaint_rate, outpaint_rate, flip_rate;
-  int32_t num_blocks, block_div, max_holes;
-  double hole_continue;
-  int32_t hole_div_min, hole_div_max, max_windows;
-  double window_continue;
-  int32_t cut_min_num, cut_max_num, cut_den, margin, max_flips;
-  bool flip_compat;
-  static constexpr int kFields = 20;
+#define GENESIS_DECLARE(type, name) type name;
+  GENESIS_CONFIG_FIELDS(GENESIS_DECLARE)
+#undef GENESIS_DECLARE
+#define GENESIS_COUNT(type, name) +1
+  static constexpr int kFields = 0 GENESIS_CONFIG_FIELDS(GENESIS_COUNT);
+#undef GENESIS_COUNT
 
+  // From the fields as doubles, in order (DeformConfig.to_vector(); Python has checked every value's range).
   GENESIS_HD static DeformConfig from_vector(const double* v) {
     DeformConfig c{};
-    c.nonlinear_rate = v[0], c.local_rate = v[1], c.paint_rate = v[2], c.inpaint_rate = v[3];
-    c.outpaint_rate = v[4], c.flip_rate = v[5];
-    c.num_blocks = int32_t(v[6]), c.block_div = int32_t(v[7]), c.max_holes = int32_t(v[8]);
-    c.hole_continue = v[9];
-    c.hole_div_min = int32_t(v[10]), c.hole_div_max = int32_t(v[11]), c.max_windows = int32_t(v[12]);
-    c.window_continue = v[13];
-    c.cut_min_num = int32_t(v[14]), c.cut_max_num = int32_t(v[15]), c.cut_den = int32_t(v[16]);
-    c.margin = int32_t(v[17]), c.max_flips = int32_t(v[18]);
-    c.flip_compat = v[19] != 0.0;
+    int i = 0;
+#define GENESIS_READ(type, name) c.name = type(v[i++]);
+    GENESIS_CONFIG_FIELDS(GENESIS_READ)
+#undef GENESIS_READ
     return c;
   }
 };

@@ -8,12 +8,40 @@ See docs/randomness.md for how each quantity is drawn.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
 
 MAX_PARTS = 8  # capacity for holes, windows and flips in the kernels' per-sample parameter record
+MAX_AXIS = 32767  # longest spatial axis the kernels take (the CUDA kernels keep block geometry in int16)
+MAX_BLOCKS = 1_000_000  # 100x the published num_blocks; bounds the work and the CUDA scratch per sample
 
-_RATES = ("nonlinear_rate", "local_rate", "paint_rate", "inpaint_rate", "outpaint_rate", "flip_rate",
-          "hole_continue", "window_continue")
+
+def _rate(default: float):
+    return field(default=default, metadata={"type": float, "range": (0.0, 1.0)})
+
+
+def _int(default: int, lo: int, hi: int):
+    return field(default=default, metadata={"type": int, "range": (lo, hi)})
+
+
+def _check_field(f: dataclasses.Field, value):
+    """value as f's declared type, or ValueError naming the field and its valid range."""
+    kind, (lo, hi) = f.metadata.get("type", bool), f.metadata.get("range", (None, None))
+    if kind is bool:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise ValueError(f"DeformConfig.{f.name} must be a bool, got {value!r}")
+    if kind is int:
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and lo <= value <= hi
+        if ok:
+            return int(value)
+        raise ValueError(f"DeformConfig.{f.name} must be an integer in [{lo}, {hi}], got {value!r}")
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if ok and math.isfinite(value) and lo <= value <= hi:
+        return float(value)
+    raise ValueError(f"DeformConfig.{f.name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -24,65 +52,83 @@ class DeformConfig:
     ``U() < flip_rate``), local shuffle (w.p. ``local_rate``), Bézier intensity map (w.p. ``nonlinear_rate``), then
     painting w.p. ``paint_rate``: in-painting w.p. ``inpaint_rate``, else out-painting (``outpaint_rate`` must equal
     ``1 - inpaint_rate``; both names exist because the published config has both).
+
+    Every field is declared with its type and range and checked on construction (``ValueError`` naming the field):
+    rates are finite numbers in [0, 1], counts and divisors integers in their ranges (bools are not numbers here),
+    and each deformation's size rule must fit some axis of at most ``MAX_AXIS`` voxels, so no value can make a kernel
+    loop for long or overflow an index. The C++ core has the same fields in the same order (csrc/config_fields.h,
+    checked when genesis_ext is imported).
     """
 
-    nonlinear_rate: float = 0.9
-    local_rate: float = 0.5
-    paint_rate: float = 0.9
-    inpaint_rate: float = 0.2
-    outpaint_rate: float = 0.8
-    flip_rate: float = 0.4
+    nonlinear_rate: float = _rate(0.9)
+    local_rate: float = _rate(0.5)
+    paint_rate: float = _rate(0.9)
+    inpaint_rate: float = _rate(0.2)
+    outpaint_rate: float = _rate(0.8)
+    flip_rate: float = _rate(0.4)
     # local shuffle: num_blocks blocks, sizes randint(1, S // block_div) per axis
-    num_blocks: int = 10_000
-    block_div: int = 10
+    num_blocks: int = _int(10_000, 1, MAX_BLOCKS)
+    block_div: int = _int(10, 1, MAX_AXIS)
     # in-painting: up to max_holes holes while U() < hole_continue; size randint(S // hole_div_min, S // hole_div_max)
-    max_holes: int = 5
-    hole_continue: float = 0.95
-    hole_div_min: int = 6
-    hole_div_max: int = 3
+    max_holes: int = _int(5, 0, MAX_PARTS)
+    hole_continue: float = _rate(0.95)
+    hole_div_min: int = _int(6, 1, MAX_AXIS)
+    hole_div_max: int = _int(3, 1, MAX_AXIS)
     # out-painting: 1 window, then up to max_windows - 1 more while U() < window_continue;
     # size S - randint(cut_min_num * S // cut_den, cut_max_num * S // cut_den)
-    max_windows: int = 5
-    window_continue: float = 0.95
-    cut_min_num: int = 3
-    cut_max_num: int = 4
-    cut_den: int = 7
+    max_windows: int = _int(5, 1, MAX_PARTS)
+    window_continue: float = _rate(0.95)
+    cut_min_num: int = _int(3, 0, MAX_AXIS)
+    cut_max_num: int = _int(4, 1, MAX_AXIS)
+    cut_den: int = _int(7, 1, MAX_AXIS)
     # holes and windows keep this many voxels from every face
-    margin: int = 3
-    max_flips: int = 3
+    margin: int = _int(3, 0, MAX_AXIS)
+    max_flips: int = _int(3, 0, MAX_PARTS)
     # True reproduces the published flip axis draw: axis 0 of (C, X, Y, Z) is the channel (a no-op), Z never flips
     flip_compat: bool = False
 
     def __post_init__(self):
-        for name in _RATES:
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) <= 1.0:
-                raise ValueError(f"DeformConfig.{name} must be a number in [0, 1], got {v!r}")
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _check_field(f, getattr(self, f.name)))
         if abs(self.inpaint_rate + self.outpaint_rate - 1.0) > 1e-9:
             raise ValueError(
                 "DeformConfig: painting is in-painting w.p. inpaint_rate, else out-painting, so outpaint_rate must be "
                 f"1 - inpaint_rate; got inpaint_rate={self.inpaint_rate}, outpaint_rate={self.outpaint_rate}")
-        positive = ("num_blocks", "block_div", "hole_div_min", "hole_div_max", "cut_den", "cut_max_num")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"DeformConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_holes", "max_windows", "max_flips"):
-            if not 0 <= getattr(self, name) <= MAX_PARTS:
-                raise ValueError(f"DeformConfig.{name} must be in [0, {MAX_PARTS}], got {getattr(self, name)}")
-        if self.max_windows < 1:
-            raise ValueError("DeformConfig.max_windows must be >= 1: out-painting always keeps one window")
         if self.hole_div_min < self.hole_div_max:
             raise ValueError("DeformConfig: hole sizes are S // hole_div_min .. S // hole_div_max, "
                              "so hole_div_min must be >= hole_div_max")
-        if not 0 <= self.cut_min_num <= self.cut_max_num <= self.cut_den:
+        if not self.cut_min_num <= self.cut_max_num <= self.cut_den:
             raise ValueError("DeformConfig: need 0 <= cut_min_num <= cut_max_num <= cut_den")
-        if self.margin < 0:
-            raise ValueError(f"DeformConfig.margin must be >= 0, got {self.margin}")
+        for deformation, fields in _RULE_FIELDS.items():
+            if not self._fits(deformation, MAX_AXIS):
+                raise ValueError(f"DeformConfig: {deformation} fits no axis of up to {MAX_AXIS} voxels with "
+                                 + ", ".join(f"{n}={getattr(self, n)}" for n in fields))
 
     @classmethod
     def official(cls, *, flip_compat: bool = False) -> "DeformConfig":
         """The published recipe. ``flip_compat=True`` also reproduces the published flip-axis distribution."""
         return cls(flip_compat=flip_compat)
+
+    @classmethod
+    def preset(cls, name: str, **changes) -> "DeformConfig":
+        """A named combination of deformations: ``"genesis"`` (the published recipe) or one of the paper's 12 ablation
+        combinations of non-linear (NL), local shuffling (LS), out-painting (OP) and in-painting (IP), e.g. ``"NL+LS"``
+        or ``"none"`` (flips only: a pure autoencoder). Each deformation present keeps its published probability
+        (NL 0.9, LS 0.5, painting 0.9); in- and out-painting are mutually exclusive (IP alone: every painted sample is
+        in-painted; both: 0.2 / 0.8 as published). Flips and every size rule stay as published; ``changes`` then
+        replace fields, e.g. ``preset("NL+LS", flip_compat=True)``. Names are case-insensitive and in any order."""
+        key = next((k for k in PRESETS if _parts(k) == _parts(name)), None)
+        if key is None:
+            raise ValueError(f"DeformConfig.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        nl, ls, op, ip = (d in _parts(key) for d in ("NL", "LS", "OP", "IP"))
+        inpaint = 0.2 if (ip and op) else float(ip)
+        return cls(nonlinear_rate=0.9 * nl, local_rate=0.5 * ls, paint_rate=0.9 * (ip or op), inpaint_rate=inpaint,
+                   outpaint_rate=1.0 - inpaint).replace(**changes)
+
+    @staticmethod
+    def presets() -> tuple[str, ...]:
+        """The names ``preset`` takes: ``"genesis"`` and the 12 ablation combinations."""
+        return PRESETS
 
     def replace(self, **changes) -> "DeformConfig":
         """A copy with some fields changed (validated), e.g. ``cfg.replace(local_rate=0)`` for an ablation."""
@@ -90,11 +136,13 @@ class DeformConfig:
 
     # ---- size rules, shared by the ops' validation and the reference ----
     def min_axis_length(self, deformation: str) -> int:
-        """Smallest axis length for which `deformation` ('local', 'inpaint', 'outpaint') is well defined."""
-        n = 1
-        while not self._fits(deformation, n):
-            n += 1
-        return n
+        """Smallest axis length for which `deformation` ('local', 'inpaint', 'outpaint') is well defined; every
+        longer axis fits too (each rule is monotone in the length)."""
+        lo, hi = 1, MAX_AXIS  # bisection: the answer is in [lo, hi] (__post_init__ checked that MAX_AXIS fits)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self._fits(deformation, mid) else (mid + 1, hi)
+        return lo
 
     def _fits(self, deformation: str, s: int) -> bool:
         if deformation == "local":
@@ -109,5 +157,21 @@ class DeformConfig:
         raise ValueError(f"unknown deformation {deformation!r}")
 
     def to_vector(self) -> list[float]:
-        """Fields in declaration order as floats: the form the C++ core takes (see csrc/deform_config.h)."""
+        """Fields in declaration order as floats: the form the C++ core takes (csrc/config_fields.h)."""
         return [float(getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+
+# The fields each size rule reads (named in the error when a rule can never fit).
+_RULE_FIELDS = {"local": ("block_div",), "inpaint": ("hole_div_min", "hole_div_max", "margin"),
+                "outpaint": ("cut_min_num", "cut_max_num", "cut_den", "margin")}
+
+# DeformConfig.preset: the published recipe and the paper's ablation combinations (Zhou et al., MICCAI 2019).
+PRESETS = ("genesis", "none", "NL", "LS", "OP", "IP", "NL+LS", "NL+OP", "NL+IP", "LS+OP", "LS+IP", "NL+LS+OP",
+           "NL+LS+IP")
+
+
+def _parts(name) -> frozenset:
+    """The deformations a preset name combines: {"NL", "LS", "OP", "IP"} for "genesis", {} for "none"."""
+    name = str(name).strip()
+    special = {"genesis": frozenset({"NL", "LS", "OP", "IP"}), "none": frozenset()}
+    return special.get(name.lower(), frozenset(part.strip().upper() for part in name.split("+")))

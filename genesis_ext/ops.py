@@ -16,6 +16,7 @@ under ``torch.compile(fullgraph=True)``, ``torch.export`` and CUDA-graph capture
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
@@ -30,6 +31,19 @@ try:
 except ImportError:  # numpy-only installs
     torch = None
 
+def _check_core_config_fields() -> None:
+    """DeformConfig and the compiled core (csrc/config_fields.h) declare the same fields, in the same order and of
+    the same types: the kernels read the config vector by position."""
+    ctype = {float: "double", int: "int32_t", bool: "bool"}
+    python = tuple((f.name, ctype[f.metadata.get("type", bool)]) for f in dataclasses.fields(DeformConfig))
+    core = tuple(tuple(f) for f in _C.CONFIG_FIELDS)
+    if python != core:
+        raise ImportError(f"genesis_ext: DeformConfig's fields {python} differ from the compiled core's {core}: "
+                          "rebuild the extension (pip install .) or align genesis_ext/config.py and "
+                          "csrc/config_fields.h")
+
+
+_check_core_config_fields()
 _SEED_LIMIT = 1 << 64
 _OFFSET_LIMIT = 1 << 63
 _OPS = dict(_C.OPS)

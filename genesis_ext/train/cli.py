@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..cli import positive_int
+from ..config import PRESETS, DeformConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["default", "official"], default="default",
                    help="official: published SGD lr 1.0 momentum 0.9, batch 6, lr halved every 40 epochs, early stop "
                         "after 50; default: the same with Adam lr 1e-3 (official SGD lr 1.0 can collapse)")
+    p.add_argument("--deformations", choices=PRESETS, default="genesis", metavar="PRESET",
+                   help="the deformations of each pair: genesis (the published recipe, default) or one of the paper's "
+                        "ablations, each deformation at its published rate: " + ", ".join(PRESETS[1:]))
     g = p.add_argument_group("optimisation (default: from the preset)")
     g.add_argument("--optimizer", choices=["sgd", "adam"])
     g.add_argument("--lr", type=float)
@@ -58,7 +62,8 @@ def run(args) -> int:
     from .pretraining import NonFiniteLossError, PretrainConfig, pretrain
 
     cfg = PretrainConfig(
-        data=args.data, out=args.out, preset=args.preset, optimizer=args.optimizer, lr=args.lr,
+        data=args.data, out=args.out, preset=args.preset, deform=DeformConfig.preset(args.deformations),
+        optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         lr_step_epochs=args.lr_step_epochs, patience=args.patience, accumulate=args.accumulate,
         val_fraction=args.val_fraction, val_data=args.val_data, val_repeats=args.val_repeats, seed=args.seed,
