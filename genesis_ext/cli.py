@@ -57,6 +57,10 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
                    help="per-volume window from these intensity percentiles (non-CT modalities), e.g. 0.5 99.5")
     g.add_argument("--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"),
                    help="resample to this spacing in mm first (default: native spacing, as published)")
+    g = p.add_argument_group("which volumes (label maps beside the scans are always skipped, with their reason)")
+    g.add_argument("--include", nargs="+", default=[], metavar="GLOB",
+                   help="only sources whose path relative to their input matches one of these globs, e.g. 'imagesTr/*'")
+    g.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="leave out sources matching these globs")
     g = p.add_argument_group("output and execution")
     g.add_argument("--format", choices=["store", "published"], default="store",
                    help="store: one array per volume (default); published: one bat_<n>_s_<X>x<Y>x<Z>_<subset>.npy "
@@ -92,7 +96,7 @@ def _run_extract(args) -> int:
                                spacing=tuple(args.spacing) if args.spacing else None, seed=args.seed)
     try:
         summary = run_extract(args.inputs, args.out, settings, jobs=args.jobs, executor=args.executor, fmt=args.format,
-                              progress=not args.quiet)
+                              progress=not args.quiet, include=args.include, exclude=args.exclude)
     except (ValueError, OSError) as err:  # e.g. --out holds a store made with other options, or is a file
         print(f"genesis-ext extract: {err}", file=sys.stderr)
         return 2

@@ -207,3 +207,35 @@ def test_cli_help_lists_verbs(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["--help"])
     assert info.value.code == 0 and "extract" in capsys.readouterr().out
+
+
+def test_label_map_reason_by_folder_name_and_content():
+    from genesis_ext.data.io import label_map_reason
+
+    assert "folder named 'labelstr'" in label_map_reason("Task09/labelsTr/spleen_1.nii.gz")
+    assert "'seg'" in label_map_reason("case_001_seg.nii.gz")
+    assert "'mask'" in label_map_reason("LiverMask.nrrd")
+    assert label_map_reason("imagesTr/spleen_1.nii.gz") is None  # by path alone: undecided
+    masks = np.random.default_rng(0).integers(0, 3, size=(40, 40, 20)).astype(np.float64)
+    assert "3 distinct integer values" in label_map_reason("organs.nii.gz", masks)
+    ct = load_volume(SAMPLE / "pulmonary_ct.nii.gz").data  # integer HU too, but thousands of values
+    assert label_map_reason("pulmonary_ct.nii.gz", ct) is None
+    assert label_map_reason("scaled.nii.gz", masks + 0.5) is None  # not integer-valued: an image
+
+
+def test_extract_skips_the_real_label_masks_beside_the_scans(tmp_path):
+    """../shared/data/totalsegmentator holds two CT crops and, beside them, a binary mask of each (named aorta and
+    pulmonary_artery: found by content). Zero cubes come from the masks; --include/--exclude select sources."""
+    folder = REPO.parent / "shared" / "data" / "totalsegmentator"
+    if not (folder / "aorta_report" / "aorta.nii.gz").is_file():
+        pytest.skip(f"the real label masks are not in {folder}")
+    settings = ExtractSettings(filter=Foreground(), count=4)
+    summary = run_extract([folder], tmp_path / "s", settings, progress=False)
+    assert (summary.volumes, summary.written, summary.label_maps) == (4, 2, 2)
+    assert sorted(Path(s).name for s, _ in summary.skipped) == ["aorta.nii.gz", "pulmonary_artery.nii.gz"]
+    assert {r["key"] for r in read_manifest(tmp_path / "s")["volumes"]} == {
+        "aorta_report/ct_cropped.nii.gz", "pulmonary_report/ct_cropped.nii.gz"}
+    assert "2 skipped (2 label map(s))" in summary.lines()[0]
+    summary = run_extract([folder], tmp_path / "t", settings, progress=False, include=["pulmonary_report/*"],
+                          exclude=["*artery*"])
+    assert (summary.volumes, summary.written, summary.excluded, summary.label_maps) == (1, 1, 3, 0)

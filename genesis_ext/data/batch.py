@@ -23,13 +23,14 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
 
 from .cubes import CUBE, CUBES_PER_VOLUME, OfficialLung, extract_cubes
 from .intensity import CT_WINDOW, resample
-from .io import Source, VolumeError, find_sources, load_volume
+from .io import Source, VolumeError, find_sources, label_map_reason, load_volume
 from .store import StoreWriter, published_name, save_npy, save_published
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -75,11 +76,19 @@ class Summary:
     jobs: int = 1
     executor: str = "thread"
     outputs: list = field(default_factory=list)
+    excluded: int = 0
+
+    @property
+    def label_maps(self) -> int:
+        """Sources skipped because they are label maps (io.label_map_reason)."""
+        return sum(reason.startswith("a label map") for _, reason in self.skipped)
 
     def lines(self) -> list[str]:
         head = (f"{self.volumes} volume(s): {self.written} written ({self.cubes} cubes)"
                 + (f", {self.kept} already in the store" if self.kept else "")
-                + f", {len(self.skipped)} skipped; {self.wall:.2f} s with {self.jobs} {self.executor} worker(s)")
+                + f", {len(self.skipped)} skipped" + (f" ({self.label_maps} label map(s))" if self.label_maps else "")
+                + (f", {self.excluded} excluded by --include/--exclude" if self.excluded else "")
+                + f"; {self.wall:.2f} s with {self.jobs} {self.executor} worker(s)")
         return [head] + [f"  skipped {source}: {reason}" for source, reason in self.skipped]
 
 
@@ -105,7 +114,11 @@ def extract_source(source: Source, settings: ExtractSettings, shard: str) -> dic
     """Load one source, cut its cubes and write them to ``shard`` (atomically). Returns its manifest record, or
     ``{"key", "source", "reason"}`` when it is skipped. Never raises for a bad volume."""
     try:
+        if reason := label_map_reason(source.key):
+            return {"key": source.key, "source": source.path, "reason": reason}
         volume = load_volume(source.path, series_uid=source.series_uid)
+        if reason := label_map_reason(source.key, volume.data):
+            return {"key": source.key, "source": source.path, "reason": reason}
         if settings.spacing is not None:
             volume = resample(volume, settings.spacing)
         result = extract_cubes(volume.data, cube=settings.cube, count=settings.count,
@@ -158,8 +171,14 @@ def _subset_name(item, k: int) -> str:
 
 
 def run_extract(inputs, out, settings: ExtractSettings = ExtractSettings(), *, jobs: int | None = None,
-                executor: str = "thread", fmt: str = "store", progress: bool = True) -> Summary:
+                executor: str = "thread", fmt: str = "store", progress: bool = True, include=(),
+                exclude=()) -> Summary:
     """Extract cubes from every volume under ``inputs`` (files and directories) into the store ``out``.
+
+    ``include`` / ``exclude``: glob patterns (fnmatch) on each source's key, its path relative to its input: only
+    sources matching an ``include`` pattern (all, when there is none) and no ``exclude`` pattern are used. Label
+    maps (segmentation masks beside the scans: by folder, name or content, see ``io.label_map_reason``) are skipped
+    with their reason and counted (``Summary.label_maps``).
 
     ``jobs``: parallel workers (default: all cores, at most one per volume). ``fmt="published"`` also writes one
     published-layout array per input (``bat_<count>_s_<X>x<Y>x<Z>_<subset>.npy``, subset from a ``subsetN`` input
@@ -169,9 +188,12 @@ def run_extract(inputs, out, settings: ExtractSettings = ExtractSettings(), *, j
         raise ValueError(f"fmt must be 'store' or 'published', not {fmt!r}")
     start = time.perf_counter()
     inputs = [Path(p) for p in inputs]
-    sources, problems = find_sources(inputs)
+    found, problems = find_sources(inputs)
+    sources = [s for s in found if (not include or any(fnmatch(s.key, p) for p in include))
+               and not any(fnmatch(s.key, p) for p in exclude)]
     writer = StoreWriter(out, settings.params(), settings.cube)
-    summary = Summary(executor=executor, volumes=len(sources), skipped=list(problems))
+    summary = Summary(executor=executor, volumes=len(sources), skipped=list(problems),
+                      excluded=len(found) - len(sources))
     todo = [s for s in sources if not writer.done(s.key)]
     summary.kept = len(sources) - len(todo)
     summary.jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo) or 1))

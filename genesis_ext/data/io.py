@@ -317,3 +317,35 @@ def find_sources(inputs) -> tuple[list[Source], list[tuple[str, str]]]:
         seen.add(s.key)
         result.append(s)
     return result, problems
+
+
+# Label maps beside the scans (Decathlon's labelsTr/, TotalSegmentator's masks): by folder, by name, by content.
+_LABEL_FOLDERS = frozenset({"labelstr", "labelsts", "labels", "label", "masks", "mask", "segmentations", "seg", "segs"})
+_LABEL_WORDS = ("seg", "mask", "label")
+LABEL_MAX_VALUES = 256  # a label map has at most this many distinct integer values; CT has thousands
+_LABEL_SAMPLE = 1 << 20  # voxels looked at by the content test
+
+
+def label_map_reason(key: str, data: np.ndarray | None = None) -> str | None:
+    """Why the source with this key (its path relative to its input) is a label map, not an image, or None.
+
+    By path: a folder named like ``labelsTr``, ``labels``, ``masks`` or ``segmentations``, or a file or series name
+    containing ``seg``, ``mask`` or ``label``. By content (when ``data`` is given): integer values only, and 2 to
+    LABEL_MAX_VALUES distinct ones among up to 2**20 evenly spaced voxels (a CT scan has hundreds at least)."""
+    parts = [p.lower() for p in Path(key.split("#")[0]).parts]
+    folder = next((p for p in parts[:-1] if p in _LABEL_FOLDERS), None)
+    if folder:
+        return f"a label map (in a folder named {folder!r}), not an image"
+    word = next((w for w in _LABEL_WORDS if parts and w in parts[-1]), None)
+    if word:
+        return f"a label map (its name contains {word!r}), not an image"
+    if data is None:
+        return None
+    sample = np.asarray(data).flat[:: max(1, data.size // _LABEL_SAMPLE)]
+    if not np.array_equal(sample, np.round(sample)):
+        return None
+    values = np.unique(sample)
+    if 2 <= len(values) <= LABEL_MAX_VALUES:  # one value is a blank volume: extraction says what is wrong with it
+        return (f"a label map ({len(values)} distinct integer values, at most {LABEL_MAX_VALUES} in a label map), "
+                "not an image")
+    return None
