@@ -452,8 +452,10 @@ class Custom:
 
 def test_missing_file(tmp_path):
     path = tmp_path / "nowhere" / "Genesis_Chest_CT.pt"
-    with pytest.raises(FileNotFoundError, match=str(path)):
+    with pytest.raises(FileNotFoundError, match=str(path)) as err:
         load_pretrained(UNet3D(), path)
+    # says where the published weights come from
+    assert "github.com/MrGiovanni/ModelsGenesis" in str(err.value) and "Genesis_Chest_CT.pt" in str(err.value)
 
 
 @pytest.mark.parametrize("kind", ["random", "truncated", "empty", "text"])

@@ -26,6 +26,12 @@ from torch import nn
 
 from .unet3d import GenesisEncoder, UNet3D
 
+# Where the published weights come from (the authors distribute them; this package does not ship them).
+PUBLISHED_WEIGHTS = (
+    "the published Models Genesis weights (Genesis_Chest_CT.pt) come from the authors: request them with the form "
+    "linked under 'Download the pre-trained Models Genesis' in https://github.com/MrGiovanni/ModelsGenesis/blob/master/"
+    "pytorch/README.md (the authors' later SuPreM repository links the file directly: "
+    "https://www.dropbox.com/s/lh5kuyjxwjsxjpl/Genesis_Chest_CT.pt)")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ENCODER_PREFIX = "down_tr"
 _LIST_LIMIT = 12  # keys listed per kind of mismatch; the rest are counted
@@ -67,7 +73,7 @@ def _read(path: Path, map_location: Any) -> Any:
     """``torch.load(path, weights_only=True)`` with clear errors: FileNotFoundError, or CheckpointError for a file
     that is corrupt or would run code when unpickled."""
     if not path.is_file():
-        raise FileNotFoundError(f"genesis_ext: no checkpoint file at {path}: it does not exist")
+        raise FileNotFoundError(f"genesis_ext: no checkpoint file at {path}: it does not exist; {PUBLISHED_WEIGHTS}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch.load fails in many ways on arbitrary bytes (RuntimeError, EOFError, KeyError, ...)
@@ -77,7 +83,7 @@ def _read(path: Path, map_location: Any) -> Any:
                 f"containers, which could run arbitrary code when unpickled (read with torch.load(weights_only=True); "
                 f"{_reason(e)})") from e
         raise CheckpointError(f"genesis_ext: {path} is not a readable PyTorch checkpoint (unreadable: corrupt, "
-                              f"truncated or not written by torch.save): {_reason(e)}") from e
+                              f"truncated or not written by torch.save): {_reason(e)}; {PUBLISHED_WEIGHTS}") from e
 
 
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -164,7 +170,7 @@ def load_pretrained(model: nn.Module | None, path: str | os.PathLike, *, encoder
         part = "encoder of " if encoder_only else ""
         config = f"({target.extra_repr()})" if target.extra_repr() else ""
         raise CheckpointError(f"genesis_ext: checkpoint {path} does not fit the {part}{type(target).__name__}{config}; "
-                              f"nothing was loaded: " + "; ".join(problems))
+                              f"nothing was loaded: " + "; ".join(problems) + f" ({PUBLISHED_WEIGHTS})")
     target.load_state_dict(state, strict=not encoder_only)
     return model
 
