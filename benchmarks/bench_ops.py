@@ -25,7 +25,7 @@ from genesis_ext.demo import CUBE, SAMPLE_DIR, SAMPLE_FILES, load_ct, random_cub
 
 SEED = 2019
 N_CUBES = 16
-OPS = ("bezier_remap", "local_shuffle", "inpaint", "outpaint", "flip", "genesis_pair")
+OPS = genesis_ext.ops.OPS
 BEZIER_TOL = 1e-5  # the kernels' contract for the Bézier map (ops.bezier_remap)
 
 
@@ -49,19 +49,8 @@ def reference_op(op: str, x: np.ndarray, k: int):
     (genesis_ext.sample_params) and the reference's per-sample functions; the pair derives everything itself."""
     if op == "genesis_pair":
         return reference.genesis_pair_batch(x, SEED, offset=k)
-    p, s = params(), x[0]
-    if op == "bezier_remap":
-        out = reference.bezier_map(s, p["bezier"][k], p["increasing"][k]).astype(np.float32)
-    elif op == "local_shuffle":
-        blocks = p["blocks"][k]
-        out = reference.local_shuffle(s, blocks, reference.block_permutations(SEED, k, blocks))
-    elif op == "inpaint":
-        out = reference.inpaint(s, p["holes"][k], p["n_holes"][k], reference.noise(SEED, k, s.shape))
-    elif op == "outpaint":
-        out = reference.outpaint(s, p["windows"][k], p["n_windows"][k], reference.noise(SEED, k, s.shape))
-    else:
-        out = reference.flip(s, p["flip"][k])
-    return out[None]
+    p = {key: value[k] for key, value in params().items()}
+    return reference.single_op(op, x[0], SEED, k, p).astype(np.float32)[None]
 
 
 @functools.cache

@@ -26,7 +26,7 @@ FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--fmad=false")
 
 # Threads per block of each kernel's launch (csrc/cuda: kThreads, and philox_known_answers' 128). A kernel missing
 # here fails the report: its launch size must be stated to judge it.
-LAUNCH_THREADS = {"prepare_kernel": 256, "deform_kernel": 256, "philox_kernel": 128}
+LAUNCH_THREADS = {"prepare_kernel": 256, "deform_kernel": 256, "gaussian_kernel": 256, "philox_kernel": 128}
 
 # Per-SM limits of compute capability 9.0 (CUDA C++ Programming Guide, "Compute Capabilities" table): the occupancy
 # calculator's inputs.
@@ -61,9 +61,9 @@ def parse(text: str) -> list[Kernel]:
     for line in text.splitlines():
         if m := re.search(r"Compiling entry function '(\w+)'", line):
             kernels.append(Kernel(demangle(m.group(1))))
-        elif kernels and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
-                                         line)):
-            k = kernels[-1]
+        elif kernels and not kernels[-1].registers and (m := re.search(
+                r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            k = kernels[-1]  # the entry function's own line (a called function's follow its "Used" line)
             k.stack, k.spill_stores, k.spill_loads = (int(v) for v in m.groups())
         elif kernels and (m := re.search(r"Used (\d+) registers", line)):
             kernels[-1].registers = int(m.group(1))

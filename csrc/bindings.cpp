@@ -41,7 +41,8 @@ py::dict sample_params(int64_t batch, const std::vector<int64_t>& spatial, uint6
   const Shape sh = make_shape(spatial);
   const DeformConfig cfg = make_config(config);
   const py::ssize_t n = batch, d = sh.ndim;
-  py::array_t<bool> nonlinear(n), local(n), paint(n), inpaint(n), increasing(n), flip({n, d});
+  py::array_t<bool> nonlinear(n), local(n), paint(n), inpaint(n), gaussian(n), increasing(n), flip({n, d});
+  py::array_t<float> noise_std(n);
   py::array_t<double> bez({n, py::ssize_t(4)});
   py::array_t<int32_t> n_holes(n), n_windows(n);
   py::array_t<int32_t> holes({n, py::ssize_t(cfg.max_holes), py::ssize_t(2), d});
@@ -58,6 +59,7 @@ py::dict sample_params(int64_t batch, const std::vector<int64_t>& spatial, uint6
     const SampleParams p = derive_params(seed, offset + i, cfg, sh);
     nonlinear.mutable_at(i) = p.nonlinear, local.mutable_at(i) = p.local;
     paint.mutable_at(i) = p.paint, inpaint.mutable_at(i) = p.inpaint, increasing.mutable_at(i) = p.increasing;
+    gaussian.mutable_at(i) = p.gaussian, noise_std.mutable_at(i) = p.noise_std;
     for (int a = 0; a < d; ++a) flip.mutable_at(i, a) = p.flip[a];
     for (int j = 0; j < 4; ++j) bez.mutable_at(i, j) = p.ctrl[j];
     n_holes.mutable_at(i) = p.n_holes, n_windows.mutable_at(i) = p.n_windows;
@@ -73,6 +75,7 @@ py::dict sample_params(int64_t batch, const std::vector<int64_t>& spatial, uint6
   py::dict out;
   out["nonlinear"] = nonlinear, out["local"] = local, out["paint"] = paint, out["inpaint"] = inpaint;
   out["flip"] = flip, out["bezier"] = bez, out["increasing"] = increasing;
+  out["gaussian"] = gaussian, out["noise_std"] = noise_std;
   out["n_holes"] = n_holes, out["holes"] = holes, out["n_windows"] = n_windows, out["windows"] = windows;
   if (with_blocks) out["blocks"] = blocks;
   return out;
@@ -132,9 +135,11 @@ PYBIND11_MODULE(GENESIS_MODULE, m) {
   const std::vector<std::pair<std::string, std::string>> config_fields{GENESIS_CONFIG_FIELDS(GENESIS_NAME)};
 #undef GENESIS_NAME
   m.attr("CONFIG_FIELDS") = py::tuple(py::cast(config_fields));  // (name, C++ type) in order
-  m.attr("OPS") = py::dict(py::arg("genesis_pair") = int(PAIR), py::arg("bezier_remap") = int(BEZIER_OP),
-                           py::arg("local_shuffle") = int(SHUFFLE_OP), py::arg("inpaint") = int(INPAINT_OP),
-                           py::arg("outpaint") = int(OUTPAINT_OP), py::arg("flip") = int(FLIP_OP));
+  py::dict ops;
+#define GENESIS_OP_ENTRY(code, name) ops[#name] = int(code);
+  GENESIS_OPS(GENESIS_OP_ENTRY)
+#undef GENESIS_OP_ENTRY
+  m.attr("OPS") = ops;
 #ifdef GENESIS_WITH_CUDA
   m.def("cuda_philox4x32_10",
         [](uintptr_t ctr, uintptr_t key, uintptr_t out, int64_t n, int device, uintptr_t stream) {

@@ -23,4 +23,7 @@
   X(int32_t, cut_den)            \
   X(int32_t, margin)             \
   X(int32_t, max_flips)          \
-  X(bool, flip_compat)
+  X(bool, flip_compat)           \
+  X(double, gaussian_noise_rate) \
+  X(double, noise_std_min)       \
+  X(double, noise_std_max)

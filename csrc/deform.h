@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "config_fields.h"
+#include "gaussian.h"
 #include "philox.h"
 
 namespace genesis {
@@ -45,12 +46,13 @@ struct Box {
 
 // Everything random about one sample except the shuffle blocks (drawn per block) and the noise (drawn per voxel).
 struct SampleParams {
-  bool nonlinear, local, paint, inpaint;  // the gates
+  bool nonlinear, local, paint, inpaint, gaussian;  // the gates
   bool flip[3];                           // net flip parity per spatial axis
   double ctrl[4];                         // Bézier x1, y1, x2, y2
   bool increasing;
   int32_t n_holes, n_windows;
   Box holes[kMaxParts], windows[kMaxParts];
+  float noise_std;  // of the Gaussian noise
 };
 
 // Box k of an in-/out-painting stream (8 words per box): size from `size_word`, origin inside the margin.
@@ -73,6 +75,9 @@ GENESIS_HD SampleParams derive_params(uint64_t seed, uint64_t sample, const Defo
   p.local = gate(gates.word(1), cfg.local_rate);
   p.paint = gate(gates.word(2), cfg.paint_rate);
   p.inpaint = gate(gates.word(3), cfg.inpaint_rate);
+  p.gaussian = gate(gates.word(4), cfg.gaussian_noise_rate);
+  Stream std_draw(seed, sample, NOISE_STD, 0);
+  p.noise_std = float(cfg.noise_std_min + (cfg.noise_std_max - cfg.noise_std_min) * uniform_double(std_draw.word(0)));
 
   Stream flips(seed, sample, FLIP, 0);
   for (int k = 0; k < cfg.max_flips && gate(flips.word(2 * k), cfg.flip_rate); ++k) {
@@ -142,24 +147,37 @@ GENESIS_HD void block_permutation(uint64_t seed, uint64_t sample, uint32_t block
   }
 }
 
-// Which deformations a sample gets: the fused pair follows the gates, a single op applies its deformation always.
-enum Op : int32_t { PAIR = 0, BEZIER_OP = 1, SHUFFLE_OP = 2, INPAINT_OP = 3, OUTPAINT_OP = 4, FLIP_OP = 5 };
+// The ops, as (code, Python name): the fused pair and one single op per deformation (exported as _C.OPS).
+#define GENESIS_OPS(X)            \
+  X(PAIR, genesis_pair)           \
+  X(BEZIER_OP, bezier_remap)      \
+  X(SHUFFLE_OP, local_shuffle)    \
+  X(INPAINT_OP, inpaint)          \
+  X(OUTPAINT_OP, outpaint)        \
+  X(FLIP_OP, flip)                \
+  X(GAUSSIAN_OP, gaussian_noise)
+#define GENESIS_OP_CODE(code, name) code,
+enum Op : int32_t { GENESIS_OPS(GENESIS_OP_CODE) };
+#undef GENESIS_OP_CODE
 enum Paint : int32_t { NO_PAINT = 0, IN_PAINT = 1, OUT_PAINT = 2 };
 
+// Which deformations a sample gets, in the pair's order: flip, local shuffle, Bézier map, Gaussian noise, painting.
 struct Plan {
-  bool flip, local, nonlinear;
+  bool flip, local, nonlinear, gaussian;
   Paint paint;
 };
 
+// The fused pair follows the sample's gates; a single op applies its deformation to every sample.
 GENESIS_HD Plan plan_for(Op op, const SampleParams& p) {
   switch (op) {
     case PAIR:
-      return Plan{true, p.local, p.nonlinear, p.paint ? (p.inpaint ? IN_PAINT : OUT_PAINT) : NO_PAINT};
-    case BEZIER_OP: return Plan{false, false, true, NO_PAINT};
-    case SHUFFLE_OP: return Plan{false, true, false, NO_PAINT};
-    case INPAINT_OP: return Plan{false, false, false, IN_PAINT};
-    case OUTPAINT_OP: return Plan{false, false, false, OUT_PAINT};
-    default: return Plan{true, false, false, NO_PAINT};
+      return Plan{true, p.local, p.nonlinear, p.gaussian, p.paint ? (p.inpaint ? IN_PAINT : OUT_PAINT) : NO_PAINT};
+    case BEZIER_OP: return Plan{false, false, true, false, NO_PAINT};
+    case SHUFFLE_OP: return Plan{false, true, false, false, NO_PAINT};
+    case INPAINT_OP: return Plan{false, false, false, false, IN_PAINT};
+    case OUTPAINT_OP: return Plan{false, false, false, false, OUT_PAINT};
+    case GAUSSIAN_OP: return Plan{false, false, false, true, NO_PAINT};
+    default: return Plan{true, false, false, false, NO_PAINT};
   }
 }
 

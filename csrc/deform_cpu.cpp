@@ -60,6 +60,11 @@ void shuffle_sources(uint64_t seed, uint64_t sample, const DeformConfig& cfg, co
         if (s.src[v] < 0) s.src[v] = int32_t(flipped(x, y, z));
 }
 
+// Gaussian noise of standard deviation sigma added to dst[0 .. e1 - e0), the elements [e0, e1) of a sample.
+void add_gaussian_noise(float* dst, uint64_t seed, uint64_t sample, float sigma, int64_t e0, int64_t e1) {
+  for (int64_t e = e0; e < e1; ++e, ++dst) *dst = add_gaussian(*dst, sigma, gaussian_value(seed, sample, e));
+}
+
 // Uniform noise for elements [e0, e1) of a sample, four per Philox block.
 void fill_noise(float* dst, uint64_t seed, uint64_t sample, int64_t e0, int64_t e1) {
   for (int64_t e = e0; e < e1;) {
@@ -111,11 +116,14 @@ void deform_sample(Op op, const float* in, float* out, float* target, int64_t ch
         }
         int32_t z = 0;
         for (int k = 0; k <= spans; ++k) {  // the kept range before noise span k, then the span itself
-          const int32_t keep_end = k < spans ? noise[k].begin : len;
+          const int32_t keep_begin = z, keep_end = k < spans ? noise[k].begin : len;
           if (plan.nonlinear)
             for (; z < keep_end; ++z) xout[z] = bezier_apply(s.table, values[z]);
           else
             for (; z < keep_end; ++z) xout[z] = values[z];
+          if (plan.gaussian)
+            add_gaussian_noise(xout + keep_begin, seed, sample, p.noise_std, c * voxels + row + keep_begin,
+                               c * voxels + row + keep_end);
           if (k < spans) {
             fill_noise(xout + noise[k].begin, seed, sample, c * voxels + row + noise[k].begin,
                        c * voxels + row + noise[k].end);

@@ -34,7 +34,17 @@ GENESIS_HD U32x4 philox4x32_10(U32x4 ctr, uint32_t k0, uint32_t k1) {
 }
 
 // Purposes of docs/randomness.md: one per kind of random quantity.
-enum Purpose : uint32_t { GATES = 1, FLIP = 2, BEZIER = 3, BLOCK = 4, INPAINT = 5, OUTPAINT = 6, NOISE = 7 };
+enum Purpose : uint32_t {
+  GATES = 1,
+  FLIP = 2,
+  BEZIER = 3,
+  BLOCK = 4,
+  INPAINT = 5,
+  OUTPAINT = 6,
+  NOISE = 7,
+  NOISE_STD = 8,
+  GAUSSIAN = 9
+};
 
 // Philox counter block number `call` of stream (seed, sample, purpose, major): words 4*call .. 4*call+3.
 GENESIS_HD U32x4 stream_block(uint64_t seed, uint64_t sample, uint32_t purpose, uint32_t major, uint32_t call) {

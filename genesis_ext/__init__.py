@@ -6,7 +6,8 @@ except ImportError:
 
 from . import _C
 from .config import DeformConfig
-from .ops import bezier_remap, flip, genesis_pair, inpaint, local_shuffle, outpaint, sample_params
+from .ops import (bezier_remap, flip, gaussian_noise, genesis_pair, inpaint, local_shuffle, outpaint,
+                  sample_params)
 
 __version__ = "0.1.0"
 
@@ -17,5 +18,5 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["DeformConfig", "bezier_remap", "build_info", "flip", "genesis_pair", "inpaint", "local_shuffle",
-           "outpaint", "sample_params"]
+__all__ = ["DeformConfig", "bezier_remap", "build_info", "flip", "gaussian_noise", "genesis_pair", "inpaint",
+           "local_shuffle", "outpaint", "sample_params"]

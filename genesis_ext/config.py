@@ -49,9 +49,10 @@ class DeformConfig:
     """Rates and size rules of one Models Genesis training pair (defaults: the published recipe).
 
     A training pair applies, per sample and in this order: flip (input and target, up to ``max_flips`` times while
-    ``U() < flip_rate``), local shuffle (w.p. ``local_rate``), Bézier intensity map (w.p. ``nonlinear_rate``), then
-    painting w.p. ``paint_rate``: in-painting w.p. ``inpaint_rate``, else out-painting (``outpaint_rate`` must equal
-    ``1 - inpaint_rate``; both names exist because the published config has both).
+    ``U() < flip_rate``), local shuffle (w.p. ``local_rate``), Bézier intensity map (w.p. ``nonlinear_rate``),
+    Gaussian noise (w.p. ``gaussian_noise_rate``, 0 in the published recipe), then painting w.p. ``paint_rate``:
+    in-painting w.p. ``inpaint_rate``, else out-painting (``outpaint_rate`` must equal ``1 - inpaint_rate``; both
+    names exist because the published config has both).
 
     Every field is declared with its type and range and checked on construction (``ValueError`` naming the field):
     rates are finite numbers in [0, 1], counts and divisors integers in their ranges (bools are not numbers here),
@@ -86,6 +87,12 @@ class DeformConfig:
     max_flips: int = _int(3, 0, MAX_PARTS)
     # True reproduces the published flip axis draw: axis 0 of (C, X, Y, Z) is the channel (a no-op), Z never flips
     flip_compat: bool = False
+    # Gaussian noise (not in the published recipe; one of the paper's examples of pixel-level deformations), after the
+    # Bézier map and before painting: w.p. gaussian_noise_rate, N(0, std^2) per voxel and channel, std uniform in
+    # [noise_std_min, noise_std_max] per sample (intensity units of the [0, 1] cubes)
+    gaussian_noise_rate: float = _rate(0.0)
+    noise_std_min: float = _rate(0.01)
+    noise_std_max: float = _rate(0.1)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -94,6 +101,9 @@ class DeformConfig:
             raise ValueError(
                 "DeformConfig: painting is in-painting w.p. inpaint_rate, else out-painting, so outpaint_rate must be "
                 f"1 - inpaint_rate; got inpaint_rate={self.inpaint_rate}, outpaint_rate={self.outpaint_rate}")
+        if self.noise_std_min > self.noise_std_max:
+            raise ValueError("DeformConfig: need noise_std_min <= noise_std_max, got "
+                             f"{self.noise_std_min} > {self.noise_std_max}")
         if self.hole_div_min < self.hole_div_max:
             raise ValueError("DeformConfig: hole sizes are S // hole_div_min .. S // hole_div_max, "
                              "so hole_div_min must be >= hole_div_max")

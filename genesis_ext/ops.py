@@ -46,10 +46,12 @@ def _check_core_config_fields() -> None:
 _check_core_config_fields()
 _SEED_LIMIT = 1 << 64
 _OFFSET_LIMIT = 1 << 63
-_OPS = dict(_C.OPS)
+_OPS = dict(_C.OPS)  # name -> op code, declared once in csrc/deform.h (GENESIS_OPS)
+OPS = tuple(_OPS)  # every op's name: the fused pair and one single op per deformation
+SINGLE_OPS = tuple(name for name in OPS if name != "genesis_pair")
 # Which size rules an op needs (DeformConfig.min_axis_length); the pair needs those of every deformation it may apply.
-_SIZE_RULES = {"bezier_remap": (), "flip": (), "local_shuffle": ("local",), "inpaint": ("inpaint",),
-               "outpaint": ("outpaint",)}
+_SIZE_RULES = {"bezier_remap": (), "flip": (), "gaussian_noise": (), "local_shuffle": ("local",),
+               "inpaint": ("inpaint",), "outpaint": ("outpaint",)}
 
 _forked = False
 os.register_at_fork(after_in_child=lambda: globals().__setitem__("_forked", True))
@@ -265,18 +267,28 @@ def flip(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
     return _apply("flip", x, seed, offset, config)
 
 
+def gaussian_noise(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+    """Gaussian noise, applied to every sample: ``out = x + std * z`` in float32, z standard normal, independent per
+    voxel and channel (Box–Muller on the sample's Philox stream, bit-identical on every device), std uniform in
+    [``noise_std_min``, ``noise_std_max``] per sample. Values are not clipped; NaN and ±Inf stay as they are.
+    One of the pixel-level deformations the Models Genesis paper names as extensions (off in the published recipe:
+    ``gaussian_noise_rate`` 0)."""
+    return _apply("gaussian_noise", x, seed, offset, config)
+
+
 def genesis_pair(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
     """One Models Genesis training pair per sample, fused in one pass: returns ``(x_deformed, target)``.
 
     Per sample: flip (input and target alike) -> local shuffle (w.p. ``local_rate``) -> Bézier map (w.p.
-    ``nonlinear_rate``) -> painting (w.p. ``paint_rate``; in-painting w.p. ``inpaint_rate``, else out-painting).
+    ``nonlinear_rate``) -> Gaussian noise (w.p. ``gaussian_noise_rate``) -> painting (w.p. ``paint_rate``;
+    in-painting w.p. ``inpaint_rate``, else out-painting).
     ``target`` is the flipped, otherwise undeformed input: the regression target. Sample n equals the composition
     of the single ops (``flip``, ``local_shuffle``, ...) applied where its gates fire.
     """
     return _apply("genesis_pair", x, seed, offset, config)
 
 
-for _op in (bezier_remap, local_shuffle, inpaint, outpaint, flip, genesis_pair):
+for _op in (bezier_remap, local_shuffle, inpaint, outpaint, flip, gaussian_noise, genesis_pair):
     _op.__doc__ += _CONTRACT.format(extra=" and rates" if _op is genesis_pair or _op is flip else "")
 
 
@@ -286,7 +298,8 @@ def sample_params(batch: int, spatial_shape, *, seed: int, offset: int = 0, conf
 
     Derived by the same shared C++ code as the kernels, so ``genesis_ext.reference`` can replay exactly what a
     kernel did. Keys (d = number of spatial axes): ``index`` (batch,), the gates ``nonlinear``, ``local``, ``paint``,
-    ``inpaint`` (batch,) bool, ``flip`` (batch, d) bool (net flip per axis), ``bezier`` (batch, 4) float64
+    ``inpaint``, ``gaussian`` (batch,) bool, ``noise_std`` (batch,) float32 (the Gaussian noise's standard
+    deviation), ``flip`` (batch, d) bool (net flip per axis), ``bezier`` (batch, 4) float64
     (x1, y1, x2, y2), ``increasing`` (batch,) bool, ``n_holes`` / ``n_windows`` (batch,), ``holes`` (batch, max_holes,
     2, d) and ``windows`` (batch, max_windows, 2, d) int32 with [..., 0, :] the origin and [..., 1, :] the size
     (unused slots 0), and with ``with_blocks`` the shuffle blocks ``blocks`` (batch, num_blocks, 2, d).

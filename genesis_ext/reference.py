@@ -12,7 +12,7 @@ import numpy as np
 from .config import DeformConfig
 
 # Purposes of docs/randomness.md: one Philox stream family per kind of random quantity.
-GATES, FLIP, BEZIER, BLOCK, INPAINT, OUTPAINT, NOISE = 1, 2, 3, 4, 5, 6, 7
+GATES, FLIP, BEZIER, BLOCK, INPAINT, OUTPAINT, NOISE, NOISE_STD, GAUSSIAN = 1, 2, 3, 4, 5, 6, 7, 8, 9
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
@@ -115,7 +115,8 @@ def _fits(config: DeformConfig, deformation: str, spatial_shape) -> bool:
 def derive_params(seed: int, index: int, spatial_shape, config: DeformConfig | None = None) -> dict:
     """Every random parameter of sample ``index`` (docs/randomness.md), for a sample of ``spatial_shape`` (2 or 3 axes).
 
-    Keys: gates 'nonlinear', 'local', 'paint', 'inpaint' (bool); 'flip' bool (ndim,) net flip parity per spatial axis;
+    Keys: gates 'nonlinear', 'local', 'paint', 'inpaint', 'gaussian' (bool); 'noise_std' float32 (the Gaussian noise's
+    standard deviation); 'flip' bool (ndim,) net flip parity per spatial axis;
     'bezier' float64 (x1, y1, x2, y2) and 'increasing'; 'n_holes' and 'holes' int32 (max_holes, 2, ndim) ([k, 0] origin,
     [k, 1] size, unused slots 0); 'n_windows' and 'windows' int32 (max_windows, 2, ndim); 'blocks' int32
     (num_blocks, 2, ndim). A deformation whose size rules do not fit ``spatial_shape`` raises ValueError if its rate
@@ -128,11 +129,14 @@ def derive_params(seed: int, index: int, spatial_shape, config: DeformConfig | N
         raise ValueError(f"spatial_shape must have 2 or 3 positive axes, got {spatial_shape}")
     p: dict = {}
 
-    g = _words(seed, index, GATES, 0, 4)
+    g = _words(seed, index, GATES, 0, 5)
     p["nonlinear"] = _gate(g[0], config.nonlinear_rate)
     p["local"] = _gate(g[1], config.local_rate)
     p["paint"] = _gate(g[2], config.paint_rate)
     p["inpaint"] = _gate(g[3], config.inpaint_rate)
+    p["gaussian"] = _gate(g[4], config.gaussian_noise_rate)
+    u = uniform(word(seed, index, NOISE_STD, 0, 0))
+    p["noise_std"] = np.float32(config.noise_std_min + (config.noise_std_max - config.noise_std_min) * u)
 
     f = _words(seed, index, FLIP, 0, 2 * max(config.max_flips, 1))
     flip = np.zeros(ndim, dtype=bool)
@@ -250,8 +254,63 @@ def noise(seed: int, index: int, shape) -> np.ndarray:
     return uniform(blocks.reshape(-1)[:size]).astype(np.float32).reshape(shape)
 
 
+def _log_unit(u):
+    """log(u) for u in (0, 1], float64: the operations of csrc/gaussian.h, in the same order."""
+    m, k = np.frexp(u)  # u = m 2^k, m in [1/2, 1); then m in [sqrt(1/2), sqrt(2))
+    low = m < 0.7071067811865476
+    m, k = np.where(low, 2.0 * m, m), np.where(low, k - 1, k)
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    p = np.full_like(s, 1.0 / 17.0)
+    for j in range(15, 0, -2):
+        p = p * s2 + 1.0 / j
+    return 2.0 * s * p + k * 0.6931471805599453
+
+
+def _series(a, inverse_factorials):
+    """sum_j c_j a^(2j) in the Horner order of csrc/gaussian.h (highest term first)."""
+    a2 = a * a
+    p = np.full_like(a, inverse_factorials[-1])
+    for c in inverse_factorials[-2::-1]:
+        p = p * a2 + c
+    return p
+
+
+_SIN = [1.0, -1.0 / 6.0, 1.0 / 120.0, -1.0 / 5040.0, 1.0 / 362880.0, -1.0 / 39916800.0, 1.0 / 6227020800.0,
+        -1.0 / 1307674368000.0, 1.0 / 355687428096000.0]
+_COS = [1.0, -1.0 / 2.0, 1.0 / 24.0, -1.0 / 720.0, 1.0 / 40320.0, -1.0 / 3628800.0, 1.0 / 479001600.0,
+        -1.0 / 87178291200.0, 1.0 / 20922789888000.0]
+
+
+def gaussian(seed: int, index: int, shape) -> np.ndarray:
+    """Standard normal values of one sample of ``shape`` = (C, *spatial) (docs/randomness.md, purpose GAUSSIAN): element
+    e takes Philox block e >> 2 of the stream, whose words (0, 1) and (2, 3) are two Box–Muller pairs (u1, u2):
+    ``sqrt(-2 log(1 - uniform(u1))) * (cos, sin)(2 pi uniform(u2))``, cosine for even e, sine for odd e. float32,
+    computed with the kernels' own logarithm and series in float64, so the bits match."""
+    shape = tuple(int(s) for s in shape)
+    size = int(np.prod(shape))
+    e = np.arange(size, dtype=np.int64)
+    blocks = _stream_blocks(seed, index, GAUSSIAN, e >> 2, 0)
+    pair = (e & 2).astype(np.intp)
+    u1 = uniform(np.take_along_axis(blocks, pair[:, None], axis=1)[:, 0])
+    u2 = uniform(np.take_along_axis(blocks, pair[:, None] + 1, axis=1)[:, 0])
+    radius = np.sqrt(-2.0 * _log_unit(1.0 - u1))
+    q = (4.0 * u2).astype(np.int64)
+    a = (4.0 * u2 - q) * 1.5707963267948966
+    sa, ca = a * _series(a, _SIN), _series(a, _COS)
+    cos = np.choose(q, [ca, -sa, -ca, sa])
+    sin = np.choose(q, [sa, ca, -sa, -ca])
+    return (radius * np.where(e & 1, sin, cos)).astype(np.float32).reshape(shape)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Deformations of one sample (C, *spatial)
+
+
+def gaussian_noise(x, std, z) -> np.ndarray:
+    """x + std * z in float32 (z: ``gaussian(seed, index, x.shape)``)."""
+    return (np.asarray(x, dtype=np.float32) + np.float32(std) * np.asarray(z, dtype=np.float32)).astype(np.float32)
+
 
 
 def _bernstein(s, p1, p2):
@@ -390,12 +449,34 @@ def flip(x, parity) -> np.ndarray:
     return np.flip(x, axis=axes).copy() if axes else x.copy()
 
 
+# The reference of each single op on one sample x (C, *spatial) with global index i and parameters p (derive_params,
+# or genesis_ext.sample_params of that sample): the deformation applied unconditionally. The Bézier map is the exact
+# float64 map; the others are float32.
+_SINGLE_OPS = {
+    "bezier_remap": lambda x, seed, i, p: bezier_map(x, p["bezier"], p["increasing"]),
+    "local_shuffle": lambda x, seed, i, p: local_shuffle(x, p["blocks"], block_permutations(seed, i, p["blocks"])),
+    "inpaint": lambda x, seed, i, p: inpaint(x, p["holes"], p["n_holes"], noise(seed, i, x.shape)),
+    "outpaint": lambda x, seed, i, p: outpaint(x, p["windows"], p["n_windows"], noise(seed, i, x.shape)),
+    "flip": lambda x, seed, i, p: flip(x, p["flip"]),
+    "gaussian_noise": lambda x, seed, i, p: gaussian_noise(x, p["noise_std"], gaussian(seed, i, x.shape)),
+}
+
+
+def single_op(op: str, x, seed: int, index: int, params: dict) -> np.ndarray:
+    """The reference of ``genesis_ext.<op>`` on one sample ``x`` (C, *spatial) with global index ``index`` and its
+    parameters ``params`` (``derive_params(seed, index, ...)``). float32, except the Bézier map: the exact float64 map
+    (the kernels promise it within 1e-5)."""
+    if op not in _SINGLE_OPS:
+        raise ValueError(f"unknown op {op!r}; single ops: {', '.join(_SINGLE_OPS)}")
+    return _SINGLE_OPS[op](np.asarray(x, dtype=np.float32), seed, index, params)
+
+
 def genesis_pair(x, seed: int, index: int, config: DeformConfig | None = None, params: dict | None = None):
     """One Models Genesis training pair of sample x (C, *spatial) with global index ``index``.
 
     Returns float32 (x_deformed, target): target = flip(x); x_deformed = flip → local shuffle (if 'local') → Bézier
-    map (if 'nonlinear') → in-painting or out-painting (if 'paint', by 'inpaint') with ``noise(seed, index, x.shape)``,
-    which is not intensity-transformed. ``params`` defaults to ``derive_params(seed, index, x.shape[1:], config)``."""
+    map (if 'nonlinear') → Gaussian noise (if 'gaussian') → in-painting or out-painting (if 'paint', by 'inpaint')
+    with ``noise(seed, index, x.shape)``, which is not intensity-transformed. ``params`` defaults to ``derive_params(seed, index, x.shape[1:], config)``."""
     config = DeformConfig() if config is None else config
     x = np.asarray(x, dtype=np.float32)
     p = derive_params(seed, index, x.shape[1:], config) if params is None else params
@@ -405,6 +486,8 @@ def genesis_pair(x, seed: int, index: int, config: DeformConfig | None = None, p
         out = local_shuffle(out, p["blocks"], block_permutations(seed, index, p["blocks"]))
     if p["nonlinear"]:
         out = bezier_map(out, p["bezier"], p["increasing"]).astype(np.float32)
+    if p["gaussian"]:
+        out = gaussian_noise(out, p["noise_std"], gaussian(seed, index, x.shape))
     if p["paint"]:
         z = noise(seed, index, x.shape)
         if p["inpaint"]:

@@ -14,7 +14,7 @@ import numpy as np
 import genesis_ext
 from genesis_ext import DeformConfig
 
-SINGLE_OPS = ("bezier_remap", "local_shuffle", "inpaint", "outpaint", "flip")
+SINGLE_OPS = genesis_ext.ops.SINGLE_OPS  # declared once, in csrc/deform.h (GENESIS_OPS)
 ALL_OPS = SINGLE_OPS + ("genesis_pair",)
 OFFICIAL = (64, 64, 32)
 
@@ -22,12 +22,13 @@ OFFICIAL = (64, 64, 32)
 SCRAMBLED = DeformConfig(nonlinear_rate=0.3, local_rate=0.7, paint_rate=0.6, inpaint_rate=0.45, outpaint_rate=0.55,
                          flip_rate=0.8, num_blocks=300, block_div=4, max_holes=7, hole_continue=0.8, hole_div_min=5,
                          hole_div_max=2, max_windows=6, window_continue=0.7, cut_min_num=2, cut_max_num=5,
-                         cut_den=9, margin=1, max_flips=5)
+                         cut_den=9, margin=1, max_flips=5, gaussian_noise_rate=0.4, noise_std_min=0.02,
+                         noise_std_max=0.3)
 # Extremes of the size rules: boxes touching the faces, 8 holes / windows, large shuffle blocks.
 EDGE = DeformConfig(nonlinear_rate=0.5, local_rate=0.5, paint_rate=0.8, inpaint_rate=0.5, outpaint_rate=0.5,
                     flip_rate=0.9, num_blocks=40, block_div=2, max_holes=8, hole_continue=1.0, hole_div_min=3,
                     hole_div_max=2, max_windows=8, window_continue=1.0, cut_min_num=1, cut_max_num=6, cut_den=7,
-                    margin=0, max_flips=8)
+                    margin=0, max_flips=8, gaussian_noise_rate=1.0, noise_std_min=0.0, noise_std_max=1.0)
 
 # docs/architecture §4: (counter, key) -> output of Philox4x32-10 (Random123 known-answer vectors)
 PHILOX_KAT = [

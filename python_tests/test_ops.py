@@ -48,18 +48,7 @@ def oracle_single(op, x, seed, offset, config):
     bezier_remap returns the exact float64 map; the rest float32."""
     out = np.empty(x.shape, dtype=np.float64 if op == "bezier_remap" else np.float32)
     for n in range(x.shape[0]):
-        i = offset + n
-        p = R.derive_params(seed, i, x.shape[2:], config)
-        if op == "bezier_remap":
-            out[n] = R.bezier_map(x[n], p["bezier"], p["increasing"])
-        elif op == "local_shuffle":
-            out[n] = R.local_shuffle(x[n], p["blocks"], R.block_permutations(seed, i, p["blocks"]))
-        elif op == "inpaint":
-            out[n] = R.inpaint(x[n], p["holes"], p["n_holes"], R.noise(seed, i, x[n].shape))
-        elif op == "outpaint":
-            out[n] = R.outpaint(x[n], p["windows"], p["n_windows"], R.noise(seed, i, x[n].shape))
-        else:
-            out[n] = R.flip(x[n], p["flip"])
+        out[n] = R.single_op(op, x[n], seed, offset + n, R.derive_params(seed, offset + n, x.shape[2:], config))
     return out
 
 
@@ -91,6 +80,8 @@ def assert_pair_matches_oracle(xd, tg, x, seed, index, config):
     if p["local"]:
         pre = R.local_shuffle(pre, p["blocks"], R.block_permutations(seed, index, p["blocks"]))
     exact = R.bezier_map(pre, p["bezier"], p["increasing"])
+    if p["gaussian"]:  # noise added to the float32 map: within the map's tolerance plus one float32 rounding
+        exact = exact + np.float64(p["noise_std"]) * R.gaussian(seed, index, x.shape)
     assert_bezier_close(xd[~painted], exact[~painted])
 
 
@@ -225,6 +216,8 @@ def test_pair_is_composition_of_single_ops(spatial, channels, config, rng):
             chain = genesis_ext.local_shuffle(chain, **kw)
         if p["nonlinear"][0]:
             chain = genesis_ext.bezier_remap(chain, **kw)
+        if p["gaussian"][0]:
+            chain = genesis_ext.gaussian_noise(chain, **kw)
         if p["paint"][0]:
             chain = (genesis_ext.inpaint if p["inpaint"][0] else genesis_ext.outpaint)(chain, **kw)
         xd, tg = genesis_ext.genesis_pair(x, **kw)
@@ -433,6 +426,16 @@ def test_moves_carry_nonfinite_values(op, rng):
     for n in range(2):  # values are copied, never made: every output value occurs in the sample's input
         assert np.isin(out[n], x[n]).sum() + np.isnan(out[n]).sum() == out[n].size
         assert np.isnan(out[n]).any() and np.isinf(out[n]).any()
+
+
+def test_gaussian_noise_keeps_nonfinite_values(rng):
+    """NaN stays NaN and ±Inf keeps its sign (x + std * z); finite values get exactly the reference's noise."""
+    x = _with_nonfinite(rng.random((2, 2, 23, 41, 17), dtype=np.float32), rng)
+    out = run("gaussian_noise", x, seed=12, config=SCRAMBLED)
+    assert np.array_equal(np.isnan(out), np.isnan(x)) and np.array_equal(out[np.isinf(x)], x[np.isinf(x)])
+    assert np.array_equal(out, oracle_single("gaussian_noise", x, 12, 0, SCRAMBLED), equal_nan=True)
+    finite = np.isfinite(x)
+    assert (out[finite] != x[finite]).mean() > 0.99  # noise on (almost) every finite value
 
 
 @pytest.mark.parametrize("op", ("inpaint", "outpaint"))

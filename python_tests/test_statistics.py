@@ -256,3 +256,38 @@ def test_pair_on_ct_stays_in_unit_range(ct_cubes):
     assert xd.min() >= -1e-5 and xd.max() <= 1 + 1e-5
     assert np.array_equal(np.sort(tg, axis=None), np.sort(ct_cubes, axis=None))  # the target is a flip
     assert (np.abs(xd - tg).reshape(len(ct_cubes), -1).max(axis=1) > 0).mean() > 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gaussian noise (not in the published recipe; a pixel-level deformation the paper names)
+
+
+def test_gaussian_noise_values_are_standard_normal():
+    """With std fixed at 1, gaussian_noise on zeros returns the kernel's normal values themselves: mean 0, variance
+    1, the normal CDF at 9 quantiles (within 4 binomial sigma), the cosine and sine of a Box–Muller pair uncorrelated,
+    and independent across channels and samples."""
+    n_samples, shape = 8, (2, 64, 64, 32)
+    config = DeformConfig(noise_std_min=1.0, noise_std_max=1.0)
+    z = genesis_ext.gaussian_noise(np.zeros((n_samples, *shape), np.float32), seed=77, config=config)
+    v = z.astype(np.float64).reshape(-1)
+    n = v.size
+    assert abs(v.mean()) <= 4 / np.sqrt(n) and abs(v.var() - 1) <= 4 * np.sqrt(2 / n), (v.mean(), v.var())
+    from math import erf, sqrt
+    for q in (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0):
+        within_4_sigma(int((v <= q).sum()), n, 0.5 * (1 + erf(q / sqrt(2))), f"P(z <= {q})")
+    pairs = v.reshape(-1, 2)  # elements 2k, 2k+1: cosine and sine of one pair
+    assert abs(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1]) <= 4 / np.sqrt(len(pairs))
+    assert abs(np.corrcoef(z[:, 0].reshape(-1), z[:, 1].reshape(-1))[0, 1]) <= 4 / np.sqrt(n / 2)
+    assert abs(np.corrcoef(z[0].reshape(-1), z[1].reshape(-1))[0, 1]) <= 4 / np.sqrt(n / n_samples)
+
+
+def test_gaussian_noise_gate_and_std_distribution():
+    config = DeformConfig(gaussian_noise_rate=0.3, noise_std_min=0.05, noise_std_max=0.25)
+    p = genesis_ext.sample_params(N_PARAMS, CUBE, seed=5, config=config, with_blocks=False)
+    within_4_sigma(int(p["gaussian"].sum()), N_PARAMS, 0.3, "gaussian noise gate")
+    std = p["noise_std"].astype(np.float64)
+    assert std.min() >= 0.05 and std.max() <= 0.25
+    for k in range(4):  # uniform in [0.05, 0.25]: each quarter of the range holds a quarter of the samples
+        within_4_sigma(int(((std >= 0.05 + 0.05 * k) & (std < 0.1 + 0.05 * k)).sum()), N_PARAMS, 0.25, f"std bin {k}")
+    off = genesis_ext.sample_params(2000, CUBE, seed=5, config=DeformConfig(), with_blocks=False)
+    assert not off["gaussian"].any()  # the published recipe has none

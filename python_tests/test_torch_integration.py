@@ -9,7 +9,7 @@ from genesis_ext import DeformConfig
 
 torch = pytest.importorskip("torch")
 
-OPS = ("bezier_remap", "local_shuffle", "inpaint", "outpaint", "flip", "genesis_pair")
+OPS = genesis_ext.ops.OPS
 
 
 @pytest.mark.parametrize("name", OPS)

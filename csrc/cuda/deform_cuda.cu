@@ -49,6 +49,9 @@ Tiles make_tiles(const Shape& sh) {
 
 bool may_shuffle(Op op, const DeformConfig& cfg) { return op == SHUFFLE_OP || (op == PAIR && cfg.local_rate > 0); }
 bool may_remap(Op op, const DeformConfig& cfg) { return op == BEZIER_OP || (op == PAIR && cfg.nonlinear_rate > 0); }
+bool may_add_gaussian(Op op, const DeformConfig& cfg) {
+  return op == GAUSSIAN_OP || (op == PAIR && cfg.gaussian_noise_rate > 0);
+}
 
 int32_t max_block_volume(const Shape& sh, const DeformConfig& cfg) {
   int32_t v = 1;
@@ -286,6 +289,34 @@ __global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cf
   }
 }
 
+// Gaussian noise, a third launch only where it can fire: on the deformed input of every sample whose plan has it,
+// except its painted voxels (noise comes before painting). One thread per row (x, y): the row's noise spans, then the
+// row's other elements. Its own kernel: in deform_kernel's voxel loop the double-precision Box–Muller made ptxas
+// spill (benchmarks/cuda_resources.py), and the pair without noise keeps its kernel unchanged.
+__global__ void __launch_bounds__(kThreads) gaussian_kernel(Op op, Shape sh, uint64_t seed, uint64_t offset,
+                                                            int64_t channels, const SampleParams* params, float* out) {
+  __shared__ SampleParams p;
+  const int64_t n = blockIdx.y;
+  if (threadIdx.x == 0) p = params[n];
+  __syncthreads();
+  const Plan plan = plan_for(op, p);
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (!plan.gaussian || row >= int64_t(sh.s[0]) * sh.s[1]) return;
+  Span spans[kMaxParts + 1];
+  const int n_spans = noise_spans(plan, p, int32_t(row / sh.s[1]), int32_t(row % sh.s[1]), sh.s[2], spans);
+  const int64_t voxels = sh.voxels();
+  float* sample_out = out + n * channels * voxels;
+  for (int64_t c = 0; c < channels; ++c) {
+    int k = 0;
+    for (int32_t z = 0; z < sh.s[2]; ++z) {
+      while (k < n_spans && spans[k].end <= z) ++k;
+      if (k < n_spans && spans[k].begin <= z) continue;  // painted
+      const int64_t e = c * voxels + row * sh.s[2] + z;
+      sample_out[e] = add_gaussian(sample_out[e], p.noise_std, gaussian_value(seed, offset + n, e));
+    }
+  }
+}
+
 // Makes `device` current for the scope and restores the caller's device afterwards.
 class DeviceGuard {
  public:
@@ -355,6 +386,12 @@ void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batc
            kThreads, stream, op, cfg, sh, tiles, seed, offset + first, channels, s.params, s.tables, s.boxes,
            s.starts, s.lists, layout.list_capacity, x, y, t);
     check(cudaGetLastError(), "deform kernel launch");
+    if (may_add_gaussian(op, cfg)) {
+      const int64_t rows = int64_t(sh.s[0]) * sh.s[1];
+      launch(gaussian_kernel, dim3(unsigned((rows + kThreads - 1) / kThreads), unsigned(count)), kThreads, stream,
+             op, sh, seed, offset + first, channels, s.params, y);
+      check(cudaGetLastError(), "gaussian kernel launch");
+    }
   }
 }
 

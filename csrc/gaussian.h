@@ -1,0 +1,78 @@
+// Gaussian noise values: Box–Muller on Philox words, with our own logarithm, sine and cosine in double built from +,
+// -, *, / and sqrt only (all correctly rounded, no contraction), so every device gives the same bits; the libraries'
+// log/cos/sin are not bit-identical between the CPU and CUDA. Shared by the CPU and CUDA kernels; the numpy twin is
+// genesis_ext.reference.gaussian. Accuracy: |error| < 1e-12 before the rounding to float.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "philox.h"
+
+namespace genesis {
+
+constexpr double kLn2 = 0.6931471805599453;
+constexpr double kHalfPi = 1.5707963267948966;
+constexpr double kSqrtHalf = 0.7071067811865476;
+
+// log(u) for u in (0, 1]: u = m 2^k with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1) / (m + 1),
+// |s| < 0.172, by its series to s^17.
+GENESIS_HD double log_unit(double u) {
+  int k = 0;
+  for (; u < kSqrtHalf; --k) u *= 2.0;  // exact; at most 24 times for the 24-bit uniforms used here
+  const double s = (u - 1.0) / (u + 1.0), s2 = s * s;
+  double p = 1.0 / 17.0;
+  for (int j = 15; j >= 1; j -= 2) p = p * s2 + 1.0 / j;
+  return 2.0 * s * p + k * kLn2;
+}
+
+// sin(a) and cos(a) for a in [0, pi / 2) by their Taylor series to a^17 and a^16 (|error| < 5e-14), in Horner form.
+GENESIS_HD double sin_series(double a) {
+  const double a2 = a * a;
+  double p = 1.0 / 355687428096000.0;  // 1 / 17!
+  p = p * a2 - 1.0 / 1307674368000.0;
+  p = p * a2 + 1.0 / 6227020800.0;
+  p = p * a2 - 1.0 / 39916800.0;
+  p = p * a2 + 1.0 / 362880.0;
+  p = p * a2 - 1.0 / 5040.0;
+  p = p * a2 + 1.0 / 120.0;
+  p = p * a2 - 1.0 / 6.0;
+  return a * (p * a2 + 1.0);
+}
+GENESIS_HD double cos_series(double a) {
+  const double a2 = a * a;
+  double p = 1.0 / 20922789888000.0;  // 1 / 16!
+  p = p * a2 - 1.0 / 87178291200.0;
+  p = p * a2 + 1.0 / 479001600.0;
+  p = p * a2 - 1.0 / 3628800.0;
+  p = p * a2 + 1.0 / 40320.0;
+  p = p * a2 - 1.0 / 720.0;
+  p = p * a2 + 1.0 / 24.0;
+  p = p * a2 - 1.0 / 2.0;
+  return p * a2 + 1.0;
+}
+
+// cos and sin of 2 pi t for t in [0, 1): quadrant q = floor(4t), then the series at a = (4t - q) pi / 2.
+GENESIS_HD void cos_sin_turn(double t, double& c, double& s) {
+  const int q = int(4.0 * t);
+  const double a = (4.0 * t - q) * kHalfPi;
+  const double sa = sin_series(a), ca = cos_series(a);
+  c = q == 0 ? ca : q == 1 ? -sa : q == 2 ? -ca : sa;
+  s = q == 0 ? sa : q == 1 ? ca : q == 2 ? -sa : -ca;
+}
+
+// The standard normal value of element e of a sample (docs/randomness.md, purpose GAUSSIAN): Philox block e >> 2
+// holds two Box–Muller pairs (words 0, 1 and 2, 3); element e takes the cosine (even lane) or sine (odd lane) of the
+// pair of lane e & 3.
+GENESIS_HD float gaussian_value(uint64_t seed, uint64_t sample, int64_t e) {
+  const U32x4 r = stream_block(seed, sample, GAUSSIAN, uint32_t(e >> 2), 0);
+  const int pair = int(e & 2);
+  const double radius = sqrt(-2.0 * log_unit(1.0 - uniform_double(r.v[pair])));
+  double c, s;
+  cos_sin_turn(uniform_double(r.v[pair + 1]), c, s);
+  return float(radius * ((e & 1) ? s : c));
+}
+
+// A voxel value with Gaussian noise of standard deviation sigma added (float arithmetic, no contraction).
+GENESIS_HD float add_gaussian(float value, float sigma, float z) { return value + sigma * z; }
+
+}  // namespace genesis
