@@ -62,7 +62,11 @@ void shuffle_sources(uint64_t seed, uint64_t sample, const DeformConfig& cfg, co
 
 // Gaussian noise of standard deviation sigma added to dst[0 .. e1 - e0), the elements [e0, e1) of a sample.
 void add_gaussian_noise(float* dst, uint64_t seed, uint64_t sample, float sigma, int64_t e0, int64_t e1) {
-  for (int64_t e = e0; e < e1; ++e, ++dst) *dst = add_gaussian(*dst, sigma, gaussian_value(seed, sample, e));
+  float z[4];
+  for (int64_t e = e0; e < e1;) {  // four values per Philox block
+    gaussian_block(seed, sample, e >> 2, z);
+    for (int lane = int(e & 3); lane < 4 && e < e1; ++lane, ++e) *dst = add_gaussian(*dst, sigma, z[lane]), ++dst;
+  }
 }
 
 // Uniform noise for elements [e0, e1) of a sample, four per Philox block.

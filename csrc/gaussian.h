@@ -60,16 +60,28 @@ GENESIS_HD void cos_sin_turn(double t, double& c, double& s) {
   s = q == 0 ? sa : q == 1 ? ca : q == 2 ? -sa : -ca;
 }
 
+// The two standard normal values (r cos θ, r sin θ) of the Box–Muller pair of words (w1, w2):
+// r = sqrt(-2 log(1 - uniform(w1))), θ = 2 pi uniform(w2).
+GENESIS_HD void box_muller(uint32_t w1, uint32_t w2, float& z_cos, float& z_sin) {
+  const double radius = sqrt(-2.0 * log_unit(1.0 - uniform_double(w1)));
+  double c, s;
+  cos_sin_turn(uniform_double(w2), c, s);
+  z_cos = float(radius * c), z_sin = float(radius * s);
+}
+
 // The standard normal value of element e of a sample (docs/randomness.md, purpose GAUSSIAN): Philox block e >> 2
-// holds two Box–Muller pairs (words 0, 1 and 2, 3); element e takes the cosine (even lane) or sine (odd lane) of the
-// pair of lane e & 3.
+// holds two Box–Muller pairs (words 0, 1 and 2, 3); element e takes the cosine (even e) or sine (odd e) of the pair
+// of lane e & 3. gaussian_block gives all four values of a block.
+GENESIS_HD void gaussian_block(uint64_t seed, uint64_t sample, int64_t block, float z[4]) {
+  const U32x4 r = stream_block(seed, sample, GAUSSIAN, uint32_t(block), 0);
+  box_muller(r.v[0], r.v[1], z[0], z[1]);
+  box_muller(r.v[2], r.v[3], z[2], z[3]);
+}
 GENESIS_HD float gaussian_value(uint64_t seed, uint64_t sample, int64_t e) {
   const U32x4 r = stream_block(seed, sample, GAUSSIAN, uint32_t(e >> 2), 0);
-  const int pair = int(e & 2);
-  const double radius = sqrt(-2.0 * log_unit(1.0 - uniform_double(r.v[pair])));
-  double c, s;
-  cos_sin_turn(uniform_double(r.v[pair + 1]), c, s);
-  return float(radius * ((e & 1) ? s : c));
+  float z[2];
+  box_muller(r.v[e & 2], r.v[(e & 2) + 1], z[0], z[1]);
+  return z[e & 1];
 }
 
 // A voxel value with Gaussian noise of standard deviation sigma added (float arithmetic, no contraction).
