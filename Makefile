@@ -1,37 +1,45 @@
 # Set-up commands. Runs with the Python you point it at (default: python3 on PATH, e.g. an activated venv).
-#   make demo   install, then write demo_out/genesis_pairs.png from the bundled CT
-#   make test   install, then run the test suite
-#   make bench  install, then time the kernels against the numpy reference
+#   make demo        install, then write demo_out/genesis_pairs.png from the bundled CT
+#   make test        install, then run the test suite (skip reasons listed at the end)
+#   make test-quick  install, then the suite without the tests marked slow (a first check in about 2 minutes)
+#   make bench       install, then time the kernels against the numpy reference
+# `install` builds into one persistent folder (build/<wheel tag>) without build isolation, so a second `make test`
+# with nothing changed rebuilds nothing; the build's progress is shown.
 # Variables: PYTHON; TORCH (the torch requirement installed when torch is missing; add e.g.
 # TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for a CPU-only build);
-# CUDA_ARCHS (e.g. 90: build the CUDA kernels for that GPU only; default: CMakeLists' release list);
+# CUDA_ARCHS (CMAKE_CUDA_ARCHITECTURES, e.g. 90; default: `native` where nvidia-smi lists a GPU, else no CUDA build);
 # HIP_CPU (a HIP-CPU source folder: also build genesis_ext._C_emu, the CUDA kernels run on the CPU for the tests;
 # default: ../shared/third_party/hip-cpu where it and TBB's headers (Debian: libtbb-dev) are present);
-# PIP_ARGS (extra arguments of the package install, e.g. "--no-build-isolation --no-deps" on a machine without
-# internet that already has scikit-build-core, pybind11 and the test dependencies).
+# PIP_ARGS (extra arguments of the package install, e.g. "--no-deps" on a machine without internet that already has
+# the test dependencies).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+CUDA_ARCHS ?= $(if $(shell nvidia-smi -L 2>/dev/null | head -n 1),native)
 HIP_CPU ?= $(if $(wildcard /usr/include/tbb/tbb.h),$(wildcard ../shared/third_party/hip-cpu))
-CUDA_ARCHS ?=
 PIP_ARGS ?=
-HIP_CPU ?= $(if $(wildcard /usr/include/tbb/tbb.h),$(wildcard ../shared/third_party/hip-cpu))
-# A persistent build folder per Python/platform: re-running `make install` recompiles only what changed. CMake caches
-# the CUDA architectures of the first build there: pass CUDA_ARCHS again (or delete build/) to change them.
-BUILD_ARGS = -Cbuild-dir=build/{wheel_tag} $(if $(CUDA_ARCHS),-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHS)) \
+BUILD_REQUIRES = "scikit-build-core>=0.10" "pybind11>=2.12" ninja
+# CMake caches the CUDA architectures of the first build in build/: pass CUDA_ARCHS again (or delete build/) to change.
+BUILD_ARGS = --no-build-isolation -Cbuild-dir=build/{wheel_tag} -Cbuild.verbose=true \
+	$(if $(CUDA_ARCHS),-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHS)) \
 	$(if $(HIP_CPU),-Ccmake.define.GENESIS_HIP_CPU=$(abspath $(HIP_CPU)))
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-quick bench
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(PYTHON) -m pip install -e ".[test]" $(BUILD_ARGS) $(PIP_ARGS)
+	$(PYTHON) -c "import scikit_build_core, pybind11, ninja" 2>/dev/null || $(PYTHON) -m pip install $(BUILD_REQUIRES)
+	GENESIS_CUDA=$(if $(CUDA_ARCHS),ON,OFF) $(PYTHON) -m pip install -v -e ".[test]" $(BUILD_ARGS) $(PIP_ARGS)
+	$(PYTHON) -c "import genesis_ext; print('genesis_ext', genesis_ext.build_info())"
 
 demo: install
 	$(PYTHON) -m genesis_ext.demo --out demo_out
 
 test: install
-	$(PYTHON) -m pytest python_tests -q
+	$(PYTHON) -m pytest python_tests -q -rs
+
+test-quick: install
+	$(PYTHON) -m pytest python_tests -q -rs -m "not slow"
 
 bench: install
 	$(PYTHON) -m pytest benchmarks -q --benchmark-only --benchmark-json=bench.json

@@ -1,21 +1,52 @@
-"""genesis_ext: Models Genesis self-supervised deformations as fused, batched C++/CUDA kernels."""
-try:  # load torch's libgomp first, so the kernels share torch's OpenMP runtime instead of starting a second one
-    import torch  # noqa: F401
-except ImportError:
-    pass
+"""genesis_ext: Models Genesis self-supervised deformations as fused, batched C++/CUDA kernels.
 
-from . import _C
-from .config import DeformConfig
-from .ops import (bezier_remap, flip, gaussian_noise, genesis_pair, inpaint, local_shuffle, outpaint,
-                  sample_params)
+The public names are imported on first use (PEP 562): ``import genesis_ext`` and the ``genesis-ext`` command's
+argument parsing load neither torch nor the compiled extension; the first op, config or ``build_info`` call does.
+"""
+from importlib import import_module
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {"DeformConfig": "config", "bezier_remap": "ops", "flip": "ops", "gaussian_noise": "ops",
+            "genesis_pair": "ops", "inpaint": "ops", "local_shuffle": "ops", "outpaint": "ops",
+            "sample_params": "ops"}
+
+
+def _core():
+    """The extension module, loaded after torch (when installed): then the kernels share torch's OpenMP runtime
+    instead of starting a second one (docs: architecture §2)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    return import_module("._C", __name__)
 
 
 def build_info() -> dict:
     """What this installation was built with: ``with_cuda``, ``cuda_archs``, ``with_openmp``, ``cuda_devices``
     (usable devices now) and ``cuda_unavailable_reason`` (empty when CUDA is usable)."""
-    return dict(_C.build_info())
+    return dict(_core().build_info())
+
+
+def __getattr__(name):
+    if name == "_C":
+        value = _core()
+    elif name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:  # a submodule: genesis_ext.ops, genesis_ext.reference, ...
+        try:
+            value = import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | {"_C"})
 
 
 __all__ = ["DeformConfig", "bezier_remap", "build_info", "flip", "gaussian_noise", "genesis_pair", "inpaint",

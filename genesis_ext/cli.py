@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from . import __version__
+
 
 def positive_int(text: str) -> int:
     """argparse type of the verbs' counts and sizes."""
@@ -108,31 +110,23 @@ def _run_extract(args) -> int:
     return 0 if summary.written + summary.kept > 0 else 1
 
 
-def _add_pretrain(p: argparse.ArgumentParser) -> None:
-    from .train.cli import add_arguments
-    add_arguments(p)
-
-
-def _run_pretrain(args) -> int:
-    from .train.cli import run
-    return run(args)
-
-
-def _finetune():
-    from .train import finetune
-    return finetune
+def _train_cli():
+    from .train import cli  # argument parsers only: no torch
+    return cli
 
 
 VERBS = {
     "extract": ("cut training cubes from CT volumes into a cube store", _add_extract, _run_extract),
-    "pretrain": ("Models Genesis self-supervised pre-training of the 3D U-Net", _add_pretrain, _run_pretrain),
+    "pretrain": ("Models Genesis self-supervised pre-training of the 3D U-Net",
+                 lambda p: _train_cli().add_pretrain_arguments(p), lambda args: _train_cli().run_pretrain(args)),
     "finetune": ("fine-tune on a segmentation or classification task (published or our weights)",
-                 lambda p: _finetune().add_arguments(p), lambda args: _finetune().run(args)),
+                 lambda p: _train_cli().add_finetune_arguments(p), lambda args: _train_cli().run_finetune(args)),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genesis-ext", description="Models Genesis pre-training tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (help_text, add_arguments, _) in VERBS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))

@@ -141,7 +141,11 @@ class DeformConfig:
         return PRESETS
 
     def replace(self, **changes) -> "DeformConfig":
-        """A copy with some fields changed (validated), e.g. ``cfg.replace(local_rate=0)`` for an ablation."""
+        """A copy with some fields changed (validated), e.g. ``cfg.replace(local_rate=0)`` for an ablation. Changing
+        only one of ``inpaint_rate`` and ``outpaint_rate`` sets the other to its complement."""
+        for rate, other in (("inpaint_rate", "outpaint_rate"), ("outpaint_rate", "inpaint_rate")):
+            if rate in changes and other not in changes and isinstance(changes[rate], (int, float)):
+                changes[other] = 1.0 - changes[rate]
         return dataclasses.replace(self, **changes)
 
     # ---- size rules, shared by the ops' validation and the reference ----

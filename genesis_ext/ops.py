@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from . import _C
-from .config import DeformConfig
-
-try:
+try:  # first: the extension then shares torch's OpenMP runtime
     import torch
 except ImportError:  # numpy-only installs
     torch = None
+
+from . import _C
+from .config import DeformConfig
 
 def _check_core_config_fields() -> None:
     """DeformConfig and the compiled core (csrc/config_fields.h) declare the same fields, in the same order and of

@@ -204,3 +204,27 @@ ptxas info    : Used 8 registers, used 0 barriers
     big = res.Kernel("deform_kernel<1024, unsigned short>", registers=40, smem=60 * 1024)
     assert res.judge([big])[1] == ["deform_kernel<1024, unsigned short>: cannot launch 256 threads per block "
                                    "(shared memory)"]
+
+
+def test_cli_parsing_imports_neither_torch_nor_the_extension():
+    """`genesis-ext --help` and every verb's parser stay light (issue: --help took 1-9 s importing torch)."""
+    import subprocess
+    code = ("import sys\nfrom genesis_ext.cli import build_parser\nbuild_parser()  # every verb's arguments\n"
+            "print(sorted(m for m in ('torch', 'genesis_ext._C', 'genesis_ext.ops') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+    version = subprocess.run([sys.executable, "-m", "genesis_ext.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"genesis-ext {genesis_ext.__version__}"
+
+
+@pytest.mark.parametrize("verb", ["pretrain", "finetune"])
+def test_training_verbs_without_torch_say_what_to_install(verb, tmp_path):
+    import subprocess
+    args = {"pretrain": ["--data", str(tmp_path), "--out", str(tmp_path / "run")],
+            "finetune": ["--task", "segmentation", "--data", str(tmp_path), "--out", str(tmp_path / "run")]}[verb]
+    code = ("import sys\nsys.modules['torch'] = None  # as if torch were not installed\n"
+            f"from genesis_ext.cli import main\nsys.exit(main({[verb, *args]!r}))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert f"genesis-ext {verb} needs PyTorch" in run.stderr and "pip install 'genesis-ext[train]'" in run.stderr
+    assert "Traceback" not in run.stderr

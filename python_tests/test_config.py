@@ -21,8 +21,9 @@ from genesis_ext.config import MAX_BLOCKS
     (dict(paint_rate=True), r"DeformConfig\.paint_rate must be a number in \[0, 1\], got True"),
     (dict(hole_continue=2), r"DeformConfig\.hole_continue must be a number in \[0, 1\]"),
     (dict(window_continue="0.9"), r"DeformConfig\.window_continue must be a number"),
-    (dict(inpaint_rate=0.5), "outpaint_rate must be 1 - inpaint_rate; got inpaint_rate=0.5, outpaint_rate=0.8"),
-    (dict(outpaint_rate=1.0), "outpaint_rate must be 1 - inpaint_rate"),
+    (dict(inpaint_rate=0.5, outpaint_rate=0.8),
+     "outpaint_rate must be 1 - inpaint_rate; got inpaint_rate=0.5, outpaint_rate=0.8"),
+    (dict(outpaint_rate=1.0, inpaint_rate=0.2), "outpaint_rate must be 1 - inpaint_rate"),
     (dict(num_blocks=0), rf"DeformConfig\.num_blocks must be an integer in \[1, {MAX_BLOCKS}\], got 0"),
     (dict(block_div=0), r"DeformConfig\.block_div must be an integer in \[1, 32767\], got 0"),
     (dict(max_holes=9), r"DeformConfig\.max_holes must be an integer in \[0, 8\]"),
@@ -58,6 +59,15 @@ def test_config_validation(changes, match):
         DeformConfig(**changes)
     with pytest.raises(ValueError, match=match):
         DeformConfig.official().replace(**changes)
+
+
+def test_replace_sets_the_complementary_painting_rate():
+    assert DeformConfig().replace(inpaint_rate=0.5).outpaint_rate == 0.5
+    assert DeformConfig().replace(outpaint_rate=1.0).inpaint_rate == 0.0
+    with pytest.raises(ValueError, match="outpaint_rate must be 1 - inpaint_rate"):
+        DeformConfig(inpaint_rate=0.5)  # the constructor takes both as given
+    with pytest.raises(ValueError, match=r"DeformConfig\.inpaint_rate must be a number in \[0, 1\], got 1.5"):
+        DeformConfig().replace(inpaint_rate=1.5)
 
 
 def test_config_accepts_boundary_values_and_normalises_types():

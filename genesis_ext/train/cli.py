@@ -1,4 +1,4 @@
-"""Arguments and entry of ``genesis-ext pretrain`` (imports torch only when the verb runs)."""
+"""Arguments and entries of ``genesis-ext pretrain`` and ``finetune`` (torch is imported only when a verb runs)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,12 @@ from ..cli import positive_int
 from ..config import PRESETS, DeformConfig
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+TASKS = ("segmentation", "classification")
+DEFAULT_PATCH = (64, 64, 32)
+TORCH_MISSING = "needs PyTorch, which is not installed: pip install 'genesis-ext[train]'"
+
+
+def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="a cube store (genesis-ext extract), .npy cube arrays, or CT volumes/directories (cut on the "
                         "fly)")
@@ -57,9 +62,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def run(args) -> int:
-    from ..models import CheckpointError
-    from .pretraining import NonFiniteLossError, PretrainConfig, pretrain
+def run_pretrain(args) -> int:
+    try:
+        from ..models import CheckpointError
+        from .pretraining import NonFiniteLossError, PretrainConfig, pretrain
+    except ImportError as e:
+        if e.name != "torch":
+            raise
+        print(f"genesis-ext pretrain {TORCH_MISSING}", file=sys.stderr)
+        return 2
 
     cfg = PretrainConfig(
         data=args.data, out=args.out, preset=args.preset, deform=DeformConfig.preset(args.deformations),
@@ -83,3 +94,48 @@ def run(args) -> int:
     print(f"best validation loss {result.best_val:.5f} (identity baseline {result.baselines.get('identity', 0):.5f}, "
           f"mean baseline {result.baselines.get('mean', 0):.5f}); checkpoint {result.last_checkpoint}")
     return 0
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=TASKS, required=True, help="segmentation (U-Net, soft Dice) or classification "
+                                                               "(encoder + published head, cross-entropy)")
+    p.add_argument("--data", required=True,
+                   help="segmentation: a directory with images/ and labels/ (matched by file name) or a CSV with an "
+                        "image,label header; classification: a CSV with a path,label header (.npy cubes in [0, 1] or "
+                        "volume files in HU). Paths in a CSV are relative to it")
+    p.add_argument("--out", required=True, help="run directory: log.csv, last.pt, best.pt, metrics.json")
+    p.add_argument("--weights", default=None, help="published Genesis_Chest_CT.pt or a checkpoint of ours (default: "
+                                                   "from scratch); classification loads the encoder only")
+    p.add_argument("--patch", nargs=3, type=positive_int, default=list(DEFAULT_PATCH), metavar=("X", "Y", "Z"),
+                   help="patch (segmentation) or cube (classification) size, multiples of 8 (default: 64 64 32)")
+    p.add_argument("--n-class", type=positive_int, default=1,
+                   help="segmentation: output channels; 1: label > 0.5 is foreground; >1: channel k is label == k+1 "
+                        "(default 1)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="default 10")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="default 4")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam (default) or sgd (momentum 0.9)")
+    p.add_argument("--patches-per-volume", type=positive_int, default=16,
+                   help="segmentation: random training patches per training volume per epoch (default 16)")
+    p.add_argument("--val-patches-per-volume", type=positive_int, default=16,
+                   help="segmentation: fixed validation patches per validation volume (default 16)")
+    p.add_argument("--fg-fraction", type=float, default=0.5,
+                   help="segmentation: share of patches centred on a foreground voxel (default 0.5)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of volumes (segmentation) or cubes (classification, stratified) held out for "
+                        "validation, seeded (default 0.2; 0: no validation)")
+    p.add_argument("--window", nargs=2, type=float, default=[-1000.0, 1000.0], metavar=("LO", "HI"),
+                   help="intensity window of the images in their units, mapped to [0, 1] (default: -1000 1000 HU)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, default), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, patches, batches and initialisation")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_finetune(args) -> int:
+    from . import finetune  # imports without torch
+
+    if finetune.torch is None:
+        print(f"genesis-ext finetune {TORCH_MISSING}", file=sys.stderr)
+        return 2
+    return finetune.run(args)

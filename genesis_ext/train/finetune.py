@@ -26,7 +26,6 @@ validation Dice or AUC) and ``RUN/metrics.json``.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -38,17 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import positive_int
+from .cli import DEFAULT_PATCH, TASKS, TORCH_MISSING
 
-try:  # the module (its argument parser included) imports without torch; training needs it
+try:  # training needs torch; the module imports without it (genesis-ext finetune then says how to install it)
     import torch
     import torch.nn.functional as F
 except ImportError:  # pragma: no cover - exercised only without torch
     torch = None
     F = None
 
-TASKS = ("segmentation", "classification")
-DEFAULT_PATCH = (64, 64, 32)
 _IMAGE_DIR, _LABEL_DIR = "images", "labels"
 _MAX_FG_CENTRES = 200_000
 
@@ -411,7 +408,7 @@ def _bar(total: int, desc: str, enabled: bool):
 def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     """Fine-tune as ``cfg`` says; returns the final summary (also written to ``<out>/metrics.json``)."""
     if torch is None:
-        raise FinetuneError("fine-tuning needs torch: pip install 'genesis-ext[torch]'")
+        raise FinetuneError(f"fine-tuning {TORCH_MISSING}")
     from ..data import Window
     from ..models import GenesisClassifier, UNet3D, save_checkpoint
 
@@ -598,42 +595,6 @@ def evaluate(model, task: str, x, y, batch_size: int, device, threshold: float =
 
 
 # ------------------------------------------------------------------------------------------------------ command line
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=TASKS, required=True, help="segmentation (U-Net, soft Dice) or classification "
-                                                               "(encoder + published head, cross-entropy)")
-    p.add_argument("--data", required=True,
-                   help="segmentation: a directory with images/ and labels/ (matched by file name) or a CSV with an "
-                        "image,label header; classification: a CSV with a path,label header (.npy cubes in [0, 1] or "
-                        "volume files in HU). Paths in a CSV are relative to it")
-    p.add_argument("--out", required=True, help="run directory: log.csv, last.pt, best.pt, metrics.json")
-    p.add_argument("--weights", default=None, help="published Genesis_Chest_CT.pt or a checkpoint of ours (default: "
-                                                   "from scratch); classification loads the encoder only")
-    p.add_argument("--patch", nargs=3, type=positive_int, default=list(DEFAULT_PATCH), metavar=("X", "Y", "Z"),
-                   help="patch (segmentation) or cube (classification) size, multiples of 8 (default: 64 64 32)")
-    p.add_argument("--n-class", type=positive_int, default=1,
-                   help="segmentation: output channels; 1: label > 0.5 is foreground; >1: channel k is label == k+1 "
-                        "(default 1)")
-    p.add_argument("--epochs", type=positive_int, default=10, help="default 10")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="default 4")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
-                   help="adam (default) or sgd (momentum 0.9)")
-    p.add_argument("--patches-per-volume", type=positive_int, default=16,
-                   help="segmentation: random training patches per training volume per epoch (default 16)")
-    p.add_argument("--val-patches-per-volume", type=positive_int, default=16,
-                   help="segmentation: fixed validation patches per validation volume (default 16)")
-    p.add_argument("--fg-fraction", type=float, default=0.5,
-                   help="segmentation: share of patches centred on a foreground voxel (default 0.5)")
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of volumes (segmentation) or cubes (classification, stratified) held out for "
-                        "validation, seeded (default 0.2; 0: no validation)")
-    p.add_argument("--window", nargs=2, type=float, default=[-1000.0, 1000.0], metavar=("LO", "HI"),
-                   help="intensity window of the images in their units, mapped to [0, 1] (default: -1000 1000 HU)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, default), cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, patches, batches and initialisation")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 def run(args) -> int:
     """The ``genesis-ext finetune`` verb."""
     cfg = FinetuneConfig(task=args.task, data=args.data, out=args.out, weights=args.weights, patch=tuple(args.patch),
