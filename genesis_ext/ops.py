@@ -1,7 +1,8 @@
 """Functional Models Genesis deformations on batches, for torch tensors (CPU and CUDA), numpy and cupy arrays.
 
-Every op takes a float32 batch ``(N, C, X, Y, Z)`` (or ``(N, C, H, W)``), returns new arrays of the same type,
-shape and device, and never modifies its input. Sample ``n`` is deformed with the parameters of global sample index
+Every op takes a float batch ``(N, C, X, Y, Z)`` (or ``(N, C, H, W)``), returns new arrays of the same type, dtype,
+shape and device, and never modifies its input. The kernels compute in float32 (other float dtypes are converted to
+float32 and the results back). Sample ``n`` is deformed with the parameters of global sample index
 ``offset + n`` drawn from ``seed`` (docs/randomness.md), so a sample's result does not depend on the batch it is in.
 All channels of a voxel move together. Non-contiguous inputs are accepted (copied to contiguous memory first).
 
@@ -101,9 +102,10 @@ def _validate(op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | No
     if on_cuda and not _C.WITH_CUDA:
         raise RuntimeError(f"genesis_ext.{op}: this genesis_ext was built without CUDA kernels; reinstall with "
                            "nvcc available (GENESIS_CUDA=ON) or move the batch to the CPU")
-    dtype_ok = x.dtype == (torch.float32 if is_torch else np.float32)
-    if not dtype_ok:
-        raise TypeError(f"genesis_ext.{op}: expected float32 data, got {x.dtype}")
+    if not _is_float(x):
+        raise TypeError(f"genesis_ext.{op}: expected floating-point data (float32, float64, float16 or bfloat16), got "
+                        f"{x.dtype}; convert it first, e.g. x.float() (CT in HU: window it to [0, 1] first, as "
+                        "genesis_ext.data does)")
     if x.ndim not in (4, 5):
         raise ValueError(f"genesis_ext.{op}: expected a batch (N, C, X, Y, Z) or (N, C, H, W), got shape "
                          f"{tuple(x.shape)} ({x.ndim} dims)")
@@ -122,6 +124,13 @@ def _validate(op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | No
                              f"config: every spatial axis needs length >= {need}")
     _check_seed(seed, offset)
     return config
+
+
+_FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def _is_float(x) -> bool:
+    return str(x.dtype).replace("torch.", "") in _FLOAT_DTYPES
 
 
 def _signed(seed: int) -> int:
@@ -211,20 +220,33 @@ _TORCH_OPS = {name: _register_torch_op(name) for name in _OPS} if torch is not N
 def _apply(op: str, x, seed: int, offset: int, config: DeformConfig | None):
     config = _validate(op, x, seed, offset, config)
     vec = config.to_vector()
+    dtype = x.dtype  # the kernels compute in float32; other float dtypes are converted there and back
     if isinstance(x, np.ndarray):
-        return _run_numpy(op, np.ascontiguousarray(x), op == "genesis_pair", int(seed), int(offset), vec)
-    if _is_cupy(x):
-        return _run_cupy(op, x, op == "genesis_pair", int(seed), int(offset), vec)
-    return _TORCH_OPS[op](x, _signed(int(seed)), int(offset), vec)
+        result = _run_numpy(op, np.ascontiguousarray(x, dtype=np.float32), op == "genesis_pair", int(seed),
+                            int(offset), vec)
+    elif _is_cupy(x):
+        result = _run_cupy(op, x.astype("float32", copy=False), op == "genesis_pair", int(seed), int(offset), vec)
+    else:
+        result = _TORCH_OPS[op](x.float(), _signed(int(seed)), int(offset), vec)
+    if str(dtype).endswith("float32"):
+        return result
+    return tuple(_as_dtype(r, dtype) for r in result) if isinstance(result, tuple) else _as_dtype(result, dtype)
+
+
+def _as_dtype(a, dtype):
+    """An op's float32 result in the input's dtype (rounded to nearest for float16 and bfloat16)."""
+    return a.to(dtype) if torch is not None and isinstance(a, torch.Tensor) else a.astype(dtype)
 
 
 _CONTRACT = """
     Args:
-        x: float32 batch ``(N, C, X, Y, Z)`` or ``(N, C, H, W)``: torch tensor (CPU or CUDA), numpy array or cupy
-            array; results come back as the same type on the same device. Not modified.
+        x: float batch ``(N, C, X, Y, Z)`` or ``(N, C, H, W)``: torch tensor (CPU or CUDA), numpy array or cupy
+            array; results come back as the same type, dtype and device. Not modified. The kernels compute in
+            float32: float64 input is rounded to float32 first, float16 and bfloat16 outputs are rounded from the
+            float32 result.
         seed: int in [0, 2**64). offset: global index of sample 0 (int in [0, 2**63)); sample n uses offset + n.
         config: DeformConfig (default: the published recipe); supplies the size rules{extra}.
-    Raises TypeError (type, dtype) or ValueError (ndim, empty batch, axes too small for the config, seed range);
+    Raises TypeError (type, non-float dtype) or ValueError (ndim, empty batch, axes too small for the config, seeds);
     RuntimeError for CUDA data without usable CUDA kernels.
 """
 

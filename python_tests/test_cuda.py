@@ -327,8 +327,7 @@ def test_inputs_requiring_grad_behave_as_on_cpu(op, dev):
 def test_validation_errors_match_cpu(dev):
     """The ops validate before routing: the same errors for CUDA tensors as for CPU ones."""
     cases = [
-        (torch.zeros(2, 1, *OFFICIAL, dtype=torch.float64), TypeError, "expected float32 data, got torch.float64"),
-        (torch.zeros(2, 1, *OFFICIAL, dtype=torch.int32), TypeError, "expected float32 data"),
+        (torch.zeros(2, 1, *OFFICIAL, dtype=torch.int32), TypeError, "expected floating-point data"),
         (torch.zeros(64, 64, 32), ValueError, r"expected a batch .* \(3 dims\)"),
         (torch.zeros(0, 1, *OFFICIAL), ValueError, r"empty batch \(N = 0\)"),
         (torch.zeros(1, 1, 64, 64, 9), ValueError, r"spatial size \(64, 64, 9\) is too small for local"),

@@ -88,6 +88,7 @@ def test_emulated_is_deterministic_and_batch_independent(op, case):
         assert_same(tail, tuple(f[1:] for f in first), f"{op} {name}: batch x[1:] at offset + 1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BIG_CASES, ids=[c[0] for c in BIG_CASES])
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_emulated_equals_cpu_batch_257(op, case):
@@ -97,6 +98,7 @@ def test_emulated_equals_cpu_batch_257(op, case):
                        config=config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", MULTI_LAUNCH_OPS)
 def test_emulated_equals_cpu_over_several_launches(op):
     name, shape, config, offset = MULTI_LAUNCH_CASE
@@ -173,6 +175,7 @@ def test_the_reversed_order_catches_a_missing_barrier():
     assert stale == (3 * 63 if REVERSED else 0), f"{stale} of 192 threads read a stale word"
 
 
+@pytest.mark.slow
 def test_parity_in_reversed_order_on_one_core():
     """This module again, in a fresh process with the fibres reversed and TBB confined to one core (the suite itself
     runs in the normal order on every core): any difference is a race or a missing barrier."""

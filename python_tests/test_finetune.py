@@ -132,6 +132,7 @@ def test_multiclass_auc_is_macro_one_vs_rest():
 
 
 # ------------------------------------------------------------------------------------------------------ segmentation
+@pytest.mark.slow
 def test_segmentation_from_scratch_cli(seg_data, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli_main(_seg_args(seg_data, out, "--epochs", "2")) == 0
@@ -152,6 +153,7 @@ def test_segmentation_from_scratch_cli(seg_data, tmp_path, capsys):
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_segmentation_from_our_and_published_checkpoints(seg_data, tmp_path, capsys):
     torch.manual_seed(1)
     model = UNet3D()
@@ -168,6 +170,7 @@ def test_segmentation_from_our_and_published_checkpoints(seg_data, tmp_path, cap
         assert 0.0 <= float(row["val_dice"]) <= 1.0
 
 
+@pytest.mark.slow
 def test_segmentation_runs_are_seeded(seg_data, tmp_path):
     cfg = dict(task="segmentation", data=str(seg_data), patch=(16, 16, 16), epochs=1, batch_size=2,
                patches_per_volume=2, val_patches_per_volume=2, val_fraction=0.5, progress=False)
@@ -215,6 +218,7 @@ def test_segmentation_csv_pairs(seg_data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- classification
+@pytest.mark.slow
 def test_classification_cli(cls_data, tmp_path, capsys):
     out = tmp_path / "cls"
     weights = tmp_path / "unet.pt"

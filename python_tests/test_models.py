@@ -286,6 +286,7 @@ def test_jit_script_matches_eager(small_batch):
         torch.jit.script(UNet3D())(torch.rand(1, 1, 16, 16, 12))
 
 
+@pytest.mark.slow
 def test_export_matches_eager_with_dynamic_sizes(small_batch):
     from torch.export import Dim
     torch.manual_seed(7)
@@ -299,6 +300,7 @@ def test_export_matches_eager_with_dynamic_sizes(small_batch):
         torch.export.export(model, (torch.rand(2, 1, 16, 16, 12),))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method:DeprecationWarning")  # raised inside torch's inductor
 def test_compile_fullgraph_matches_eager(small_batch):
     torch.manual_seed(8)

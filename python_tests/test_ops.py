@@ -9,7 +9,7 @@ import multiprocessing as mp
 
 import numpy as np
 import pytest
-from kernel_cases import ALL_OPS, EDGE, SCRAMBLED, SINGLE_OPS
+from kernel_cases import ALL_OPS, EDGE, SCRAMBLED, SINGLE_OPS, outputs
 
 import genesis_ext
 from genesis_ext import DeformConfig
@@ -428,6 +428,33 @@ def test_moves_carry_nonfinite_values(op, rng):
         assert np.isnan(out[n]).any() and np.isinf(out[n]).any()
 
 
+FLOAT_DTYPES = [("numpy", "float64"), ("numpy", "float16"), ("torch", "float64"), ("torch", "float16"),
+                ("torch", "bfloat16")]
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+@pytest.mark.parametrize("lib, dtype", FLOAT_DTYPES, ids=[f"{lib}-{d}" for lib, d in FLOAT_DTYPES])
+def test_float_dtypes_compute_in_float32_and_come_back_in_their_dtype(op, lib, dtype, rng):
+    """float64, float16 and bfloat16 batches: the float32 kernels' result on the input converted to float32, returned
+    in the input's dtype (rounded to nearest), as the same type; the input is untouched."""
+    x32 = _with_nonfinite(rng.random((2, 2, 23, 41, 17), dtype=np.float32), rng)
+    x = x32.astype(dtype) if lib == "numpy" else torch.from_numpy(x32).to(getattr(torch, dtype))
+    keep = x.copy() if lib == "numpy" else x.clone()
+    got = outputs(run(op, x, seed=5, offset=3, config=SCRAMBLED))
+    as32 = x.astype(np.float32) if lib == "numpy" else x.float()
+    want = outputs(run(op, as32, seed=5, offset=3, config=SCRAMBLED))
+    for g, w in zip(got, want):
+        assert type(g) is type(x) and str(g.dtype).endswith(dtype) and g.shape == x.shape
+        w = w.astype(dtype) if lib == "numpy" else w.to(x.dtype)
+        g64 = np.asarray(g.astype(np.float64) if lib == "numpy" else g.double().numpy())
+        w64 = np.asarray(w.astype(np.float64) if lib == "numpy" else w.double().numpy())
+        assert np.array_equal(g64, w64, equal_nan=True), (op, lib, dtype)
+    if lib == "numpy":
+        assert np.array_equal(x, keep, equal_nan=True), "the input was modified"
+    else:
+        assert torch.equal(x.nan_to_num(7), keep.nan_to_num(7)), "the input was modified"
+
+
 def test_gaussian_noise_keeps_nonfinite_values(rng):
     """NaN stays NaN and ±Inf keeps its sign (x + std * z); finite values get exactly the reference's noise."""
     x = _with_nonfinite(rng.random((2, 2, 23, 41, 17), dtype=np.float32), rng)
@@ -464,10 +491,12 @@ def test_pair_with_nonfinite_values(rng):
 
 @pytest.mark.parametrize("op", ALL_OPS)
 @pytest.mark.parametrize("make, exc, match", [
-    (lambda: np.zeros((2, 1, 64, 64, 32)), TypeError, "expected float32 data, got float64"),
-    (lambda: np.zeros((2, 1, 64, 64, 32), dtype=np.int32), TypeError, "expected float32 data, got int32"),
-    (lambda: torch.zeros(2, 1, 64, 64, 32, dtype=torch.float64), TypeError, "expected float32 data, got torch.float64"),
-    (lambda: torch.zeros(2, 1, 64, 64, 32, dtype=torch.int64), TypeError, "expected float32 data"),
+    (lambda: np.zeros((2, 1, 64, 64, 32), dtype=np.bool_), TypeError, r"expected floating-point data .*got bool"),
+    (lambda: np.zeros((2, 1, 64, 64, 32), dtype=np.int32), TypeError,
+     r"expected floating-point data .*got int32; convert it first, e.g. x.float\(\)"),
+    (lambda: torch.zeros(2, 1, 64, 64, 32, dtype=torch.uint8), TypeError,
+     r"expected floating-point data \(float32, float64, float16 or bfloat16\), got torch.uint8"),
+    (lambda: torch.zeros(2, 1, 64, 64, 32, dtype=torch.int64), TypeError, "expected floating-point data"),
     (lambda: np.zeros((64, 64, 32), dtype=np.float32), ValueError, r"expected a batch .* \(3 dims\)"),
     (lambda: np.zeros((1, 2, 1, 64, 64, 32), dtype=np.float32), ValueError, r"expected a batch .* \(6 dims\)"),
     (lambda: torch.zeros(64, 64, 32), ValueError, r"expected a batch .* \(3 dims\)"),
@@ -477,7 +506,7 @@ def test_pair_with_nonfinite_values(rng):
     (lambda: np.zeros((2, 1, 64, 64, 32), dtype=np.float32).tolist(), TypeError,
      "expected a torch.Tensor, numpy.ndarray or cupy.ndarray, got list"),
     (lambda: 3.0, TypeError, "expected a torch.Tensor, numpy.ndarray or cupy.ndarray, got float"),
-], ids=["np-float64", "np-int32", "torch-float64", "torch-int64", "ndim3", "ndim6", "torch-ndim3", "empty",
+], ids=["np-bool", "np-int32", "torch-uint8", "torch-int64", "ndim3", "ndim6", "torch-ndim3", "empty",
         "torch-empty", "no-channels", "list", "scalar"])
 def test_bad_inputs_raise(op, make, exc, match):
     with pytest.raises(exc, match=rf"genesis_ext\.{op}: {match}"):

@@ -75,6 +75,7 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
     assert sorted(a[:20]) == list(train)  # each pass over the data is a permutation
 
 
+@pytest.mark.slow
 def test_run_writes_logs_checkpoints_previews_and_learns(uninterrupted):
     run = uninterrupted
     rows = read_csv(run / "metrics.csv")
@@ -127,6 +128,7 @@ def test_val_repeats_deforms_each_held_out_cube_repeatedly_with_consecutive_offs
     assert base["identity"] == pytest.approx(float(((xd - target) ** 2).mean()), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_validation_is_fixed_and_resume_after_sigkill_reproduces_losses(cubes, uninterrupted, tmp_path):
     run = tmp_path / "run"
     p = _cli(["--data", cubes, "--out", run, *TINY])
@@ -144,6 +146,7 @@ def test_validation_is_fixed_and_resume_after_sigkill_reproduces_losses(cubes, u
     assert _losses(run) == _losses(uninterrupted)  # exact equality: same bits on CPU with fixed threads
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process_with_the_same_micro_batches(cubes, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     args = ["--data", cubes, *TINY, "--epochs", "2", "--preview-every", "0", "--no-tensorboard"]
@@ -211,6 +214,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cubes, tmp_pat
     assert load_training_state(run / "checkpoints" / "last.pt")["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_reading_the_loss_every_step_changes_nothing(cubes, uninterrupted, tmp_path):
     """The uninterrupted run reads the loss once per epoch (2 steps < --log-every 10); reading it every step must
     give the same run."""
@@ -220,6 +224,7 @@ def test_reading_the_loss_every_step_changes_nothing(cubes, uninterrupted, tmp_p
     assert _losses(run) == _losses(uninterrupted)
 
 
+@pytest.mark.slow
 def test_bf16_compile_and_channels_last_train_like_fp32(cubes, tmp_path):
     """The GPU options of the loop, run on the CPU: bf16 autocast, torch.compile and channels-last 3D. The first
     step sees the same weights and pairs as the fp32 eager run, so its loss differs only by bf16 rounding."""
