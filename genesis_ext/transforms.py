@@ -1,0 +1,91 @@
+"""The ops as ``torch.nn.Module`` s, for model code and ``nn.Sequential``: ``GenesisPair`` makes training pairs and
+``GenesisDeform`` applies one deformation with a probability. Needs torch.
+
+Both keep the running global sample index, so consecutive batches get fresh deformations, and save it (with the
+seed) in their ``state_dict``: a resumed run continues the stream exactly. The index lives on the host (a Python int
+in the module's extra state, not a device buffer), so advancing it never synchronises with a GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import ops, reference
+from .config import DeformConfig
+
+_PROB_PURPOSE = 10  # docs/randomness.md: the GenesisDeform gate of sample i, major = the op's code
+
+
+class _Stream(nn.Module):
+    """seed, config and the running sample index shared by the modules."""
+
+    def __init__(self, config: DeformConfig | None = None, seed: int = 0):
+        super().__init__()
+        if config is not None and not isinstance(config, DeformConfig):
+            raise TypeError(f"{type(self).__name__}: config must be a DeformConfig or None, got {type(config).__name__}")
+        ops._check_seed(seed, 0)
+        self.config = DeformConfig() if config is None else config
+        self.seed = int(seed)
+        self.next_index = 0
+
+    def _start(self, x: torch.Tensor, offset: int | None) -> int:
+        """The global index of x's first sample: ``offset`` if given (nothing advances), else the running index,
+        which a training-mode call then advances by the batch size (eval mode: fixed, e.g. validation pairs)."""
+        if offset is not None:
+            return int(offset)
+        start = self.next_index
+        if self.training:
+            self.next_index += int(x.shape[0])
+        return start
+
+    def get_extra_state(self) -> dict:
+        return {"seed": self.seed, "next_index": self.next_index}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.seed, self.next_index = int(state["seed"]), int(state["next_index"])
+
+    def extra_repr(self) -> str:
+        return f"seed={self.seed}, next_index={self.next_index}"
+
+
+class GenesisPair(_Stream):
+    """``x_deformed, target = GenesisPair(config, seed)(x)``: ``genesis_ext.genesis_pair`` on a batch ``x`` on any
+    device, sample n at global index ``start + n`` (see ``_Stream._start``): in training mode consecutive calls
+    continue the stream; in eval mode every call reuses the current index; ``pair(x, offset=k)`` sets it explicitly.
+    No parameters; ``state_dict`` holds the seed and the running index."""
+
+    def forward(self, x: torch.Tensor, offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.genesis_pair(x, seed=self.seed, offset=self._start(x, offset), config=self.config)
+
+
+class GenesisDeform(_Stream):
+    """One deformation (``op``, any of ``genesis_ext.ops.SINGLE_OPS``) applied to each sample with probability
+    ``prob``, e.g. ``GenesisDeform("gaussian_noise", prob=0.3)``; the others pass through unchanged (as new tensors).
+    Sample i's coin is a pure function of (seed, i, op), like every other draw, so it does not depend on the batch.
+    One class for every op (not one per op): one contract, and a new built-in deformation needs no new class."""
+
+    def __init__(self, op: str, config: DeformConfig | None = None, seed: int = 0, prob: float = 1.0):
+        super().__init__(config, seed)
+        if op not in ops.SINGLE_OPS:
+            raise ValueError(f"GenesisDeform: unknown op {op!r}; choose one of {', '.join(ops.SINGLE_OPS)}")
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+            raise ValueError(f"GenesisDeform: prob must be a number in [0, 1], got {prob!r}")
+        self.op, self.prob = op, float(prob)
+
+    def forward(self, x: torch.Tensor, offset: int | None = None) -> torch.Tensor:
+        start = self._start(x, offset)
+        out = getattr(ops, self.op)(x, seed=self.seed, offset=start, config=self.config)
+        if self.prob == 1.0:
+            return out
+        coin = reference.uniform(_coins(self.seed, range(start, start + x.shape[0]), ops._OPS[self.op]))
+        keep = torch.from_numpy(coin >= self.prob).to(x.device, non_blocking=True)
+        return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, out)
+
+    def extra_repr(self) -> str:
+        return f"op={self.op!r}, prob={self.prob}, " + super().extra_repr()
+
+
+def _coins(seed: int, indices, code: int) -> np.ndarray:
+    """Word 0 of stream (seed, i, _PROB_PURPOSE, code) for each global index i."""
+    return np.array([reference.word(seed, i, _PROB_PURPOSE, code, 0) for i in indices], dtype=np.uint32)
