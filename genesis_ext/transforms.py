@@ -23,7 +23,8 @@ class _Stream(nn.Module):
     def __init__(self, config: DeformConfig | None = None, seed: int = 0):
         super().__init__()
         if config is not None and not isinstance(config, DeformConfig):
-            raise TypeError(f"{type(self).__name__}: config must be a DeformConfig or None, got {type(config).__name__}")
+            raise TypeError(f"{type(self).__name__}: config must be a DeformConfig or None, "
+                            f"got {type(config).__name__}")
         ops._check_seed(seed, 0)
         self.config = DeformConfig() if config is None else config
         self.seed = int(seed)
