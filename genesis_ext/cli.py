@@ -13,14 +13,7 @@ import os
 import sys
 
 from . import __version__
-
-
-def positive_int(text: str) -> int:
-    """argparse type of the verbs' counts and sizes."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from .train.cli import positive_int
 
 
 def _add_extract(p: argparse.ArgumentParser) -> None:
@@ -115,12 +108,17 @@ def _train_cli():
     return cli
 
 
+def _finetune():
+    from .train import finetune  # imports without torch; its run says what to install when torch is missing
+    return finetune
+
+
 VERBS = {
     "extract": ("cut training cubes from CT volumes into a cube store", _add_extract, _run_extract),
     "pretrain": ("Models Genesis self-supervised pre-training of the 3D U-Net",
                  lambda p: _train_cli().add_pretrain_arguments(p), lambda args: _train_cli().run_pretrain(args)),
     "finetune": ("fine-tune on a segmentation or classification task (published or our weights)",
-                 lambda p: _train_cli().add_finetune_arguments(p), lambda args: _train_cli().run_finetune(args)),
+                 lambda p: _train_cli().add_finetune_arguments(p), lambda args: _finetune().run(args)),
 }
 
 

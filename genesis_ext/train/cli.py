@@ -4,8 +4,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import positive_int
 from ..config import PRESETS, DeformConfig
+
+
+def positive_int(text: str) -> int:
+    """argparse type of the verbs' counts and sizes."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
 
 
 TASKS = ("segmentation", "classification")
@@ -130,12 +138,3 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available, default), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, patches, batches and initialisation")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def run_finetune(args) -> int:
-    from . import finetune  # imports without torch
-
-    if finetune.torch is None:
-        print(f"genesis-ext finetune {TORCH_MISSING}", file=sys.stderr)
-        return 2
-    return finetune.run(args)
