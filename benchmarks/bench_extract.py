@@ -24,8 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from genesis_ext.data import (CT_WINDOW, ExtractSettings, Foreground, OfficialLung, extract_cubes, load_volume,
-                              official_lung_score_loop, run_extract)
+from genesis_ext.data import (
+    CT_WINDOW,
+    ExtractSettings,
+    Foreground,
+    OfficialLung,
+    extract_cubes,
+    load_volume,
+    official_lung_score_loop,
+    run_extract,
+)
 from genesis_ext.data.cubes import BoxScorer, origin_bounds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +156,8 @@ def foreground_study(n: int = 2000) -> None:
     crops = [tuple(slice(o, o + c) for o, c in zip(origin, CUBE)) for origin in origins]
     truth = np.array([body[c].mean() >= 0.5 for c in crops])
     print(f"\nforeground rule on {n} random cubes of the DICOM scan ({truth.mean():.1%} are mostly body):")
-    print("| threshold HU | min fraction | kept | agrees | false keeps | false rejects |\n|---:|---:|---:|---:|---:|---:|")
+    print("| threshold HU | min fraction | kept | agrees | false keeps | false rejects |\n"
+          "|---:|---:|---:|---:|---:|---:|")
     for threshold in (-950, -900, -800, -500):
         above = np.array([(hu[c] > threshold).mean() for c in crops])
         for fraction in (0.5, 0.6, 0.7):

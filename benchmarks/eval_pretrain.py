@@ -20,8 +20,15 @@ import torch
 
 from genesis_ext import DeformConfig, sample_params
 from genesis_ext.models import UNet3D, load_pretrained
-from genesis_ext.train.pretraining import (BRANCHES, PretrainConfig, _branches, _dataset, _Split, mean_baseline,
-                                          pair_errors)
+from genesis_ext.train.pretraining import (
+    BRANCHES,
+    PretrainConfig,
+    _branches,
+    _dataset,
+    _Split,
+    mean_baseline,
+    pair_errors,
+)
 
 
 def held_out_cubes(run: Path, data=None) -> tuple[torch.Tensor, DeformConfig]:

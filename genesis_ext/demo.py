@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     inputs = args.inputs or [SAMPLE_DIR / f for f in SAMPLE_FILES]
     missing = [str(p) for p in inputs if not Path(p).exists()]
     if missing:
-        hint = "" if args.inputs else " (the sample data ships with the source tree: run from a checkout or pass --inputs)"
+        hint = "" if args.inputs else (" (the sample data ships with the source tree: run from a checkout or pass "
+                                       "--inputs)")
         print(f"genesis_ext.demo: not found: {', '.join(missing)}{hint}", file=sys.stderr)
         return 2
 

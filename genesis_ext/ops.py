@@ -32,6 +32,7 @@ except ImportError:  # numpy-only installs
 from . import _C
 from .config import DeformConfig
 
+
 def _check_core_config_fields() -> None:
     """DeformConfig and the compiled core (csrc/config_fields.h) declare the same fields, in the same order and of
     the same types: the kernels read the config vector by position."""

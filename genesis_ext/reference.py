@@ -314,7 +314,7 @@ def gaussian_noise(x, std, z) -> np.ndarray:
 
 
 def _bernstein(s, p1, p2):
-    """One coordinate of the cubic Bézier with P0 = 0, P3 = 1: 3(1-s)^2 s p1 + 3(1-s) s^2 p2 + s^3 (exact at 0 and 1)."""
+    """One coordinate of the cubic Bézier with P0 = 0, P3 = 1: 3(1-s)^2 s p1 + 3(1-s) s^2 p2 + s^3 (exact at 0, 1)."""
     t = 1.0 - s
     return 3.0 * t * t * s * p1 + 3.0 * t * s * s * p2 + s * s * s
 
@@ -476,7 +476,8 @@ def genesis_pair(x, seed: int, index: int, config: DeformConfig | None = None, p
 
     Returns float32 (x_deformed, target): target = flip(x); x_deformed = flip → local shuffle (if 'local') → Bézier
     map (if 'nonlinear') → Gaussian noise (if 'gaussian') → in-painting or out-painting (if 'paint', by 'inpaint')
-    with ``noise(seed, index, x.shape)``, which is not intensity-transformed. ``params`` defaults to ``derive_params(seed, index, x.shape[1:], config)``."""
+    with ``noise(seed, index, x.shape)``, which is not intensity-transformed. ``params`` defaults to
+    ``derive_params(seed, index, x.shape[1:], config)``."""
     config = DeformConfig() if config is None else config
     x = np.asarray(x, dtype=np.float32)
     p = derive_params(seed, index, x.shape[1:], config) if params is None else params

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kernel_cases import PHILOX_KAT, SCRAMBLED
 
 import genesis_ext
 from genesis_ext import _C, DeformConfig
 from genesis_ext import reference as R
+
+from kernel_cases import PHILOX_KAT, SCRAMBLED
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,11 +19,27 @@ import numpy as np
 import pytest
 
 import genesis_ext
+from genesis_ext import _C, DeformConfig
+
 import kernel_cases as cases
-from genesis_ext import DeformConfig, _C
-from kernel_cases import (ALL_OPS, BIG_CASES, CASES, EDGE, MULTI_LAUNCH_CASE, MULTI_LAUNCH_OPS, NONFINITE_CASES,
-                          NONFINITE_OFFSETS, OFFICIAL, PHILOX_KAT, SCRAMBLED, SPLIT_CHUNKS, branch_covering_seed,
-                          case_input, case_seed_offsets, outputs)
+from kernel_cases import (
+    ALL_OPS,
+    BIG_CASES,
+    CASES,
+    EDGE,
+    MULTI_LAUNCH_CASE,
+    MULTI_LAUNCH_OPS,
+    NONFINITE_CASES,
+    NONFINITE_OFFSETS,
+    OFFICIAL,
+    PHILOX_KAT,
+    SCRAMBLED,
+    SPLIT_CHUNKS,
+    branch_covering_seed,
+    case_input,
+    case_seed_offsets,
+    outputs,
+)
 
 torch = pytest.importorskip("torch")
 

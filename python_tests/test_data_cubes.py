@@ -7,8 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from genesis_ext.data import (CT_WINDOW, Foreground, NoFilter, OfficialLung, PercentileWindow, TooSmallError, Window,
-                              extract_cubes, load_volume, margins_for, official_lung_score_loop, resample)
+from genesis_ext.data import (
+    CT_WINDOW,
+    Foreground,
+    NoFilter,
+    OfficialLung,
+    PercentileWindow,
+    TooSmallError,
+    Window,
+    extract_cubes,
+    load_volume,
+    margins_for,
+    official_lung_score_loop,
+    resample,
+)
 from genesis_ext.data.cubes import BoxScorer, origin_bounds
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,8 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from genesis_ext.data import (CubeStoreDataset, ExtractSettings, Foreground, VolumeCubeDataset, run_extract,
-                              save_published)
+from genesis_ext.data import (
+    CubeStoreDataset,
+    ExtractSettings,
+    Foreground,
+    VolumeCubeDataset,
+    run_extract,
+    save_published,
+)
 
 torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402

@@ -12,8 +12,17 @@ import numpy as np
 import pytest
 
 from genesis_ext import cli
-from genesis_ext.data import (CT_WINDOW, CubeStore, ExtractSettings, Foreground, load_published, load_volume,
-                              read_manifest, run_extract, save_published)
+from genesis_ext.data import (
+    CT_WINDOW,
+    CubeStore,
+    ExtractSettings,
+    Foreground,
+    load_published,
+    load_volume,
+    read_manifest,
+    run_extract,
+    save_published,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
@@ -93,7 +102,8 @@ def test_results_independent_of_workers_and_inputs(inputs, tmp_path):
     other = run_extract([inputs / "aorta_ct.nii.gz"], tmp_path / "c",
                         ExtractSettings(filter=Foreground(), count=8, seed=1), jobs=1, progress=False)
     assert other.written == 1
-    assert read_manifest(tmp_path / "c")["volumes"][0]["origins"] != by_source[str(inputs / "aorta_ct.nii.gz")]["origins"]
+    other_origins = read_manifest(tmp_path / "c")["volumes"][0]["origins"]
+    assert other_origins != by_source[str(inputs / "aorta_ct.nii.gz")]["origins"]
 
 
 def test_bad_volumes_are_skipped_and_nothing_written_is_lost(inputs, tmp_path):
@@ -200,7 +210,8 @@ def test_cli_all_cores_on_real_ct(tmp_path):
     same = run_extract([DICOM_DIR], tmp_path / "again", ExtractSettings(), jobs=1, progress=False)
     assert same.cubes == 32
     np.testing.assert_array_equal(np.load(out / volume["shard"]),
-                                  np.load(tmp_path / "again" / read_manifest(tmp_path / "again")["volumes"][0]["shard"]))
+                                  np.load(tmp_path / "again"
+                                          / read_manifest(tmp_path / "again")["volumes"][0]["shard"]))
 
 
 def test_cli_help_lists_verbs(capsys):

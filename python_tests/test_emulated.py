@@ -19,6 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import genesis_ext
+from genesis_ext import _C, _emulated
+
 from kernel_cases import (
     ALL_OPS,
     BIG_CASES,
@@ -40,9 +44,6 @@ from kernel_cases import (
     outputs,
     with_special_values,
 )
-
-import genesis_ext
-from genesis_ext import _C, _emulated
 
 pytestmark = pytest.mark.skipif(_emulated.UNAVAILABLE is not None, reason=str(_emulated.UNAVAILABLE))
 

@@ -20,8 +20,16 @@ nib = pytest.importorskip("nibabel")
 
 from genesis_ext.cli import main as cli_main  # noqa: E402
 from genesis_ext.models import CheckpointError, GenesisClassifier, UNet3D, save_checkpoint  # noqa: E402
-from genesis_ext.train.finetune import (FinetuneConfig, FinetuneError, dice_iou, dice_loss,  # noqa: E402
-                                        multiclass_auc, roc_auc, run_finetune, segmentation_pairs)
+from genesis_ext.train.finetune import (  # noqa: E402
+    FinetuneConfig,
+    FinetuneError,
+    dice_iou,
+    dice_loss,
+    multiclass_auc,
+    roc_auc,
+    run_finetune,
+    segmentation_pairs,
+)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 VOLUMES = sorted(SAMPLE.glob("*.nii.gz"))

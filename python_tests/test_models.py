@@ -12,8 +12,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from genesis_ext.models import (BatchStatsBatchNorm3d, CheckpointError, GenesisClassifier,  # noqa: E402
-                                GenesisEncoder, UNet3D, load_pretrained, save_checkpoint)
+from genesis_ext.models import (  # noqa: E402
+    BatchStatsBatchNorm3d,
+    CheckpointError,
+    GenesisClassifier,
+    GenesisEncoder,
+    UNet3D,
+    load_pretrained,
+    save_checkpoint,
+)
 
 PUBLISHED_PARAMETERS = 19_073_665
 PUBLISHED_ENTRIES = 106

@@ -9,11 +9,12 @@ import multiprocessing as mp
 
 import numpy as np
 import pytest
-from kernel_cases import ALL_OPS, EDGE, SCRAMBLED, SINGLE_OPS, outputs
 
 import genesis_ext
 from genesis_ext import DeformConfig
 from genesis_ext import reference as R
+
+from kernel_cases import ALL_OPS, EDGE, SCRAMBLED, SINGLE_OPS, outputs
 
 torch = pytest.importorskip("torch")
 

@@ -19,8 +19,7 @@ torch = pytest.importorskip("torch")
 
 from genesis_ext.data import ExtractSettings, Foreground, run_extract  # noqa: E402
 from genesis_ext.models import CheckpointError, UNet3D, load_pretrained  # noqa: E402
-from genesis_ext.train import (NonFiniteLossError, PretrainConfig, load_training_state, pretrain,  # noqa: E402
-                               read_csv)
+from genesis_ext.train import NonFiniteLossError, PretrainConfig, load_training_state, pretrain, read_csv  # noqa: E402
 from genesis_ext.train.pretraining import _epoch_positions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,18 @@
 The command line ``genesis-ext extract`` runs the same pipeline over many volumes into a cube store.
 """
 from .batch import ExtractSettings, Summary, run_extract
-from .cubes import (CUBE, Cubes, Foreground, NoFilter, OfficialLung, TooSmallError, extract_cubes, make_filter,
-                    margins_for, official_lung_score_loop)
+from .cubes import (
+                    CUBE,
+                    Cubes,
+                    Foreground,
+                    NoFilter,
+                    OfficialLung,
+                    TooSmallError,
+                    extract_cubes,
+                    make_filter,
+                    margins_for,
+                    official_lung_score_loop,
+)
 from .datasets import CubeStoreDataset, VolumeCubeDataset
 from .intensity import CT_WINDOW, PercentileWindow, Window, resample
 from .io import ORIENTATION, Source, Volume, VolumeError, find_sources, load_volume

@@ -10,7 +10,8 @@ run volumes in parallel and start instantly (measured on a shared 2-core machine
 2 threads 1.0-2.1x faster than 1, run to run). ``executor="process"`` uses processes started with ``spawn`` (GNU
 OpenMP, used by genesis_ext and torch, hangs in forked children), one thread each; each pays ~1.5 s to start
 (importing genesis_ext imports torch) and was slower in every measured run (e.g. 3.4-6.2 s vs 1.5-2.3 s for those
-six scans), so they only pay off for loaders that hold the GIL. As with any ``spawn`` pool, a script calling :func:`run_extract` with processes
+six scans), so they only pay off for loaders that hold the GIL. As with any ``spawn`` pool, a script calling
+:func:`run_extract` with processes
 needs the ``if __name__ == "__main__":`` guard.
 """
 from __future__ import annotations

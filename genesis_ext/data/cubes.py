@@ -168,11 +168,11 @@ class BoxScorer:
     def sums(self, origins: np.ndarray) -> np.ndarray:
         a = np.asarray(origins) - self.lo
         b = a + self.cube
-        I = self.integral
+        t = self.integral
         with np.errstate(over="ignore"):
-            total = (I[b[:, 0], b[:, 1], b[:, 2]] - I[a[:, 0], b[:, 1], b[:, 2]] - I[b[:, 0], a[:, 1], b[:, 2]]
-                     - I[b[:, 0], b[:, 1], a[:, 2]] + I[a[:, 0], a[:, 1], b[:, 2]] + I[a[:, 0], b[:, 1], a[:, 2]]
-                     + I[b[:, 0], a[:, 1], a[:, 2]] - I[a[:, 0], a[:, 1], a[:, 2]])
+            total = (t[b[:, 0], b[:, 1], b[:, 2]] - t[a[:, 0], b[:, 1], b[:, 2]] - t[b[:, 0], a[:, 1], b[:, 2]]
+                     - t[b[:, 0], b[:, 1], a[:, 2]] + t[a[:, 0], a[:, 1], b[:, 2]] + t[a[:, 0], b[:, 1], a[:, 2]]
+                     + t[b[:, 0], a[:, 1], a[:, 2]] - t[a[:, 0], a[:, 1], a[:, 2]])
         return total.astype(np.int64)
 
 
@@ -211,7 +211,8 @@ def extract_cubes(data: np.ndarray, *, cube=CUBE, count: int = CUBES_PER_VOLUME,
 
     origins = rng.integers(lo, hi + 1, size=(max_candidates, 3))
     if isinstance(filt, NoFilter):
-        kept, scores, tried = np.arange(min(count, max_candidates)), np.full(max_candidates, np.nan), min(count, max_candidates)
+        tried = min(count, max_candidates)
+        kept, scores = np.arange(tried), np.full(max_candidates, np.nan)
     else:
         sums = BoxScorer(data, filt, window, cube, lo, hi).sums(origins)
         n = int(np.prod(cube))

@@ -13,7 +13,16 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .cubes import CANDIDATES_PER_CUBE, CUBE, CUBES_PER_VOLUME, BoxScorer, NoFilter, OfficialLung, make_filter, origin_bounds
+from .cubes import (
+    CANDIDATES_PER_CUBE,
+    CUBE,
+    CUBES_PER_VOLUME,
+    BoxScorer,
+    NoFilter,
+    OfficialLung,
+    make_filter,
+    origin_bounds,
+)
 from .intensity import CT_WINDOW, resample
 from .io import Source, find_sources, load_volume
 from .store import CubeStore

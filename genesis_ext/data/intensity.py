@@ -15,7 +15,7 @@ from .io import Volume
 
 @dataclass(frozen=True)
 class Window:
-    """A fixed intensity window ``[lo, hi]`` in input units (HU for CT): values are clipped to it and scaled to [0, 1]."""
+    """A fixed intensity window ``[lo, hi]`` in input units (HU for CT): values are clipped to it, scaled to [0, 1]."""
 
     lo: float = -1000.0
     hi: float = 1000.0
@@ -62,7 +62,8 @@ class PercentileWindow:
         flat = flat[:: max(1, flat.size // self.max_samples)]
         lo, hi = (float(v) for v in np.percentile(flat[np.isfinite(flat)], [self.p_lo, self.p_hi]))
         if not hi > lo:
-            raise ValueError(f"the {self.p_lo}-{self.p_hi} percentile window is empty ({lo} .. {hi}): a constant volume?")
+            raise ValueError(f"the {self.p_lo}-{self.p_hi} percentile window is empty ({lo} .. {hi}): "
+                             "a constant volume?")
         return Window(lo, hi)
 
     def describe(self) -> dict:

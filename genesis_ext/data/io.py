@@ -182,7 +182,8 @@ def _spacing(affine: np.ndarray) -> tuple:
 def _from_sitk(path, image) -> Volume:
     sitk = sitk_module()
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise VolumeError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; need a scalar image")
+        raise VolumeError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                                "need a scalar image")
     _check_3d(path, image.GetSize())
     image = sitk.DICOMOrient(image, "".join(ORIENTATION))  # ITK's world is LPS: this makes the direction ~identity
     # ITK stores x fastest: convert in memory order, then view as (x, y, z) (a strided transposing copy is ~5x slower)
@@ -249,7 +250,8 @@ def _load_dicom(directory: Path, series_uid: str | None) -> Volume:
     try:
         image = reader.Execute()  # GDCM applies RescaleSlope/RescaleIntercept: values come back in HU
     except RuntimeError as err:
-        raise VolumeError(directory, f"cannot read DICOM series {series_uid} ({str(err).strip().splitlines()[-1]})") from err
+        reason = str(err).strip().splitlines()[-1]
+        raise VolumeError(directory, f"cannot read DICOM series {series_uid} ({reason})") from err
     return _from_sitk(directory, image)
 
 
@@ -259,8 +261,9 @@ def find_sources(inputs) -> tuple[list[Source], list[tuple[str, str]]]:
     Image files are found by suffix (NIfTI, MetaImage, NRRD); DICOM files by suffix or by their preamble, grouped into
     one source per series and directory. A source's key is its path relative to the directory it was found in (a file
     named directly: its name; a DICOM directory named directly: its name), so the same file gets the same key (and
-    cubes) whether it is named or found; two sources with the same key both get their absolute paths as keys. Other files met while walking a directory (READMEs, .raw payloads of .mhd
-    headers, ...) are ignored. A file named explicitly is always a source, so that a non-image fails with its reason.
+    cubes) whether it is named or found; two sources with the same key both get their absolute paths as keys. Other
+    files met while walking a directory (READMEs, .raw payloads of .mhd headers, ...) are ignored. A file named
+    explicitly is always a source, so that a non-image fails with its reason.
     Returns ``(sources, problems)``; ``problems`` lists ``(input, reason)`` for inputs that hold nothing usable.
     """
     sources: dict = {}
