@@ -47,13 +47,14 @@ def _core():
     return _C_emu
 
 
-def deform(op: str, x: np.ndarray, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+def deform(op: str, x: np.ndarray, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
+           spatial_dims: int | None = None):
     """``genesis_ext.<op>(x, seed=, offset=, config=)`` computed by the CUDA kernels under HIP-CPU: numpy float32 in,
     numpy out (``(x_deformed, target)`` for ``genesis_pair``)."""
     core = _core()
     if not isinstance(x, np.ndarray):
         raise TypeError(f"genesis_ext._emulated.deform takes numpy arrays, got {type(x).__name__}")
-    config = ops._validate(op, x, seed, offset, config)
+    config = ops._validate(op, x, seed, offset, config, spatial_dims)
     x = np.ascontiguousarray(x)
     vec = config.to_vector()
     outs = [_Fenced(x.nbytes) for _ in range(2 if op == "genesis_pair" else 1)]

@@ -67,7 +67,8 @@ class GenesisPaird(Randomizable, MapTransform):
                 raise ValueError(f"GenesisPaird: {key!r} must be a channel-first sample (C, X, Y, Z) or (C, H, W), "
                                  f"got shape {tuple(sample.shape)}")
             x = sample.as_tensor() if isinstance(sample, MetaTensor) else torch.as_tensor(sample)
-            deformed, target = ops.genesis_pair(x[None], seed=self.seed, offset=self.index, config=self.config)
+            deformed, target = ops.genesis_pair(x[None], seed=self.seed, offset=self.index, config=self.config,
+                                                spatial_dims=x.ndim - 1)
             record = _applied(self.seed, self.index, tuple(x.shape[1:]), self.config)
             d[key], d[key + self.target_suffix] = _wrap(deformed[0], sample, record), _wrap(target[0], sample, record)
         return d
@@ -88,8 +89,9 @@ class GenesisPairBatchd(MapTransform):
         for key in self.key_iterator(d):
             batch = d[key]
             x = batch.as_tensor() if isinstance(batch, MetaTensor) else batch
-            start = self.pair.next_index
-            deformed, target = self.pair(x)
+            start = self.pair._start(x, None)  # a collated batch: its layout is known
+            deformed, target = ops.genesis_pair(x, seed=self.pair.seed, offset=start, config=self.pair.config,
+                                                spatial_dims=x.ndim - 2)
             record = {"seed": self.pair.seed, "first_index": start}
             d[key], d[key + self.target_suffix] = _wrap(deformed, batch, record), _wrap(target, batch, record)
         return d

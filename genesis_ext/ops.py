@@ -87,7 +87,24 @@ def _check_seed(seed: Any, offset: Any) -> None:
             raise ValueError(f"genesis_ext: {name} must be in [0, 2**{limit.bit_length() - 1}), got {value}")
 
 
-def _validate(op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | None) -> DeformConfig:
+def _check_layout(op: str, shape: tuple, spatial_dims: Any) -> None:
+    """A 5-D input is a 3-D batch (N, C, X, Y, Z); a 4-D one is a 2-D batch (N, C, H, W) only when the caller says so
+    (spatial_dims=2): it could as well be one 3-D sample (C, X, Y, Z), and guessing would deform it wrongly."""
+    if spatial_dims is not None and (isinstance(spatial_dims, bool) or spatial_dims not in (2, 3)):
+        raise ValueError(f"genesis_ext.{op}: spatial_dims must be 2, 3 or None, got {spatial_dims!r}")
+    if len(shape) == (4 if spatial_dims == 2 else 5):
+        return
+    if len(shape) == 4 and spatial_dims is None:
+        raise ValueError(f"genesis_ext.{op}: a 4-D input {shape} is ambiguous: a batch of 2-D images (N, C, H, W) or "
+                         "one 3-D sample (C, X, Y, Z). Pass spatial_dims=2 for a 2-D batch; for one 3-D sample add "
+                         "the batch axis (x[None]) or use genesis_ext.monai.GenesisPaird")
+    layout = "(N, C, H, W)" if spatial_dims == 2 else "(N, C, X, Y, Z)"
+    raise ValueError(f"genesis_ext.{op}: expected a batch {layout} (spatial_dims={spatial_dims}), got shape {shape} "
+                     f"({len(shape)} dims)")
+
+
+def _validate(op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | None,
+              spatial_dims: Any = None) -> DeformConfig:
     """Check everything about a call before any work is done; returns the config to use."""
     if config is None:
         config = DeformConfig()
@@ -107,9 +124,7 @@ def _validate(op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | No
         raise TypeError(f"genesis_ext.{op}: expected floating-point data (float32, float64, float16 or bfloat16), got "
                         f"{x.dtype}; convert it first, e.g. x.float() (CT in HU: window it to [0, 1] first, as "
                         "genesis_ext.data does)")
-    if x.ndim not in (4, 5):
-        raise ValueError(f"genesis_ext.{op}: expected a batch (N, C, X, Y, Z) or (N, C, H, W), got shape "
-                         f"{tuple(x.shape)} ({x.ndim} dims)")
+    _check_layout(op, tuple(x.shape), spatial_dims)
     n, c, *spatial = (int(s) for s in x.shape)
     if n == 0:
         raise ValueError(f"genesis_ext.{op}: empty batch (N = 0)")
@@ -218,8 +233,8 @@ def _register_torch_op(name: str):
 _TORCH_OPS = {name: _register_torch_op(name) for name in _OPS} if torch is not None else {}
 
 
-def _apply(op: str, x, seed: int, offset: int, config: DeformConfig | None):
-    config = _validate(op, x, seed, offset, config)
+def _apply(op: str, x, seed: int, offset: int, config: DeformConfig | None, spatial_dims: int | None):
+    config = _validate(op, x, seed, offset, config, spatial_dims)
     vec = config.to_vector()
     dtype = x.dtype  # the kernels compute in float32; other float dtypes are converted there and back
     if isinstance(x, np.ndarray):
@@ -241,7 +256,8 @@ def _as_dtype(a, dtype):
 
 _CONTRACT = """
     Args:
-        x: float batch ``(N, C, X, Y, Z)`` or ``(N, C, H, W)``: torch tensor (CPU or CUDA), numpy array or cupy
+        x: float batch ``(N, C, X, Y, Z)``, or ``(N, C, H, W)`` with ``spatial_dims=2`` (a 4-D input without it is
+            refused: it could be one 3-D sample ``(C, X, Y, Z)``): torch tensor (CPU or CUDA), numpy array or cupy
             array; results come back as the same type, dtype and device. Not modified. The kernels compute in
             float32: float64 input is rounded to float32 first, float16 and bfloat16 outputs are rounded from the
             float32 result.
@@ -252,54 +268,61 @@ _CONTRACT = """
 """
 
 
-def bezier_remap(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+def bezier_remap(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
+                 spatial_dims: int | None = None):
     """Models Genesis non-linear intensity transform, applied to every sample.
 
     Each sample gets its own random cubic Bézier map f (control points and increasing/decreasing branch from its
     parameters, see ``sample_params``): ``out = f(x)``. Values outside [0, 1] are clamped to the ends, NaN stays NaN.
     Within 1e-5 of the exact float64 map (solved cells where the table would not be accurate).
     """
-    return _apply("bezier_remap", x, seed, offset, config)
+    return _apply("bezier_remap", x, seed, offset, config, spatial_dims)
 
 
-def local_shuffle(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+def local_shuffle(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
+                  spatial_dims: int | None = None):
     """Models Genesis local pixel shuffling, applied to every sample.
 
     ``config.num_blocks`` random blocks (sizes ``randint(1, S // block_div)`` per axis) are each filled with a
     uniformly random permutation of the original voxels inside them; where blocks overlap the later block wins (so
     overlapping blocks can duplicate some input values and drop others, exactly as in the published code).
     """
-    return _apply("local_shuffle", x, seed, offset, config)
+    return _apply("local_shuffle", x, seed, offset, config, spatial_dims)
 
 
-def inpaint(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+def inpaint(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
+            spatial_dims: int | None = None):
     """Models Genesis in-painting, applied to every sample: up to ``max_holes`` inner boxes become uniform noise in
     [0, 1) (independent per voxel and channel); the rest is unchanged."""
-    return _apply("inpaint", x, seed, offset, config)
+    return _apply("inpaint", x, seed, offset, config, spatial_dims)
 
 
-def outpaint(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+def outpaint(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
+             spatial_dims: int | None = None):
     """Models Genesis out-painting, applied to every sample: everything outside 1 to ``max_windows`` inner windows
     becomes uniform noise in [0, 1) (independent per voxel and channel); the windows keep their content."""
-    return _apply("outpaint", x, seed, offset, config)
+    return _apply("outpaint", x, seed, offset, config, spatial_dims)
 
 
-def flip(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+def flip(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
+         spatial_dims: int | None = None):
     """The Models Genesis random flip: up to ``max_flips`` flips while ``U() < flip_rate``, each along a random
     spatial axis (``flip_compat``: the published axis draw). Some samples are returned unflipped."""
-    return _apply("flip", x, seed, offset, config)
+    return _apply("flip", x, seed, offset, config, spatial_dims)
 
 
-def gaussian_noise(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+def gaussian_noise(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
+                   spatial_dims: int | None = None):
     """Gaussian noise, applied to every sample: ``out = x + std * z`` in float32, z standard normal, independent per
     voxel and channel (Box–Muller on the sample's Philox stream, bit-identical on every device), std uniform in
     [``noise_std_min``, ``noise_std_max``] per sample. Values are not clipped; NaN and ±Inf stay as they are.
     One of the pixel-level deformations the Models Genesis paper names as extensions (off in the published recipe:
     ``gaussian_noise_rate`` 0)."""
-    return _apply("gaussian_noise", x, seed, offset, config)
+    return _apply("gaussian_noise", x, seed, offset, config, spatial_dims)
 
 
-def genesis_pair(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None):
+def genesis_pair(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
+                 spatial_dims: int | None = None):
     """One Models Genesis training pair per sample, fused in one pass: returns ``(x_deformed, target)``.
 
     Per sample: flip (input and target alike) -> local shuffle (w.p. ``local_rate``) -> Bézier map (w.p.
@@ -308,7 +331,7 @@ def genesis_pair(x, *, seed: int, offset: int = 0, config: DeformConfig | None =
     ``target`` is the flipped, otherwise undeformed input: the regression target. Sample n equals the composition
     of the single ops (``flip``, ``local_shuffle``, ...) applied where its gates fire.
     """
-    return _apply("genesis_pair", x, seed, offset, config)
+    return _apply("genesis_pair", x, seed, offset, config, spatial_dims)
 
 
 for _op in (bezier_remap, local_shuffle, inpaint, outpaint, flip, gaussian_noise, genesis_pair):

@@ -20,8 +20,9 @@ _PROB_PURPOSE = 10  # docs/randomness.md: the GenesisDeform gate of sample i, ma
 class _Stream(nn.Module):
     """seed, config and the running sample index shared by the modules."""
 
-    def __init__(self, config: DeformConfig | None = None, seed: int = 0):
+    def __init__(self, config: DeformConfig | None = None, seed: int = 0, spatial_dims: int | None = None):
         super().__init__()
+        self.spatial_dims = spatial_dims  # 2 for batches of 2-D images (N, C, H, W); see genesis_ext.ops
         if config is not None and not isinstance(config, DeformConfig):
             raise TypeError(f"{type(self).__name__}: config must be a DeformConfig or None, "
                             f"got {type(config).__name__}")
@@ -52,12 +53,13 @@ class _Stream(nn.Module):
 
 class GenesisPair(_Stream):
     """``x_deformed, target = GenesisPair(config, seed)(x)``: ``genesis_ext.genesis_pair`` on a batch ``x`` on any
-    device, sample n at global index ``start + n`` (see ``_Stream._start``): in training mode consecutive calls
-    continue the stream; in eval mode every call reuses the current index; ``pair(x, offset=k)`` sets it explicitly.
-    No parameters; ``state_dict`` holds the seed and the running index."""
+    device (``spatial_dims=2`` for batches of 2-D images), sample n at global index ``start + n`` (``_Stream._start``):
+    in training mode consecutive calls continue the stream; in eval mode every call reuses the current index;
+    ``pair(x, offset=k)`` sets it explicitly. No parameters; ``state_dict`` holds the seed and the running index."""
 
     def forward(self, x: torch.Tensor, offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops.genesis_pair(x, seed=self.seed, offset=self._start(x, offset), config=self.config)
+        return ops.genesis_pair(x, seed=self.seed, offset=self._start(x, offset), config=self.config,
+                                spatial_dims=self.spatial_dims)
 
 
 class GenesisDeform(_Stream):
@@ -66,8 +68,9 @@ class GenesisDeform(_Stream):
     Sample i's coin is a pure function of (seed, i, op), like every other draw, so it does not depend on the batch.
     One class for every op (not one per op): one contract, and a new built-in deformation needs no new class."""
 
-    def __init__(self, op: str, config: DeformConfig | None = None, seed: int = 0, prob: float = 1.0):
-        super().__init__(config, seed)
+    def __init__(self, op: str, config: DeformConfig | None = None, seed: int = 0, prob: float = 1.0,
+                 spatial_dims: int | None = None):
+        super().__init__(config, seed, spatial_dims)
         if op not in ops.SINGLE_OPS:
             raise ValueError(f"GenesisDeform: unknown op {op!r}; choose one of {', '.join(ops.SINGLE_OPS)}")
         if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
@@ -76,7 +79,7 @@ class GenesisDeform(_Stream):
 
     def forward(self, x: torch.Tensor, offset: int | None = None) -> torch.Tensor:
         start = self._start(x, offset)
-        out = getattr(ops, self.op)(x, seed=self.seed, offset=start, config=self.config)
+        out = getattr(ops, self.op)(x, seed=self.seed, offset=start, config=self.config, spatial_dims=self.spatial_dims)
         if self.prob == 1.0:
             return out
         coin = reference.uniform(_coins(self.seed, range(start, start + x.shape[0]), ops._OPS[self.op]))

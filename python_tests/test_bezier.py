@@ -53,7 +53,8 @@ def max_errors(values, seed, indices, chunk=64):
         for start in range(0, len(run), chunk):
             part = run[start:start + chunk]
             x = np.ascontiguousarray(np.broadcast_to(plane, (len(part),) + plane.shape[1:]))
-            out = genesis_ext.bezier_remap(x, seed=seed, offset=int(indices[part[0]]), config=CONFIG)
+            out = genesis_ext.bezier_remap(x, seed=seed, offset=int(indices[part[0]]), config=CONFIG,
+                                           spatial_dims=x.ndim - 2)
             params = genesis_ext.sample_params(len(part), (64, 64), seed=seed, offset=int(indices[part[0]]),
                                                config=CONFIG, with_blocks=False)
             for j, k in enumerate(part):
@@ -119,7 +120,7 @@ def test_bezier_map_shape_and_monotonicity(rng):
     """f is monotone (non-decreasing or non-increasing by branch) and maps [0, 1] onto [0, 1]."""
     values = np.linspace(0, 1, 4097, dtype=F32)
     x = np.ascontiguousarray(np.broadcast_to(values.reshape(1, 1, 1, -1), (200, 1, 1, values.size)))
-    out = genesis_ext.bezier_remap(x, seed=77).reshape(200, -1).astype(np.float64)
+    out = genesis_ext.bezier_remap(x, seed=77, spatial_dims=x.ndim - 2).reshape(200, -1).astype(np.float64)
     p = genesis_ext.sample_params(200, (64, 64), seed=77, config=CONFIG, with_blocks=False)
     assert p["increasing"].any() and not p["increasing"].all()
     assert (out >= -TOL).all() and (out <= 1 + TOL).all()
@@ -135,7 +136,8 @@ def test_decreasing_branch_is_not_one_minus_increasing(rng):
     asymmetric = np.abs(p["bezier"][:, 1] + p["bezier"][:, 3] - 1) > 0.2  # y1 + y2 = 1 would make them equal
     n = int(np.nonzero(~p["increasing"] & asymmetric)[0][0])
     values = rng.random(4096, dtype=F32)
-    out = genesis_ext.bezier_remap(values.reshape(1, 1, 64, 64), seed=5, offset=n, config=CONFIG).reshape(-1)
+    out = genesis_ext.bezier_remap(values.reshape(1, 1, 64, 64), seed=5, offset=n, config=CONFIG, spatial_dims=2)
+    out = out.reshape(-1)
     wrong = 1 - R.bezier_map(values, p["bezier"][n], True)
     right = R.bezier_map(values, p["bezier"][n], False)
     assert np.abs(out - right).max() <= TOL

@@ -63,6 +63,9 @@ def dev():
 
 
 def run(op, x, **kw):
+    """genesis_ext.<op>(x, **kw), saying which layout a 4-D or 5-D batch has (spatial_dims: the tests know it)."""
+    if getattr(x, "ndim", None) in (4, 5):
+        kw.setdefault("spatial_dims", x.ndim - 2)
     return getattr(genesis_ext, op)(x, **kw)
 
 
@@ -351,9 +354,9 @@ def test_validation_errors_match_cpu(dev):
     for x, exc, match in cases:
         for device in ("cpu", dev):
             with pytest.raises(exc, match=rf"genesis_ext\.genesis_pair: {match}"):
-                genesis_ext.genesis_pair(x.to(device), seed=0)
+                run("genesis_pair", x.to(device), seed=0)
     with pytest.raises(ValueError, match="seed must be in"):
-        genesis_ext.local_shuffle(torch.zeros(1, 1, *OFFICIAL, device=dev), seed=-1)
+        run("local_shuffle", torch.zeros(1, 1, *OFFICIAL, device=dev), seed=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -421,7 +424,7 @@ def test_non_zero_device_index(dev):
     with torch.cuda.device(d1), torch.cuda.stream(s):
         torch.cuda._sleep(SLEEP_CYCLES)
         x1.copy_(new1)
-        got = genesis_ext.genesis_pair(x1, seed=5)
+        got = run("genesis_pair", x1, seed=5)
         pending = not s.query()
     s.synchronize()
     assert pending or UNDER_SANITIZER
@@ -466,7 +469,7 @@ def test_torch_compile_fullgraph_on_cuda(mode, dev):
     config = DeformConfig()
 
     def step(x, offset: int):
-        xd, target = genesis_ext.genesis_pair(x, seed=1234, offset=offset, config=config)
+        xd, target = run("genesis_pair", x, seed=1234, offset=offset, config=config)
         return xd, target, xd * 2 - 1
 
     x = uniform((4, 1, *OFFICIAL), 18).to(dev)
@@ -498,7 +501,7 @@ def test_custom_op_equals_the_functional_api(dev):
     x = uniform((2, 1, *OFFICIAL), 22).to(dev)
     seed = 2**64 - 5  # carried as the int64 with the same bits
     xd, tg = torch.ops.genesis_ext.genesis_pair(x, seed - 2**64, 7, SCRAMBLED.to_vector())
-    xd2, tg2 = genesis_ext.genesis_pair(x, seed=seed, offset=7, config=SCRAMBLED)
+    xd2, tg2 = run("genesis_pair", x, seed=seed, offset=7, config=SCRAMBLED)
     assert xd.device == x.device
     assert_identical(xd, xd2, "custom op vs API x_deformed")
     assert_identical(tg, tg2, "custom op vs API target")
@@ -551,7 +554,7 @@ def test_cupy_runs_on_the_current_stream_without_host_sync(dev):
         with s, torch.cuda.stream(torch.cuda.ExternalStream(s.ptr, device=dev)):
             torch.cuda._sleep(SLEEP_CYCLES)
             x[...] = new_c
-            got = genesis_ext.genesis_pair(x, seed=26)
+            got = run("genesis_pair", x, seed=26)
             pending = not s.done
         s.synchronize()
     if not UNDER_SANITIZER:

@@ -59,9 +59,14 @@ def assert_same(got, want, what):
             pytest.fail(message)
 
 
+def emulated(op, x, **kw):
+    """The emulated CUDA kernel on a batch x of 2 or 3 spatial dims (the tests know which)."""
+    return _emulated.deform(op, x, spatial_dims=x.ndim - 2, **kw)
+
+
 def assert_matches_cpu(op, x, what, **kw):
     """The emulated CUDA kernel on x equals the CPU kernel on x."""
-    assert_same(_emulated.deform(op, x, **kw), getattr(genesis_ext, op)(x, **kw), what)
+    assert_same(emulated(op, x, **kw), getattr(genesis_ext, op)(x, spatial_dims=x.ndim - 2, **kw), what)
 
 
 @pytest.mark.parametrize("k", range(N_SEED_OFFSETS), ids=lambda k: f"seed{k}")
@@ -82,10 +87,10 @@ def test_emulated_is_deterministic_and_batch_independent(op, case):
     x = case_input(name, shape)
     seed, offset = case_seed_offsets(op, name)[-1]
     kw = dict(seed=seed, offset=offset, config=config)
-    first = outputs(_emulated.deform(op, x, **kw))
-    assert_same(_emulated.deform(op, x, **kw), first, f"{op} {name}: a second identical call")
+    first = outputs(emulated(op, x, **kw))
+    assert_same(emulated(op, x, **kw), first, f"{op} {name}: a second identical call")
     if shape[0] > 1:
-        tail = _emulated.deform(op, x[1:], seed=seed, offset=offset + 1, config=config)
+        tail = emulated(op, x[1:], seed=seed, offset=offset + 1, config=config)
         assert_same(tail, tuple(f[1:] for f in first), f"{op} {name}: batch x[1:] at offset + 1")
 
 
@@ -119,10 +124,10 @@ def test_emulated_equals_cpu_with_nonfinite_values(op):
 def test_uneven_batch_split_equals_the_whole_batch(op):
     x = make_input((sum(SPLIT_CHUNKS), 2, 23, 41, 17), seed=8)
     seed = branch_covering_seed(len(x), x.shape[2:], SCRAMBLED, offset=50)
-    whole = outputs(getattr(genesis_ext, op)(x, seed=seed, offset=50, config=SCRAMBLED))
+    whole = outputs(getattr(genesis_ext, op)(x, seed=seed, offset=50, config=SCRAMBLED, spatial_dims=3))
     start = 0
     for size in SPLIT_CHUNKS:
-        part = _emulated.deform(op, x[start:start + size], seed=seed, offset=50 + start, config=SCRAMBLED)
+        part = emulated(op, x[start:start + size], seed=seed, offset=50 + start, config=SCRAMBLED)
         assert_same(part, tuple(w[start:start + size] for w in whole), f"{op} chunk [{start}, {start + size})")
         start += size
 
@@ -146,7 +151,7 @@ def test_shuffle_blocks_beyond_the_kernel_limit_raise_clearly(op):
     # EDGE on (23, 41, 17): blocks up to 11 x 20 x 8 = 1,760 voxels; the CUDA kernels hold permutations of <= 1,024
     x = make_input((1, 1, 23, 41, 17), seed=1)
     with pytest.raises(ValueError, match="1760 voxels exceed the CUDA kernels' limit of 1024"):
-        _emulated.deform(op, x, seed=0, config=EDGE)
+        emulated(op, x, seed=0, config=EDGE)
 
 
 def test_build_info_of_the_emulated_module():

@@ -22,6 +22,9 @@ BEZIER_TOL = 1e-5
 
 
 def run(op, x, **kw):
+    """genesis_ext.<op>(x, **kw), saying which layout a 4-D or 5-D batch has (spatial_dims: the tests know it)."""
+    if getattr(x, "ndim", None) in (4, 5):
+        kw.setdefault("spatial_dims", x.ndim - 2)
     return getattr(genesis_ext, op)(x, **kw)
 
 
@@ -146,7 +149,7 @@ def test_channels_move_together(op, rng):
 
 def test_painting_noise_is_independent_per_channel(rng):
     x = channels_of(rng.random((2, 1, 64, 64, 32), dtype=np.float32))
-    out = genesis_ext.inpaint(x, seed=8)
+    out = run("inpaint", x, seed=8)
     for n in range(2):
         mask = paint_mask(R.derive_params(8, n, (64, 64, 32)), (64, 64, 32), "inpaint")
         assert mask.any()
@@ -161,7 +164,7 @@ def test_pair_matches_oracle_on_every_branch(rng):
     seed = 31337
     x = rng.random((1, 64, 64, 32), dtype=np.float32)
     for index in branch_indices(seed, (64, 64, 32), DeformConfig(), per_branch=2):
-        xd, tg = genesis_ext.genesis_pair(x[None], seed=seed, offset=index)
+        xd, tg = run("genesis_pair", x[None], seed=seed, offset=index)
         assert xd.shape == tg.shape == (1, 1, 64, 64, 32)
         assert_pair_matches_oracle(xd[0], tg[0], x, seed, index, DeformConfig())
 
@@ -171,7 +174,7 @@ def test_pair_matches_oracle_on_ct(ct_cubes):
     seed = 2024
     for k, index in enumerate(branch_indices(seed, (64, 64, 32), DeformConfig(), per_branch=1, offset=500)):
         x = ct_cubes[k % len(ct_cubes)]
-        xd, tg = genesis_ext.genesis_pair(x[None], seed=seed, offset=index)
+        xd, tg = run("genesis_pair", x[None], seed=seed, offset=index)
         assert_pair_matches_oracle(xd[0], tg[0], x, seed, index, DeformConfig())
 
 
@@ -179,7 +182,7 @@ def test_pair_matches_oracle_on_ct(ct_cubes):
 def test_pair_batch_matches_oracle(case, rng):
     _, spatial, channels, config, seed, offset = case
     x = make_case_input(spatial, channels, 4, rng)
-    xd, tg = genesis_ext.genesis_pair(x, seed=seed, offset=offset, config=config)
+    xd, tg = run("genesis_pair", x, seed=seed, offset=offset, config=config)
     for n in range(x.shape[0]):
         assert_pair_matches_oracle(xd[n], tg[n], x[n], seed, offset + n, config)
 
@@ -188,7 +191,7 @@ def test_pair_channels_move_together(rng):
     """Target always, and the input where no Bézier map or painting changes values, keep channels (x, 2x, -x)."""
     seed, config = 5, DeformConfig(nonlinear_rate=0.0, paint_rate=0.0, local_rate=0.5, flip_rate=0.6)
     x = channels_of(rng.random((6, 1, 23, 41, 17), dtype=np.float32))
-    xd, tg = genesis_ext.genesis_pair(x, seed=seed, config=config)
+    xd, tg = run("genesis_pair", x, seed=seed, config=config)
     for out in (xd, tg):
         assert np.array_equal(out[:, 1], 2 * out[:, 0]) and np.array_equal(out[:, 2], -out[:, 0])
     p = genesis_ext.sample_params(6, (23, 41, 17), seed=seed, config=config, with_blocks=False)
@@ -211,17 +214,17 @@ def test_pair_is_composition_of_single_ops(spatial, channels, config, rng):
     for index in branch_indices(seed, spatial, config, per_branch=2, offset=10**6):
         p = genesis_ext.sample_params(1, spatial, seed=seed, offset=index, config=config, with_blocks=False)
         kw = dict(seed=seed, offset=index, config=config)
-        chain = genesis_ext.flip(x, **kw)
+        chain = run("flip", x, **kw)
         target = chain.copy()
         if p["local"][0]:
-            chain = genesis_ext.local_shuffle(chain, **kw)
+            chain = run("local_shuffle", chain, **kw)
         if p["nonlinear"][0]:
-            chain = genesis_ext.bezier_remap(chain, **kw)
+            chain = run("bezier_remap", chain, **kw)
         if p["gaussian"][0]:
-            chain = genesis_ext.gaussian_noise(chain, **kw)
+            chain = run("gaussian_noise", chain, **kw)
         if p["paint"][0]:
-            chain = (genesis_ext.inpaint if p["inpaint"][0] else genesis_ext.outpaint)(chain, **kw)
-        xd, tg = genesis_ext.genesis_pair(x, **kw)
+            chain = run("inpaint" if p["inpaint"][0] else "outpaint", chain, **kw)
+        xd, tg = run("genesis_pair", x, **kw)
         assert np.array_equal(tg, target), index
         assert np.array_equal(xd, chain), index
 
@@ -244,7 +247,7 @@ def test_shape_free_ops_on_degenerate_axes(op, shape, rng):
 def test_pure_autoencoder_sample_returns_flipped_input(rng):
     config = DeformConfig(nonlinear_rate=0.0, local_rate=0.0, paint_rate=0.0)
     x = rng.random((6, 2, 16, 16, 16), dtype=np.float32)
-    xd, tg = genesis_ext.genesis_pair(x, seed=1, config=config)
+    xd, tg = run("genesis_pair", x, seed=1, config=config)
     assert np.array_equal(xd, tg) and xd is not tg
     assert np.array_equal(tg, oracle_single("flip", x, 1, 0, config))
 
@@ -333,17 +336,17 @@ def test_deterministic_and_seed_dependent(op, rng):
 def test_batch_split_independence(rng):
     x = rng.random((8, 1, 64, 64, 32), dtype=np.float32)
     seed = 2**63 + 99
-    xd, tg = genesis_ext.genesis_pair(x, seed=seed, offset=0)
-    xd_a, tg_a = genesis_ext.genesis_pair(x[:3], seed=seed, offset=0)
-    xd_b, tg_b = genesis_ext.genesis_pair(x[3:], seed=seed, offset=3)
+    xd, tg = run("genesis_pair", x, seed=seed, offset=0)
+    xd_a, tg_a = run("genesis_pair", x[:3], seed=seed, offset=0)
+    xd_b, tg_b = run("genesis_pair", x[3:], seed=seed, offset=3)
     assert np.array_equal(xd, np.concatenate([xd_a, xd_b])) and np.array_equal(tg, np.concatenate([tg_a, tg_b]))
     for k in (0, 5, 7):
-        xd_k, tg_k = genesis_ext.genesis_pair(x[k:k + 1], seed=seed, offset=k)
+        xd_k, tg_k = run("genesis_pair", x[k:k + 1], seed=seed, offset=k)
         assert np.array_equal(xd_k[0], xd[k]) and np.array_equal(tg_k[0], tg[k])
     # a sample's result depends only on (seed, global index), not on the data of its batch neighbours
     y = x.copy()
     y[[0, 1, 2, 4, 5, 6, 7]] = rng.random((7, 1, 64, 64, 32), dtype=np.float32)
-    xd_y, tg_y = genesis_ext.genesis_pair(y, seed=seed, offset=0)
+    xd_y, tg_y = run("genesis_pair", y, seed=seed, offset=0)
     assert np.array_equal(xd_y[3], xd[3]) and np.array_equal(tg_y[3], tg[3])
 
 
@@ -352,16 +355,16 @@ def test_result_does_not_depend_on_thread_count(rng):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = genesis_ext.genesis_pair(x, seed=77)
+        single = run("genesis_pair", x, seed=77)
         torch.set_num_threads(max(2, threads))
-        multi = genesis_ext.genesis_pair(x, seed=77)
+        multi = run("genesis_pair", x, seed=77)
     finally:
         torch.set_num_threads(threads)
     assert all(np.array_equal(a, b) for a, b in zip(single, multi))
 
 
 def _pair_in_child(x):
-    return genesis_ext.genesis_pair(x, seed=5, offset=2)
+    return run("genesis_pair", x, seed=5, offset=2)
 
 
 def test_forked_child_runs_without_hanging(rng):
@@ -370,7 +373,7 @@ def test_forked_child_runs_without_hanging(rng):
     if "fork" not in mp.get_all_start_methods():
         pytest.skip("no fork on this platform")
     x = rng.random((4, 1, 64, 64, 32), dtype=np.float32)
-    expected = genesis_ext.genesis_pair(x, seed=5, offset=2)  # the parent's OpenMP pool is now alive
+    expected = run("genesis_pair", x, seed=5, offset=2)  # the parent's OpenMP pool is now alive
     with mp.get_context("fork").Pool(1) as pool:
         got = pool.apply_async(_pair_in_child, (x,)).get(timeout=120)
     assert all(np.array_equal(a, b) for a, b in zip(got, expected))
@@ -379,9 +382,9 @@ def test_forked_child_runs_without_hanging(rng):
 def test_extreme_seed_and_offset(rng):
     x = rng.random((1, 1, 64, 64, 32), dtype=np.float32)
     for seed, offset in [(2**64 - 1, 2**63 - 1), (np.uint64(2**64 - 1), np.int64(2**63 - 1))]:
-        xd, tg = genesis_ext.genesis_pair(x, seed=seed, offset=offset)
+        xd, tg = run("genesis_pair", x, seed=seed, offset=offset)
         assert_pair_matches_oracle(xd[0], tg[0], x[0], 2**64 - 1, 2**63 - 1, DeformConfig())
-        t_xd, t_tg = genesis_ext.genesis_pair(torch.from_numpy(x), seed=seed, offset=offset)  # int64 in the schema
+        t_xd, t_tg = run("genesis_pair", torch.from_numpy(x), seed=seed, offset=offset)  # int64 in the schema
         assert np.array_equal(t_xd.numpy(), xd) and np.array_equal(t_tg.numpy(), tg)
 
 
@@ -393,7 +396,7 @@ def test_bezier_nonfinite_and_out_of_range_values(rng):
     special = np.array([np.nan, np.inf, -np.inf, -0.5, 1.5, -0.0, 0.0, 1.0, 3e38, -3e38], dtype=np.float32)
     x = np.concatenate([special, rng.random(54, dtype=np.float32)]).reshape(1, 1, 8, 8)
     x = np.ascontiguousarray(np.repeat(x, 6, axis=0))
-    out = genesis_ext.bezier_remap(x, seed=10).reshape(6, -1)
+    out = run("bezier_remap", x, seed=10).reshape(6, -1)
     p = genesis_ext.sample_params(6, (8, 8), seed=10, with_blocks=False)
     assert p["increasing"].any() and not p["increasing"].all()
     for n in range(6):
@@ -482,7 +485,7 @@ def test_pair_with_nonfinite_values(rng):
     x = _with_nonfinite(rng.random((1, 64, 64, 32), dtype=np.float32), rng)
     seed = 606
     for index in branch_indices(seed, (64, 64, 32), DeformConfig(), per_branch=1):
-        xd, tg = genesis_ext.genesis_pair(x[None], seed=seed, offset=index)
+        xd, tg = run("genesis_pair", x[None], seed=seed, offset=index)
         assert_pair_matches_oracle(xd[0], tg[0], x, seed, index, DeformConfig())
 
 
@@ -514,6 +517,24 @@ def test_bad_inputs_raise(op, make, exc, match):
         run(op, make(), seed=0)
 
 
+def test_a_4d_input_needs_its_layout_said():
+    """(1, 64, 64, 32) could be one 3-D sample (C, X, Y, Z) or a 2-D batch (N, C, H, W): no guess (it used to be taken
+    as a 2-D batch without a word); spatial_dims=2 says it is one; the wrong layout for a shape is refused."""
+    sample = np.random.default_rng(0).random((1, 64, 64, 32), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"genesis_ext.genesis_pair: a 4-D input \(1, 64, 64, 32\) is ambiguous: .*"
+                                         r"Pass spatial_dims=2 for a 2-D batch; for one 3-D sample add the batch axis"):
+        genesis_ext.genesis_pair(sample, seed=0)
+    as_3d = genesis_ext.genesis_pair(sample[None], seed=0)[0][0]
+    as_2d = genesis_ext.genesis_pair(sample, seed=0, spatial_dims=2)[0]
+    assert as_3d.shape == as_2d.shape and not np.array_equal(as_3d, as_2d)  # two different deformations
+    with pytest.raises(ValueError, match=r"expected a batch \(N, C, X, Y, Z\) \(spatial_dims=3\), got shape"):
+        genesis_ext.flip(sample, seed=0, spatial_dims=3)
+    with pytest.raises(ValueError, match=r"expected a batch \(N, C, H, W\) \(spatial_dims=2\), got shape"):
+        genesis_ext.flip(sample[None], seed=0, spatial_dims=2)
+    with pytest.raises(ValueError, match="spatial_dims must be 2, 3 or None, got 4"):
+        genesis_ext.flip(sample[None], seed=0, spatial_dims=4)
+
+
 @pytest.mark.parametrize("op, shape, config, rule, need", [
     ("local_shuffle", (9, 64, 32), None, "local", 10),
     ("local_shuffle", (64, 64, 9), None, "local", 10),
@@ -539,7 +560,7 @@ def test_size_rules_follow_the_config():
     """Deformations that cannot fire impose no size rule on the pair, and shape-free ops take any size."""
     x = np.random.default_rng(1).random((2, 1, 9, 9, 5), dtype=np.float32)
     quiet = DeformConfig(local_rate=0.0, paint_rate=0.0)
-    xd, tg = genesis_ext.genesis_pair(x, seed=1, config=quiet)
+    xd, tg = run("genesis_pair", x, seed=1, config=quiet)
     assert_pair_matches_oracle(xd[0], tg[0], x[0], 1, 0, quiet)
     tiny = np.random.default_rng(2).random((2, 1, 1, 1, 1), dtype=np.float32)
     for op in ("bezier_remap", "flip"):
@@ -587,15 +608,15 @@ def test_cuda_kernels_without_a_device_raise_a_clear_error():
 
 def test_meta_tensors_give_shapes_only():
     x = torch.empty(2, 3, 23, 41, 17, device="meta")
-    out = genesis_ext.local_shuffle(x, seed=0)
+    out = run("local_shuffle", x, seed=0)
     assert out.device.type == "meta" and out.shape == x.shape and out.dtype == torch.float32
-    xd, tg = genesis_ext.genesis_pair(x, seed=0)
+    xd, tg = run("genesis_pair", x, seed=0)
     assert xd.shape == tg.shape == x.shape and xd.device.type == tg.device.type == "meta"
 
 
 @pytest.mark.cuda
 def test_cuda_tensors_give_the_cpu_result(rng):
     x = rng.random((2, 1, 64, 64, 32), dtype=np.float32)
-    out = genesis_ext.genesis_pair(torch.from_numpy(x).cuda(), seed=3)
-    expected = genesis_ext.genesis_pair(x, seed=3)
+    out = run("genesis_pair", torch.from_numpy(x).cuda(), seed=3)
+    expected = run("genesis_pair", x, seed=3)
     assert all(np.array_equal(a.cpu().numpy(), b) for a, b in zip(out, expected))
