@@ -1,7 +1,8 @@
 """genesis_ext: Models Genesis self-supervised deformations as fused, batched C++/CUDA kernels.
 
 The public names are imported on first use (PEP 562): ``import genesis_ext`` and the ``genesis-ext`` command's
-argument parsing load neither torch nor the compiled extension; the first op, config or ``build_info`` call does.
+argument parsing load neither torch nor the compiled extension; the first op or ``build_info`` call does (a
+``DeformConfig`` needs only numpy).
 """
 from importlib import import_module
 
