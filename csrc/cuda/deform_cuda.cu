@@ -317,19 +317,6 @@ __global__ void __launch_bounds__(kThreads) gaussian_kernel(Op op, Shape sh, uin
   }
 }
 
-// Makes `device` current for the scope and restores the caller's device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (device != previous_) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-
- private:
-  int previous_ = 0;
-};
-
 // Pointers into the scratch buffer for samples first .. of one launch.
 struct ScratchPointers {
   SampleParams* params;

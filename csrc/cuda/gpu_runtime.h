@@ -41,6 +41,19 @@ inline void check(cudaError_t err, const char* what) {
     throw std::runtime_error(std::string("genesis_ext CUDA: ") + what + ": " + cudaGetErrorString(err));
 }
 
+// Makes `device` current for the scope and restores the caller's device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (device != previous_) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+
+ private:
+  int previous_ = 0;
+};
+
 // kernel<<<grid, block, 0, stream>>>(args...), for both back ends (HIP-CPU has no triple-chevron launch).
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {

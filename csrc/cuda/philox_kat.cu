@@ -39,24 +39,16 @@ int device_count() {
 void philox_known_answers(const uint32_t* ctr, const uint32_t* key, uint32_t* out, int64_t n, int device,
                           uintptr_t stream) {
   if (n <= 0) return;
-  int previous = 0;
-  check(cudaGetDevice(&previous), "cudaGetDevice");
-  check(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   const int threads = 128;
   launch(philox_kernel, unsigned((n + threads - 1) / threads), threads, reinterpret_cast<cudaStream_t>(stream), ctr,
          key, out, n);
-  const cudaError_t launched = cudaGetLastError();
-  check(cudaSetDevice(previous), "cudaSetDevice");  // leave the caller's current device as it was
-  check(launched, "philox kernel launch");
+  check(cudaGetLastError(), "philox kernel launch");
 }
 
 void synchronize(int device) {
-  int previous = 0;
-  check(cudaGetDevice(&previous), "cudaGetDevice");
-  check(cudaSetDevice(device), "cudaSetDevice");
-  const cudaError_t done = cudaDeviceSynchronize();
-  check(cudaSetDevice(previous), "cudaSetDevice");
-  check(done, "cudaDeviceSynchronize");
+  DeviceGuard guard(device);
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
 
 }  // namespace genesis::cuda
