@@ -175,5 +175,11 @@ PYBIND11_MODULE(GENESIS_MODULE, m) {
         },
         py::arg("out"), py::arg("blocks"), py::arg("threads"), py::arg("tag"), py::arg("barrier"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("launch_order_probe",
+        [](uintptr_t out, int32_t blocks, int32_t threads, int32_t rounds) {
+          return cuda::launch_order_probe(ptr<int32_t>(out), blocks, threads, rounds);
+        },
+        py::arg("out"), py::arg("blocks"), py::arg("threads"), py::arg("rounds"),
+        py::call_guard<py::gil_scoped_release>());
 #endif
 }

@@ -181,6 +181,14 @@ def test_the_reversed_order_catches_a_missing_barrier():
     assert stale == (3 * 63 if REVERSED else 0), f"{stale} of 192 threads read a stale word"
 
 
+def test_kernels_on_one_stream_run_in_launch_order():
+    """HIP-CPU runs a kernel queued on the null stream beside the one before it when the host pauses between the
+    launches (a CI failure: the Gaussian kernel's noise overwritten by the deform kernel's copy). launch() waits under
+    HIP-CPU; 1,000 fill-then-increment rounds with host pauses of 0-96 µs must all end in order."""
+    out = np.zeros(8 * 64, dtype=np.int32)
+    assert _emulated._C_emu.launch_order_probe(out.ctypes.data, 8, 64, 1000) == 0
+
+
 @pytest.mark.slow
 def test_parity_in_reversed_order_on_one_core():
     """This module again, in a fresh process with the fibres reversed and TBB confined to one core (the suite itself

@@ -33,6 +33,9 @@ void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batc
 // Emulation only (csrc/cuda/emulated.cpp): out[b * threads + t] = tag + b, written by thread 0 of block b and read
 // by thread t, with or without a barrier between (host memory; waits for the kernel).
 void barrier_probe(int32_t* out, int32_t blocks, int32_t threads, int32_t tag, bool barrier);
+// Emulation only: `rounds` times, a fill kernel then an increment kernel on the same stream with a host pause between;
+// returns how many rounds ended out of stream order (host memory of blocks * threads elements).
+int32_t launch_order_probe(int32_t* out, int32_t blocks, int32_t threads, int32_t rounds);
 #endif
 
 }  // namespace genesis::cuda

@@ -55,10 +55,14 @@ class DeviceGuard {
 };
 
 // kernel<<<grid, block, 0, stream>>>(args...), for both back ends (HIP-CPU has no triple-chevron launch).
+// HIP-CPU does not keep a stream's order: Runtime::wait_all_streams_ drains the null stream from two threads at once,
+// so a kernel queued while the previous one runs can run beside it (measured: 852 of 3,000 fill-then-increment pairs
+// out of order). Under HIP-CPU, launch() therefore waits for each kernel, which gives CUDA's stream order.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {
 #ifdef GENESIS_HIP_CPU
   hipLaunchKernelGGL(kernel, grid, block, 0, stream, Params(std::forward<Args>(args))...);
+  check(hipStreamSynchronize(stream), "HIP-CPU stream");
 #else
   kernel<<<grid, block, 0, stream>>>(Params(std::forward<Args>(args))...);
 #endif
