@@ -26,7 +26,8 @@ FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--fmad=false")
 
 # Threads per block of each kernel's launch (csrc/cuda: kThreads, and philox_known_answers' 128). A kernel missing
 # here fails the report: its launch size must be stated to judge it.
-LAUNCH_THREADS = {"prepare_kernel": 256, "deform_kernel": 256, "gaussian_kernel": 256, "philox_kernel": 128}
+LAUNCH_THREADS = {"prepare_kernel": 256, "deform_kernel": 256, "blur_kernel": 256, "finish_kernel": 256,
+                  "philox_kernel": 128}
 
 # Per-SM limits of compute capability 9.0 (CUDA C++ Programming Guide, "Compute Capabilities" table): the occupancy
 # calculator's inputs.

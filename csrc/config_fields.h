@@ -26,4 +26,7 @@
   X(bool, flip_compat)           \
   X(double, gaussian_noise_rate) \
   X(double, noise_std_min)       \
-  X(double, noise_std_max)
+  X(double, noise_std_max)       \
+  X(double, blur_rate)           \
+  X(double, blur_sigma_min)      \
+  X(double, blur_sigma_max)

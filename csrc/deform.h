@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 
+#include "blur.h"
 #include "config_fields.h"
 #include "gaussian.h"
 #include "philox.h"
@@ -46,13 +47,16 @@ struct Box {
 
 // Everything random about one sample except the shuffle blocks (drawn per block) and the noise (drawn per voxel).
 struct SampleParams {
-  bool nonlinear, local, paint, inpaint, gaussian;  // the gates
+  bool nonlinear, local, paint, inpaint, gaussian, blur;  // the gates
   bool flip[3];                           // net flip parity per spatial axis
   double ctrl[4];                         // Bézier x1, y1, x2, y2
   bool increasing;
   int32_t n_holes, n_windows;
   Box holes[kMaxParts], windows[kMaxParts];
   float noise_std;  // of the Gaussian noise
+  float blur_sigma;  // of the Gaussian blur, whose radius and weights w[0 .. radius] follow from it
+  int32_t blur_radius;
+  float blur_weights[kMaxBlurRadius + 1];
 };
 
 // Box k of an in-/out-painting stream (8 words per box): size from `size_word`, origin inside the margin.
@@ -76,8 +80,13 @@ GENESIS_HD SampleParams derive_params(uint64_t seed, uint64_t sample, const Defo
   p.paint = gate(gates.word(2), cfg.paint_rate);
   p.inpaint = gate(gates.word(3), cfg.inpaint_rate);
   p.gaussian = gate(gates.word(4), cfg.gaussian_noise_rate);
+  p.blur = gate(gates.word(5), cfg.blur_rate);
   Stream std_draw(seed, sample, NOISE_STD, 0);
   p.noise_std = float(cfg.noise_std_min + (cfg.noise_std_max - cfg.noise_std_min) * uniform_double(std_draw.word(0)));
+  Stream sigma_draw(seed, sample, BLUR_SIGMA, 0);
+  p.blur_sigma = float(cfg.blur_sigma_min + (cfg.blur_sigma_max - cfg.blur_sigma_min) * uniform_double(sigma_draw.word(0)));
+  p.blur_radius = blur_radius(p.blur_sigma);  // radius and weights from the float sigma that sample_params reports
+  blur_weights(p.blur_sigma, p.blur_radius, p.blur_weights);
 
   Stream flips(seed, sample, FLIP, 0);
   for (int k = 0; k < cfg.max_flips && gate(flips.word(2 * k), cfg.flip_rate); ++k) {
@@ -155,29 +164,35 @@ GENESIS_HD void block_permutation(uint64_t seed, uint64_t sample, uint32_t block
   X(INPAINT_OP, inpaint)          \
   X(OUTPAINT_OP, outpaint)        \
   X(FLIP_OP, flip)                \
-  X(GAUSSIAN_OP, gaussian_noise)
+  X(GAUSSIAN_OP, gaussian_noise)  \
+  X(BLUR_OP, gaussian_blur)
 #define GENESIS_OP_CODE(code, name) code,
 enum Op : int32_t { GENESIS_OPS(GENESIS_OP_CODE) };
 #undef GENESIS_OP_CODE
 enum Paint : int32_t { NO_PAINT = 0, IN_PAINT = 1, OUT_PAINT = 2 };
 
-// Which deformations a sample gets, in the pair's order: flip, local shuffle, Bézier map, Gaussian noise, painting.
+// Which deformations a sample gets, in the pair's order: flip, local shuffle, Bézier map, Gaussian blur, Gaussian
+// noise, painting. The blur reads neighbours, so a blurred sample is written in two passes: everything up to the
+// blur, the blur, then noise and painting (Plan::early_paint).
 struct Plan {
-  bool flip, local, nonlinear, gaussian;
+  bool flip, local, nonlinear, blur, gaussian;
   Paint paint;
+  GENESIS_HD Paint early_paint() const { return blur ? NO_PAINT : paint; }
 };
 
 // The fused pair follows the sample's gates; a single op applies its deformation to every sample.
 GENESIS_HD Plan plan_for(Op op, const SampleParams& p) {
   switch (op) {
     case PAIR:
-      return Plan{true, p.local, p.nonlinear, p.gaussian, p.paint ? (p.inpaint ? IN_PAINT : OUT_PAINT) : NO_PAINT};
-    case BEZIER_OP: return Plan{false, false, true, false, NO_PAINT};
-    case SHUFFLE_OP: return Plan{false, true, false, false, NO_PAINT};
-    case INPAINT_OP: return Plan{false, false, false, false, IN_PAINT};
-    case OUTPAINT_OP: return Plan{false, false, false, false, OUT_PAINT};
-    case GAUSSIAN_OP: return Plan{false, false, false, true, NO_PAINT};
-    default: return Plan{true, false, false, false, NO_PAINT};
+      return Plan{true, p.local, p.nonlinear, p.blur, p.gaussian,
+                  p.paint ? (p.inpaint ? IN_PAINT : OUT_PAINT) : NO_PAINT};
+    case BEZIER_OP: return Plan{false, false, true, false, false, NO_PAINT};
+    case SHUFFLE_OP: return Plan{false, true, false, false, false, NO_PAINT};
+    case INPAINT_OP: return Plan{false, false, false, false, false, IN_PAINT};
+    case OUTPAINT_OP: return Plan{false, false, false, false, false, OUT_PAINT};
+    case GAUSSIAN_OP: return Plan{false, false, false, false, true, NO_PAINT};
+    case BLUR_OP: return Plan{false, false, false, true, false, NO_PAINT};
+    default: return Plan{true, false, false, false, false, NO_PAINT};
   }
 }
 
@@ -186,12 +201,12 @@ struct Span {
   int32_t begin, end;
 };
 
-// The spans of row (x, y, .) that become noise under this plan, sorted and disjoint; returns their count
+// The spans of row (x, y, .) that this painting turns into noise, sorted and disjoint; returns their count
 // (at most kMaxParts + 1). The one definition of which voxels painting replaces, for both kernels. In-painting: the union of the holes crossing the row; out-painting: its complement
 // with respect to the windows crossing the row.
-GENESIS_HD int noise_spans(const Plan& plan, const SampleParams& p, int32_t x, int32_t y, int32_t len, Span* out) {
-  if (plan.paint == NO_PAINT) return 0;
-  const bool in = plan.paint == IN_PAINT;
+GENESIS_HD int noise_spans(Paint paint, const SampleParams& p, int32_t x, int32_t y, int32_t len, Span* out) {
+  if (paint == NO_PAINT) return 0;
+  const bool in = paint == IN_PAINT;
   const Box* boxes = in ? p.holes : p.windows;
   const int count = in ? p.n_holes : p.n_windows;
   Span cover[kMaxParts];  // z-ranges of the boxes crossing the row, sorted by begin (insertion sort)

@@ -77,6 +77,33 @@ void fill_noise(float* dst, uint64_t seed, uint64_t sample, int64_t e0, int64_t 
   }
 }
 
+// Gaussian noise on the kept ranges and painting noise on the spans of one row of one channel whose values are
+// written: the last stage of the pair. e0: the row's first element within the sample.
+void noise_and_paint_row(float* xout, const Span* spans, int n_spans, int32_t len, const Plan& plan,
+                         const SampleParams& p, uint64_t seed, uint64_t sample, int64_t e0) {
+  int32_t z = 0;
+  for (int k = 0; k <= n_spans; ++k) {  // the kept range before span k, then the span itself
+    const int32_t keep_end = k < n_spans ? spans[k].begin : len;
+    if (plan.gaussian) add_gaussian_noise(xout + z, seed, sample, p.noise_std, e0 + z, e0 + keep_end);
+    if (k < n_spans) {
+      fill_noise(xout + spans[k].begin, seed, sample, e0 + spans[k].begin, e0 + spans[k].end);
+      z = spans[k].end;
+    }
+  }
+}
+
+// The blur of every channel of a written sample, along each spatial axis in turn (0, 1, 2), in place.
+void blur_sample(float* out, int64_t channels, const Shape& sh, const SampleParams& p) {
+  const int64_t voxels = sh.voxels();
+  for (int64_t c = 0; c < channels; ++c)
+    for (int a = 0; a < sh.ndim; ++a)
+      for (int64_t l = 0; l < voxels / sh.s[a]; ++l) {
+        int64_t stride;
+        const int64_t start = line_start(a, l, sh.s, stride);
+        blur_line(out + c * voxels + start, stride, sh.s[a], p.blur_weights, p.blur_radius);
+      }
+}
+
 void deform_sample(Op op, const float* in, float* out, float* target, int64_t channels, const Shape& sh,
                    uint64_t seed, uint64_t sample, const DeformConfig& cfg, Scratch& s) {
   const SampleParams p = derive_params(seed, sample, cfg, sh);
@@ -97,12 +124,14 @@ void deform_sample(Op op, const float* in, float* out, float* target, int64_t ch
     }
   }
 
-  Span noise[kMaxParts + 1];
+  // Pass 1, row by row: flip, shuffle and Bézier map; without a blur also noise and painting (painted voxels are
+  // not mapped: the kept ranges between the spans are written first).
+  Span spans[kMaxParts + 1];
   for (int32_t x = 0; x < sh.s[0]; ++x)
     for (int32_t y = 0; y < sh.s[1]; ++y) {
       const int64_t row = (int64_t(x) * sh.s[1] + y) * len;
       const int64_t flipped_row = flipped(x, y, 0) - (flipped.f[2] ? len - 1 : 0);  // start of the source row
-      const int spans = noise_spans(plan, p, x, y, len, noise);
+      const int n_spans = noise_spans(plan.early_paint(), p, x, y, len, spans);
       for (int64_t c = 0; c < channels; ++c) {
         const float* xin = in + c * voxels;
         float* xout = out + c * voxels + row;
@@ -118,23 +147,26 @@ void deform_sample(Op op, const float* in, float* out, float* target, int64_t ch
           for (int32_t z = 0; z < len; ++z) s.shuffled[z] = xin[s.src[row + z]];
           values = s.shuffled.data();
         }
-        int32_t z = 0;
-        for (int k = 0; k <= spans; ++k) {  // the kept range before noise span k, then the span itself
-          const int32_t keep_begin = z, keep_end = k < spans ? noise[k].begin : len;
+        for (int k = 0, z = 0; k <= n_spans; ++k) {
+          const int32_t keep_end = k < n_spans ? spans[k].begin : len;
           if (plan.nonlinear)
             for (; z < keep_end; ++z) xout[z] = bezier_apply(s.table, values[z]);
           else
             for (; z < keep_end; ++z) xout[z] = values[z];
-          if (plan.gaussian)
-            add_gaussian_noise(xout + keep_begin, seed, sample, p.noise_std, c * voxels + row + keep_begin,
-                               c * voxels + row + keep_end);
-          if (k < spans) {
-            fill_noise(xout + noise[k].begin, seed, sample, c * voxels + row + noise[k].begin,
-                       c * voxels + row + noise[k].end);
-            z = noise[k].end;
-          }
+          if (k < n_spans) z = spans[k].end;
         }
+        if (!plan.blur) noise_and_paint_row(xout, spans, n_spans, len, plan, p, seed, sample, c * voxels + row);
       }
+    }
+  if (!plan.blur) return;
+  // Pass 2: the blur, then noise and painting.
+  blur_sample(out, channels, sh, p);
+  for (int32_t x = 0; x < sh.s[0]; ++x)
+    for (int32_t y = 0; y < sh.s[1]; ++y) {
+      const int64_t row = (int64_t(x) * sh.s[1] + y) * len;
+      const int n_spans = noise_spans(plan.paint, p, x, y, len, spans);
+      for (int64_t c = 0; c < channels; ++c)
+        noise_and_paint_row(out + c * voxels + row, spans, n_spans, len, plan, p, seed, sample, c * voxels + row);
     }
 }
 

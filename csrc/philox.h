@@ -43,7 +43,9 @@ enum Purpose : uint32_t {
   OUTPAINT = 6,
   NOISE = 7,
   NOISE_STD = 8,
-  GAUSSIAN = 9
+  GAUSSIAN = 9,
+  DEFORM_PROB = 10,  // drawn in Python (genesis_ext.transforms)
+  BLUR_SIGMA = 11
 };
 
 // Philox counter block number `call` of stream (seed, sample, purpose, major): words 4*call .. 4*call+3.

@@ -16,10 +16,15 @@ import numpy as np
 MAX_PARTS = 8  # capacity for holes, windows and flips in the kernels' per-sample parameter record
 MAX_AXIS = 32767  # longest spatial axis the kernels take (the CUDA kernels keep block geometry in int16)
 MAX_BLOCKS = 1_000_000  # 100x the published num_blocks; bounds the work and the CUDA scratch per sample
+MIN_BLUR_SIGMA, MAX_BLUR_SIGMA = 0.1, 5.0  # voxels; the blur radius ceil(3 sigma) fits the kernels' 15
 
 
 def _rate(default: float):
     return field(default=default, metadata={"type": float, "range": (0.0, 1.0)})
+
+
+def _float(default: float, lo: float, hi: float):
+    return field(default=default, metadata={"type": float, "range": (lo, hi)})
 
 
 def _int(default: int, lo: int, hi: int):
@@ -50,7 +55,8 @@ class DeformConfig:
 
     A training pair applies, per sample and in this order: flip (input and target, up to ``max_flips`` times while
     ``U() < flip_rate``), local shuffle (w.p. ``local_rate``), Bézier intensity map (w.p. ``nonlinear_rate``),
-    Gaussian noise (w.p. ``gaussian_noise_rate``, 0 in the published recipe), then painting w.p. ``paint_rate``:
+    Gaussian blur (w.p. ``blur_rate``), Gaussian noise (w.p. ``gaussian_noise_rate``; both 0 in the published
+    recipe), then painting w.p. ``paint_rate``:
     in-painting w.p. ``inpaint_rate``, else out-painting (``outpaint_rate`` must equal ``1 - inpaint_rate``; both
     names exist because the published config has both).
 
@@ -93,6 +99,12 @@ class DeformConfig:
     gaussian_noise_rate: float = _rate(0.0)
     noise_std_min: float = _rate(0.01)
     noise_std_max: float = _rate(0.1)
+    # Gaussian blur (not in the published recipe; the paper's other example), after the Bézier map and before the
+    # noise and painting: w.p. blur_rate, separable along each spatial axis, sigma uniform in [blur_sigma_min,
+    # blur_sigma_max] voxels per sample, radius ceil(3 sigma), the edge voxel repeated beyond the borders
+    blur_rate: float = _rate(0.0)
+    blur_sigma_min: float = _float(0.5, MIN_BLUR_SIGMA, MAX_BLUR_SIGMA)
+    blur_sigma_max: float = _float(1.5, MIN_BLUR_SIGMA, MAX_BLUR_SIGMA)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -101,9 +113,10 @@ class DeformConfig:
             raise ValueError(
                 "DeformConfig: painting is in-painting w.p. inpaint_rate, else out-painting, so outpaint_rate must be "
                 f"1 - inpaint_rate; got inpaint_rate={self.inpaint_rate}, outpaint_rate={self.outpaint_rate}")
-        if self.noise_std_min > self.noise_std_max:
-            raise ValueError("DeformConfig: need noise_std_min <= noise_std_max, got "
-                             f"{self.noise_std_min} > {self.noise_std_max}")
+        for low, high in (("noise_std_min", "noise_std_max"), ("blur_sigma_min", "blur_sigma_max")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"DeformConfig: need {low} <= {high}, "
+                                 f"got {getattr(self, low)} > {getattr(self, high)}")
         if self.hole_div_min < self.hole_div_max:
             raise ValueError("DeformConfig: hole sizes are S // hole_div_min .. S // hole_div_max, "
                              "so hole_div_min must be >= hole_div_max")

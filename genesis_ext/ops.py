@@ -52,7 +52,7 @@ _OPS = dict(_C.OPS)  # name -> op code, declared once in csrc/deform.h (GENESIS_
 OPS = tuple(_OPS)  # every op's name: the fused pair and one single op per deformation
 SINGLE_OPS = tuple(name for name in OPS if name != "genesis_pair")
 # Which size rules an op needs (DeformConfig.min_axis_length); the pair needs those of every deformation it may apply.
-_SIZE_RULES = {"bezier_remap": (), "flip": (), "gaussian_noise": (), "local_shuffle": ("local",),
+_SIZE_RULES = {"bezier_remap": (), "flip": (), "gaussian_noise": (), "gaussian_blur": (), "local_shuffle": ("local",),
                "inpaint": ("inpaint",), "outpaint": ("outpaint",)}
 
 _forked = False
@@ -321,12 +321,24 @@ def gaussian_noise(x, *, seed: int, offset: int = 0, config: DeformConfig | None
     return _apply("gaussian_noise", x, seed, offset, config, spatial_dims)
 
 
+def gaussian_blur(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
+                  spatial_dims: int | None = None):
+    """Gaussian blur, applied to every sample: each channel convolved along each spatial axis in turn with a
+    normalised Gaussian of standard deviation sigma, uniform in [``blur_sigma_min``, ``blur_sigma_max``] voxels per
+    sample, truncated at radius ``ceil(3 sigma)`` (at most 15), the edge voxel repeated beyond the borders. float32
+    sums in a fixed order with weights from our own float64 exp: bit-identical on every device. A NaN or ±Inf voxel
+    makes the voxels within the radius along each axis non-finite. The other pixel-level deformation the Models
+    Genesis paper names as an extension (off in the published recipe: ``blur_rate`` 0)."""
+    return _apply("gaussian_blur", x, seed, offset, config, spatial_dims)
+
+
 def genesis_pair(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
                  spatial_dims: int | None = None):
     """One Models Genesis training pair per sample, fused in one pass: returns ``(x_deformed, target)``.
 
     Per sample: flip (input and target alike) -> local shuffle (w.p. ``local_rate``) -> Bézier map (w.p.
-    ``nonlinear_rate``) -> Gaussian noise (w.p. ``gaussian_noise_rate``) -> painting (w.p. ``paint_rate``;
+    ``nonlinear_rate``) -> Gaussian blur (w.p. ``blur_rate``) -> Gaussian noise (w.p. ``gaussian_noise_rate``) ->
+    painting (w.p. ``paint_rate``;
     in-painting w.p. ``inpaint_rate``, else out-painting).
     ``target`` is the flipped, otherwise undeformed input: the regression target. Sample n equals the composition
     of the single ops (``flip``, ``local_shuffle``, ...) applied where its gates fire.
@@ -334,7 +346,7 @@ def genesis_pair(x, *, seed: int, offset: int = 0, config: DeformConfig | None =
     return _apply("genesis_pair", x, seed, offset, config, spatial_dims)
 
 
-for _op in (bezier_remap, local_shuffle, inpaint, outpaint, flip, gaussian_noise, genesis_pair):
+for _op in (bezier_remap, local_shuffle, inpaint, outpaint, flip, gaussian_noise, gaussian_blur, genesis_pair):
     _op.__doc__ += _CONTRACT.format(extra=" and rates" if _op is genesis_pair or _op is flip else "")
 
 
@@ -342,14 +354,14 @@ def sample_params(batch: int, spatial_shape, *, seed: int, offset: int = 0, conf
                   with_blocks: bool = True) -> dict[str, np.ndarray]:
     """The per-sample parameters the kernels use for samples ``offset .. offset+batch-1``, as numpy arrays.
 
-    Derived by the same shared C++ code as the kernels, so ``genesis_ext.reference`` can replay exactly what a
-    kernel did. Keys (d = number of spatial axes): ``index`` (batch,), the gates ``nonlinear``, ``local``, ``paint``,
-    ``inpaint``, ``gaussian`` (batch,) bool, ``noise_std`` (batch,) float32 (the Gaussian noise's standard
-    deviation), ``flip`` (batch, d) bool (net flip per axis), ``bezier`` (batch, 4) float64
-    (x1, y1, x2, y2), ``increasing`` (batch,) bool, ``n_holes`` / ``n_windows`` (batch,), ``holes`` (batch, max_holes,
-    2, d) and ``windows`` (batch, max_windows, 2, d) int32 with [..., 0, :] the origin and [..., 1, :] the size
-    (unused slots 0), and with ``with_blocks`` the shuffle blocks ``blocks`` (batch, num_blocks, 2, d).
-    The noise values and block permutations are functions of (seed, index) too: see docs/randomness.md.
+    Derived by the same shared C++ code as the kernels, so ``genesis_ext.reference`` can replay exactly what a kernel
+    did. Keys (d = number of spatial axes): ``index`` (batch,), the gates ``nonlinear``, ``local``, ``paint``,
+    ``inpaint``, ``gaussian``, ``blur`` (batch,) bool, ``noise_std`` and ``blur_sigma`` (batch,) float32 (the Gaussian
+    noise's standard deviation, the blur's sigma), ``flip`` (batch, d) bool (net flip per axis), ``bezier`` (batch, 4)
+    float64 (x1, y1, x2, y2), ``increasing`` (batch,) bool, ``n_holes`` / ``n_windows`` (batch,), ``holes`` (batch,
+    max_holes, 2, d) and ``windows`` (batch, max_windows, 2, d) int32 with [..., 0, :] the origin and [..., 1, :] the
+    size (unused slots 0), and with ``with_blocks`` the shuffle blocks ``blocks`` (batch, num_blocks, 2, d). The noise
+    values and block permutations are functions of (seed, index) too: see docs/randomness.md.
     """
     if config is None:
         config = DeformConfig()

@@ -7,12 +7,15 @@ local shuffle is deliberately the plain sequential loop of the published code (t
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .config import DeformConfig
 
 # Purposes of docs/randomness.md: one Philox stream family per kind of random quantity.
 GATES, FLIP, BEZIER, BLOCK, INPAINT, OUTPAINT, NOISE, NOISE_STD, GAUSSIAN = 1, 2, 3, 4, 5, 6, 7, 8, 9
+BLUR_SIGMA = 11  # 10 is GenesisDeform's coin (genesis_ext.transforms)
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
@@ -115,12 +118,12 @@ def _fits(config: DeformConfig, deformation: str, spatial_shape) -> bool:
 def derive_params(seed: int, index: int, spatial_shape, config: DeformConfig | None = None) -> dict:
     """Every random parameter of sample ``index`` (docs/randomness.md), for a sample of ``spatial_shape`` (2 or 3 axes).
 
-    Keys: gates 'nonlinear', 'local', 'paint', 'inpaint', 'gaussian' (bool); 'noise_std' float32 (the Gaussian noise's
-    standard deviation); 'flip' bool (ndim,) net flip parity per spatial axis;
-    'bezier' float64 (x1, y1, x2, y2) and 'increasing'; 'n_holes' and 'holes' int32 (max_holes, 2, ndim) ([k, 0] origin,
-    [k, 1] size, unused slots 0); 'n_windows' and 'windows' int32 (max_windows, 2, ndim); 'blocks' int32
-    (num_blocks, 2, ndim). A deformation whose size rules do not fit ``spatial_shape`` raises ValueError if its rate
-    can fire, and otherwise gets no geometry (0 boxes / 0 blocks).
+    Keys: gates 'nonlinear', 'local', 'paint', 'inpaint', 'gaussian', 'blur' (bool); 'noise_std' and 'blur_sigma'
+    float32 (the Gaussian noise's standard deviation, the blur's sigma); 'flip' bool (ndim,) net flip parity per spatial
+    axis; 'bezier' float64 (x1, y1, x2, y2) and 'increasing'; 'n_holes' and 'holes' int32 (max_holes, 2, ndim) ([k, 0]
+    origin, [k, 1] size, unused slots 0); 'n_windows' and 'windows' int32 (max_windows, 2, ndim); 'blocks' int32
+    (num_blocks, 2, ndim). A deformation whose size rules do not fit ``spatial_shape`` raises ValueError if its rate can
+    fire, and otherwise gets no geometry (0 boxes / 0 blocks).
     """
     config = DeformConfig() if config is None else config
     shape = tuple(int(s) for s in spatial_shape)
@@ -129,7 +132,7 @@ def derive_params(seed: int, index: int, spatial_shape, config: DeformConfig | N
         raise ValueError(f"spatial_shape must have 2 or 3 positive axes, got {spatial_shape}")
     p: dict = {}
 
-    g = _words(seed, index, GATES, 0, 5)
+    g = _words(seed, index, GATES, 0, 6)
     p["nonlinear"] = _gate(g[0], config.nonlinear_rate)
     p["local"] = _gate(g[1], config.local_rate)
     p["paint"] = _gate(g[2], config.paint_rate)
@@ -137,6 +140,9 @@ def derive_params(seed: int, index: int, spatial_shape, config: DeformConfig | N
     p["gaussian"] = _gate(g[4], config.gaussian_noise_rate)
     u = uniform(word(seed, index, NOISE_STD, 0, 0))
     p["noise_std"] = np.float32(config.noise_std_min + (config.noise_std_max - config.noise_std_min) * u)
+    p["blur"] = _gate(g[5], config.blur_rate)
+    u = uniform(word(seed, index, BLUR_SIGMA, 0, 0))
+    p["blur_sigma"] = np.float32(config.blur_sigma_min + (config.blur_sigma_max - config.blur_sigma_min) * u)
 
     f = _words(seed, index, FLIP, 0, 2 * max(config.max_flips, 1))
     flip = np.zeros(ndim, dtype=bool)
@@ -313,6 +319,45 @@ def gaussian_noise(x, std, z) -> np.ndarray:
 
 
 
+def _exp_neg(x: float) -> float:
+    """exp(-x) for x in [0, 100]: the operations of csrc/blur.h, in the same order (Python floats are doubles)."""
+    n = int(x / 0.6931471805599453 + 0.5)
+    t = -(x - n * 0.6931471805599453)
+    e = 1.0
+    for j in range(13, 0, -1):
+        e = 1.0 + t * e / j
+    return math.ldexp(e, -n)  # exact: n halvings, far from the subnormal range
+
+
+def blur_weights(sigma) -> np.ndarray:
+    """float32 weights w[0 .. radius] of the blur of standard deviation ``sigma`` (float32, as sample_params gives
+    it): exp(-k^2 / (2 sigma^2)) normalised over -radius .. radius in float64, radius = ceil(3 sigma) in [1, 15]."""
+    sigma = float(np.float32(sigma))
+    radius = min(max(math.ceil(3.0 * sigma), 1), 15)
+    two_var = 2.0 * sigma * sigma
+    d, total = [1.0], 1.0
+    for k in range(1, radius + 1):
+        d.append(_exp_neg(float(k * k) / two_var))
+        total = total + 2.0 * d[k]
+    return np.array([v / total for v in d], dtype=np.float64).astype(np.float32)
+
+
+def gaussian_blur(x, sigma, dtype=np.float32) -> np.ndarray:
+    """Blur of x (C, *spatial) along each spatial axis in turn: out[i] = sum over k = -r .. r, in that order, of
+    w[|k|] * x[clamp(i + k)] (``blur_weights(sigma)``). In float32 this is the kernels' arithmetic, bit for bit; with
+    ``dtype=np.float64`` it is the float64 reference the float32 result is compared with."""
+    w = blur_weights(sigma).astype(dtype)
+    r = len(w) - 1
+    out = np.asarray(x, dtype=dtype)
+    for axis in range(1, out.ndim):
+        n = out.shape[axis]
+        acc = np.zeros_like(out)
+        for k in range(-r, r + 1):
+            acc = acc + w[abs(k)] * np.take(out, np.clip(np.arange(n) + k, 0, n - 1), axis=axis)
+        out = acc
+    return out
+
+
 def _bernstein(s, p1, p2):
     """One coordinate of the cubic Bézier with P0 = 0, P3 = 1: 3(1-s)^2 s p1 + 3(1-s) s^2 p2 + s^3 (exact at 0, 1)."""
     t = 1.0 - s
@@ -459,6 +504,7 @@ _SINGLE_OPS = {
     "outpaint": lambda x, seed, i, p: outpaint(x, p["windows"], p["n_windows"], noise(seed, i, x.shape)),
     "flip": lambda x, seed, i, p: flip(x, p["flip"]),
     "gaussian_noise": lambda x, seed, i, p: gaussian_noise(x, p["noise_std"], gaussian(seed, i, x.shape)),
+    "gaussian_blur": lambda x, seed, i, p: gaussian_blur(x, p["blur_sigma"]),
 }
 
 
@@ -474,10 +520,10 @@ def single_op(op: str, x, seed: int, index: int, params: dict) -> np.ndarray:
 def genesis_pair(x, seed: int, index: int, config: DeformConfig | None = None, params: dict | None = None):
     """One Models Genesis training pair of sample x (C, *spatial) with global index ``index``.
 
-    Returns float32 (x_deformed, target): target = flip(x); x_deformed = flip → local shuffle (if 'local') → Bézier
-    map (if 'nonlinear') → Gaussian noise (if 'gaussian') → in-painting or out-painting (if 'paint', by 'inpaint')
-    with ``noise(seed, index, x.shape)``, which is not intensity-transformed. ``params`` defaults to
-    ``derive_params(seed, index, x.shape[1:], config)``."""
+    Returns float32 (x_deformed, target): target = flip(x); x_deformed = flip → local shuffle (if 'local') → Bézier map
+    (if 'nonlinear') → Gaussian blur (if 'blur') → Gaussian noise (if 'gaussian') → in-painting or out-painting (if
+    'paint', by 'inpaint') with ``noise(seed, index, x.shape)``, which is not intensity-transformed. ``params`` defaults
+    to ``derive_params(seed, index, x.shape[1:], config)``."""
     config = DeformConfig() if config is None else config
     x = np.asarray(x, dtype=np.float32)
     p = derive_params(seed, index, x.shape[1:], config) if params is None else params
@@ -487,6 +533,8 @@ def genesis_pair(x, seed: int, index: int, config: DeformConfig | None = None, p
         out = local_shuffle(out, p["blocks"], block_permutations(seed, index, p["blocks"]))
     if p["nonlinear"]:
         out = bezier_map(out, p["bezier"], p["increasing"]).astype(np.float32)
+    if p["blur"]:
+        out = gaussian_blur(out, p["blur_sigma"])
     if p["gaussian"]:
         out = gaussian_noise(out, p["noise_std"], gaussian(seed, index, x.shape))
     if p["paint"]:

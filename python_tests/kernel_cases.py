@@ -23,12 +23,13 @@ SCRAMBLED = DeformConfig(nonlinear_rate=0.3, local_rate=0.7, paint_rate=0.6, inp
                          flip_rate=0.8, num_blocks=300, block_div=4, max_holes=7, hole_continue=0.8, hole_div_min=5,
                          hole_div_max=2, max_windows=6, window_continue=0.7, cut_min_num=2, cut_max_num=5,
                          cut_den=9, margin=1, max_flips=5, gaussian_noise_rate=0.4, noise_std_min=0.02,
-                         noise_std_max=0.3)
+                         noise_std_max=0.3, blur_rate=0.35, blur_sigma_min=0.3, blur_sigma_max=2.5)
 # Extremes of the size rules: boxes touching the faces, 8 holes / windows, large shuffle blocks.
 EDGE = DeformConfig(nonlinear_rate=0.5, local_rate=0.5, paint_rate=0.8, inpaint_rate=0.5, outpaint_rate=0.5,
                     flip_rate=0.9, num_blocks=40, block_div=2, max_holes=8, hole_continue=1.0, hole_div_min=3,
                     hole_div_max=2, max_windows=8, window_continue=1.0, cut_min_num=1, cut_max_num=6, cut_den=7,
-                    margin=0, max_flips=8, gaussian_noise_rate=1.0, noise_std_min=0.0, noise_std_max=1.0)
+                    margin=0, max_flips=8, gaussian_noise_rate=1.0, noise_std_min=0.0, noise_std_max=1.0, blur_rate=0.5,
+                    blur_sigma_min=0.1, blur_sigma_max=5.0)
 
 # docs/architecture §4: (counter, key) -> output of Philox4x32-10 (Random123 known-answer vectors)
 PHILOX_KAT = [

@@ -88,8 +88,8 @@ def test_cuda_philox_matches_cpu(rng):
 # ---------------------------------------------------------------------------------------------------------------------
 # sample_params (C++) == reference.derive_params (numpy), exactly
 
-PARAM_KEYS = ("nonlinear", "local", "paint", "inpaint", "gaussian", "noise_std", "flip", "bezier", "increasing",
-              "n_holes", "holes", "n_windows", "windows", "blocks")
+PARAM_KEYS = ("nonlinear", "local", "paint", "inpaint", "gaussian", "noise_std", "blur", "blur_sigma", "flip", "bezier",
+              "increasing", "n_holes", "holes", "n_windows", "windows", "blocks")
 
 
 def _assert_params_equal(seed, offset, batch, spatial, config):

@@ -53,6 +53,10 @@ from genesis_ext.config import MAX_BLOCKS
     (dict(hole_div_max=1, hole_div_min=1), r"inpaint fits no axis of up to 32767 voxels with hole_div_min=1, "
                                            r"hole_div_max=1, margin=3"),
     (dict(margin=16384), r"inpaint fits no axis"),
+    (dict(blur_sigma_max=5.5), r"DeformConfig\.blur_sigma_max must be a number in \[0\.1, 5\]"),
+    (dict(blur_sigma_min=0.0), r"DeformConfig\.blur_sigma_min must be a number in \[0\.1, 5\]"),
+    (dict(blur_sigma_min=2.0, blur_sigma_max=1.0), r"need blur_sigma_min <= blur_sigma_max, got 2\.0 > 1\.0"),
+    (dict(blur_rate=float("nan")), r"DeformConfig\.blur_rate must be a number in \[0, 1\]"),
 ])
 def test_config_validation(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -80,7 +84,7 @@ def test_config_accepts_boundary_values_and_normalises_types():
     assert DeformConfig(cut_min_num=0, margin=0).min_axis_length("outpaint") == 1  # a whole-axis window is legal
     assert DeformConfig.official() == DeformConfig() and DeformConfig.official(flip_compat=True).flip_compat
     vec = DeformConfig().to_vector()
-    assert len(vec) == len(dataclasses.fields(DeformConfig)) == 23 and all(isinstance(v, float) for v in vec)
+    assert len(vec) == len(dataclasses.fields(DeformConfig)) == 26 and all(isinstance(v, float) for v in vec)
 
 
 def test_python_and_core_declare_the_same_fields():

@@ -19,6 +19,7 @@ from kernel_cases import ALL_OPS, EDGE, SCRAMBLED, SINGLE_OPS, outputs
 torch = pytest.importorskip("torch")
 
 BEZIER_TOL = 1e-5
+BLUR_TOL = 1e-5  # the float32 blur against the float64 blur, relative to the largest |value| (gaussian_blur's doc)
 
 
 def run(op, x, **kw):
@@ -56,13 +57,13 @@ def oracle_single(op, x, seed, offset, config):
     return out
 
 
-def assert_bezier_close(got, exact):
-    """Within BEZIER_TOL of the exact map, NaN exactly where the exact map is NaN."""
+def assert_bezier_close(got, exact, tol=BEZIER_TOL):
+    """Within tol of the exact map, NaN exactly where the exact map is NaN."""
     assert got.dtype == np.float32 and got.shape == exact.shape
     nan = np.isnan(exact)
     assert np.array_equal(np.isnan(got), nan)
     err = np.abs(got[~nan].astype(np.float64) - exact[~nan])
-    assert err.max(initial=0.0) <= BEZIER_TOL, f"Bézier error {err.max():.3g} > {BEZIER_TOL}"
+    assert err.max(initial=0.0) <= tol, f"error {err.max():.3g} > {tol}"
 
 
 def assert_pair_matches_oracle(xd, tg, x, seed, index, config):
@@ -84,9 +85,13 @@ def assert_pair_matches_oracle(xd, tg, x, seed, index, config):
     if p["local"]:
         pre = R.local_shuffle(pre, p["blocks"], R.block_permutations(seed, index, p["blocks"]))
     exact = R.bezier_map(pre, p["bezier"], p["increasing"])
+    tol = BEZIER_TOL
+    if p["blur"]:  # the float64 blur of the exact map: the map's error is averaged, the blur's rounding added
+        exact = R.gaussian_blur(exact, p["blur_sigma"], dtype=np.float64)
+        tol += BLUR_TOL * np.abs(exact).max()
     if p["gaussian"]:  # noise added to the float32 map: within the map's tolerance plus one float32 rounding
         exact = exact + np.float64(p["noise_std"]) * R.gaussian(seed, index, x.shape)
-    assert_bezier_close(xd[~painted], exact[~painted])
+    assert_bezier_close(xd[~painted], exact[~painted], tol)
 
 
 def branch_indices(seed, spatial, config, per_branch, offset=0, search=2000):
@@ -220,6 +225,8 @@ def test_pair_is_composition_of_single_ops(spatial, channels, config, rng):
             chain = run("local_shuffle", chain, **kw)
         if p["nonlinear"][0]:
             chain = run("bezier_remap", chain, **kw)
+        if p["blur"][0]:
+            chain = run("gaussian_blur", chain, **kw)
         if p["gaussian"][0]:
             chain = run("gaussian_noise", chain, **kw)
         if p["paint"][0]:
@@ -620,3 +627,34 @@ def test_cuda_tensors_give_the_cpu_result(rng):
     out = run("genesis_pair", torch.from_numpy(x).cuda(), seed=3)
     expected = run("genesis_pair", x, seed=3)
     assert all(np.array_equal(a.cpu().numpy(), b) for a, b in zip(out, expected))
+
+
+def test_gaussian_blur_is_close_to_the_float64_blur(rng):
+    """The float32 blur (bit-identical to reference.gaussian_blur, test_single_op_matches_oracle) is within
+    BLUR_TOL * max|x| of the same blur in float64, for every sigma of the range (radius 1 to 15), 2-D and 3-D."""
+    config = DeformConfig(blur_sigma_min=0.1, blur_sigma_max=5.0)
+    for shape in ((6, 2, 23, 41, 17), (6, 1, 40, 24)):
+        x = channels_of(rng.random((shape[0], 1, *shape[2:]), dtype=np.float32))
+        out = run("gaussian_blur", x, seed=17, config=config)
+        sigmas = genesis_ext.sample_params(shape[0], shape[2:], seed=17, config=config)["blur_sigma"]
+        for n, sigma in enumerate(sigmas):
+            exact = R.gaussian_blur(x[n], sigma, dtype=np.float64)
+            assert np.abs(out[n] - exact).max() <= BLUR_TOL * np.abs(x[n]).max()
+
+
+def test_gaussian_blur_spreads_nonfinite_values_within_its_radius():
+    """A NaN voxel makes exactly the box of half-width `radius` around it NaN (one pass per axis); an Inf voxel
+    makes its box non-finite; everything else is the reference's blur."""
+    config = DeformConfig(blur_sigma_min=0.4, blur_sigma_max=0.6)  # radius 2
+    x = np.full((1, 1, 15, 16, 17), 0.5, dtype=np.float32)
+    x[0, 0, 7, 8, 9] = np.nan
+    x[0, 0, 1, 1, 1] = np.inf
+    out = run("gaussian_blur", x, seed=2, config=config)
+    r = len(R.blur_weights(genesis_ext.sample_params(1, x.shape[2:], seed=2, config=config)["blur_sigma"][0])) - 1
+    assert r == 2
+    box = np.zeros(x.shape[2:], dtype=bool)
+    box[7 - r:8 + r, 8 - r:9 + r, 9 - r:10 + r] = True
+    assert np.array_equal(np.isnan(out[0, 0]), box)
+    corner = ~np.isfinite(out[0, 0]) & ~box
+    assert corner[:1 + r + 1, :1 + r + 1, :1 + r + 1].all() and corner.sum() == (1 + r + 1) ** 3
+    assert np.array_equal(out, oracle_single("gaussian_blur", x, 2, 0, config), equal_nan=True)

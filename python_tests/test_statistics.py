@@ -291,3 +291,25 @@ def test_gaussian_noise_gate_and_std_distribution():
         within_4_sigma(int(((std >= 0.05 + 0.05 * k) & (std < 0.1 + 0.05 * k)).sum()), N_PARAMS, 0.25, f"std bin {k}")
     off = genesis_ext.sample_params(2000, CUBE, seed=5, config=DeformConfig(), with_blocks=False)
     assert not off["gaussian"].any()  # the published recipe has none
+
+
+def test_gaussian_blur_gate_and_sigma_distribution():
+    config = DeformConfig(blur_rate=0.3, blur_sigma_min=0.5, blur_sigma_max=2.5)
+    p = genesis_ext.sample_params(N_PARAMS, CUBE, seed=6, config=config, with_blocks=False)
+    within_4_sigma(int(p["blur"].sum()), N_PARAMS, 0.3, "blur gate")
+    sigma = p["blur_sigma"].astype(np.float64)
+    assert sigma.min() >= 0.5 and sigma.max() <= 2.5
+    for k in range(4):  # uniform in [0.5, 2.5]: each quarter of the range holds a quarter of the samples
+        within_4_sigma(int(((sigma >= 0.5 + 0.5 * k) & (sigma < 1.0 + 0.5 * k)).sum()), N_PARAMS, 0.25, f"bin {k}")
+    off = genesis_ext.sample_params(2000, CUBE, seed=6, config=DeformConfig(), with_blocks=False)
+    assert not off["blur"].any()  # the published recipe has none
+
+
+def test_gaussian_blur_keeps_the_mean_and_lowers_the_variance_of_real_ct(ct_cubes):
+    """On real CT cubes: a blur is a weighted mean (weights sum to 1), so the cube mean stays (up to the edges) and
+    the voxel-to-voxel differences shrink."""
+    x = ct_cubes
+    out = genesis_ext.gaussian_blur(x, seed=3, config=DeformConfig(blur_sigma_min=1.0, blur_sigma_max=2.0),
+                                    spatial_dims=3)
+    assert np.allclose(out.mean(axis=(1, 2, 3, 4)), x.mean(axis=(1, 2, 3, 4)), atol=0.02)
+    assert (np.abs(np.diff(out, axis=-1)).mean() < 0.6 * np.abs(np.diff(x, axis=-1)).mean())

@@ -1,11 +1,14 @@
-// CUDA kernels of every op. Two launches per call, on the caller's stream, no host synchronisation, no cudaMalloc:
+// CUDA kernels of every op. Two to six launches per call, on the caller's stream, no host synchronisation, no
+// cudaMalloc:
 //  1. prepare_kernel (one thread block per sample): the sample's parameters, its Bézier table, the geometry of its
 //     shuffle blocks and, per tile of the sample, the list of blocks crossing it; into the caller's scratch buffer;
 //  2. deform_kernel (one thread block per tile of a sample): in shared memory, the owner (highest block index) of
 //     each voxel of the tile by atomicMax over the blocks crossing it, then each owning block's Fisher–Yates
 //     permutation gives the tile's shuffle sources; then one pass reads the inputs and writes the deformed input and
 //     the target. A block crossing several tiles is permuted once per tile (the same permutation: it is a pure
-//     function of its stream): cheaper than a global owner map and its extra DRAM traffic.
+//     function of its stream): cheaper than a global owner map and its extra DRAM traffic;
+//  3. blur_kernel, once per spatial axis, where the blur can fire;
+//  4. finish_kernel, where Gaussian noise or the blur can fire: noise, and painting after a blur.
 // All per-sample and per-voxel decisions are the shared __host__ __device__ code the CPU kernels use.
 #include <algorithm>
 #include <stdexcept>
@@ -52,6 +55,7 @@ bool may_remap(Op op, const DeformConfig& cfg) { return op == BEZIER_OP || (op =
 bool may_add_gaussian(Op op, const DeformConfig& cfg) {
   return op == GAUSSIAN_OP || (op == PAIR && cfg.gaussian_noise_rate > 0);
 }
+bool may_blur(Op op, const DeformConfig& cfg) { return op == BLUR_OP || (op == PAIR && cfg.blur_rate > 0); }
 
 int32_t max_block_volume(const Shape& sh, const DeformConfig& cfg) {
   int32_t v = 1;
@@ -249,12 +253,13 @@ __global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cf
           }
     }
   }
-  if (plan.paint != NO_PAINT) {  // which tile voxels become noise: one bit each, from each row's noise spans
+  const Paint paint = plan.early_paint();
+  if (paint != NO_PAINT) {  // which tile voxels become noise: one bit each, from each row's noise spans
     for (int i = threadIdx.x; i < kTileVoxels / 32; i += blockDim.x) noise_bits[i] = 0u;
     __syncthreads();
     for (int32_t r = threadIdx.x; r < (hi[0] - lo[0]) * ey; r += blockDim.x) {
       Span spans[kMaxParts + 1];
-      const int n_spans = noise_spans(plan, p, lo[0] + r / ey, lo[1] + r % ey, sh.s[2], spans);
+      const int n_spans = noise_spans(paint, p, lo[0] + r / ey, lo[1] + r % ey, sh.s[2], spans);
       for (int k = 0; k < n_spans; ++k)
         for (int32_t z = max(spans[k].begin, lo[2]); z < min(spans[k].end, hi[2]); ++z) {
           const int32_t i = r * ez + z - lo[2];
@@ -273,7 +278,7 @@ __global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cf
     const int64_t v = (int64_t(x) * sh.s[1] + y) * sh.s[2] + z;
     const int64_t unshuffled = flipped_index(p, plan.flip, sh, x, y, z);
     const int64_t src = plan.local && owner[i] >= 0 ? source[i] : unshuffled;
-    const bool noise = plan.paint != NO_PAINT && ((noise_bits[i >> 5] >> (i & 31)) & 1u);
+    const bool noise = paint != NO_PAINT && ((noise_bits[i >> 5] >> (i & 31)) & 1u);
     for (int64_t c = 0; c < channels; ++c) {
       const int64_t e = c * voxels;
       float value;
@@ -289,30 +294,48 @@ __global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cf
   }
 }
 
-// Gaussian noise, a third launch only where it can fire: on the deformed input of every sample whose plan has it,
-// except its painted voxels (noise comes before painting). One thread per row (x, y): the row's noise spans, then the
-// row's other elements. Its own kernel: in deform_kernel's voxel loop the double-precision Box–Muller made ptxas
-// spill (benchmarks/cuda_resources.py), and the pair without noise keeps its kernel unchanged.
-__global__ void __launch_bounds__(kThreads) gaussian_kernel(Op op, Shape sh, uint64_t seed, uint64_t offset,
-                                                            int64_t channels, const SampleParams* params, float* out) {
+// Gaussian blur, one launch per spatial axis (0, 1, 2) where it can fire, on the written output of every sample whose
+// plan has it: one thread per line of one channel along the axis, blurred in place (blur_line).
+__global__ void __launch_bounds__(kThreads) blur_kernel(Op op, Shape sh, int axis, int64_t channels,
+                                                        const SampleParams* params, float* out) {
+  const SampleParams& p = params[blockIdx.y];
+  const int64_t lines = sh.voxels() / sh.s[axis];
+  const int64_t l = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (!plan_for(op, p).blur || l >= channels * lines) return;
+  int64_t stride;
+  const int64_t start = line_start(axis, l % lines, sh.s, stride);
+  blur_line(out + (blockIdx.y * channels + l / lines) * sh.voxels() + start, stride, sh.s[axis], p.blur_weights,
+            p.blur_radius);
+}
+
+// The last stage, a launch only where it can fire: Gaussian noise on the voxels painting keeps, and, for blurred
+// samples (painted after the blur, Plan::early_paint), the painting noise. One thread per row (x, y): its noise
+// spans, then its elements. Its own kernel: in deform_kernel's voxel loop the double-precision Box–Muller made ptxas
+// spill (benchmarks/cuda_resources.py), and the pair without noise or blur keeps its kernel unchanged.
+__global__ void __launch_bounds__(kThreads) finish_kernel(Op op, Shape sh, uint64_t seed, uint64_t offset,
+                                                          int64_t channels, const SampleParams* params, float* out) {
   __shared__ SampleParams p;
   const int64_t n = blockIdx.y;
   if (threadIdx.x == 0) p = params[n];
   __syncthreads();
   const Plan plan = plan_for(op, p);
+  const bool late_paint = plan.blur && plan.paint != NO_PAINT;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (!plan.gaussian || row >= int64_t(sh.s[0]) * sh.s[1]) return;
+  if (!(plan.gaussian || late_paint) || row >= int64_t(sh.s[0]) * sh.s[1]) return;
   Span spans[kMaxParts + 1];
-  const int n_spans = noise_spans(plan, p, int32_t(row / sh.s[1]), int32_t(row % sh.s[1]), sh.s[2], spans);
+  const int n_spans = noise_spans(plan.paint, p, int32_t(row / sh.s[1]), int32_t(row % sh.s[1]), sh.s[2], spans);
   const int64_t voxels = sh.voxels();
   float* sample_out = out + n * channels * voxels;
   for (int64_t c = 0; c < channels; ++c) {
     int k = 0;
     for (int32_t z = 0; z < sh.s[2]; ++z) {
       while (k < n_spans && spans[k].end <= z) ++k;
-      if (k < n_spans && spans[k].begin <= z) continue;  // painted
       const int64_t e = c * voxels + row * sh.s[2] + z;
-      sample_out[e] = add_gaussian(sample_out[e], p.noise_std, gaussian_value(seed, offset + n, e));
+      if (k < n_spans && spans[k].begin <= z) {  // painted
+        if (late_paint) sample_out[e] = noise_value(seed, offset + n, e);
+      } else if (plan.gaussian) {
+        sample_out[e] = add_gaussian(sample_out[e], p.noise_std, gaussian_value(seed, offset + n, e));
+      }
     }
   }
 }
@@ -373,11 +396,18 @@ void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batc
            kThreads, stream, op, cfg, sh, tiles, seed, offset + first, channels, s.params, s.tables, s.boxes,
            s.starts, s.lists, layout.list_capacity, x, y, t);
     check(cudaGetLastError(), "deform kernel launch");
-    if (may_add_gaussian(op, cfg)) {
+    if (may_blur(op, cfg))
+      for (int a = 0; a < sh.ndim; ++a) {
+        const int64_t lines = channels * (sh.voxels() / sh.s[a]);
+        launch(blur_kernel, dim3(unsigned((lines + kThreads - 1) / kThreads), unsigned(count)), kThreads, stream, op,
+               sh, a, channels, s.params, y);
+        check(cudaGetLastError(), "blur kernel launch");
+      }
+    if (may_add_gaussian(op, cfg) || may_blur(op, cfg)) {
       const int64_t rows = int64_t(sh.s[0]) * sh.s[1];
-      launch(gaussian_kernel, dim3(unsigned((rows + kThreads - 1) / kThreads), unsigned(count)), kThreads, stream,
-             op, sh, seed, offset + first, channels, s.params, y);
-      check(cudaGetLastError(), "gaussian kernel launch");
+      launch(finish_kernel, dim3(unsigned((rows + kThreads - 1) / kThreads), unsigned(count)), kThreads, stream, op,
+             sh, seed, offset + first, channels, s.params, y);
+      check(cudaGetLastError(), "finish kernel launch");
     }
   }
 }
