@@ -145,3 +145,28 @@ def test_reference(benchmark, op):
     for k, r in zip(seen, results):
         got = (kernel[0][k:k + 1], kernel[1][k:k + 1]) if op == "genesis_pair" else kernel[k:k + 1]
         assert_matches(op, got, r, exact_cubes(op)[k:k + 1])
+
+
+GAMMA = genesis_ext.Deformation("gamma", lambda x, u: x.clamp(min=0) ** (0.5 + u[:, :1].view(-1, 1, 1, 1, 1)),
+                                rate=0.5, after="bezier_remap")
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=lambda t: f"t{t}")
+def test_pair_with_user_deformation(benchmark, threads):
+    """The pair with one user deformation (the README's gamma, in torch, after the Bézier map): two kernel segments
+    around it. Group genesis_pair+user; compare with genesis_pair's batch-16 rows of the same run."""
+    benchmark.group = "genesis_pair+user"
+    benchmark.extra_info.update(op="genesis_pair+user", impl="kernel", batch=N_CUBES, threads=threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cubes = torch.from_numpy(ct_cubes())
+        pair = functools.partial(genesis_ext.genesis_pair, seed=SEED, deformations=[GAMMA])
+        benchmark.pedantic(lambda x, offset: pair(x, offset=offset), setup=_cycle_cubes(N_CUBES), rounds=10,
+                           warmup_rounds=2)
+        got, target = genesis_ext.genesis_pair(cubes, seed=SEED, deformations=[GAMMA])
+        fused, fused_target = genesis_ext.genesis_pair(cubes, seed=SEED)
+        gate, _ = GAMMA.draws(SEED, 0, N_CUBES)
+        assert torch.equal(target, fused_target) and torch.equal(got[~torch.from_numpy(gate)], fused[~gate])
+    finally:
+        torch.set_num_threads(previous)

@@ -9,9 +9,11 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
-_EXPORTS = {"DeformConfig": "config", "bezier_remap": "ops", "flip": "ops", "gaussian_blur": "ops",
-            "gaussian_noise": "ops", "genesis_pair": "ops", "inpaint": "ops", "local_shuffle": "ops", "outpaint": "ops",
-            "sample_params": "ops", "GenesisPair": "transforms", "GenesisDeform": "transforms"}
+_EXPORTS = {
+    "DeformConfig": "config", "Deformation": "deformation", "GenesisDeform": "transforms", "GenesisPair": "transforms",
+    "bezier_remap": "ops", "flip": "ops", "gaussian_blur": "ops", "gaussian_noise": "ops", "genesis_pair": "ops",
+    "inpaint": "ops", "local_shuffle": "ops", "outpaint": "ops", "sample_params": "ops",
+}
 
 
 def _core():
@@ -50,5 +52,4 @@ def __dir__():
     return sorted(set(globals()) | set(_EXPORTS) | {"_C"})
 
 
-__all__ = ["DeformConfig", "GenesisDeform", "GenesisPair", "bezier_remap", "build_info", "flip", "gaussian_blur",
-           "gaussian_noise", "genesis_pair", "inpaint", "local_shuffle", "outpaint", "sample_params"]
+__all__ = sorted([*_EXPORTS, "build_info"])

@@ -21,6 +21,7 @@ from monai.transforms import MapTransform, Randomizable
 
 from . import ops
 from .config import DeformConfig
+from .deformation import check_deformations
 from .transforms import GenesisPair
 
 _INDEX_LIMIT = 2**62  # sample indices drawn from R: far from the 2**63 offset limit, so a batch never crosses it
@@ -48,10 +49,11 @@ class GenesisPaird(Randomizable, MapTransform):
     """Models Genesis training pairs for channel-first samples in a dict (see the module docstring)."""
 
     def __init__(self, keys, config: DeformConfig | None = None, seed: int = 0, target_suffix: str = "_target",
-                 allow_missing_keys: bool = False):
+                 allow_missing_keys: bool = False, deformations=()):
         MapTransform.__init__(self, keys, allow_missing_keys)
         ops._check_seed(seed, 0)
         self.config = DeformConfig() if config is None else config
+        self.deformations = check_deformations(deformations)
         self.seed, self.target_suffix = int(seed), target_suffix
         self.index = 0
 
@@ -68,7 +70,7 @@ class GenesisPaird(Randomizable, MapTransform):
                                  f"got shape {tuple(sample.shape)}")
             x = sample.as_tensor() if isinstance(sample, MetaTensor) else torch.as_tensor(sample)
             deformed, target = ops.genesis_pair(x[None], seed=self.seed, offset=self.index, config=self.config,
-                                                spatial_dims=x.ndim - 1)
+                                                spatial_dims=x.ndim - 1, deformations=self.deformations)
             record = _applied(self.seed, self.index, tuple(x.shape[1:]), self.config)
             d[key], d[key + self.target_suffix] = _wrap(deformed[0], sample, record), _wrap(target[0], sample, record)
         return d
@@ -79,9 +81,9 @@ class GenesisPairBatchd(MapTransform):
     batch gets the running index + n (``GenesisPair``); ``state_dict`` / ``load_state_dict`` resume the stream."""
 
     def __init__(self, keys, config: DeformConfig | None = None, seed: int = 0, target_suffix: str = "_target",
-                 allow_missing_keys: bool = False):
+                 allow_missing_keys: bool = False, deformations=()):
         super().__init__(keys, allow_missing_keys)
-        self.pair = GenesisPair(config, seed)
+        self.pair = GenesisPair(config, seed, deformations=deformations)
         self.target_suffix = target_suffix
 
     def __call__(self, data: dict) -> dict:
@@ -91,7 +93,7 @@ class GenesisPairBatchd(MapTransform):
             x = batch.as_tensor() if isinstance(batch, MetaTensor) else batch
             start = self.pair._start(x, None)  # a collated batch: its layout is known
             deformed, target = ops.genesis_pair(x, seed=self.pair.seed, offset=start, config=self.pair.config,
-                                                spatial_dims=x.ndim - 2)
+                                                spatial_dims=x.ndim - 2, deformations=self.pair.deformations)
             record = {"seed": self.pair.seed, "first_index": start}
             d[key], d[key + self.target_suffix] = _wrap(deformed, batch, record), _wrap(target, batch, record)
         return d

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -31,6 +31,7 @@ except ImportError:  # numpy-only installs
 
 from . import _C
 from .config import DeformConfig
+from .deformation import Deformation, check_deformations, pair_with
 
 
 def _check_core_config_fields() -> None:
@@ -333,7 +334,7 @@ def gaussian_blur(x, *, seed: int, offset: int = 0, config: DeformConfig | None 
 
 
 def genesis_pair(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
-                 spatial_dims: int | None = None):
+                 spatial_dims: int | None = None, deformations: Sequence[Deformation] = ()):
     """One Models Genesis training pair per sample, fused in one pass: returns ``(x_deformed, target)``.
 
     Per sample: flip (input and target alike) -> local shuffle (w.p. ``local_rate``) -> Bézier map (w.p.
@@ -342,8 +343,15 @@ def genesis_pair(x, *, seed: int, offset: int = 0, config: DeformConfig | None =
     in-painting w.p. ``inpaint_rate``, else out-painting).
     ``target`` is the flipped, otherwise undeformed input: the regression target. Sample n equals the composition
     of the single ops (``flip``, ``local_shuffle``, ...) applied where its gates fire.
+    ``deformations``: user pixel-level deformations (``genesis_ext.Deformation``), each after the built-in stage it
+    names; the pair then runs in segments around them (genesis_ext.deformation).
     """
-    return _apply("genesis_pair", x, seed, offset, config, spatial_dims)
+    if not deformations:
+        return _apply("genesis_pair", x, seed, offset, config, spatial_dims)
+    deformations = check_deformations(deformations)
+    config = _validate("genesis_pair", x, seed, offset, config, spatial_dims)
+    return pair_with(x, deformations, lambda y, c: _apply("genesis_pair", y, seed, offset, c, spatial_dims),
+                     seed=int(seed), offset=int(offset), config=config)
 
 
 for _op in (bezier_remap, local_shuffle, inpaint, outpaint, flip, gaussian_noise, gaussian_blur, genesis_pair):

@@ -68,6 +68,22 @@ def _stream_blocks(seed: int, index: int, purpose: int, major, call):
     return philox4x32_10(ctr, [seed & 0xFFFFFFFF, seed >> 32])
 
 
+def sample_words(seed: int, offset: int, n: int, purpose: int, major: int, n_words: int) -> np.ndarray:
+    """Words 0 .. n_words-1 of the streams (seed, i, purpose, major) of samples i = offset .. offset + n - 1:
+    (n, n_words) uint32, one vectorised Philox call."""
+    _check_seed_index(seed, offset)
+    _check_seed_index(seed, int(offset) + max(int(n) - 1, 0))
+    index = np.arange(int(n), dtype=np.uint64) + np.uint64(int(offset))
+    n_calls = (int(n_words) + 3) // 4
+    ctr = np.empty((int(n), n_calls, 4), dtype=np.uint64)
+    ctr[..., 0] = (index & _MASK32)[:, None]
+    ctr[..., 1] = (index >> _SHIFT32)[:, None]
+    ctr[..., 2] = np.uint64(purpose) | (np.arange(n_calls, dtype=np.uint64) << np.uint64(8))
+    ctr[..., 3] = np.uint64(major)
+    blocks = philox4x32_10(ctr, [int(seed) & 0xFFFFFFFF, int(seed) >> 32])
+    return blocks.reshape(int(n), 4 * n_calls)[:, :int(n_words)]
+
+
 def word(seed: int, index: int, purpose: int, major, w):
     """Word ``w`` of stream ``(seed, index, purpose, major)``: ``philox4x32_10(ctr, key)[w & 3]`` with
     ``key = (seed mod 2^32, seed >> 32)`` and ``ctr = (index mod 2^32, index >> 32, purpose | (w >> 2) << 8, major)``.

@@ -7,12 +7,15 @@ in the module's extra state, not a device buffer), so advancing it never synchro
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 from torch import nn
 
 from . import ops, reference
 from .config import DeformConfig
+from .deformation import Deformation, check_deformations
 
 _PROB_PURPOSE = 10  # docs/randomness.md: the GenesisDeform gate of sample i, major = the op's code
 
@@ -55,11 +58,21 @@ class GenesisPair(_Stream):
     """``x_deformed, target = GenesisPair(config, seed)(x)``: ``genesis_ext.genesis_pair`` on a batch ``x`` on any
     device (``spatial_dims=2`` for batches of 2-D images), sample n at global index ``start + n`` (``_Stream._start``):
     in training mode consecutive calls continue the stream; in eval mode every call reuses the current index;
-    ``pair(x, offset=k)`` sets it explicitly. No parameters; ``state_dict`` holds the seed and the running index."""
+    ``pair(x, offset=k)`` sets it explicitly. No parameters; ``state_dict`` holds the seed and the running index.
+    ``deformations``: user pixel-level deformations (``genesis_ext.Deformation``) in the pair."""
+
+    def __init__(self, config: DeformConfig | None = None, seed: int = 0, spatial_dims: int | None = None,
+                 deformations: Sequence[Deformation] = ()):
+        super().__init__(config, seed, spatial_dims)
+        self.deformations = check_deformations(deformations)
 
     def forward(self, x: torch.Tensor, offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.genesis_pair(x, seed=self.seed, offset=self._start(x, offset), config=self.config,
-                                spatial_dims=self.spatial_dims)
+                                spatial_dims=self.spatial_dims, deformations=self.deformations)
+
+    def extra_repr(self) -> str:
+        names = ", ".join(d.name for d in self.deformations)
+        return super().extra_repr() + (f", deformations=[{names}]" if names else "")
 
 
 class GenesisDeform(_Stream):
@@ -82,7 +95,7 @@ class GenesisDeform(_Stream):
         out = getattr(ops, self.op)(x, seed=self.seed, offset=start, config=self.config, spatial_dims=self.spatial_dims)
         if self.prob == 1.0:
             return out
-        coin = reference.uniform(_coins(self.seed, range(start, start + x.shape[0]), ops._OPS[self.op]))
+        coin = reference.uniform(_coins(self.seed, start, int(x.shape[0]), ops._OPS[self.op]))
         keep = torch.from_numpy(coin >= self.prob).to(x.device, non_blocking=True)
         return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, out)
 
@@ -90,6 +103,6 @@ class GenesisDeform(_Stream):
         return f"op={self.op!r}, prob={self.prob}, " + super().extra_repr()
 
 
-def _coins(seed: int, indices, code: int) -> np.ndarray:
-    """Word 0 of stream (seed, i, _PROB_PURPOSE, code) for each global index i."""
-    return np.array([reference.word(seed, i, _PROB_PURPOSE, code, 0) for i in indices], dtype=np.uint32)
+def _coins(seed: int, start: int, n: int, code: int) -> np.ndarray:
+    """Word 0 of stream (seed, i, _PROB_PURPOSE, code) for each global index i = start .. start + n - 1."""
+    return reference.sample_words(seed, start, n, _PROB_PURPOSE, code, 1)[:, 0]
