@@ -41,8 +41,10 @@ py::dict sample_params(int64_t batch, const std::vector<int64_t>& spatial, uint6
   const Shape sh = make_shape(spatial);
   const DeformConfig cfg = make_config(config);
   const py::ssize_t n = batch, d = sh.ndim;
-  py::array_t<bool> nonlinear(n), local(n), paint(n), inpaint(n), gaussian(n), blur(n), increasing(n), flip({n, d});
-  py::array_t<float> noise_std(n), blur_sigma(n);
+#define GENESIS_ARRAY(type, name) py::array_t<type> name(n);
+  GENESIS_SAMPLE_SCALARS(GENESIS_ARRAY)
+#undef GENESIS_ARRAY
+  py::array_t<bool> flip({n, d});
   py::array_t<double> bez({n, py::ssize_t(4)});
   py::array_t<int32_t> n_holes(n), n_windows(n);
   py::array_t<int32_t> holes({n, py::ssize_t(cfg.max_holes), py::ssize_t(2), d});
@@ -57,10 +59,9 @@ py::dict sample_params(int64_t batch, const std::vector<int64_t>& spatial, uint6
   };
   for (py::ssize_t i = 0; i < n; ++i) {
     const SampleParams p = derive_params(seed, offset + i, cfg, sh);
-    nonlinear.mutable_at(i) = p.nonlinear, local.mutable_at(i) = p.local;
-    paint.mutable_at(i) = p.paint, inpaint.mutable_at(i) = p.inpaint, increasing.mutable_at(i) = p.increasing;
-    gaussian.mutable_at(i) = p.gaussian, noise_std.mutable_at(i) = p.noise_std;
-    blur.mutable_at(i) = p.blur, blur_sigma.mutable_at(i) = p.blur_sigma;
+#define GENESIS_PUT(type, name) name.mutable_at(i) = p.name;
+    GENESIS_SAMPLE_SCALARS(GENESIS_PUT)
+#undef GENESIS_PUT
     for (int a = 0; a < d; ++a) flip.mutable_at(i, a) = p.flip[a];
     for (int j = 0; j < 4; ++j) bez.mutable_at(i, j) = p.ctrl[j];
     n_holes.mutable_at(i) = p.n_holes, n_windows.mutable_at(i) = p.n_windows;
@@ -74,9 +75,10 @@ py::dict sample_params(int64_t batch, const std::vector<int64_t>& spatial, uint6
       }
   }
   py::dict out;
-  out["nonlinear"] = nonlinear, out["local"] = local, out["paint"] = paint, out["inpaint"] = inpaint;
-  out["flip"] = flip, out["bezier"] = bez, out["increasing"] = increasing;
-  out["gaussian"] = gaussian, out["noise_std"] = noise_std, out["blur"] = blur, out["blur_sigma"] = blur_sigma;
+#define GENESIS_OUT(type, name) out[#name] = name;
+  GENESIS_SAMPLE_SCALARS(GENESIS_OUT)
+#undef GENESIS_OUT
+  out["flip"] = flip, out["bezier"] = bez;
   out["n_holes"] = n_holes, out["holes"] = holes, out["n_windows"] = n_windows, out["windows"] = windows;
   if (with_blocks) out["blocks"] = blocks;
   return out;

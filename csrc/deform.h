@@ -45,17 +45,29 @@ struct Box {
   GENESIS_HD int32_t volume() const { return size[0] * size[1] * size[2]; }
 };
 
+// The per-sample scalars, (type, name), that genesis_ext.sample_params reports by these names: the gates, the
+// Bézier branch, the Gaussian noise's standard deviation and the blur's sigma.
+#define GENESIS_SAMPLE_SCALARS(X) \
+  X(bool, nonlinear)              \
+  X(bool, local)                  \
+  X(bool, paint)                  \
+  X(bool, inpaint)                \
+  X(bool, gaussian)               \
+  X(bool, blur)                   \
+  X(bool, increasing)             \
+  X(float, noise_std)             \
+  X(float, blur_sigma)
+
 // Everything random about one sample except the shuffle blocks (drawn per block) and the noise (drawn per voxel).
 struct SampleParams {
-  bool nonlinear, local, paint, inpaint, gaussian, blur;  // the gates
-  bool flip[3];                           // net flip parity per spatial axis
-  double ctrl[4];                         // Bézier x1, y1, x2, y2
-  bool increasing;
+#define GENESIS_DECLARE(type, name) type name;
+  GENESIS_SAMPLE_SCALARS(GENESIS_DECLARE)
+#undef GENESIS_DECLARE
+  bool flip[3];    // net flip parity per spatial axis
+  double ctrl[4];  // Bézier x1, y1, x2, y2
   int32_t n_holes, n_windows;
   Box holes[kMaxParts], windows[kMaxParts];
-  float noise_std;  // of the Gaussian noise
-  float blur_sigma;  // of the Gaussian blur, whose radius and weights w[0 .. radius] follow from it
-  int32_t blur_radius;
+  int32_t blur_radius;  // of the blur, from blur_sigma, and its weights w[0 .. radius]
   float blur_weights[kMaxBlurRadius + 1];
 };
 

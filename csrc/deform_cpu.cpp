@@ -16,6 +16,7 @@ struct Scratch {
   std::vector<int32_t> block_vox, block_in;  // shuffle: per local position, output voxel and flipped input voxel
   std::vector<int32_t> perm;
   std::vector<float> reversed, shuffled;  // one row
+  std::vector<float> blur_in;              // blur: the lines being blurred, as they were (edges repeated)
   BezierTable table;
 };
 
@@ -92,16 +93,47 @@ void noise_and_paint_row(float* xout, const Span* spans, int n_spans, int32_t le
   }
 }
 
-// The blur of every channel of a written sample, along each spatial axis in turn (0, 1, 2), in place.
-void blur_sample(float* out, int64_t channels, const Shape& sh, const SampleParams& p) {
-  const int64_t voxels = sh.voxels();
-  for (int64_t c = 0; c < channels; ++c)
-    for (int a = 0; a < sh.ndim; ++a)
-      for (int64_t l = 0; l < voxels / sh.s[a]; ++l) {
-        int64_t stride;
-        const int64_t start = line_start(a, l, sh.s, stride);
-        blur_line(out + c * voxels + start, stride, sh.s[a], p.blur_weights, p.blur_radius);
+// out[t] = sum over k = -r .. r, in that order, of w[|k|] * in[k][t], for t < inner: blur_line's arithmetic for
+// `inner` lines at once (in[k]: the lines' values at offset k), vectorised over t.
+void blur_taps(float* out, const float* const* in, int64_t inner, const float* w, int r) {
+  std::fill(out, out + inner, 0.0f);
+  for (int k = -r; k <= r; ++k) {
+    const float wk = w[k < 0 ? -k : k];
+    const float* src = in[k + r];
+    for (int64_t t = 0; t < inner; ++t) out[t] = out[t] + wk * src[t];
+  }
+}
+
+// The blur of every channel of a written sample along each spatial axis in turn (0, 1, 2), in place. Bit for bit
+// blur_line (the CUDA kernels' body), but vectorised: along the last spatial axis each row is copied with its edges
+// repeated and blurred at once; along the others, every line of a slab at once (they are contiguous side by side).
+void blur_sample(float* out, int64_t channels, const Shape& sh, const SampleParams& p, Scratch& s) {
+  const int r = p.blur_radius;
+  const float* taps[2 * kMaxBlurRadius + 1];
+  for (int64_t c = 0; c < channels; ++c) {
+    float* v = out + c * sh.voxels();
+    for (int a = 0; a < sh.ndim; ++a) {
+      const int32_t n = sh.s[a];
+      if (a == sh.ndim - 1) {  // contiguous lines
+        for (int64_t row = 0; row < sh.voxels() / n; ++row) {
+          float* line = v + row * n;
+          for (int32_t i = -r; i < n + r; ++i) s.blur_in[i + r] = line[std::clamp(i, 0, n - 1)];
+          for (int k = 0; k <= 2 * r; ++k) taps[k] = s.blur_in.data() + k;
+          blur_taps(line, taps, n, p.blur_weights, r);
+        }
+        continue;
       }
+      const int64_t inner = a == 1 ? sh.s[2] : int64_t(sh.s[1]) * sh.s[2];  // the lines side by side
+      for (int64_t o = 0; o < (a == 1 ? sh.s[0] : 1); ++o) {
+        float* slab = v + o * n * inner;
+        std::copy(slab, slab + n * inner, s.blur_in.begin());
+        for (int32_t i = 0; i < n; ++i) {
+          for (int k = -r; k <= r; ++k) taps[k + r] = s.blur_in.data() + std::clamp(i + k, 0, n - 1) * inner;
+          blur_taps(slab + i * inner, taps, inner, p.blur_weights, r);
+        }
+      }
+    }
+  }
 }
 
 void deform_sample(Op op, const float* in, float* out, float* target, int64_t channels, const Shape& sh,
@@ -160,7 +192,7 @@ void deform_sample(Op op, const float* in, float* out, float* target, int64_t ch
     }
   if (!plan.blur) return;
   // Pass 2: the blur, then noise and painting.
-  blur_sample(out, channels, sh, p);
+  blur_sample(out, channels, sh, p, s);
   for (int32_t x = 0; x < sh.s[0]; ++x)
     for (int32_t y = 0; y < sh.s[1]; ++y) {
       const int64_t row = (int64_t(x) * sh.s[1] + y) * len;
@@ -186,6 +218,8 @@ void deform_cpu(Op op, const float* in, float* out, float* target, int64_t batch
     s.perm.resize(max_block);
     s.reversed.resize(sh.s[2]);
     s.shuffled.resize(sh.s[2]);
+    if (op == BLUR_OP || (op == PAIR && cfg.blur_rate > 0))
+      s.blur_in.resize(std::max<int64_t>(sh.voxels(), sh.s[2] + 2 * kMaxBlurRadius));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t n = 0; n < batch; ++n)
       deform_sample(op, in + n * sample_size, out + n * sample_size,

@@ -183,10 +183,35 @@ class DeformConfig:
             return lo <= hi and s - hi >= 1 and s - (s - lo) - 2 * self.margin >= 0
         raise ValueError(f"unknown deformation {deformation!r}")
 
+    def size_rules(self, op: str) -> tuple[str, ...]:
+        """The size rules op needs with this config (min_axis_length): a single op's own; the pair's, those of every
+        deformation that can fire."""
+        if op in ("inpaint", "outpaint"):
+            return (op,)
+        if op in PAIR_STAGES:
+            return PAIR_STAGES[op][2]
+        if op != "genesis_pair":
+            raise ValueError(f"unknown op {op!r}")
+        return tuple(rule for rate, _, rules in PAIR_STAGES.values() if getattr(self, rate) > 0 for rule in rules
+                     if rule not in ("inpaint", "outpaint") or getattr(self, f"{rule}_rate") > 0)
+
     def to_vector(self) -> list[float]:
         """Fields in declaration order as floats: the form the C++ core takes (csrc/config_fields.h)."""
         return [float(getattr(self, f.name)) for f in dataclasses.fields(self)]
 
+
+# The pair's deformations in its order (csrc/deform.h Plan), each declared once: its name (the single op), the rate
+# that gates it, its gate's key in sample_params (flip: per-axis flips instead) and the size rules it needs.
+# "painting" is in- or out-painting: single ops inpaint and outpaint, whose size rules have their names and count
+# where their rate (inpaint_rate, outpaint_rate) is above 0.
+PAIR_STAGES = {
+    "flip": ("flip_rate", None, ()),
+    "local_shuffle": ("local_rate", "local", ("local",)),
+    "bezier_remap": ("nonlinear_rate", "nonlinear", ()),
+    "gaussian_blur": ("blur_rate", "blur", ()),
+    "gaussian_noise": ("gaussian_noise_rate", "gaussian", ()),
+    "painting": ("paint_rate", "paint", ("inpaint", "outpaint")),
+}
 
 # The fields each size rule reads (named in the error when a rule can never fit).
 _RULE_FIELDS = {"local": ("block_div",), "inpaint": ("hole_div_min", "hole_div_max", "margin"),

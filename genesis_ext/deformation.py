@@ -31,15 +31,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import reference
-from .config import DeformConfig
+from .config import PAIR_STAGES, DeformConfig
 
 USER_PURPOSE = 12  # docs/randomness.md: a user deformation's stream, major = crc32 of its name
 MAX_UNIFORMS = 1024
 
-# The fused pair's built-in stages in order (csrc/deform.h Plan) and the rate that gates each.
-PAIR_ORDER = ("flip", "local_shuffle", "bezier_remap", "gaussian_blur", "gaussian_noise", "painting")
-STAGE_RATE = {"flip": "flip_rate", "local_shuffle": "local_rate", "bezier_remap": "nonlinear_rate",
-              "gaussian_blur": "blur_rate", "gaussian_noise": "gaussian_noise_rate", "painting": "paint_rate"}
+PAIR_ORDER = tuple(PAIR_STAGES)  # the fused pair's built-in stages, in order
 
 
 @dataclass(frozen=True)
@@ -172,8 +169,8 @@ def pair_with(x, deformations: tuple[Deformation, ...], pair: Callable, *, seed:
     start = 0
     for k, end in enumerate(ends):
         stages = PAIR_ORDER[start:end]
-        if target is None or any(getattr(config, STAGE_RATE[s]) > 0 for s in stages):
-            only = config.replace(**{STAGE_RATE[s]: 0.0 for s in PAIR_ORDER if s not in stages})
+        if target is None or any(getattr(config, PAIR_STAGES[s][0]) > 0 for s in stages):
+            only = config.replace(**{PAIR_STAGES[s][0]: 0.0 for s in PAIR_ORDER if s not in stages})
             out, first_target = pair(x if target is None else deformed, only)
             deformed, target = out, first_target if target is None else target
         if k < len(order):

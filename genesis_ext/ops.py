@@ -52,10 +52,6 @@ _OFFSET_LIMIT = 1 << 63
 _OPS = dict(_C.OPS)  # name -> op code, declared once in csrc/deform.h (GENESIS_OPS)
 OPS = tuple(_OPS)  # every op's name: the fused pair and one single op per deformation
 SINGLE_OPS = tuple(name for name in OPS if name != "genesis_pair")
-# Which size rules an op needs (DeformConfig.min_axis_length); the pair needs those of every deformation it may apply.
-_SIZE_RULES = {"bezier_remap": (), "flip": (), "gaussian_noise": (), "gaussian_blur": (), "local_shuffle": ("local",),
-               "inpaint": ("inpaint",), "outpaint": ("outpaint",)}
-
 _forked = False
 os.register_at_fork(after_in_child=lambda: globals().__setitem__("_forked", True))
 
@@ -67,17 +63,6 @@ def _num_threads() -> int:
     if torch is not None:
         return torch.get_num_threads()
     return len(os.sched_getaffinity(0))
-
-
-def _pair_rules(config: DeformConfig) -> tuple[str, ...]:
-    rules = []
-    if config.local_rate > 0:
-        rules.append("local")
-    if config.paint_rate > 0 and config.inpaint_rate > 0:
-        rules.append("inpaint")
-    if config.paint_rate > 0 and config.outpaint_rate > 0:
-        rules.append("outpaint")
-    return tuple(rules)
 
 
 def _check_seed(seed: Any, offset: Any) -> None:
@@ -133,8 +118,7 @@ def _validate(op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | No
         raise ValueError(f"genesis_ext.{op}: every axis needs length >= 1, got shape {tuple(x.shape)}")
     if c * math.prod(spatial) >= 1 << 31:  # math, not numpy: dynamo would trace np.prod
         raise ValueError(f"genesis_ext.{op}: a sample must have fewer than 2**31 elements, got shape {tuple(x.shape)}")
-    rules = _pair_rules(config) if op == "genesis_pair" else _SIZE_RULES[op]
-    for rule in rules:
+    for rule in config.size_rules(op):
         need = config.min_axis_length(rule)
         if min(spatial) < need:
             raise ValueError(f"genesis_ext.{op}: spatial size {tuple(spatial)} is too small for {rule} with this "

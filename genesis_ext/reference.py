@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .config import DeformConfig
+from .config import PAIR_STAGES, DeformConfig
 
 # Purposes of docs/randomness.md: one Philox stream family per kind of random quantity.
 GATES, FLIP, BEZIER, BLOCK, INPAINT, OUTPAINT, NOISE, NOISE_STD, GAUSSIAN = 1, 2, 3, 4, 5, 6, 7, 8, 9
@@ -545,20 +545,10 @@ def genesis_pair(x, seed: int, index: int, config: DeformConfig | None = None, p
     p = derive_params(seed, index, x.shape[1:], config) if params is None else params
     target = flip(x, p["flip"])
     out = target
-    if p["local"]:
-        out = local_shuffle(out, p["blocks"], block_permutations(seed, index, p["blocks"]))
-    if p["nonlinear"]:
-        out = bezier_map(out, p["bezier"], p["increasing"]).astype(np.float32)
-    if p["blur"]:
-        out = gaussian_blur(out, p["blur_sigma"])
-    if p["gaussian"]:
-        out = gaussian_noise(out, p["noise_std"], gaussian(seed, index, x.shape))
-    if p["paint"]:
-        z = noise(seed, index, x.shape)
-        if p["inpaint"]:
-            out = inpaint(out, p["holes"], p["n_holes"], z)
-        else:
-            out = outpaint(out, p["windows"], p["n_windows"], z)
+    for stage, (_, gate, _) in PAIR_STAGES.items():  # after the flip, each stage whose gate fired, in order
+        if gate is not None and p[gate]:
+            op = ("inpaint" if p["inpaint"] else "outpaint") if stage == "painting" else stage
+            out = _SINGLE_OPS[op](out, seed, index, p).astype(np.float32)
     if out is target:  # no deformation fired: the input is the (flipped) target itself
         out = target.copy()
     return out, target

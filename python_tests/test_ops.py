@@ -13,6 +13,7 @@ import pytest
 import genesis_ext
 from genesis_ext import DeformConfig
 from genesis_ext import reference as R
+from genesis_ext.config import PAIR_STAGES
 
 from kernel_cases import ALL_OPS, EDGE, SCRAMBLED, SINGLE_OPS, outputs
 
@@ -221,16 +222,10 @@ def test_pair_is_composition_of_single_ops(spatial, channels, config, rng):
         kw = dict(seed=seed, offset=index, config=config)
         chain = run("flip", x, **kw)
         target = chain.copy()
-        if p["local"][0]:
-            chain = run("local_shuffle", chain, **kw)
-        if p["nonlinear"][0]:
-            chain = run("bezier_remap", chain, **kw)
-        if p["blur"][0]:
-            chain = run("gaussian_blur", chain, **kw)
-        if p["gaussian"][0]:
-            chain = run("gaussian_noise", chain, **kw)
-        if p["paint"][0]:
-            chain = run("inpaint" if p["inpaint"][0] else "outpaint", chain, **kw)
+        for stage, (_, gate, _) in PAIR_STAGES.items():  # the declared order, each stage where its gate fired
+            if gate is not None and p[gate][0]:
+                op = ("inpaint" if p["inpaint"][0] else "outpaint") if stage == "painting" else stage
+                chain = run(op, chain, **kw)
         xd, tg = run("genesis_pair", x, **kw)
         assert np.array_equal(tg, target), index
         assert np.array_equal(xd, chain), index
