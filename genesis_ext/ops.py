@@ -65,10 +65,22 @@ def _num_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def _is_counter_tensor(value) -> bool:
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _check_seed(seed: Any, offset: Any) -> None:
+    """seed and offset: ints in range, or one-element integer CPU tensors (their values are checked when the op
+    runs: reading them here would make torch.compile guard on them)."""
     for name, value, limit in (("seed", seed, _SEED_LIMIT), ("offset", offset, _OFFSET_LIMIT)):
+        if _is_counter_tensor(value):
+            if value.numel() != 1 or value.device.type != "cpu" or value.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"genesis_ext: the {name} tensor must hold one int64 or int32 on the CPU, got "
+                                f"{value.dtype} of shape {tuple(value.shape)} on {value.device}")
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"genesis_ext: {name} must be an int, got {type(value).__name__}")
+            raise TypeError(f"genesis_ext: {name} must be an int or a one-element integer CPU tensor, "
+                            f"got {type(value).__name__}")
         if not 0 <= int(value) < limit:
             raise ValueError(f"genesis_ext: {name} must be in [0, 2**{limit.bit_length() - 1}), got {value}")
 
@@ -197,20 +209,37 @@ def _run_torch(op: str, x: "torch.Tensor", with_target: bool, seed: int, offset:
     return out if target is None else (out, target)
 
 
+def _counter(seed, offset) -> "torch.Tensor":
+    """The custom ops' (seed, offset) argument: an int64 CPU tensor [seed as the int64 of the same bits, offset]. From
+    tensors it is traced, not read, so torch.compile does not guard on the values (no recompiles as they advance)."""
+    parts = [v.reshape(()).to(torch.int64) if _is_counter_tensor(v) else torch.tensor(int(v), dtype=torch.int64)
+             for v in (_signed(seed) if not _is_counter_tensor(seed) else seed, offset)]
+    return torch.stack(parts)
+
+
+def _counter_values(counter: "torch.Tensor") -> tuple[int, int]:
+    """(seed, offset) from a counter tensor, checked: what _check_seed could not read at trace time."""
+    seed, offset = (int(v) for v in counter.tolist())
+    if not 0 <= offset < _OFFSET_LIMIT:
+        raise ValueError(f"genesis_ext: offset must be in [0, 2**63), got {offset}")
+    return seed % _SEED_LIMIT, offset
+
+
 def _register_torch_op(name: str):
-    """torch.ops.genesis_ext.<name>(x, seed, offset, config_vector), with a fake implementation for tracing."""
+    """torch.ops.genesis_ext.<name>(x, counter, config_vector) (counter: _counter), with a fake implementation for
+    tracing."""
     with_target = name == "genesis_pair"
     result = "(Tensor, Tensor)" if with_target else "Tensor"
 
-    def impl(x, seed, offset, config):
-        return _run_torch(name, x, with_target, seed, offset, config)
+    def impl(x, counter, config):
+        return _run_torch(name, x, with_target, *_counter_values(counter), config)
 
-    def fake(x, seed, offset, config):
+    def fake(x, counter, config):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         return (out, torch.empty_like(out)) if with_target else out
 
     op = torch.library.custom_op(f"genesis_ext::{name}", impl, mutates_args=(),
-                                 schema=f"(Tensor x, int seed, int offset, float[] config) -> {result}")
+                                 schema=f"(Tensor x, Tensor counter, float[] config) -> {result}")
     op.register_fake(fake)
     return op
 
@@ -223,12 +252,13 @@ def _apply(op: str, x, seed: int, offset: int, config: DeformConfig | None, spat
     vec = config.to_vector()
     dtype = x.dtype  # the kernels compute in float32; other float dtypes are converted there and back
     if isinstance(x, np.ndarray):
-        result = _run_numpy(op, np.ascontiguousarray(x, dtype=np.float32), op == "genesis_pair", int(seed),
-                            int(offset), vec)
+        seed, offset = _counter_values(_counter(seed, offset)) if torch is not None else (int(seed), int(offset))
+        result = _run_numpy(op, np.ascontiguousarray(x, dtype=np.float32), op == "genesis_pair", seed, offset, vec)
     elif _is_cupy(x):
-        result = _run_cupy(op, x.astype("float32", copy=False), op == "genesis_pair", int(seed), int(offset), vec)
+        seed, offset = _counter_values(_counter(seed, offset))
+        result = _run_cupy(op, x.astype("float32", copy=False), op == "genesis_pair", seed, offset, vec)
     else:
-        result = _TORCH_OPS[op](x.float(), _signed(int(seed)), int(offset), vec)
+        result = _TORCH_OPS[op](x.float(), _counter(seed, offset), vec)
     if str(dtype).endswith("float32"):
         return result
     return tuple(_as_dtype(r, dtype) for r in result) if isinstance(result, tuple) else _as_dtype(result, dtype)
@@ -247,6 +277,8 @@ _CONTRACT = """
             float32: float64 input is rounded to float32 first, float16 and bfloat16 outputs are rounded from the
             float32 result.
         seed: int in [0, 2**64). offset: global index of sample 0 (int in [0, 2**63)); sample n uses offset + n.
+            Either may be a one-element int64 CPU tensor instead (a seed tensor holds the int64 with the seed's
+            bits): under torch.compile the op then receives it as a tensor and nothing recompiles as it advances.
         config: DeformConfig (default: the published recipe); supplies the size rules{extra}.
     Raises TypeError (type, non-float dtype) or ValueError (ndim, empty batch, axes too small for the config, seeds);
     RuntimeError for CUDA data without usable CUDA kernels.

@@ -56,6 +56,32 @@ def test_cube_store_dataset_in_worker_processes(store):
     np.testing.assert_array_equal(torch.cat(batches).numpy(), expect)
 
 
+def genesis_pair_transform(cube, index):
+    """README recipe: each cube's training pair at its global index (epoch * len + i), made in the worker."""
+    import genesis_ext
+
+    deformed, target = genesis_ext.genesis_pair(torch.from_numpy(cube)[None], seed=7, offset=index)
+    return deformed[0], target[0]
+
+
+def test_transform_gets_the_global_index_in_dataloader_workers(store):
+    """The pair made in 2 spawned workers equals the pair of the whole epoch made at once, and the next epoch gets
+    new indices (new deformations of the same cubes)."""
+    import genesis_ext
+
+    ds = CubeStoreDataset(store, transform=genesis_pair_transform)
+    cubes = torch.from_numpy(all_items(CubeStoreDataset(store)))
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        loader = DataLoader(ds, batch_size=5, num_workers=2, multiprocessing_context="spawn")
+        deformed, target = (torch.cat(parts) for parts in zip(*loader))
+        want = genesis_ext.genesis_pair(cubes, seed=7, offset=epoch * len(ds))
+        assert torch.equal(deformed, want[0]) and torch.equal(target, want[1])
+    assert not torch.equal(deformed, genesis_ext.genesis_pair(cubes, seed=7, offset=0)[0])
+    plain = CubeStoreDataset(store, transform=lambda cube: cube * 2)  # one argument: the item alone
+    assert np.array_equal(plain[1], 2 * CubeStoreDataset(store)[1])
+
+
 def test_distributed_sampler_splits_the_store(store):
     ds = CubeStoreDataset(store)
     seen = []

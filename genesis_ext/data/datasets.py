@@ -8,6 +8,7 @@ each worker and keeps the last few.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import OrderedDict
 
@@ -28,14 +29,45 @@ from .io import Source, find_sources, load_volume
 from .store import CubeStore
 
 
-class CubeStoreDataset:
+class _Transformed:
+    """The transform hook of the datasets: ``transform(item, index)`` with the item's global index ``epoch * len +
+    i`` (a function of one argument gets the item alone), so a deformation can take its sample index from it, e.g.
+    ``lambda cube, index: genesis_ext.genesis_pair(cube[None], seed=0, offset=index)``: distinct in every epoch,
+    identical in every worker and run. ``set_epoch`` moves to the next epoch's indices."""
+
+    epoch = 0
+
+    def _set_transform(self, transform) -> None:
+        self.transform = transform
+        self._with_index = transform is not None and _takes_two_arguments(transform)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _transformed(self, item, index: int):
+        if self.transform is None:
+            return item
+        return self.transform(item, self.epoch * len(self) + index) if self._with_index else self.transform(item)
+
+
+def _takes_two_arguments(fn) -> bool:
+    try:
+        inspect.signature(fn).bind(None, None)
+        return True
+    except TypeError:
+        return False
+    except ValueError:  # no signature (some builtins): the one-argument call
+        return False
+
+
+class CubeStoreDataset(_Transformed):
     """The cubes of a store written by ``genesis-ext extract``, a published-layout array, or a directory of them
     (anything :class:`~genesis_ext.data.store.CubeStore` opens). ``dataset[i]`` → float32 ``(1, X, Y, Z)``.
-    ``transform``, if given, is applied to each item."""
+    ``transform``: applied to each item with its global index (``_Transformed``)."""
 
     def __init__(self, path, transform=None):
         self.store = CubeStore(path)
-        self.transform = transform
+        self._set_transform(transform)
 
     @property
     def cube(self) -> tuple:
@@ -45,16 +77,16 @@ class CubeStoreDataset:
         return len(self.store)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        item = self.store[int(index)][None]
-        return self.transform(item) if self.transform is not None else item
+        return self._transformed(self.store[int(index)][None], int(index))
 
 
-class VolumeCubeDataset:
+class VolumeCubeDataset(_Transformed):
     """Cubes cut on the fly from volumes (files or directories, as ``genesis-ext extract`` takes them).
 
     ``len = volumes x per_volume``; item ``i`` comes from volume ``i // per_volume``, at the first position the filter
     accepts among up to ``max_candidates`` random draws of a generator seeded by ``(seed, epoch, i)``: the same item is
-    the same cube in every worker and process, and :meth:`set_epoch` draws new cubes. If no candidate passes, the
+    the same cube in every worker and process, and :meth:`set_epoch` draws new cubes (``transform``: applied to each
+    item with its global index, ``_Transformed``). If no candidate passes, the
     best-scoring one is used (with a warning once per volume). Each worker keeps its ``cache_size`` most recently used
     volumes in memory, so ordered or volume-grouped sampling is fast; for large, shuffled collections extract a cube
     store first and use :class:`CubeStoreDataset`.
@@ -74,13 +106,11 @@ class VolumeCubeDataset:
         self.per_volume, self.max_candidates, self.seed = int(per_volume), int(max_candidates), int(seed)
         self.filter = OfficialLung() if filter is None else make_filter(filter) if isinstance(filter, str) else filter
         self.window, self.margins, self.spacing = window, margins, spacing
-        self.cache_size, self.transform = max(1, int(cache_size)), transform
+        self.cache_size = max(1, int(cache_size))
+        self._set_transform(transform)
         self.epoch = 0
         self._cache = OrderedDict()
         self._warned = set()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.sources) * self.per_volume
@@ -136,5 +166,5 @@ class VolumeCubeDataset:
         k, o = self.position(int(index))
         data, window = self._prepared(k)[:2]
         c = self.cube
-        item = window.apply(data[o[0]:o[0] + c[0], o[1]:o[1] + c[1], o[2]:o[2] + c[2]])[None]
-        return self.transform(item) if self.transform is not None else item
+        return self._transformed(window.apply(data[o[0]:o[0] + c[0], o[1]:o[1] + c[1], o[2]:o[2] + c[2]])[None],
+                                 int(index))
