@@ -147,7 +147,7 @@ def test_reference(benchmark, op):
         assert_matches(op, got, r, exact_cubes(op)[k:k + 1])
 
 
-GAMMA = genesis_ext.Deformation("gamma", lambda x, u: x.clamp(min=0) ** (0.5 + u[:, :1].view(-1, 1, 1, 1, 1)),
+GAMMA = genesis_ext.PixelDeformation("gamma", lambda x, u: x.clamp(min=0) ** (0.5 + u[:, :1].view(-1, 1, 1, 1, 1)),
                                 rate=0.5, after="bezier_remap")
 
 

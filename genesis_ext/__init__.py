@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "DeformConfig": "config", "Deformation": "deformation", "GenesisDeform": "transforms", "GenesisPair": "transforms",
+    "DeformConfig": "config", "GenesisDeform": "transforms", "GenesisPair": "transforms",
+    "PixelDeformation": "deformation",
     "bezier_remap": "ops", "flip": "ops", "gaussian_blur": "ops", "gaussian_noise": "ops", "genesis_pair": "ops",
     "inpaint": "ops", "local_shuffle": "ops", "outpaint": "ops", "sample_params": "ops",
 }

@@ -1,6 +1,6 @@
 """User deformations: a pixel-level deformation written in torch or NumPy, added to the training pair without C++.
 
-    gamma = Deformation("gamma", lambda x, u: x.clamp(min=0) ** (0.5 + u[:, 0].view(-1, 1, 1, 1, 1)),
+    gamma = PixelDeformation("gamma", lambda x, u: x.clamp(min=0) ** (0.5 + u[:, 0].view(-1, 1, 1, 1, 1)),
                         rate=0.5, after="bezier_remap")
     x_deformed, target = genesis_ext.genesis_pair(x, seed=0, deformations=[gamma])
 
@@ -40,7 +40,7 @@ PAIR_ORDER = tuple(PAIR_STAGES)  # the fused pair's built-in stages, in order
 
 
 @dataclass(frozen=True)
-class Deformation:
+class PixelDeformation:
     """A user pixel-level deformation of the pair (module docstring): ``fn(x, u) -> x'`` applied with probability
     ``rate`` after the built-in stage ``after`` (one of ``PAIR_ORDER``; default: after the Gaussian noise, before
     painting), with ``uniforms`` uniform numbers per sample. ``name`` names its random stream and its errors."""
@@ -54,17 +54,17 @@ class Deformation:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
-            raise ValueError(f"Deformation: name must be a non-empty string, got {self.name!r}")
+            raise ValueError(f"PixelDeformation: name must be a non-empty string, got {self.name!r}")
         if not callable(self.fn):
-            raise TypeError(f"Deformation {self.name!r}: fn must be callable, got {type(self.fn).__name__}")
+            raise TypeError(f"PixelDeformation {self.name!r}: fn must be callable, got {type(self.fn).__name__}")
         if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0.0 <= self.rate <= 1.0:
-            raise ValueError(f"Deformation {self.name!r}: rate must be a number in [0, 1], got {self.rate!r}")
+            raise ValueError(f"PixelDeformation {self.name!r}: rate must be a number in [0, 1], got {self.rate!r}")
         if self.after not in PAIR_ORDER:
-            raise ValueError(f"Deformation {self.name!r}: after must be one of {', '.join(PAIR_ORDER)}, "
+            raise ValueError(f"PixelDeformation {self.name!r}: after must be one of {', '.join(PAIR_ORDER)}, "
                              f"got {self.after!r}")
         ok = isinstance(self.uniforms, (int, np.integer)) and not isinstance(self.uniforms, bool)
         if not ok or not 0 <= self.uniforms <= MAX_UNIFORMS:
-            raise ValueError(f"Deformation {self.name!r}: uniforms must be an integer in [0, {MAX_UNIFORMS}], "
+            raise ValueError(f"PixelDeformation {self.name!r}: uniforms must be an integer in [0, {MAX_UNIFORMS}], "
                              f"got {self.uniforms!r}")
 
     @property
@@ -101,18 +101,18 @@ class Deformation:
                 out = self.fn(x, u)
             except ValueError as e:
                 if "read-only" in str(e):
-                    raise ValueError(f"Deformation {self.name!r}: fn must not modify its input") from e
+                    raise ValueError(f"PixelDeformation {self.name!r}: fn must not modify its input") from e
                 raise
         else:
             version = x._version
             out = self.fn(x, u)
             if x._version != version:
-                raise ValueError(f"Deformation {self.name!r}: fn must not modify its input (it changed in place)")
+                raise ValueError(f"PixelDeformation {self.name!r}: fn must not modify its input (it changed in place)")
         if type(out) is not type(x) or tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype:
-            raise ValueError(f"Deformation {self.name!r}: fn must return a {type(x).__name__} of shape "
+            raise ValueError(f"PixelDeformation {self.name!r}: fn must return a {type(x).__name__} of shape "
                              f"{tuple(x.shape)} and dtype {x.dtype}, got {_describe(out)}")
         if getattr(out, "device", None) != getattr(x, "device", None):
-            raise ValueError(f"Deformation {self.name!r}: fn must return a tensor on {x.device}, got {out.device}")
+            raise ValueError(f"PixelDeformation {self.name!r}: fn must return a tensor on {x.device}, got {out.device}")
         return out
 
     def _probe(self, x, u) -> None:
@@ -133,7 +133,7 @@ class Deformation:
             probe = probe.double().cpu().numpy()
         probe = np.asarray(probe, dtype=np.float64)
         if not np.array_equal(probe, values) and np.array_equal(np.sort(probe, axis=None), np.sort(values, axis=None)):
-            raise ValueError(f"Deformation {self.name!r}: fn moves voxels (its output is a rearrangement of its "
+            raise ValueError(f"PixelDeformation {self.name!r}: fn moves voxels (its output is a rearrangement of its "
                              "input's values): a spatial-level deformation, which the pair's target cannot follow. "
                              "User deformations must be pixel-level (intensity changes)")
         self._probed.add(key)
@@ -144,21 +144,21 @@ def _describe(a) -> str:
     return f"{type(a).__name__}" + (f" of shape {tuple(shape)} and dtype {dtype}" if shape is not None else "")
 
 
-def check_deformations(deformations: Sequence[Deformation]) -> tuple[Deformation, ...]:
-    """The user deformations as a tuple, each a Deformation, names unique (each name is a random stream)."""
-    if isinstance(deformations, Deformation):
+def check_deformations(deformations: Sequence[PixelDeformation]) -> tuple[PixelDeformation, ...]:
+    """The user deformations as a tuple, each a PixelDeformation, names unique (each name is a random stream)."""
+    if isinstance(deformations, PixelDeformation):
         deformations = (deformations,)
     deformations = tuple(deformations)
     for d in deformations:
-        if not isinstance(d, Deformation):
-            raise TypeError(f"genesis_ext: deformations must be Deformation objects, got {type(d).__name__}")
+        if not isinstance(d, PixelDeformation):
+            raise TypeError(f"genesis_ext: deformations must be PixelDeformation objects, got {type(d).__name__}")
     names = [d.name for d in deformations]
     if len(set(names)) != len(names):
         raise ValueError(f"genesis_ext: user deformation names must be unique (each names a stream), got {names}")
     return deformations
 
 
-def pair_with(x, deformations: tuple[Deformation, ...], pair: Callable, *, seed: int, offset: int,
+def pair_with(x, deformations: tuple[PixelDeformation, ...], pair: Callable, *, seed: int, offset: int,
               config: DeformConfig):
     """The training pair of x with user deformations (module docstring): ``pair(x, config) -> (deformed, target)``
     (genesis_pair at this seed and offset) runs the built-in stages in segments, each user deformation between the

@@ -31,7 +31,7 @@ except ImportError:  # numpy-only installs
 
 from . import _C
 from .config import DeformConfig
-from .deformation import Deformation, check_deformations, pair_with
+from .deformation import PixelDeformation, check_deformations, pair_with
 
 
 def _check_core_config_fields() -> None:
@@ -79,8 +79,8 @@ def _check_seed(seed: Any, offset: Any) -> None:
                                 f"{value.dtype} of shape {tuple(value.shape)} on {value.device}")
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"genesis_ext: {name} must be an int or a one-element integer CPU tensor, "
-                            f"got {type(value).__name__}")
+            raise TypeError(f"genesis_ext: {name} must be an int, got {type(value).__name__} (a one-element "
+                            "integer CPU tensor works too)")
         if not 0 <= int(value) < limit:
             raise ValueError(f"genesis_ext: {name} must be in [0, 2**{limit.bit_length() - 1}), got {value}")
 
@@ -213,16 +213,21 @@ def _counter(seed, offset) -> "torch.Tensor":
     """The custom ops' (seed, offset) argument: an int64 CPU tensor [seed as the int64 of the same bits, offset]. From
     tensors it is traced, not read, so torch.compile does not guard on the values (no recompiles as they advance)."""
     parts = [v.reshape(()).to(torch.int64) if _is_counter_tensor(v) else torch.tensor(int(v), dtype=torch.int64)
-             for v in (_signed(seed) if not _is_counter_tensor(seed) else seed, offset)]
+             for v in (seed if _is_counter_tensor(seed) else _signed(int(seed)), offset)]
     return torch.stack(parts)
 
 
-def _counter_values(counter: "torch.Tensor") -> tuple[int, int]:
-    """(seed, offset) from a counter tensor, checked: what _check_seed could not read at trace time."""
-    seed, offset = (int(v) for v in counter.tolist())
+def _host_ints(seed, offset) -> tuple[int, int]:
+    """(seed, offset) as Python ints from ints or one-element tensors (the eager paths), checked: what _check_seed
+    could not read at trace time."""
+    seed, offset = (int(v.reshape(()).item()) if _is_counter_tensor(v) else int(v) for v in (seed, offset))
     if not 0 <= offset < _OFFSET_LIMIT:
         raise ValueError(f"genesis_ext: offset must be in [0, 2**63), got {offset}")
     return seed % _SEED_LIMIT, offset
+
+
+def _counter_values(counter: "torch.Tensor") -> tuple[int, int]:
+    return _host_ints(*counter.tolist())
 
 
 def _register_torch_op(name: str):
@@ -252,10 +257,10 @@ def _apply(op: str, x, seed: int, offset: int, config: DeformConfig | None, spat
     vec = config.to_vector()
     dtype = x.dtype  # the kernels compute in float32; other float dtypes are converted there and back
     if isinstance(x, np.ndarray):
-        seed, offset = _counter_values(_counter(seed, offset)) if torch is not None else (int(seed), int(offset))
+        seed, offset = _host_ints(seed, offset)
         result = _run_numpy(op, np.ascontiguousarray(x, dtype=np.float32), op == "genesis_pair", seed, offset, vec)
     elif _is_cupy(x):
-        seed, offset = _counter_values(_counter(seed, offset))
+        seed, offset = _host_ints(seed, offset)
         result = _run_cupy(op, x.astype("float32", copy=False), op == "genesis_pair", seed, offset, vec)
     else:
         result = _TORCH_OPS[op](x.float(), _counter(seed, offset), vec)
@@ -350,7 +355,7 @@ def gaussian_blur(x, *, seed: int, offset: int = 0, config: DeformConfig | None 
 
 
 def genesis_pair(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
-                 spatial_dims: int | None = None, deformations: Sequence[Deformation] = ()):
+                 spatial_dims: int | None = None, deformations: Sequence[PixelDeformation] = ()):
     """One Models Genesis training pair per sample, fused in one pass: returns ``(x_deformed, target)``.
 
     Per sample: flip (input and target alike) -> local shuffle (w.p. ``local_rate``) -> Bézier map (w.p.
@@ -359,7 +364,7 @@ def genesis_pair(x, *, seed: int, offset: int = 0, config: DeformConfig | None =
     in-painting w.p. ``inpaint_rate``, else out-painting).
     ``target`` is the flipped, otherwise undeformed input: the regression target. Sample n equals the composition
     of the single ops (``flip``, ``local_shuffle``, ...) applied where its gates fire.
-    ``deformations``: user pixel-level deformations (``genesis_ext.Deformation``), each after the built-in stage it
+    ``deformations``: user pixel-level deformations (``genesis_ext.PixelDeformation``), each after the built-in stage it
     names; the pair then runs in segments around them (genesis_ext.deformation).
     """
     if not deformations:

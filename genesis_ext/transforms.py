@@ -15,7 +15,7 @@ from torch import nn
 
 from . import ops, reference
 from .config import DeformConfig
-from .deformation import Deformation, check_deformations
+from .deformation import PixelDeformation, check_deformations
 
 _PROB_PURPOSE = 10  # docs/randomness.md: the GenesisDeform gate of sample i, major = the op's code
 
@@ -59,10 +59,10 @@ class GenesisPair(_Stream):
     device (``spatial_dims=2`` for batches of 2-D images), sample n at global index ``start + n`` (``_Stream._start``):
     in training mode consecutive calls continue the stream; in eval mode every call reuses the current index;
     ``pair(x, offset=k)`` sets it explicitly. No parameters; ``state_dict`` holds the seed and the running index.
-    ``deformations``: user pixel-level deformations (``genesis_ext.Deformation``) in the pair."""
+    ``deformations``: user pixel-level deformations (``genesis_ext.PixelDeformation``) in the pair."""
 
     def __init__(self, config: DeformConfig | None = None, seed: int = 0, spatial_dims: int | None = None,
-                 deformations: Sequence[Deformation] = ()):
+                 deformations: Sequence[PixelDeformation] = ()):
         super().__init__(config, seed, spatial_dims)
         self.deformations = check_deformations(deformations)
 

@@ -603,7 +603,7 @@ def test_shuffle_blocks_beyond_the_cuda_limit_raise_clearly(op):
 def test_user_deformation_in_the_pair_on_cuda_equals_cpu(dev):
     """A user deformation gets the same gates and uniforms on CUDA (drawn on the host, copied), runs on the batch's
     device, and the segments around it are the CUDA kernels: with an exact fn (a halving) the result is the CPU's."""
-    halve = genesis_ext.Deformation("halve", lambda x, u: x * 0.5, rate=0.5, after="bezier_remap")
+    halve = genesis_ext.PixelDeformation("halve", lambda x, u: x * 0.5, rate=0.5, after="bezier_remap")
     config = SCRAMBLED
     x = torch.rand(6, 2, 23, 41, 17)
     cpu = run("genesis_pair", x, seed=8, offset=3, config=config, deformations=[halve])

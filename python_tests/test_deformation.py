@@ -1,4 +1,4 @@
-"""User deformations (genesis_ext.Deformation) in the training pair, on real CT cubes: placed where they say, the
+"""User deformations (genesis_ext.PixelDeformation) in the training pair, on real CT cubes: placed where they say, the
 fused pair unchanged around them, their gates and uniforms a function of (seed, sample, name), and every misuse a
 clear error that leaves the batch untouched."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import genesis_ext
-from genesis_ext import Deformation, DeformConfig, GenesisPair
+from genesis_ext import DeformConfig, GenesisPair, PixelDeformation
 from genesis_ext import reference as R
 from genesis_ext.deformation import PAIR_ORDER, USER_PURPOSE
 
@@ -33,17 +33,18 @@ def test_identity_deformation_leaves_the_fused_pair_bit_identical(after, cubes):
     """The pair runs in segments around a user deformation; with an identity fn that equals the fused kernel."""
     fused = genesis_ext.genesis_pair(cubes, seed=3, offset=11, config=CONFIG)
     got = genesis_ext.genesis_pair(cubes, seed=3, offset=11, config=CONFIG,
-                                   deformations=[Deformation("identity", identity, after=after)])
+                                   deformations=[PixelDeformation("identity", identity, after=after)])
     assert torch.equal(got[0], fused[0]) and torch.equal(got[1], fused[1])
     numpy_got = genesis_ext.genesis_pair(cubes.numpy(), seed=3, offset=11, config=CONFIG,
-                                         deformations=[Deformation("identity", identity, after=after)])
+                                         deformations=[PixelDeformation("identity", identity, after=after)])
     assert np.array_equal(numpy_got[0], fused[0].numpy())
 
 
 def test_deformation_runs_where_it_says(cubes):
     """Halving after the Gaussian noise keeps the painting noise exact; after painting it halves that too."""
     config = DeformConfig.preset("NL+IP")  # in-painting only: painted voxels are easy to find
-    halve = {after: Deformation("halve", lambda x, u: x * 0.5, after=after) for after in ("gaussian_noise", "painting")}
+    halve = {after: PixelDeformation("halve", lambda x, u: x * 0.5, after=after)
+             for after in ("gaussian_noise", "painting")}
     fused, _ = genesis_ext.genesis_pair(cubes, seed=5, config=config)
     before_paint, _ = genesis_ext.genesis_pair(cubes, seed=5, config=config, deformations=[halve["gaussian_noise"]])
     after_paint, _ = genesis_ext.genesis_pair(cubes, seed=5, config=config, deformations=[halve["painting"]])
@@ -68,7 +69,7 @@ def test_gates_and_uniforms_are_the_named_stream_of_each_sample(cubes):
         seen.append(u.clone())
         return x + u[:, :1].view(-1, 1, 1, 1, 1)
 
-    shift = Deformation("shift", record, rate=0.6, uniforms=3)
+    shift = PixelDeformation("shift", record, rate=0.6, uniforms=3)
     whole, _ = genesis_ext.genesis_pair(cubes, seed=9, offset=40, deformations=[shift])
     words = R.sample_words(9, 40, len(cubes), USER_PURPOSE, zlib.crc32(b"shift"), 4)
     gate = R.uniform(words[:, 0]) < 0.6
@@ -83,16 +84,16 @@ def test_gates_and_uniforms_are_the_named_stream_of_each_sample(cubes):
 
 
 def test_gate_frequency_on_10000_samples():
-    gate, u = Deformation("freq", identity, rate=0.3, uniforms=2).draws(seed=1, offset=0, n=10_000)
+    gate, u = PixelDeformation("freq", identity, rate=0.3, uniforms=2).draws(seed=1, offset=0, n=10_000)
     assert abs(gate.mean() - 0.3) <= 4 * np.sqrt(0.3 * 0.7 / 10_000)
     assert u.shape == (10_000, 2) and u.dtype == np.float32 and 0 <= u.min() and u.max() < 1
     assert abs(u.mean() - 0.5) < 0.01 and abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.04
-    other, _ = Deformation("other", identity, rate=0.3).draws(seed=1, offset=0, n=10_000)
+    other, _ = PixelDeformation("other", identity, rate=0.3).draws(seed=1, offset=0, n=10_000)
     assert (gate != other).mean() > 0.3  # another name, another stream
 
 
 def test_readme_gamma_example_in_a_module(cubes):
-    gamma = Deformation("gamma", lambda x, u: x.clamp(min=0) ** (0.5 + u[:, :1].view(-1, 1, 1, 1, 1)),
+    gamma = PixelDeformation("gamma", lambda x, u: x.clamp(min=0) ** (0.5 + u[:, :1].view(-1, 1, 1, 1, 1)),
                         rate=0.5, after="bezier_remap")
     pair = GenesisPair(DeformConfig(), seed=2, deformations=[gamma])
     first = pair(cubes)
@@ -115,8 +116,8 @@ def test_readme_gamma_example_in_a_module(cubes):
 ])
 def test_bad_user_deformations_name_themselves_and_leave_the_batch(fn, match, cubes):
     before = cubes.clone()
-    with pytest.raises(ValueError, match=f"Deformation 'bad': .*{match}"):
-        genesis_ext.genesis_pair(cubes, seed=1, deformations=[Deformation("bad", fn)])
+    with pytest.raises(ValueError, match=f"PixelDeformation 'bad': .*{match}"):
+        genesis_ext.genesis_pair(cubes, seed=1, deformations=[PixelDeformation("bad", fn)])
     assert torch.equal(cubes, before)
 
 
@@ -125,13 +126,14 @@ def test_numpy_deformation_that_writes_into_its_input_is_refused(cubes):
         x *= 2
         return x
 
-    with pytest.raises(ValueError, match="Deformation 'inplace': fn must not modify its input"):
-        genesis_ext.genesis_pair(cubes.numpy().copy(), seed=1, deformations=[Deformation("inplace", scale_in_place)])
+    with pytest.raises(ValueError, match="PixelDeformation 'inplace': fn must not modify its input"):
+        genesis_ext.genesis_pair(cubes.numpy().copy(), seed=1,
+                                 deformations=[PixelDeformation("inplace", scale_in_place)])
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(after="blur"), ValueError, r"Deformation 'd': after must be one of flip, local_shuffle, .*got 'blur'"),
-    (dict(rate=1.5), ValueError, r"Deformation 'd': rate must be a number in \[0, 1\], got 1.5"),
+    (dict(after="blur"), ValueError, r"PixelDeformation 'd': after must be one of flip, local_shuffle, .*got 'blur'"),
+    (dict(rate=1.5), ValueError, r"PixelDeformation 'd': rate must be a number in \[0, 1\], got 1.5"),
     (dict(rate=float("nan")), ValueError, "rate must be a number"),
     (dict(uniforms=-1), ValueError, r"uniforms must be an integer in \[0, 1024\]"),
     (dict(fn=3), TypeError, "fn must be callable"),
@@ -140,12 +142,12 @@ def test_numpy_deformation_that_writes_into_its_input_is_refused(cubes):
 def test_deformation_declarations_are_checked(kwargs, error, match):
     args = dict(name="d", fn=identity) | kwargs
     with pytest.raises(error, match=match):
-        Deformation(**args)
+        PixelDeformation(**args)
 
 
 def test_deformation_lists_are_checked(cubes):
-    d = Deformation("d", identity)
+    d = PixelDeformation("d", identity)
     with pytest.raises(ValueError, match="names must be unique"):
-        genesis_ext.genesis_pair(cubes, seed=0, deformations=[d, Deformation("d", identity)])
-    with pytest.raises(TypeError, match="deformations must be Deformation objects, got function"):
+        genesis_ext.genesis_pair(cubes, seed=0, deformations=[d, PixelDeformation("d", identity)])
+    with pytest.raises(TypeError, match="deformations must be PixelDeformation objects, got function"):
         genesis_ext.genesis_pair(cubes, seed=0, deformations=[identity])
