@@ -12,6 +12,7 @@ bundled NIfTI crops in data/sample. Per-candidate filter time: the published loo
 MetaImage like LUNA16) made from the DICOM series (resampled in z and shifted per scan; ~100 MB each, in a temporary
 folder), to compare 1 vs all workers and threads vs processes where loading dominates.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,7 @@ def loop_scores(normalised: np.ndarray, origins) -> np.ndarray:
     """The published per-candidate work: crop 64x64x35, then the voxel loop."""
     out = []
     for x, y, z in origins:
-        crop = normalised[x:x + CUBE[0], y:y + CUBE[1], z:z + CUBE[2] + 3]
+        crop = normalised[x : x + CUBE[0], y : y + CUBE[1], z : z + CUBE[2] + 3]
         out.append(official_lung_score_loop(crop))
     return np.array(out)
 
@@ -96,8 +97,15 @@ def filter_report(hu: np.ndarray, loop_n: int, repeats: int) -> dict:
     scorer = BoxScorer(hu, OfficialLung(), CT_WINDOW, CUBE, lo, hi)
     lookup_s = best_of(lambda: scorer.sums(origins), repeats) / len(origins)
     kept = int((fast <= 0.15 * np.prod(CUBE)).sum())
-    return {"loop_ms": loop_s * 1e3, "vectorised_us": vec_s * 1e6, "lookup_us": lookup_s * 1e6,
-            "speedup": loop_s / vec_s, "loop_n": loop_n, "candidates": len(origins), "kept": kept}
+    return {
+        "loop_ms": loop_s * 1e3,
+        "vectorised_us": vec_s * 1e6,
+        "lookup_us": lookup_s * 1e6,
+        "speedup": loop_s / vec_s,
+        "loop_n": loop_n,
+        "candidates": len(origins),
+        "kept": kept,
+    }
 
 
 def large_scans(folder: Path, n: int) -> list[Path]:
@@ -136,9 +144,17 @@ def extract_runs(jobs_list, repeats: int, inputs=None) -> list[dict]:
                     finally:
                         shutil.rmtree(out)
                     walls.append(summary.wall)
-                rows.append({"filter": name, "executor": executor if jobs > 1 else "in-process", "jobs": jobs,
-                             "volumes": summary.volumes, "written": summary.written, "cubes": summary.cubes,
-                             "wall_s": min(walls)})
+                rows.append(
+                    {
+                        "filter": name,
+                        "executor": executor if jobs > 1 else "in-process",
+                        "jobs": jobs,
+                        "volumes": summary.volumes,
+                        "written": summary.written,
+                        "cubes": summary.cubes,
+                        "wall_s": min(walls),
+                    }
+                )
     return rows
 
 
@@ -156,14 +172,17 @@ def foreground_study(n: int = 2000) -> None:
     crops = [tuple(slice(o, o + c) for o, c in zip(origin, CUBE)) for origin in origins]
     truth = np.array([body[c].mean() >= 0.5 for c in crops])
     print(f"\nforeground rule on {n} random cubes of the DICOM scan ({truth.mean():.1%} are mostly body):")
-    print("| threshold HU | min fraction | kept | agrees | false keeps | false rejects |\n"
-          "|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| threshold HU | min fraction | kept | agrees | false keeps | false rejects |\n|---:|---:|---:|---:|---:|---:|"
+    )
     for threshold in (-950, -900, -800, -500):
         above = np.array([(hu[c] > threshold).mean() for c in crops])
         for fraction in (0.5, 0.6, 0.7):
             keep = above >= fraction
-            print(f"| {threshold} | {fraction} | {keep.mean():.1%} | {(keep == truth).mean():.1%} | "
-                  f"{(keep & ~truth).mean():.1%} | {(~keep & truth).mean():.1%} |")
+            print(
+                f"| {threshold} | {fraction} | {keep.mean():.1%} | {(keep == truth).mean():.1%} | "
+                f"{(keep & ~truth).mean():.1%} | {(~keep & truth).mean():.1%} |"
+            )
 
 
 def main(argv=None) -> int:
@@ -171,8 +190,11 @@ def main(argv=None) -> int:
     p.add_argument("--loop-candidates", type=int, default=20, help="candidates timed with the published loop")
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs for the fast paths")
     p.add_argument("--large", type=int, default=0, help="also time runs over this many LUNA16-sized scans")
-    p.add_argument("--foreground-study", action="store_true",
-                   help="also score foreground-rule thresholds against a body mask (needs SciPy)")
+    p.add_argument(
+        "--foreground-study",
+        action="store_true",
+        help="also score foreground-rule thresholds against a body mask (needs SciPy)",
+    )
     args = p.parse_args(argv)
     if not DICOM_DIR.is_dir():
         print(f"real DICOM series not found at {DICOM_DIR}", file=sys.stderr)
@@ -182,14 +204,18 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - start
     print(f"DICOM series {hu.shape} loaded in {load_s:.2f} s; {os.cpu_count()} cores")
     r = filter_report(hu, args.loop_candidates, args.repeats)
-    print(f"official-lung filter per candidate: published loop {r['loop_ms']:.1f} ms (mean of {r['loop_n']}), "
-          f"vectorised {r['vectorised_us']:.1f} us (integral image + lookups, {r['candidates']} candidates; "
-          f"lookups alone {r['lookup_us']:.2f} us) -> {r['speedup']:.0f}x; scores equal; "
-          f"{r['kept']}/{r['candidates']} candidates pass")
+    print(
+        f"official-lung filter per candidate: published loop {r['loop_ms']:.1f} ms (mean of {r['loop_n']}), "
+        f"vectorised {r['vectorised_us']:.1f} us (integral image + lookups, {r['candidates']} candidates; "
+        f"lookups alone {r['lookup_us']:.2f} us) -> {r['speedup']:.0f}x; scores equal; "
+        f"{r['kept']}/{r['candidates']} candidates pass"
+    )
     t = best_of(lambda: extract_cubes(hu, rng=SEED), args.repeats)
     got = extract_cubes(hu, rng=SEED)
-    print(f"extract_cubes on the DICOM volume (official-lung, 32 cubes): {t * 1e3:.1f} ms, {got.candidates} candidates "
-          f"tried; the published loop would spend about {got.candidates * r['loop_ms'] / 1e3:.1f} s filtering them")
+    print(
+        f"extract_cubes on the DICOM volume (official-lung, 32 cubes): {t * 1e3:.1f} ms, {got.candidates} candidates "
+        f"tried; the published loop would spend about {got.candidates * r['loop_ms'] / 1e3:.1f} s filtering them"
+    )
     jobs = sorted({1, os.cpu_count() or 1})
     table("the DICOM series and the two NIfTI crops", extract_runs(jobs, args.repeats))
     if args.large:
@@ -205,8 +231,10 @@ def table(title: str, rows) -> None:
     print(f"\nextract runs on {title} (best of the repeats):")
     print("| filter | workers | volumes | written | cubes | wall s |\n|---|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['filter']} | {row['jobs']} {row['executor']} | {row['volumes']} | {row['written']} | "
-              f"{row['cubes']} | {row['wall_s']:.2f} |")
+        print(
+            f"| {row['filter']} | {row['jobs']} {row['executor']} | {row['volumes']} | {row['written']} | "
+            f"{row['cubes']} | {row['wall_s']:.2f} |"
+        )
 
 
 # ---- pytest-benchmark (python -m pytest benchmarks/bench_extract.py) ----------------------------------------------
@@ -216,6 +244,7 @@ except ImportError:  # the report above runs without pytest
     pytest = None
 
 if pytest is not None:
+
     def describe(benchmark, op: str, impl: str, batch: int) -> None:
         """The extra_info benchmarks/summarize.py reads: time per item = mean / batch (items: candidates, volumes)."""
         benchmark.extra_info.update(op=op, impl=impl, batch=batch, threads=1)
@@ -255,8 +284,13 @@ if pytest is not None:
         runs = iter(range(1000))
 
         def run():
-            return run_extract(inputs, tmp_path / f"store{next(runs)}", ExtractSettings(filter=Foreground()),
-                               executor="thread", progress=False)
+            return run_extract(
+                inputs,
+                tmp_path / f"store{next(runs)}",
+                ExtractSettings(filter=Foreground()),
+                executor="thread",
+                progress=False,
+            )
 
         summary = benchmark.pedantic(run, rounds=1, iterations=1)
         assert summary.written == 3 and summary.cubes == 96

@@ -9,6 +9,7 @@ the batch has global index k (seed SEED). Batch-1 runs cycle through the 16 cube
 per-cube figure averages the same 16 cubes. Each benchmark also checks its output against the reference (exact,
 except the Bézier map: within 1e-5).
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,7 +58,7 @@ def reference_op(op: str, x: np.ndarray, k: int):
 def expected(op: str):
     """Reference result for all 16 cubes (a batch array, or (deformed, target) for the pair)."""
     cubes = ct_cubes()
-    results = [reference_op(op, cubes[k:k + 1], k) for k in range(N_CUBES)]
+    results = [reference_op(op, cubes[k : k + 1], k) for k in range(N_CUBES)]
     if op == "genesis_pair":
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
     return np.concatenate(results)
@@ -78,8 +79,8 @@ def check(op: str, got, k0: int) -> None:
     """Assert that `got` (the kernel's result for cubes k0, k0+1, ...) matches the reference."""
     n = len(got[0] if op == "genesis_pair" else got)
     want = expected(op)
-    want = (want[0][k0:k0 + n], want[1][k0:k0 + n]) if op == "genesis_pair" else want[k0:k0 + n]
-    assert_matches(op, got, want, exact_cubes(op)[k0:k0 + n])
+    want = (want[0][k0 : k0 + n], want[1][k0 : k0 + n]) if op == "genesis_pair" else want[k0 : k0 + n]
+    assert_matches(op, got, want, exact_cubes(op)[k0 : k0 + n])
 
 
 def exact_cubes(op: str) -> np.ndarray:
@@ -99,7 +100,8 @@ def _cycle_cubes(batch: int):
 
     def setup():
         k = next(ks)
-        return (cubes[k:k + 1],), {"offset": k}
+        return (cubes[k : k + 1],), {"offset": k}
+
     return setup
 
 
@@ -114,12 +116,13 @@ def test_kernel(benchmark, op, batch, threads):
     torch.set_num_threads(threads)
     try:
         rounds = 3 * N_CUBES if batch == 1 else 10
-        benchmark.pedantic(lambda x, offset: fn(x, seed=SEED, offset=offset), setup=_cycle_cubes(batch),
-                           rounds=rounds, warmup_rounds=2)
+        benchmark.pedantic(
+            lambda x, offset: fn(x, seed=SEED, offset=offset), setup=_cycle_cubes(batch), rounds=rounds, warmup_rounds=2
+        )
         cubes = torch.from_numpy(ct_cubes())
         if batch == 1:
             for k in range(N_CUBES):
-                check(op, fn(cubes[k:k + 1], seed=SEED, offset=k), k)
+                check(op, fn(cubes[k : k + 1], seed=SEED, offset=k), k)
         else:
             check(op, fn(cubes, seed=SEED), 0)
     finally:
@@ -136,19 +139,20 @@ def test_reference(benchmark, op):
     def setup():
         k = next(ks)
         seen.append(k)
-        return (op, cubes[k:k + 1], k), {}
+        return (op, cubes[k : k + 1], k), {}
 
     results = []
     benchmark.pedantic(lambda *a: results.append(reference_op(*a)), setup=setup, rounds=N_CUBES)
     # Every cube the reference ran agrees with the kernel.
     kernel = getattr(genesis_ext, op)(cubes, seed=SEED)
     for k, r in zip(seen, results):
-        got = (kernel[0][k:k + 1], kernel[1][k:k + 1]) if op == "genesis_pair" else kernel[k:k + 1]
-        assert_matches(op, got, r, exact_cubes(op)[k:k + 1])
+        got = (kernel[0][k : k + 1], kernel[1][k : k + 1]) if op == "genesis_pair" else kernel[k : k + 1]
+        assert_matches(op, got, r, exact_cubes(op)[k : k + 1])
 
 
-GAMMA = genesis_ext.PixelDeformation("gamma", lambda x, u: x.clamp(min=0) ** (0.5 + u[:, :1].view(-1, 1, 1, 1, 1)),
-                                rate=0.5, after="bezier_remap")
+GAMMA = genesis_ext.PixelDeformation(
+    "gamma", lambda x, u: x.clamp(min=0) ** (0.5 + u[:, :1].view(-1, 1, 1, 1, 1)), rate=0.5, after="bezier_remap"
+)
 
 
 @pytest.mark.parametrize("threads", [1, 2], ids=lambda t: f"t{t}")
@@ -162,8 +166,9 @@ def test_pair_with_user_deformation(benchmark, threads):
     try:
         cubes = torch.from_numpy(ct_cubes())
         pair = functools.partial(genesis_ext.genesis_pair, seed=SEED, deformations=[GAMMA])
-        benchmark.pedantic(lambda x, offset: pair(x, offset=offset), setup=_cycle_cubes(N_CUBES), rounds=10,
-                           warmup_rounds=2)
+        benchmark.pedantic(
+            lambda x, offset: pair(x, offset=offset), setup=_cycle_cubes(N_CUBES), rounds=10, warmup_rounds=2
+        )
         got, target = genesis_ext.genesis_pair(cubes, seed=SEED, deformations=[GAMMA])
         fused, fused_target = genesis_ext.genesis_pair(cubes, seed=SEED)
         gate, _ = GAMMA.draws(SEED, 0, N_CUBES)

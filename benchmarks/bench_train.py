@@ -11,6 +11,7 @@ the device and (b) a baseline that feeds the same model from the numpy reference
 from the bundled data/sample volumes (``genesis_ext.demo.random_cubes``). Each phase is timed between device
 synchronisations, so the shares add up; ``--steps`` timed steps follow ``--warmup`` untimed ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,12 +57,14 @@ def _setup(device, cube, batch, amp, channels_last, compile_):
         import genesis_ext
         from genesis_ext import reference as ref
 
-        x = pool[(k % 4) * batch:(k % 4 + 1) * batch]
+        x = pool[(k % 4) * batch : (k % 4 + 1) * batch]
         sync()
         t0 = time.perf_counter()
         if reference:
-            xd, target = (torch.from_numpy(a).to(device, non_blocking=True)
-                          for a in ref.genesis_pair_batch(x.numpy(), 1, k * batch))
+            xd, target = (
+                torch.from_numpy(a).to(device, non_blocking=True)
+                for a in ref.genesis_pair_batch(x.numpy(), 1, k * batch)
+            )
         else:
             xd, target = genesis_ext.genesis_pair(x.to(device, non_blocking=True), seed=1, offset=k * batch)
         if channels_last:
@@ -80,33 +83,54 @@ def _setup(device, cube, batch, amp, channels_last, compile_):
     return step
 
 
-def measure(device="cpu", cube=(32, 32, 16), batch=2, steps=3, warmup=1, amp=False, channels_last=False,
-            compile_=False, reference=True) -> dict:
+def measure(
+    device="cpu",
+    cube=(32, 32, 16),
+    batch=2,
+    steps=3,
+    warmup=1,
+    amp=False,
+    channels_last=False,
+    compile_=False,
+    reference=True,
+) -> dict:
     import torch
 
     device = torch.device(device)
     step = _setup(device, cube, batch, amp, channels_last, compile_)
-    result = {"device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-              "threads": torch.get_num_threads(), "cube": list(cube), "batch": batch, "amp": amp,
-              "channels_last": channels_last, "compile": compile_}
-    for name, use_ref in (("genesis_pair", False), ("numpy_reference", True)) if reference else (("genesis_pair",
-                                                                                                    False),):
+    result = {
+        "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+        "threads": torch.get_num_threads(),
+        "cube": list(cube),
+        "batch": batch,
+        "amp": amp,
+        "channels_last": channels_last,
+        "compile": compile_,
+    }
+    for name, use_ref in (
+        (("genesis_pair", False), ("numpy_reference", True)) if reference else (("genesis_pair", False),)
+    ):
         for k in range(warmup):
             step(k, use_ref)
         times = [step(warmup + k, use_ref) for k in range(steps)]
         pair, total = (sum(t[i] for t in times) for i in (0, 1))
-        result[name] = {"steps_per_s": steps / total, "cubes_per_s": steps * batch / total,
-                        "pair_share": pair / total, "ms_per_step": 1e3 * total / steps}
+        result[name] = {
+            "steps_per_s": steps / total,
+            "cubes_per_s": steps * batch / total,
+            "pair_share": pair / total,
+            "ms_per_step": 1e3 * total / steps,
+        }
     return result
 
 
 if pytest is not None:
+
     def test_train_step_cpu(benchmark):
         import torch
 
         step = _setup(torch.device("cpu"), (32, 32, 16), 2, False, False, False)
         step(0)
-        counter = iter(range(1, 10 ** 6))
+        counter = iter(range(1, 10**6))
         benchmark.pedantic(lambda: step(next(counter)), rounds=3, iterations=1)
         if benchmark.stats is not None:
             mean = benchmark.stats.stats.mean
@@ -126,15 +150,20 @@ def main(argv=None) -> int:
     p.add_argument("--no-reference", action="store_true", help="skip the numpy-reference baseline")
     p.add_argument("--json", help="also write the result here")
     a = p.parse_args(argv)
-    r = measure(a.device, tuple(a.cube), a.batch, a.steps, a.warmup, a.amp, a.channels_last, a.compile,
-                not a.no_reference)
-    print(f"{r['device']} ({r['threads']} threads), cube {'x'.join(map(str, r['cube']))}, batch {r['batch']}, "
-          f"amp {r['amp']}, channels_last {r['channels_last']}, compile {r['compile']}")
+    r = measure(
+        a.device, tuple(a.cube), a.batch, a.steps, a.warmup, a.amp, a.channels_last, a.compile, not a.no_reference
+    )
+    print(
+        f"{r['device']} ({r['threads']} threads), cube {'x'.join(map(str, r['cube']))}, batch {r['batch']}, "
+        f"amp {r['amp']}, channels_last {r['channels_last']}, compile {r['compile']}"
+    )
     for name in ("genesis_pair", "numpy_reference"):
         if name in r:
             m = r[name]
-            print(f"  {name:16s} {m['steps_per_s']:8.3f} steps/s  {m['cubes_per_s']:8.2f} cubes/s  "
-                  f"{m['ms_per_step']:9.1f} ms/step  pairs {100 * m['pair_share']:5.1f}% of the step")
+            print(
+                f"  {name:16s} {m['steps_per_s']:8.3f} steps/s  {m['cubes_per_s']:8.2f} cubes/s  "
+                f"{m['ms_per_step']:9.1f} ms/step  pairs {100 * m['pair_share']:5.1f}% of the step"
+            )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=2)

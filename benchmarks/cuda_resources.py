@@ -7,6 +7,7 @@ memory beyond what one block may take): CI runs it.
 
     python benchmarks/cuda_resources.py [--arch 90] [--nvcc PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,27 @@ FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--fmad=false")
 
 # Threads per block of each kernel's launch (csrc/cuda: kThreads, and philox_known_answers' 128). A kernel missing
 # here fails the report: its launch size must be stated to judge it.
-LAUNCH_THREADS = {"prepare_kernel": 256, "deform_kernel": 256, "blur_kernel": 256, "finish_kernel": 256,
-                  "philox_kernel": 128}
+LAUNCH_THREADS = {
+    "prepare_kernel": 256,
+    "deform_kernel": 256,
+    "blur_kernel": 256,
+    "finish_kernel": 256,
+    "philox_kernel": 128,
+}
 
 # Per-SM limits of compute capability 9.0 (CUDA C++ Programming Guide, "Compute Capabilities" table): the occupancy
 # calculator's inputs.
-SM90 = dict(regs=65536, reg_unit=256, max_warps=64, max_blocks=32, smem=228 * 1024, smem_per_block=227 * 1024,
-            static_smem=48 * 1024, smem_reserved=1024, max_regs=255)
+SM90 = dict(
+    regs=65536,
+    reg_unit=256,
+    max_warps=64,
+    max_blocks=32,
+    smem=228 * 1024,
+    smem_per_block=227 * 1024,
+    static_smem=48 * 1024,
+    smem_reserved=1024,
+    max_regs=255,
+)
 
 
 @dataclass
@@ -49,8 +64,21 @@ def compile_report(nvcc: str, arch: str) -> list[Kernel]:
     kernels: list[Kernel] = []
     with tempfile.TemporaryDirectory() as tmp:
         for src in SOURCES:
-            run = subprocess.run([nvcc, *FLAGS, f"-arch=sm_{arch}", "--resource-usage", "-c", str(REPO / src), "-o",
-                                  os.path.join(tmp, "k.o")], capture_output=True, text=True, check=False)
+            run = subprocess.run(
+                [
+                    nvcc,
+                    *FLAGS,
+                    f"-arch=sm_{arch}",
+                    "--resource-usage",
+                    "-c",
+                    str(REPO / src),
+                    "-o",
+                    os.path.join(tmp, "k.o"),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if run.returncode != 0:
                 sys.exit(f"nvcc failed on {src}:\n{run.stderr}")
             kernels += parse(run.stdout + run.stderr)
@@ -62,8 +90,11 @@ def parse(text: str) -> list[Kernel]:
     for line in text.splitlines():
         if m := re.search(r"Compiling entry function '(\w+)'", line):
             kernels.append(Kernel(demangle(m.group(1))))
-        elif kernels and not kernels[-1].registers and (m := re.search(
-                r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+        elif (
+            kernels
+            and not kernels[-1].registers
+            and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line))
+        ):
             k = kernels[-1]  # the entry function's own line (a called function's follow its "Used" line)
             k.stack, k.spill_stores, k.spill_loads = (int(v) for v in m.groups())
         elif kernels and (m := re.search(r"Used (\d+) registers", line)):
@@ -98,8 +129,10 @@ def blocks_per_sm(k: Kernel, threads: int) -> tuple[int, str]:
 
 def judge(kernels: list[Kernel]) -> tuple[list[str], list[str]]:
     """The report's table rows and the problems that fail it (a spill, a launch that cannot fit, an unknown kernel)."""
-    rows = [f"{'kernel':36} {'threads':>7} {'regs':>5} {'spill B':>8} {'stack B':>8} {'smem B':>7} {'blocks/SM':>9} "
-            f"{'occupancy':>9}  limited by"]
+    rows = [
+        f"{'kernel':36} {'threads':>7} {'regs':>5} {'spill B':>8} {'stack B':>8} {'smem B':>7} {'blocks/SM':>9} "
+        f"{'occupancy':>9}  limited by"
+    ]
     problems = []
     for k in kernels:
         threads = LAUNCH_THREADS.get(k.name.split("<")[0])
@@ -108,8 +141,10 @@ def judge(kernels: list[Kernel]) -> tuple[list[str], list[str]]:
             continue
         blocks, limiter = blocks_per_sm(k, threads)
         occupancy = blocks * math.ceil(threads / 32) / SM90["max_warps"]
-        rows.append(f"{k.name:36} {threads:>7} {k.registers:>5} {k.spill_stores + k.spill_loads:>8} {k.stack:>8} "
-                    f"{k.smem:>7} {blocks:>9} {occupancy:>9.0%}  {limiter}")
+        rows.append(
+            f"{k.name:36} {threads:>7} {k.registers:>5} {k.spill_stores + k.spill_loads:>8} {k.stack:>8} "
+            f"{k.smem:>7} {blocks:>9} {occupancy:>9.0%}  {limiter}"
+        )
         if k.spill_stores or k.spill_loads:
             problems.append(f"{k.name}: spills {k.spill_stores} bytes stored, {k.spill_loads} loaded")
         if blocks == 0:

@@ -8,6 +8,7 @@ paths relative to the current directory unless ``--data`` is given). Each is def
 deformation seeds ``--seed`` .. ``--seed + repeats - 1`` (offsets = positions in the held-out list), so the pairs
 differ from the run's own validation pairs and are the same for every checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,15 @@ from genesis_ext.train.pretraining import (
 
 def held_out_cubes(run: Path, data=None) -> tuple[torch.Tensor, DeformConfig]:
     stored = json.loads((run / "config.json").read_text())
-    cfg = PretrainConfig(data=data or stored["data"], out=run, seed=stored["seed"],
-                         val_fraction=stored["val_fraction"], val_data=None if data else stored["val_data"],
-                         cube=tuple(stored["cube"]), per_volume=stored["per_volume"]).resolved()
+    cfg = PretrainConfig(
+        data=data or stored["data"],
+        out=run,
+        seed=stored["seed"],
+        val_fraction=stored["val_fraction"],
+        val_data=None if data else stored["val_data"],
+        cube=tuple(stored["cube"]),
+        per_volume=stored["per_volume"],
+    ).resolved()
     dataset = _dataset(cfg.data, cfg)
     if cfg.val_data is not None:
         val_dataset = _dataset(cfg.val_data, cfg)
@@ -46,18 +53,27 @@ def held_out_cubes(run: Path, data=None) -> tuple[torch.Tensor, DeformConfig]:
     return cubes, DeformConfig(**stored["deform"])
 
 
-def evaluate(model: torch.nn.Module, cubes: torch.Tensor, deform: DeformConfig, repeats: int, seed: int,
-             batch: int = 6) -> dict:
+def evaluate(
+    model: torch.nn.Module, cubes: torch.Tensor, deform: DeformConfig, repeats: int, seed: int, batch: int = 6
+) -> dict:
     """Per-pair MSE of the model, of the identity output and of the targets' mean; and each pair's branch."""
     model.eval()
-    runs = [pair_errors([cubes[i:i + batch] for i in range(0, len(cubes), batch)], seed + k, deform, model)
-            for k in range(repeats)]
+    runs = [
+        pair_errors([cubes[i : i + batch] for i in range(0, len(cubes), batch)], seed + k, deform, model)
+        for k in range(repeats)
+    ]
     errors = {key: np.concatenate([r[key] for r in runs]) for key in ("model", "identity", "sum", "sumsq")}
     errors["voxels"] = runs[0]["voxels"]
-    branch = [_branches(sample_params(len(cubes), cubes.shape[2:], seed=seed + k, config=deform, with_blocks=False))
-              for k in range(repeats)]
-    return {"model": errors["model"], "identity": errors["identity"], "mean": mean_baseline(errors),
-            "branch": np.concatenate(branch)}
+    branch = [
+        _branches(sample_params(len(cubes), cubes.shape[2:], seed=seed + k, config=deform, with_blocks=False))
+        for k in range(repeats)
+    ]
+    return {
+        "model": errors["model"],
+        "identity": errors["identity"],
+        "mean": mean_baseline(errors),
+        "branch": np.concatenate(branch),
+    }
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ as benchmarks/bench_ops.py).
 Target: genesis_pair at batch >= 64 reaches >= 70 % of the copy bandwidth.
 Input: cubes cut from the bundled chest CT (data/sample; needs nibabel), else uniform random values (--data).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,6 +70,7 @@ def load_cubes(kind: str) -> tuple[np.ndarray, str]:
     if kind == "ct":
         try:
             from genesis_ext.demo import SAMPLE_DIR, SAMPLE_FILES, load_ct, random_cubes
+
             paths = [SAMPLE_DIR / f for f in SAMPLE_FILES]
             if all(p.is_file() for p in paths):
                 batch, _ = random_cubes([load_ct(p) for p in paths], N_CUBES, np.random.default_rng(SEED))
@@ -131,25 +133,40 @@ def copy_ms(traffic: int, args, dev, l2_bytes: int) -> float:
 def batch_rows(batch: int, args, cubes_d, dev, l2_bytes: int) -> list[dict]:
     batch_bytes = batch * CUBE_BYTES
     pool_n = max(2, math.ceil(args.l2_multiple * l2_bytes / batch_bytes))
-    pool = [cubes_d[torch.arange(j * batch, (j + 1) * batch, device=dev) % N_CUBES].contiguous()
-            for j in range(pool_n)]
+    pool = [cubes_d[torch.arange(j * batch, (j + 1) * batch, device=dev) % N_CUBES].contiguous() for j in range(pool_n)]
     copies, rows = {}, []
     for op in OPS:
         fn = getattr(genesis_ext, op)
         traffic = batch_bytes * (1 + n_outputs(op))
         if traffic not in copies:
             copies[traffic] = copy_ms(traffic, args, dev, l2_bytes)
-        ms, host_us = time_device(lambda r: fn(pool[r % pool_n], seed=SEED, offset=r * batch),
-                                  args.reps, args.warmup, pool_n, dev)
+        ms, host_us = time_device(
+            lambda r: fn(pool[r % pool_n], seed=SEED, offset=r * batch), args.reps, args.warmup, pool_n, dev
+        )
         got = outputs(fn(pool[0], seed=SEED, offset=0))
         want = outputs(fn(pool[0].cpu(), seed=SEED, offset=0))
         equal = all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
         gbps, copy_gbps = traffic / ms / 1e6, traffic / copies[traffic] / 1e6
-        rows.append(dict(op=op, batch=batch, device_ms=ms, host_us=host_us, cubes_per_s=batch / ms * 1e3,
-                         gb_per_s=gbps, copy_gb_per_s=copy_gbps, of_copy=gbps / copy_gbps, bytes=traffic,
-                         pool=pool_n, cpu_equal=equal))
-        print(f"  {op:14s} batch {batch:4d}: {ms:8.4f} ms  {gbps:7.1f} GB/s  copy {copy_gbps:7.1f} GB/s  "
-              f"{gbps / copy_gbps:6.1%}  host {host_us:6.1f} us  cpu==cuda {equal}", file=sys.stderr)
+        rows.append(
+            dict(
+                op=op,
+                batch=batch,
+                device_ms=ms,
+                host_us=host_us,
+                cubes_per_s=batch / ms * 1e3,
+                gb_per_s=gbps,
+                copy_gb_per_s=copy_gbps,
+                of_copy=gbps / copy_gbps,
+                bytes=traffic,
+                pool=pool_n,
+                cpu_equal=equal,
+            )
+        )
+        print(
+            f"  {op:14s} batch {batch:4d}: {ms:8.4f} ms  {gbps:7.1f} GB/s  copy {copy_gbps:7.1f} GB/s  "
+            f"{gbps / copy_gbps:6.1%}  host {host_us:6.1f} us  cpu==cuda {equal}",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -178,8 +195,16 @@ def cpu_rows(args, cubes: np.ndarray) -> list[dict]:
                 fn(x, seed=SEED, offset=r * args.cpu_batch)
                 times.append(time.perf_counter() - t0)
             ms = statistics.median(times) * 1e3
-            rows.append(dict(op=op, impl="CPU kernel", batch=args.cpu_batch, threads=threads,
-                             ms_per_cube=ms / args.cpu_batch, cubes_per_s=args.cpu_batch / ms * 1e3))
+            rows.append(
+                dict(
+                    op=op,
+                    impl="CPU kernel",
+                    batch=args.cpu_batch,
+                    threads=threads,
+                    ms_per_cube=ms / args.cpu_batch,
+                    cubes_per_s=args.cpu_batch / ms * 1e3,
+                )
+            )
     finally:
         torch.set_num_threads(previous)
     return rows
@@ -213,37 +238,49 @@ def reference_rows(args, cubes: np.ndarray) -> list[dict]:
             reference_op(op, cubes[k % N_CUBES][None], k, params)
             times.append(time.perf_counter() - t0)
         ms = statistics.fmean(times) * 1e3  # a mean: the cost depends on which deformations fire on a cube
-        rows.append(dict(op=op, impl="numpy reference", batch=1, threads=1, ms_per_cube=ms,
-                         cubes_per_s=1e3 / ms))
+        rows.append(dict(op=op, impl="numpy reference", batch=1, threads=1, ms_per_cube=ms, cubes_per_s=1e3 / ms))
     return rows
 
 
 def markdown(meta: dict, gpu: list[dict], baselines: list[dict], target: list[dict]) -> str:
-    lines = [f"## genesis_ext GPU benchmark: {meta['device']}", "",
-             f"- {meta['device_details']}; torch {meta['torch']} (CUDA {meta['torch_cuda']}); Python {meta['python']}",
-             f"- build_info: {meta['build_info']}",
-             f"- input: {meta['data']}; float32 (N, 1, 64, 64, 32); seed {SEED}, offset r*N on call r",
-             f"- device time: median of {meta['reps']} calls (CUDA events, host enqueues ahead), {meta['warmup']} "
-             f"warm-up; inputs and outputs rotate over >= {meta['l2_multiple']:g} x L2 "
-             f"({meta['l2_bytes'] / 2**20:.0f} MiB)",
-             "- GB/s: input read once + outputs written once; copy: `dst.copy_(src)` of the same bytes, same rotation",
-             "", "| op | batch | device ms/call | host us/call | cubes/s | GB/s | copy GB/s | of copy | CPU == CUDA |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    lines = [
+        f"## genesis_ext GPU benchmark: {meta['device']}",
+        "",
+        f"- {meta['device_details']}; torch {meta['torch']} (CUDA {meta['torch_cuda']}); Python {meta['python']}",
+        f"- build_info: {meta['build_info']}",
+        f"- input: {meta['data']}; float32 (N, 1, 64, 64, 32); seed {SEED}, offset r*N on call r",
+        f"- device time: median of {meta['reps']} calls (CUDA events, host enqueues ahead), {meta['warmup']} "
+        f"warm-up; inputs and outputs rotate over >= {meta['l2_multiple']:g} x L2 "
+        f"({meta['l2_bytes'] / 2**20:.0f} MiB)",
+        "- GB/s: input read once + outputs written once; copy: `dst.copy_(src)` of the same bytes, same rotation",
+        "",
+        "| op | batch | device ms/call | host us/call | cubes/s | GB/s | copy GB/s | of copy | CPU == CUDA |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
     for r in gpu:
-        lines.append(f"| {r['op']} | {r['batch']} | {r['device_ms']:.4f} | {r['host_us']:.1f} | "
-                     f"{r['cubes_per_s']:,.0f} | {r['gb_per_s']:.0f} | {r['copy_gb_per_s']:.0f} | "
-                     f"{r['of_copy']:.0%} | {'yes' if r['cpu_equal'] else '**NO**'} |")
+        lines.append(
+            f"| {r['op']} | {r['batch']} | {r['device_ms']:.4f} | {r['host_us']:.1f} | "
+            f"{r['cubes_per_s']:,.0f} | {r['gb_per_s']:.0f} | {r['copy_gb_per_s']:.0f} | "
+            f"{r['of_copy']:.0%} | {'yes' if r['cpu_equal'] else '**NO**'} |"
+        )
     if baselines:
         best = {op: max(r["cubes_per_s"] for r in gpu if r["op"] == op) for op in OPS}
-        lines += ["", "| op | impl | batch | threads | ms/cube | cubes/s | GPU (best batch) speed-up |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| op | impl | batch | threads | ms/cube | cubes/s | GPU (best batch) speed-up |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
         for r in baselines:
-            lines.append(f"| {r['op']} | {r['impl']} | {r['batch']} | {r['threads']} | {r['ms_per_cube']:.3f} | "
-                         f"{r['cubes_per_s']:,.1f} | {best[r['op']] / r['cubes_per_s']:,.0f}x |")
+            lines.append(
+                f"| {r['op']} | {r['impl']} | {r['batch']} | {r['threads']} | {r['ms_per_cube']:.3f} | "
+                f"{r['cubes_per_s']:,.1f} | {best[r['op']] / r['cubes_per_s']:,.0f}x |"
+            )
     lines += [""]
     for t in target:
-        lines.append(f"- **Target** genesis_pair batch {t['batch']}: {t['of_copy']:.0%} of the copy bandwidth "
-                     f"(target >= {TARGET:.0%}): **{'met' if t['met'] else 'MISSED'}**")
+        lines.append(
+            f"- **Target** genesis_pair batch {t['batch']}: {t['of_copy']:.0%} of the copy bandwidth "
+            f"(target >= {TARGET:.0%}): **{'met' if t['met'] else 'MISSED'}**"
+        )
     if not target:
         lines.append(f"- **Target** not evaluated: no batch >= {TARGET_BATCH} in --batches")
     return "\n".join(lines) + "\n"
@@ -263,20 +300,33 @@ def main(argv=None) -> int:
     props = torch.cuda.get_device_properties(dev)
     l2_bytes = int(getattr(props, "L2_cache_size", 0)) or 50 * 2**20  # H100: 50 MiB
     cubes, data = load_cubes(args.data)
-    meta = dict(device=torch.cuda.get_device_name(dev),
-                device_details=f"cc {props.major}.{props.minor}, {props.multi_processor_count} SMs, "
-                               f"{props.total_memory / 2**30:.0f} GiB, L2 {l2_bytes / 2**20:.0f} MiB",
-                torch=torch.__version__, torch_cuda=torch.version.cuda, python=platform.python_version(),
-                build_info=info, data=data, reps=args.reps, warmup=args.warmup, l2_multiple=args.l2_multiple,
-                l2_bytes=l2_bytes, cpu_threads=len(os.sched_getaffinity(0)),
-                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    meta = dict(
+        device=torch.cuda.get_device_name(dev),
+        device_details=f"cc {props.major}.{props.minor}, {props.multi_processor_count} SMs, "
+        f"{props.total_memory / 2**30:.0f} GiB, L2 {l2_bytes / 2**20:.0f} MiB",
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        python=platform.python_version(),
+        build_info=info,
+        data=data,
+        reps=args.reps,
+        warmup=args.warmup,
+        l2_multiple=args.l2_multiple,
+        l2_bytes=l2_bytes,
+        cpu_threads=len(os.sched_getaffinity(0)),
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
     print(f"device: {meta['device']} ({meta['device_details']})\nbuild_info: {info}", file=sys.stderr)
 
     gpu = gpu_rows(args, cubes, dev, l2_bytes)
-    baselines = (cpu_rows(args, cubes) if args.cpu_batch > 0 else []) + \
-                (reference_rows(args, cubes) if args.ref_cubes > 0 else [])
-    target = [dict(batch=r["batch"], of_copy=r["of_copy"], met=r["of_copy"] >= TARGET)
-              for r in gpu if r["op"] == "genesis_pair" and r["batch"] >= TARGET_BATCH]
+    baselines = (cpu_rows(args, cubes) if args.cpu_batch > 0 else []) + (
+        reference_rows(args, cubes) if args.ref_cubes > 0 else []
+    )
+    target = [
+        dict(batch=r["batch"], of_copy=r["of_copy"], met=r["of_copy"] >= TARGET)
+        for r in gpu
+        if r["op"] == "genesis_pair" and r["batch"] >= TARGET_BATCH
+    ]
     table = markdown(meta, gpu, baselines, target)
     print(table)
     if args.markdown:

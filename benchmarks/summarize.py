@@ -6,6 +6,7 @@
 Per-cube time = mean time of one call / batch size. The reference runs one cube per call (single-threaded numpy);
 speedup = reference ms/cube / kernel ms/cube.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ def table(report: dict) -> str:
             ref[info["op"]] = per_cube_ms
         else:
             kernel[info["op"], info["batch"], info["threads"]] = per_cube_ms
-    lines = ["| op | batch | threads | kernel ms/cube | reference ms/cube | speedup |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| op | batch | threads | kernel ms/cube | reference ms/cube | speedup |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     order = {op: i for i, op in enumerate(OPS)}
     for (op, batch, threads), k_ms in sorted(kernel.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])):
         r_ms = ref.get(op)
@@ -35,8 +38,9 @@ def table(report: dict) -> str:
     machine = cpu.get("brand_raw") or report.get("machine_info", {}).get("processor", "unknown CPU")
     cores = cpu.get("count")
     lines.append("")
-    lines.append(f"Machine: {machine}" + (f", {cores} logical cores" if cores else "")
-                 + f"; {report.get('datetime', '')[:10]}.")
+    lines.append(
+        f"Machine: {machine}" + (f", {cores} logical cores" if cores else "") + f"; {report.get('datetime', '')[:10]}."
+    )
     return "\n".join(lines)
 
 

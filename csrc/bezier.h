@@ -31,7 +31,10 @@ GENESIS_HD double bezier_inverse(double v, double x1, double x2) {
   for (int it = 0; it < 200; ++it) {
     const double g = bezier(s, x1, x2) - v;
     if (g == 0.0) return s;
-    if (g < 0.0) lo = s; else hi = s;
+    if (g < 0.0)
+      lo = s;
+    else
+      hi = s;
     const double dg = bezier_slope(s, x1, x2);
     double next = dg > 0.0 ? s - g / dg : lo;
     if (!(next > lo && next < hi)) next = 0.5 * (lo + hi);

@@ -33,7 +33,9 @@ DeformConfig make_config(const std::vector<double>& v) {
 }
 
 template <typename T>
-T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
 
 // Per-sample parameters of samples offset .. offset+batch-1, as numpy arrays (layout: genesis_ext.sample_params).
 py::dict sample_params(int64_t batch, const std::vector<int64_t>& spatial, uint64_t seed, uint64_t offset,
@@ -110,22 +112,26 @@ py::dict build_info() {
 // GENESIS_MODULE: _C, or _C_emu (the CUDA kernels executed on the host by HIP-CPU; see CMakeLists.txt).
 PYBIND11_MODULE(GENESIS_MODULE, m) {
   m.doc() = "genesis_ext core: Models Genesis deformation kernels (raw-pointer interface; use genesis_ext.ops)";
-  m.def("philox4x32_10", [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
-    const U32x4 r = philox4x32_10(U32x4{{ctr[0], ctr[1], ctr[2], ctr[3]}}, key[0], key[1]);
-    return std::array<uint32_t, 4>{r.v[0], r.v[1], r.v[2], r.v[3]};
-  }, "Philox4x32-10 of one counter and key (the shared header's implementation).");
-  m.def("deform_cpu",
-        [](int32_t op, uintptr_t in, uintptr_t out, uintptr_t target, int64_t batch, int64_t channels,
-           const std::vector<int64_t>& spatial, uint64_t seed, uint64_t offset, const std::vector<double>& config,
-           int num_threads) {
-          const Shape sh = make_shape(spatial);
-          const DeformConfig cfg = make_config(config);
-          py::gil_scoped_release release;
-          deform_cpu(Op(op), ptr<const float>(in), ptr<float>(out), target ? ptr<float>(target) : nullptr, batch,
-                     channels, sh, seed, offset, cfg, num_threads);
-        },
-        py::arg("op"), py::arg("input"), py::arg("out"), py::arg("target"), py::arg("batch"), py::arg("channels"),
-        py::arg("spatial"), py::arg("seed"), py::arg("offset"), py::arg("config"), py::arg("num_threads"));
+  m.def(
+      "philox4x32_10",
+      [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
+        const U32x4 r = philox4x32_10(U32x4{{ctr[0], ctr[1], ctr[2], ctr[3]}}, key[0], key[1]);
+        return std::array<uint32_t, 4>{r.v[0], r.v[1], r.v[2], r.v[3]};
+      },
+      "Philox4x32-10 of one counter and key (the shared header's implementation).");
+  m.def(
+      "deform_cpu",
+      [](int32_t op, uintptr_t in, uintptr_t out, uintptr_t target, int64_t batch, int64_t channels,
+         const std::vector<int64_t>& spatial, uint64_t seed, uint64_t offset, const std::vector<double>& config,
+         int num_threads) {
+        const Shape sh = make_shape(spatial);
+        const DeformConfig cfg = make_config(config);
+        py::gil_scoped_release release;
+        deform_cpu(Op(op), ptr<const float>(in), ptr<float>(out), target ? ptr<float>(target) : nullptr, batch,
+                   channels, sh, seed, offset, cfg, num_threads);
+      },
+      py::arg("op"), py::arg("input"), py::arg("out"), py::arg("target"), py::arg("batch"), py::arg("channels"),
+      py::arg("spatial"), py::arg("seed"), py::arg("offset"), py::arg("config"), py::arg("num_threads"));
   m.def("sample_params", &sample_params, py::arg("batch"), py::arg("spatial"), py::arg("seed"), py::arg("offset"),
         py::arg("config"), py::arg("with_blocks"));
   m.def("build_info", &build_info);
@@ -144,45 +150,50 @@ PYBIND11_MODULE(GENESIS_MODULE, m) {
 #undef GENESIS_OP_ENTRY
   m.attr("OPS") = ops;
 #ifdef GENESIS_WITH_CUDA
-  m.def("cuda_philox4x32_10",
-        [](uintptr_t ctr, uintptr_t key, uintptr_t out, int64_t n, int device, uintptr_t stream) {
-          cuda::philox_known_answers(ptr<const uint32_t>(ctr), ptr<const uint32_t>(key), ptr<uint32_t>(out), n,
-                                     device, stream);
-        },
-        "Philox4x32-10 over n device counters/keys on the given device and stream (device pointers).");
+  m.def(
+      "cuda_philox4x32_10",
+      [](uintptr_t ctr, uintptr_t key, uintptr_t out, int64_t n, int device, uintptr_t stream) {
+        cuda::philox_known_answers(ptr<const uint32_t>(ctr), ptr<const uint32_t>(key), ptr<uint32_t>(out), n, device,
+                                   stream);
+      },
+      "Philox4x32-10 over n device counters/keys on the given device and stream (device pointers).");
   m.def("cuda_synchronize", &cuda::synchronize, py::arg("device"), py::call_guard<py::gil_scoped_release>(),
         "Wait for all work queued on the device.");
-  m.def("cuda_scratch_bytes",
-        [](int32_t op, int64_t batch, const std::vector<int64_t>& spatial, const std::vector<double>& config) {
-          return cuda::scratch_bytes(Op(op), batch, make_shape(spatial), make_config(config));
-        },
-        py::arg("op"), py::arg("batch"), py::arg("spatial"), py::arg("config"));
-  m.def("deform_cuda",
-        [](int32_t op, uintptr_t in, uintptr_t out, uintptr_t target, int64_t batch, int64_t channels,
-           const std::vector<int64_t>& spatial, uint64_t seed, uint64_t offset, const std::vector<double>& config,
-           uintptr_t scratch, size_t scratch_size, int device, uintptr_t stream) {
-          const Shape sh = make_shape(spatial);
-          const DeformConfig cfg = make_config(config);
-          py::gil_scoped_release release;
-          cuda::deform_cuda(Op(op), ptr<const float>(in), ptr<float>(out), target ? ptr<float>(target) : nullptr,
-                            batch, channels, sh, seed, offset, cfg, ptr<void>(scratch), scratch_size, device, stream);
-        },
-        py::arg("op"), py::arg("input"), py::arg("out"), py::arg("target"), py::arg("batch"), py::arg("channels"),
-        py::arg("spatial"), py::arg("seed"), py::arg("offset"), py::arg("config"), py::arg("scratch"),
-        py::arg("scratch_size"), py::arg("device"), py::arg("stream"));
+  m.def(
+      "cuda_scratch_bytes",
+      [](int32_t op, int64_t batch, const std::vector<int64_t>& spatial, const std::vector<double>& config) {
+        return cuda::scratch_bytes(Op(op), batch, make_shape(spatial), make_config(config));
+      },
+      py::arg("op"), py::arg("batch"), py::arg("spatial"), py::arg("config"));
+  m.def(
+      "deform_cuda",
+      [](int32_t op, uintptr_t in, uintptr_t out, uintptr_t target, int64_t batch, int64_t channels,
+         const std::vector<int64_t>& spatial, uint64_t seed, uint64_t offset, const std::vector<double>& config,
+         uintptr_t scratch, size_t scratch_size, int device, uintptr_t stream) {
+        const Shape sh = make_shape(spatial);
+        const DeformConfig cfg = make_config(config);
+        py::gil_scoped_release release;
+        cuda::deform_cuda(Op(op), ptr<const float>(in), ptr<float>(out), target ? ptr<float>(target) : nullptr, batch,
+                          channels, sh, seed, offset, cfg, ptr<void>(scratch), scratch_size, device, stream);
+      },
+      py::arg("op"), py::arg("input"), py::arg("out"), py::arg("target"), py::arg("batch"), py::arg("channels"),
+      py::arg("spatial"), py::arg("seed"), py::arg("offset"), py::arg("config"), py::arg("scratch"),
+      py::arg("scratch_size"), py::arg("device"), py::arg("stream"));
 #endif
 #ifdef GENESIS_HIP_CPU
-  m.def("barrier_probe",
-        [](uintptr_t out, int32_t blocks, int32_t threads, int32_t tag, bool barrier) {
-          cuda::barrier_probe(ptr<int32_t>(out), blocks, threads, tag, barrier);
-        },
-        py::arg("out"), py::arg("blocks"), py::arg("threads"), py::arg("tag"), py::arg("barrier"),
-        py::call_guard<py::gil_scoped_release>());
-  m.def("launch_order_probe",
-        [](uintptr_t out, int32_t blocks, int32_t threads, int32_t rounds) {
-          return cuda::launch_order_probe(ptr<int32_t>(out), blocks, threads, rounds);
-        },
-        py::arg("out"), py::arg("blocks"), py::arg("threads"), py::arg("rounds"),
-        py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "barrier_probe",
+      [](uintptr_t out, int32_t blocks, int32_t threads, int32_t tag, bool barrier) {
+        cuda::barrier_probe(ptr<int32_t>(out), blocks, threads, tag, barrier);
+      },
+      py::arg("out"), py::arg("blocks"), py::arg("threads"), py::arg("tag"), py::arg("barrier"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "launch_order_probe",
+      [](uintptr_t out, int32_t blocks, int32_t threads, int32_t rounds) {
+        return cuda::launch_order_probe(ptr<int32_t>(out), blocks, threads, rounds);
+      },
+      py::arg("out"), py::arg("blocks"), py::arg("threads"), py::arg("rounds"),
+      py::call_guard<py::gil_scoped_release>());
 #endif
 }

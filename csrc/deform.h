@@ -96,15 +96,16 @@ GENESIS_HD SampleParams derive_params(uint64_t seed, uint64_t sample, const Defo
   Stream std_draw(seed, sample, NOISE_STD, 0);
   p.noise_std = float(cfg.noise_std_min + (cfg.noise_std_max - cfg.noise_std_min) * uniform_double(std_draw.word(0)));
   Stream sigma_draw(seed, sample, BLUR_SIGMA, 0);
-  p.blur_sigma = float(cfg.blur_sigma_min + (cfg.blur_sigma_max - cfg.blur_sigma_min) * uniform_double(sigma_draw.word(0)));
+  p.blur_sigma =
+      float(cfg.blur_sigma_min + (cfg.blur_sigma_max - cfg.blur_sigma_min) * uniform_double(sigma_draw.word(0)));
   p.blur_radius = blur_radius(p.blur_sigma);  // radius and weights from the float sigma that sample_params reports
   blur_weights(p.blur_sigma, p.blur_radius, p.blur_weights);
 
   Stream flips(seed, sample, FLIP, 0);
   for (int k = 0; k < cfg.max_flips && gate(flips.word(2 * k), cfg.flip_rate); ++k) {
     // compat: the published code draws from the axes of (C, X, Y, ...): 0 is the channel, a no-op
-    const int32_t axis = cfg.flip_compat ? randint(flips.word(2 * k + 1), 0, 2) - 1
-                                         : randint(flips.word(2 * k + 1), 0, sh.ndim - 1);
+    const int32_t axis =
+        cfg.flip_compat ? randint(flips.word(2 * k + 1), 0, 2) - 1 : randint(flips.word(2 * k + 1), 0, sh.ndim - 1);
     if (axis >= 0) p.flip[axis] = !p.flip[axis];
   }
 
@@ -169,14 +170,14 @@ GENESIS_HD void block_permutation(uint64_t seed, uint64_t sample, uint32_t block
 }
 
 // The ops, as (code, Python name): the fused pair and one single op per deformation (exported as _C.OPS).
-#define GENESIS_OPS(X)            \
-  X(PAIR, genesis_pair)           \
-  X(BEZIER_OP, bezier_remap)      \
-  X(SHUFFLE_OP, local_shuffle)    \
-  X(INPAINT_OP, inpaint)          \
-  X(OUTPAINT_OP, outpaint)        \
-  X(FLIP_OP, flip)                \
-  X(GAUSSIAN_OP, gaussian_noise)  \
+#define GENESIS_OPS(X)           \
+  X(PAIR, genesis_pair)          \
+  X(BEZIER_OP, bezier_remap)     \
+  X(SHUFFLE_OP, local_shuffle)   \
+  X(INPAINT_OP, inpaint)         \
+  X(OUTPAINT_OP, outpaint)       \
+  X(FLIP_OP, flip)               \
+  X(GAUSSIAN_OP, gaussian_noise) \
   X(BLUR_OP, gaussian_blur)
 #define GENESIS_OP_CODE(code, name) code,
 enum Op : int32_t { GENESIS_OPS(GENESIS_OP_CODE) };
@@ -196,8 +197,8 @@ struct Plan {
 GENESIS_HD Plan plan_for(Op op, const SampleParams& p) {
   switch (op) {
     case PAIR:
-      return Plan{true, p.local, p.nonlinear, p.blur, p.gaussian,
-                  p.paint ? (p.inpaint ? IN_PAINT : OUT_PAINT) : NO_PAINT};
+      return Plan{true,   p.local,    p.nonlinear,
+                  p.blur, p.gaussian, p.paint ? (p.inpaint ? IN_PAINT : OUT_PAINT) : NO_PAINT};
     case BEZIER_OP: return Plan{false, false, true, false, false, NO_PAINT};
     case SHUFFLE_OP: return Plan{false, true, false, false, false, NO_PAINT};
     case INPAINT_OP: return Plan{false, false, false, false, false, IN_PAINT};
@@ -214,8 +215,8 @@ struct Span {
 };
 
 // The spans of row (x, y, .) that this painting turns into noise, sorted and disjoint; returns their count
-// (at most kMaxParts + 1). The one definition of which voxels painting replaces, for both kernels. In-painting: the union of the holes crossing the row; out-painting: its complement
-// with respect to the windows crossing the row.
+// (at most kMaxParts + 1). The one definition of which voxels painting replaces, for both kernels. In-painting: the
+// union of the holes crossing the row; out-painting: its complement with respect to the windows crossing the row.
 GENESIS_HD int noise_spans(Paint paint, const SampleParams& p, int32_t x, int32_t y, int32_t len, Span* out) {
   if (paint == NO_PAINT) return 0;
   const bool in = paint == IN_PAINT;
@@ -225,8 +226,7 @@ GENESIS_HD int noise_spans(Paint paint, const SampleParams& p, int32_t x, int32_
   int n = 0;
   for (int k = 0; k < count; ++k) {
     const Box& b = boxes[k];
-    if (unsigned(x - b.origin[0]) >= unsigned(b.size[0]) || unsigned(y - b.origin[1]) >= unsigned(b.size[1]))
-      continue;
+    if (unsigned(x - b.origin[0]) >= unsigned(b.size[0]) || unsigned(y - b.origin[1]) >= unsigned(b.size[1])) continue;
     int j = n++;
     for (; j > 0 && cover[j - 1].begin > b.origin[2]; --j) cover[j] = cover[j - 1];
     cover[j] = Span{b.origin[2], b.origin[2] + b.size[2]};

@@ -12,11 +12,11 @@ namespace genesis {
 namespace {
 
 struct Scratch {
-  std::vector<int32_t> src;                 // shuffle: linear input index feeding each voxel
+  std::vector<int32_t> src;                  // shuffle: linear input index feeding each voxel
   std::vector<int32_t> block_vox, block_in;  // shuffle: per local position, output voxel and flipped input voxel
   std::vector<int32_t> perm;
   std::vector<float> reversed, shuffled;  // one row
-  std::vector<float> blur_in;              // blur: the lines being blurred, as they were (edges repeated)
+  std::vector<float> blur_in;             // blur: the lines being blurred, as they were (edges repeated)
   BezierTable table;
 };
 
@@ -136,8 +136,8 @@ void blur_sample(float* out, int64_t channels, const Shape& sh, const SamplePara
   }
 }
 
-void deform_sample(Op op, const float* in, float* out, float* target, int64_t channels, const Shape& sh,
-                   uint64_t seed, uint64_t sample, const DeformConfig& cfg, Scratch& s) {
+void deform_sample(Op op, const float* in, float* out, float* target, int64_t channels, const Shape& sh, uint64_t seed,
+                   uint64_t sample, const DeformConfig& cfg, Scratch& s) {
   const SampleParams p = derive_params(seed, sample, cfg, sh);
   const Plan plan = plan_for(op, p);
   const Flipper flipped{{plan.flip && p.flip[0], plan.flip && p.flip[1], plan.flip && p.flip[2]},
@@ -204,8 +204,8 @@ void deform_sample(Op op, const float* in, float* out, float* target, int64_t ch
 
 }  // namespace
 
-void deform_cpu(Op op, const float* in, float* out, float* target, int64_t batch, int64_t channels,
-                const Shape& sh, uint64_t seed, uint64_t offset, const DeformConfig& cfg, int num_threads) {
+void deform_cpu(Op op, const float* in, float* out, float* target, int64_t batch, int64_t channels, const Shape& sh,
+                uint64_t seed, uint64_t offset, const DeformConfig& cfg, int num_threads) {
   const int64_t sample_size = channels * sh.voxels();
   int32_t max_block = 1;
   for (int a = 0; a < sh.ndim; ++a) max_block *= std::max(1, sh.s[a] / cfg.block_div);

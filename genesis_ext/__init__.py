@@ -4,16 +4,26 @@ The public names are imported on first use (PEP 562): ``import genesis_ext`` and
 argument parsing load neither torch nor the compiled extension; the first op or ``build_info`` call does (a
 ``DeformConfig`` needs only numpy).
 """
+
 from importlib import import_module
 
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "DeformConfig": "config", "GenesisDeform": "transforms", "GenesisPair": "transforms",
+    "DeformConfig": "config",
+    "GenesisDeform": "transforms",
+    "GenesisPair": "transforms",
     "PixelDeformation": "deformation",
-    "bezier_remap": "ops", "flip": "ops", "gaussian_blur": "ops", "gaussian_noise": "ops", "genesis_pair": "ops",
-    "inpaint": "ops", "local_shuffle": "ops", "outpaint": "ops", "sample_params": "ops",
+    "bezier_remap": "ops",
+    "flip": "ops",
+    "gaussian_blur": "ops",
+    "gaussian_noise": "ops",
+    "genesis_pair": "ops",
+    "inpaint": "ops",
+    "local_shuffle": "ops",
+    "outpaint": "ops",
+    "sample_params": "ops",
 }
 
 

@@ -6,6 +6,7 @@ Each call validates like the public ops, runs ``deform_cuda`` on host memory and
 start poisoned and sit between guard zones, so an unwritten voxel shows as a difference from the CPU kernel and a
 write outside a buffer (or into the input) raises here.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,10 @@ try:
     from . import _C_emu
 except ImportError as e:
     _C_emu = None
-    UNAVAILABLE = (f"genesis_ext._C_emu is not built ({e}); build it with libtbb-dev installed and "
-                   "-Ccmake.define.GENESIS_HIP_CPU=<HIP-CPU folder>, e.g. ../shared/third_party/hip-cpu")
+    UNAVAILABLE = (
+        f"genesis_ext._C_emu is not built ({e}); build it with libtbb-dev installed and "
+        "-Ccmake.define.GENESIS_HIP_CPU=<HIP-CPU folder>, e.g. ../shared/third_party/hip-cpu"
+    )
 else:
     UNAVAILABLE = None
 
@@ -31,11 +34,11 @@ class _Fenced:
 
     def __init__(self, nbytes: int):
         self.raw = np.full(nbytes + 2 * _GUARD, _POISON, dtype=np.uint8)
-        self.body = self.raw[_GUARD:_GUARD + nbytes]
+        self.body = self.raw[_GUARD : _GUARD + nbytes]
         self.ptr = self.body.ctypes.data
 
     def check(self, what: str) -> None:
-        for side, zone in (("before", self.raw[:_GUARD]), ("after", self.raw[_GUARD + self.body.size:])):
+        for side, zone in (("before", self.raw[:_GUARD]), ("after", self.raw[_GUARD + self.body.size :])):
             bad = np.flatnonzero(zone != _POISON)
             if bad.size:
                 raise AssertionError(f"{what}: {bad.size} bytes written {side} the buffer (of {self.body.size} bytes)")
@@ -47,8 +50,15 @@ def _core():
     return _C_emu
 
 
-def deform(op: str, x: np.ndarray, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
-           spatial_dims: int | None = None):
+def deform(
+    op: str,
+    x: np.ndarray,
+    *,
+    seed: int,
+    offset: int = 0,
+    config: DeformConfig | None = None,
+    spatial_dims: int | None = None,
+):
     """``genesis_ext.<op>(x, seed=, offset=, config=)`` computed by the CUDA kernels under HIP-CPU: numpy float32 in,
     numpy out (``(x_deformed, target)`` for ``genesis_pair``)."""
     core = _core()
@@ -61,8 +71,18 @@ def deform(op: str, x: np.ndarray, *, seed: int, offset: int = 0, config: Deform
     scratch_size = ops._scratch_bytes(op, x.shape, vec, core=core)
     scratch = _Fenced(scratch_size)
     before = x.copy()
-    ops._kernel(op, x.ctypes.data, outs[0].ptr, outs[1].ptr if len(outs) > 1 else 0, x.shape, int(seed), int(offset),
-                vec, (scratch.ptr, scratch_size, 0, 0), core=core)
+    ops._kernel(
+        op,
+        x.ctypes.data,
+        outs[0].ptr,
+        outs[1].ptr if len(outs) > 1 else 0,
+        x.shape,
+        int(seed),
+        int(offset),
+        vec,
+        (scratch.ptr, scratch_size, 0, 0),
+        core=core,
+    )
     core.cuda_synchronize(0)
     for k, buf in enumerate(outs):
         buf.check(f"{op}: output {k}")

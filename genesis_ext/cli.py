@@ -6,6 +6,7 @@
 
 A verb is a ``(help, add_arguments, run)`` entry in :data:`VERBS`; ``run(args)`` returns the exit status.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,52 +18,118 @@ from .train.cli import positive_int
 
 
 def _add_extract(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="volume files (.nii, .nii.gz, .mhd, .mha, .nrrd, .dcm) or directories, searched recursively "
-                        "(every DICOM series in a directory is one volume)")
-    p.add_argument("--out", required=True, help="output directory (a cube store; an existing one made with the same "
-                                                "options is continued)")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="volume files (.nii, .nii.gz, .mhd, .mha, .nrrd, .dcm) or directories, searched recursively "
+        "(every DICOM series in a directory is one volume)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory (a cube store; an existing one made with the same options is continued)",
+    )
     g = p.add_argument_group("cubes")
-    g.add_argument("--cube", nargs=3, type=positive_int, default=[64, 64, 32], metavar=("X", "Y", "Z"),
-                   help="cube size in voxels (default: 64 64 32)")
+    g.add_argument(
+        "--cube",
+        nargs=3,
+        type=positive_int,
+        default=[64, 64, 32],
+        metavar=("X", "Y", "Z"),
+        help="cube size in voxels (default: 64 64 32)",
+    )
     g.add_argument("--per-volume", type=positive_int, default=32, help="cubes per volume, at most (default: 32)")
-    g.add_argument("--candidates", type=positive_int, default=None,
-                   help="random candidates tried per volume, at most (default: 50 x --per-volume)")
-    g.add_argument("--margins", nargs="+", default=["auto"], metavar="M",
-                   help="'auto' (the published 100/100/30-voxel margins scaled to the volume, default) or three "
-                        "voxel counts X Y Z (e.g. 100 100 30, as published)")
+    g.add_argument(
+        "--candidates",
+        type=positive_int,
+        default=None,
+        help="random candidates tried per volume, at most (default: 50 x --per-volume)",
+    )
+    g.add_argument(
+        "--margins",
+        nargs="+",
+        default=["auto"],
+        metavar="M",
+        help="'auto' (the published 100/100/30-voxel margins scaled to the volume, default) or three "
+        "voxel counts X Y Z (e.g. 100 100 30, as published)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed; each volume's cubes depend only on it and the file")
     g = p.add_argument_group("filter")
-    g.add_argument("--filter", choices=["official-lung", "foreground", "none"], default="official-lung",
-                   help="official-lung: the published 'mostly lung' rule (default); foreground: mostly not background "
-                        "(any organ or modality); none: keep every candidate")
+    g.add_argument(
+        "--filter",
+        choices=["official-lung", "foreground", "none"],
+        default="official-lung",
+        help="official-lung: the published 'mostly lung' rule (default); foreground: mostly not background "
+        "(any organ or modality); none: keep every candidate",
+    )
     g.add_argument("--lung-threshold", type=float, default=-150.0, help="official-lung: HU threshold (default -150)")
-    g.add_argument("--lung-max-fraction", type=float, default=0.15,
-                   help="official-lung: largest score fraction kept (default 0.15)")
-    g.add_argument("--foreground-level", type=float, default=0.05,
-                   help="foreground: a voxel is foreground above this level of the window, 0..1 (default 0.05, i.e. "
-                        "-900 HU in the default window)")
-    g.add_argument("--foreground-fraction", type=float, default=0.6,
-                   help="foreground: smallest foreground fraction kept (default 0.6)")
+    g.add_argument(
+        "--lung-max-fraction",
+        type=float,
+        default=0.15,
+        help="official-lung: largest score fraction kept (default 0.15)",
+    )
+    g.add_argument(
+        "--foreground-level",
+        type=float,
+        default=0.05,
+        help="foreground: a voxel is foreground above this level of the window, 0..1 (default 0.05, i.e. "
+        "-900 HU in the default window)",
+    )
+    g.add_argument(
+        "--foreground-fraction",
+        type=float,
+        default=0.6,
+        help="foreground: smallest foreground fraction kept (default 0.6)",
+    )
     g = p.add_argument_group("intensity")
     w = g.add_mutually_exclusive_group()
-    w.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"),
-                   help="intensity window in input units mapped to [0, 1] (default: -1000 1000 HU)")
-    w.add_argument("--window-percentile", nargs=2, type=float, metavar=("P_LO", "P_HI"),
-                   help="per-volume window from these intensity percentiles (non-CT modalities), e.g. 0.5 99.5")
-    g.add_argument("--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"),
-                   help="resample to this spacing in mm first (default: native spacing, as published)")
+    w.add_argument(
+        "--window",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+        help="intensity window in input units mapped to [0, 1] (default: -1000 1000 HU)",
+    )
+    w.add_argument(
+        "--window-percentile",
+        nargs=2,
+        type=float,
+        metavar=("P_LO", "P_HI"),
+        help="per-volume window from these intensity percentiles (non-CT modalities), e.g. 0.5 99.5",
+    )
+    g.add_argument(
+        "--spacing",
+        nargs=3,
+        type=float,
+        metavar=("X", "Y", "Z"),
+        help="resample to this spacing in mm first (default: native spacing, as published)",
+    )
     g = p.add_argument_group("which volumes (label maps beside the scans are always skipped, with their reason)")
-    g.add_argument("--include", nargs="+", default=[], metavar="GLOB",
-                   help="only sources whose path relative to their input matches one of these globs, e.g. 'imagesTr/*'")
+    g.add_argument(
+        "--include",
+        nargs="+",
+        default=[],
+        metavar="GLOB",
+        help="only sources whose path relative to their input matches one of these globs, e.g. 'imagesTr/*'",
+    )
     g.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="leave out sources matching these globs")
     g = p.add_argument_group("output and execution")
-    g.add_argument("--format", choices=["store", "published"], default="store",
-                   help="store: one array per volume (default); published: one bat_<n>_s_<X>x<Y>x<Z>_<subset>.npy "
-                        "array per INPUT, as the published script writes")
+    g.add_argument(
+        "--format",
+        choices=["store", "published"],
+        default="store",
+        help="store: one array per volume (default); published: one bat_<n>_s_<X>x<Y>x<Z>_<subset>.npy "
+        "array per INPUT, as the published script writes",
+    )
     g.add_argument("--jobs", type=positive_int, default=None, help="parallel workers (default: all cores)")
-    g.add_argument("--executor", choices=["thread", "process"], default="thread",
-                   help="workers as threads (default: loading and NumPy release the GIL) or spawned processes")
+    g.add_argument(
+        "--executor",
+        choices=["thread", "process"],
+        default="thread",
+        help="workers as threads (default: loading and NumPy release the GIL) or spawned processes",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -78,20 +145,43 @@ def _run_extract(args) -> int:
             margins = ()
         if len(margins) != 3 or min(margins) < 0:
             raise SystemExit(f"genesis-ext extract: --margins takes 'auto' or three voxel counts, got {args.margins}")
-    filt = {"official-lung": lambda: OfficialLung(args.lung_threshold, args.lung_max_fraction),
-            "foreground": lambda: Foreground(args.foreground_level, args.foreground_fraction),
-            "none": NoFilter}[args.filter]()
+    filt = {
+        "official-lung": lambda: OfficialLung(args.lung_threshold, args.lung_max_fraction),
+        "foreground": lambda: Foreground(args.foreground_level, args.foreground_fraction),
+        "none": NoFilter,
+    }[args.filter]()
     try:
-        window = (PercentileWindow(*args.window_percentile) if args.window_percentile
-                  else Window(*args.window) if args.window else Window())
+        window = (
+            PercentileWindow(*args.window_percentile)
+            if args.window_percentile
+            else Window(*args.window)
+            if args.window
+            else Window()
+        )
     except ValueError as err:
         raise SystemExit(f"genesis-ext extract: {err}") from None
-    settings = ExtractSettings(cube=tuple(args.cube), count=args.per_volume, max_candidates=args.candidates,
-                               filter=filt, window=window, margins=margins,
-                               spacing=tuple(args.spacing) if args.spacing else None, seed=args.seed)
+    settings = ExtractSettings(
+        cube=tuple(args.cube),
+        count=args.per_volume,
+        max_candidates=args.candidates,
+        filter=filt,
+        window=window,
+        margins=margins,
+        spacing=tuple(args.spacing) if args.spacing else None,
+        seed=args.seed,
+    )
     try:
-        summary = run_extract(args.inputs, args.out, settings, jobs=args.jobs, executor=args.executor, fmt=args.format,
-                              progress=not args.quiet, include=args.include, exclude=args.exclude)
+        summary = run_extract(
+            args.inputs,
+            args.out,
+            settings,
+            jobs=args.jobs,
+            executor=args.executor,
+            fmt=args.format,
+            progress=not args.quiet,
+            include=args.include,
+            exclude=args.exclude,
+        )
     except (ValueError, OSError) as err:  # e.g. --out holds a store made with other options, or is a file
         print(f"genesis-ext extract: {err}", file=sys.stderr)
         return 2
@@ -105,20 +195,28 @@ def _run_extract(args) -> int:
 
 def _train_cli():
     from .train import cli  # argument parsers only: no torch
+
     return cli
 
 
 def _finetune():
     from .train import finetune  # imports without torch; its run says what to install when torch is missing
+
     return finetune
 
 
 VERBS = {
     "extract": ("cut training cubes from CT volumes into a cube store", _add_extract, _run_extract),
-    "pretrain": ("Models Genesis self-supervised pre-training of the 3D U-Net",
-                 lambda p: _train_cli().add_pretrain_arguments(p), lambda args: _train_cli().run_pretrain(args)),
-    "finetune": ("fine-tune on a segmentation or classification task (published or our weights)",
-                 lambda p: _train_cli().add_finetune_arguments(p), lambda args: _finetune().run(args)),
+    "pretrain": (
+        "Models Genesis self-supervised pre-training of the 3D U-Net",
+        lambda p: _train_cli().add_pretrain_arguments(p),
+        lambda args: _train_cli().run_pretrain(args),
+    ),
+    "finetune": (
+        "fine-tune on a segmentation or classification task (published or our weights)",
+        lambda p: _train_cli().add_finetune_arguments(p),
+        lambda args: _finetune().run(args),
+    ),
 }
 
 

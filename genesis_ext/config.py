@@ -5,6 +5,7 @@ Rates keep the published names (``nonlinear_rate``, ``local_rate``, ``paint_rate
 (e.g. block sizes ``randint(1, X // block_div)``), so they generalise to any cube size.
 See docs/randomness.md for how each quantity is drawn.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -112,20 +113,26 @@ class DeformConfig:
         if abs(self.inpaint_rate + self.outpaint_rate - 1.0) > 1e-9:
             raise ValueError(
                 "DeformConfig: painting is in-painting w.p. inpaint_rate, else out-painting, so outpaint_rate must be "
-                f"1 - inpaint_rate; got inpaint_rate={self.inpaint_rate}, outpaint_rate={self.outpaint_rate}")
+                f"1 - inpaint_rate; got inpaint_rate={self.inpaint_rate}, outpaint_rate={self.outpaint_rate}"
+            )
         for low, high in (("noise_std_min", "noise_std_max"), ("blur_sigma_min", "blur_sigma_max")):
             if getattr(self, low) > getattr(self, high):
-                raise ValueError(f"DeformConfig: need {low} <= {high}, "
-                                 f"got {getattr(self, low)} > {getattr(self, high)}")
+                raise ValueError(
+                    f"DeformConfig: need {low} <= {high}, got {getattr(self, low)} > {getattr(self, high)}"
+                )
         if self.hole_div_min < self.hole_div_max:
-            raise ValueError("DeformConfig: hole sizes are S // hole_div_min .. S // hole_div_max, "
-                             "so hole_div_min must be >= hole_div_max")
+            raise ValueError(
+                "DeformConfig: hole sizes are S // hole_div_min .. S // hole_div_max, "
+                "so hole_div_min must be >= hole_div_max"
+            )
         if not self.cut_min_num <= self.cut_max_num <= self.cut_den:
             raise ValueError("DeformConfig: need 0 <= cut_min_num <= cut_max_num <= cut_den")
         for deformation, fields in _RULE_FIELDS.items():
             if not self._fits(deformation, MAX_AXIS):
-                raise ValueError(f"DeformConfig: {deformation} fits no axis of up to {MAX_AXIS} voxels with "
-                                 + ", ".join(f"{n}={getattr(self, n)}" for n in fields))
+                raise ValueError(
+                    f"DeformConfig: {deformation} fits no axis of up to {MAX_AXIS} voxels with "
+                    + ", ".join(f"{n}={getattr(self, n)}" for n in fields)
+                )
 
     @classmethod
     def official(cls, *, flip_compat: bool = False) -> "DeformConfig":
@@ -145,8 +152,13 @@ class DeformConfig:
             raise ValueError(f"DeformConfig.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         nl, ls, op, ip = (d in _parts(key) for d in ("NL", "LS", "OP", "IP"))
         inpaint = 0.2 if (ip and op) else float(ip)
-        return cls(nonlinear_rate=0.9 * nl, local_rate=0.5 * ls, paint_rate=0.9 * (ip or op), inpaint_rate=inpaint,
-                   outpaint_rate=1.0 - inpaint).replace(**changes)
+        return cls(
+            nonlinear_rate=0.9 * nl,
+            local_rate=0.5 * ls,
+            paint_rate=0.9 * (ip or op),
+            inpaint_rate=inpaint,
+            outpaint_rate=1.0 - inpaint,
+        ).replace(**changes)
 
     @staticmethod
     def presets() -> tuple[str, ...]:
@@ -192,8 +204,13 @@ class DeformConfig:
             return PAIR_STAGES[op][2]
         if op != "genesis_pair":
             raise ValueError(f"unknown op {op!r}")
-        return tuple(rule for rate, _, rules in PAIR_STAGES.values() if getattr(self, rate) > 0 for rule in rules
-                     if rule not in ("inpaint", "outpaint") or getattr(self, f"{rule}_rate") > 0)
+        return tuple(
+            rule
+            for rate, _, rules in PAIR_STAGES.values()
+            if getattr(self, rate) > 0
+            for rule in rules
+            if rule not in ("inpaint", "outpaint") or getattr(self, f"{rule}_rate") > 0
+        )
 
     def to_vector(self) -> list[float]:
         """Fields in declaration order as floats: the form the C++ core takes (csrc/config_fields.h)."""
@@ -214,12 +231,28 @@ PAIR_STAGES = {
 }
 
 # The fields each size rule reads (named in the error when a rule can never fit).
-_RULE_FIELDS = {"local": ("block_div",), "inpaint": ("hole_div_min", "hole_div_max", "margin"),
-                "outpaint": ("cut_min_num", "cut_max_num", "cut_den", "margin")}
+_RULE_FIELDS = {
+    "local": ("block_div",),
+    "inpaint": ("hole_div_min", "hole_div_max", "margin"),
+    "outpaint": ("cut_min_num", "cut_max_num", "cut_den", "margin"),
+}
 
 # DeformConfig.preset: the published recipe and the paper's ablation combinations (Zhou et al., MICCAI 2019).
-PRESETS = ("genesis", "none", "NL", "LS", "OP", "IP", "NL+LS", "NL+OP", "NL+IP", "LS+OP", "LS+IP", "NL+LS+OP",
-           "NL+LS+IP")
+PRESETS = (
+    "genesis",
+    "none",
+    "NL",
+    "LS",
+    "OP",
+    "IP",
+    "NL+LS",
+    "NL+OP",
+    "NL+IP",
+    "LS+OP",
+    "LS+IP",
+    "NL+LS+OP",
+    "NL+LS+IP",
+)
 
 
 def _parts(name) -> frozenset:

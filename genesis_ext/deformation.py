@@ -22,6 +22,7 @@ tell is spatial: a function whose output on a probe of distinct values is a rear
 (``torch.flip``, ``roll``, ``rot90``, ``transpose``, a shuffle). It cannot tell an interpolating spatial transform
 (a rotation by an angle, an elastic warp) from an intensity change; those break the pair and are the user's to avoid.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -60,12 +61,15 @@ class PixelDeformation:
         if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0.0 <= self.rate <= 1.0:
             raise ValueError(f"PixelDeformation {self.name!r}: rate must be a number in [0, 1], got {self.rate!r}")
         if self.after not in PAIR_ORDER:
-            raise ValueError(f"PixelDeformation {self.name!r}: after must be one of {', '.join(PAIR_ORDER)}, "
-                             f"got {self.after!r}")
+            raise ValueError(
+                f"PixelDeformation {self.name!r}: after must be one of {', '.join(PAIR_ORDER)}, got {self.after!r}"
+            )
         ok = isinstance(self.uniforms, (int, np.integer)) and not isinstance(self.uniforms, bool)
         if not ok or not 0 <= self.uniforms <= MAX_UNIFORMS:
-            raise ValueError(f"PixelDeformation {self.name!r}: uniforms must be an integer in [0, {MAX_UNIFORMS}], "
-                             f"got {self.uniforms!r}")
+            raise ValueError(
+                f"PixelDeformation {self.name!r}: uniforms must be an integer in [0, {MAX_UNIFORMS}], "
+                f"got {self.uniforms!r}"
+            )
 
     @property
     def stream(self) -> int:
@@ -109,8 +113,10 @@ class PixelDeformation:
             if x._version != version:
                 raise ValueError(f"PixelDeformation {self.name!r}: fn must not modify its input (it changed in place)")
         if type(out) is not type(x) or tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype:
-            raise ValueError(f"PixelDeformation {self.name!r}: fn must return a {type(x).__name__} of shape "
-                             f"{tuple(x.shape)} and dtype {x.dtype}, got {_describe(out)}")
+            raise ValueError(
+                f"PixelDeformation {self.name!r}: fn must return a {type(x).__name__} of shape "
+                f"{tuple(x.shape)} and dtype {x.dtype}, got {_describe(out)}"
+            )
         if getattr(out, "device", None) != getattr(x, "device", None):
             raise ValueError(f"PixelDeformation {self.name!r}: fn must return a tensor on {x.device}, got {out.device}")
         return out
@@ -133,9 +139,11 @@ class PixelDeformation:
             probe = probe.double().cpu().numpy()
         probe = np.asarray(probe, dtype=np.float64)
         if not np.array_equal(probe, values) and np.array_equal(np.sort(probe, axis=None), np.sort(values, axis=None)):
-            raise ValueError(f"PixelDeformation {self.name!r}: fn moves voxels (its output is a rearrangement of its "
-                             "input's values): a spatial-level deformation, which the pair's target cannot follow. "
-                             "User deformations must be pixel-level (intensity changes)")
+            raise ValueError(
+                f"PixelDeformation {self.name!r}: fn moves voxels (its output is a rearrangement of its "
+                "input's values): a spatial-level deformation, which the pair's target cannot follow. "
+                "User deformations must be pixel-level (intensity changes)"
+            )
         self._probed.add(key)
 
 
@@ -158,8 +166,9 @@ def check_deformations(deformations: Sequence[PixelDeformation]) -> tuple[PixelD
     return deformations
 
 
-def pair_with(x, deformations: tuple[PixelDeformation, ...], pair: Callable, *, seed: int, offset: int,
-              config: DeformConfig):
+def pair_with(
+    x, deformations: tuple[PixelDeformation, ...], pair: Callable, *, seed: int, offset: int, config: DeformConfig
+):
     """The training pair of x with user deformations (module docstring): ``pair(x, config) -> (deformed, target)``
     (genesis_pair at this seed and offset) runs the built-in stages in segments, each user deformation between the
     segments, in PAIR_ORDER (user deformations at the same place: in the given order)."""

@@ -16,6 +16,7 @@ Then (unless ``--train-minutes 0``) the real job, small: ``genesis-ext extract``
 ``DIR/run/checkpoints/{last,best}.pt``, ``metrics.csv``, TensorBoard logs and ``preview.png`` (deformed input |
 target | restoration). Needs torch for this part.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,9 @@ def pipeline_cubes(volumes, count: int, rng: np.random.Generator, size=CUBE):
         slots = np.flatnonzero(picks == k)
         if not len(slots):
             continue
-        got = extract_cubes(volume.data, cube=size, count=len(slots), filter=Foreground(), window=Window(*HU_WINDOW),
-                            rng=rng)
+        got = extract_cubes(
+            volume.data, cube=size, count=len(slots), filter=Foreground(), window=Window(*HU_WINDOW), rng=rng
+        )
         if len(got.cubes) < len(slots):
             raise ValueError(f"{volume.source}: only {len(got.cubes)} of {len(slots)} cubes pass the foreground filter")
         batch[slots, 0] = got.cubes
@@ -143,13 +145,28 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the cube positions and the deformations")
     parser.add_argument("--count", type=int, default=8, help="number of cubes (default: 8)")
-    parser.add_argument("--inputs", type=Path, nargs="+", metavar="FILE",
-                        help="CT volumes in HU: NIfTI, MetaImage, NRRD or DICOM series directories "
-                             "(default: the bundled data/sample crops)")
-    parser.add_argument("--train-minutes", type=float, default=3.0,
-                        help="then extract cubes and pre-train for about this long (default: 3; 0: skip)")
-    parser.add_argument("--train-cube", type=int, nargs=3, default=[32, 32, 16], metavar=("X", "Y", "Z"),
-                        help="cube size of the pre-training part (default: 32 32 16)")
+    parser.add_argument(
+        "--inputs",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="CT volumes in HU: NIfTI, MetaImage, NRRD or DICOM series directories "
+        "(default: the bundled data/sample crops)",
+    )
+    parser.add_argument(
+        "--train-minutes",
+        type=float,
+        default=3.0,
+        help="then extract cubes and pre-train for about this long (default: 3; 0: skip)",
+    )
+    parser.add_argument(
+        "--train-cube",
+        type=int,
+        nargs=3,
+        default=[32, 32, 16],
+        metavar=("X", "Y", "Z"),
+        help="cube size of the pre-training part (default: 32 32 16)",
+    )
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be >= 1")
@@ -157,8 +174,11 @@ def main(argv=None) -> int:
     inputs = args.inputs or [SAMPLE_DIR / f for f in SAMPLE_FILES]
     missing = [str(p) for p in inputs if not Path(p).exists()]
     if missing:
-        hint = "" if args.inputs else (" (the sample data ships with the source tree: run from a checkout or pass "
-                                       "--inputs)")
+        hint = (
+            ""
+            if args.inputs
+            else (" (the sample data ships with the source tree: run from a checkout or pass --inputs)")
+        )
         print(f"genesis_ext.demo: not found: {', '.join(missing)}{hint}", file=sys.stderr)
         return 2
 
@@ -188,14 +208,23 @@ def main(argv=None) -> int:
     path = args.out / "genesis_pairs.png"
     render(batch, deformed, target, captions, title).save(path)
 
-    counts = {name: int(np.sum(m)) for name, m in (
-        ("flip", params["flip"].any(axis=1)), ("shuffle", params["local"]), ("Bezier", params["nonlinear"]),
-        ("in-paint", params["paint"] & params["inpaint"]), ("out-paint", params["paint"] & ~params["inpaint"]))}
+    counts = {
+        name: int(np.sum(m))
+        for name, m in (
+            ("flip", params["flip"].any(axis=1)),
+            ("shuffle", params["local"]),
+            ("Bezier", params["nonlinear"]),
+            ("in-paint", params["paint"] & params["inpaint"]),
+            ("out-paint", params["paint"] & ~params["inpaint"]),
+        )
+    }
     fired_text = ", ".join(f"{name} {c}/{args.count}" for name, c in counts.items())
     print(f"wrote {path}")
-    print(f"{args.count} cubes {'x'.join(map(str, CUBE))} from {len(volumes)} volume(s) in {ms:.1f} ms "
-          f"({ms / args.count:.2f} ms/cube on the CPU); "
-          f"fired: {fired_text}")
+    print(
+        f"{args.count} cubes {'x'.join(map(str, CUBE))} from {len(volumes)} volume(s) in {ms:.1f} ms "
+        f"({ms / args.count:.2f} ms/cube on the CPU); "
+        f"fired: {fired_text}"
+    )
     if args.train_minutes > 0:
         return pretrain_demo(inputs, args.out, args.train_minutes, tuple(args.train_cube), args.seed)
     return 0
@@ -210,14 +239,48 @@ def pretrain_demo(inputs, out: Path, minutes: float, cube, seed: int) -> int:
     cube_args = [str(c) for c in cube]
     # lung cubes (the published filter): on soft-tissue cubes a decreasing Bézier map is hard to tell from an
     # increasing one, and the network long predicts little more than the mean (README, "Pre-training")
-    status = cli(["extract", *map(str, inputs), "--out", str(out / "cubes"), "--filter", "official-lung", "--cube",
-                  *cube_args, "--per-volume", "128", "--seed", str(seed), "--quiet"])
+    status = cli(
+        [
+            "extract",
+            *map(str, inputs),
+            "--out",
+            str(out / "cubes"),
+            "--filter",
+            "official-lung",
+            "--cube",
+            *cube_args,
+            "--per-volume",
+            "128",
+            "--seed",
+            str(seed),
+            "--quiet",
+        ]
+    )
     if status != 0:
         return status
     resume = ["--resume"] if (out / "run" / "checkpoints" / "last.pt").exists() else []  # a second demo continues
-    return cli(["pretrain", "--data", str(out / "cubes"), "--out", str(out / "run"), "--batch-size", "4",
-                "--steps-per-epoch", "10", "--val-fraction", "0.2", "--val-repeats", "4", "--max-minutes", str(minutes),
-                "--seed", str(seed), *resume])
+    return cli(
+        [
+            "pretrain",
+            "--data",
+            str(out / "cubes"),
+            "--out",
+            str(out / "run"),
+            "--batch-size",
+            "4",
+            "--steps-per-epoch",
+            "10",
+            "--val-fraction",
+            "0.2",
+            "--val-repeats",
+            "4",
+            "--max-minutes",
+            str(minutes),
+            "--seed",
+            str(seed),
+            *resume,
+        ]
+    )
 
 
 if __name__ == "__main__":

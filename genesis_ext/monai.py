@@ -11,6 +11,7 @@
 MetaTensors keep their metadata; the applied deformation (seed, sample index, which deformations fired) is recorded
 in ``meta["genesis_ext"]``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,9 +32,16 @@ def _applied(seed: int, index: int, spatial, config: DeformConfig) -> dict:
     """What the pair did to one sample: fixed keys and sizes, so MONAI's collation stacks them."""
     p = ops.sample_params(1, spatial, seed=seed, offset=index, config=config, with_blocks=False)
     painted = bool(p["paint"][0])
-    return {"seed": seed, "index": index, "nonlinear": bool(p["nonlinear"][0]), "local": bool(p["local"][0]),
-            "gaussian": bool(p["gaussian"][0]), "inpaint": painted and bool(p["inpaint"][0]),
-            "outpaint": painted and not p["inpaint"][0], "flip": p["flip"][0].tolist()}
+    return {
+        "seed": seed,
+        "index": index,
+        "nonlinear": bool(p["nonlinear"][0]),
+        "local": bool(p["local"][0]),
+        "gaussian": bool(p["gaussian"][0]),
+        "inpaint": painted and bool(p["inpaint"][0]),
+        "outpaint": painted and not p["inpaint"][0],
+        "flip": p["flip"][0].tolist(),
+    }
 
 
 def _wrap(result: torch.Tensor, like, record: dict):
@@ -48,8 +56,15 @@ def _wrap(result: torch.Tensor, like, record: dict):
 class GenesisPaird(Randomizable, MapTransform):
     """Models Genesis training pairs for channel-first samples in a dict (see the module docstring)."""
 
-    def __init__(self, keys, config: DeformConfig | None = None, seed: int = 0, target_suffix: str = "_target",
-                 allow_missing_keys: bool = False, deformations=()):
+    def __init__(
+        self,
+        keys,
+        config: DeformConfig | None = None,
+        seed: int = 0,
+        target_suffix: str = "_target",
+        allow_missing_keys: bool = False,
+        deformations=(),
+    ):
         MapTransform.__init__(self, keys, allow_missing_keys)
         ops._check_seed(seed, 0)
         self.config = DeformConfig() if config is None else config
@@ -66,11 +81,19 @@ class GenesisPaird(Randomizable, MapTransform):
         for key in self.key_iterator(d):
             sample = d[key]
             if sample.ndim not in (3, 4):
-                raise ValueError(f"GenesisPaird: {key!r} must be a channel-first sample (C, X, Y, Z) or (C, H, W), "
-                                 f"got shape {tuple(sample.shape)}")
+                raise ValueError(
+                    f"GenesisPaird: {key!r} must be a channel-first sample (C, X, Y, Z) or (C, H, W), "
+                    f"got shape {tuple(sample.shape)}"
+                )
             x = sample.as_tensor() if isinstance(sample, MetaTensor) else torch.as_tensor(sample)
-            deformed, target = ops.genesis_pair(x[None], seed=self.seed, offset=self.index, config=self.config,
-                                                spatial_dims=x.ndim - 1, deformations=self.deformations)
+            deformed, target = ops.genesis_pair(
+                x[None],
+                seed=self.seed,
+                offset=self.index,
+                config=self.config,
+                spatial_dims=x.ndim - 1,
+                deformations=self.deformations,
+            )
             record = _applied(self.seed, self.index, tuple(x.shape[1:]), self.config)
             d[key], d[key + self.target_suffix] = _wrap(deformed[0], sample, record), _wrap(target[0], sample, record)
         return d
@@ -80,8 +103,15 @@ class GenesisPairBatchd(MapTransform):
     """Models Genesis training pairs for collated batches ``(N, C, ...)`` in a dict, on any device: sample n of a
     batch gets the running index + n (``GenesisPair``); ``state_dict`` / ``load_state_dict`` resume the stream."""
 
-    def __init__(self, keys, config: DeformConfig | None = None, seed: int = 0, target_suffix: str = "_target",
-                 allow_missing_keys: bool = False, deformations=()):
+    def __init__(
+        self,
+        keys,
+        config: DeformConfig | None = None,
+        seed: int = 0,
+        target_suffix: str = "_target",
+        allow_missing_keys: bool = False,
+        deformations=(),
+    ):
         super().__init__(keys, allow_missing_keys)
         self.pair = GenesisPair(config, seed, deformations=deformations)
         self.target_suffix = target_suffix
@@ -92,8 +122,14 @@ class GenesisPairBatchd(MapTransform):
             batch = d[key]
             x = batch.as_tensor() if isinstance(batch, MetaTensor) else batch
             start = self.pair._start(x, None)  # a collated batch: its layout is known
-            deformed, target = ops.genesis_pair(x, seed=self.pair.seed, offset=start, config=self.pair.config,
-                                                spatial_dims=x.ndim - 2, deformations=self.pair.deformations)
+            deformed, target = ops.genesis_pair(
+                x,
+                seed=self.pair.seed,
+                offset=start,
+                config=self.pair.config,
+                spatial_dims=x.ndim - 2,
+                deformations=self.pair.deformations,
+            )
             record = {"seed": self.pair.seed, "first_index": start}
             d[key], d[key + self.target_suffix] = _wrap(deformed, batch, record), _wrap(target, batch, record)
         return d

@@ -15,6 +15,7 @@ device, with outputs and scratch from the caller's allocator, without synchronis
 result. Torch tensors go through ``torch.ops.genesis_ext.*`` custom ops (with fake implementations), so the ops work
 under ``torch.compile(fullgraph=True)``, ``torch.export`` and CUDA-graph capture.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,9 +42,11 @@ def _check_core_config_fields() -> None:
     python = tuple((f.name, ctype[f.metadata.get("type", bool)]) for f in dataclasses.fields(DeformConfig))
     core = tuple(tuple(f) for f in _C.CONFIG_FIELDS)
     if python != core:
-        raise ImportError(f"genesis_ext: DeformConfig's fields {python} differ from the compiled core's {core}: "
-                          "rebuild the extension (pip install .) or align genesis_ext/config.py and "
-                          "csrc/config_fields.h")
+        raise ImportError(
+            f"genesis_ext: DeformConfig's fields {python} differ from the compiled core's {core}: "
+            "rebuild the extension (pip install .) or align genesis_ext/config.py and "
+            "csrc/config_fields.h"
+        )
 
 
 _check_core_config_fields()
@@ -75,12 +78,16 @@ def _check_seed(seed: Any, offset: Any) -> None:
     for name, value, limit in (("seed", seed, _SEED_LIMIT), ("offset", offset, _OFFSET_LIMIT)):
         if _is_counter_tensor(value):
             if value.numel() != 1 or value.device.type != "cpu" or value.dtype not in (torch.int64, torch.int32):
-                raise TypeError(f"genesis_ext: the {name} tensor must hold one int64 or int32 on the CPU, got "
-                                f"{value.dtype} of shape {tuple(value.shape)} on {value.device}")
+                raise TypeError(
+                    f"genesis_ext: the {name} tensor must hold one int64 or int32 on the CPU, got "
+                    f"{value.dtype} of shape {tuple(value.shape)} on {value.device}"
+                )
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"genesis_ext: {name} must be an int, got {type(value).__name__} (a one-element "
-                            "integer CPU tensor works too)")
+            raise TypeError(
+                f"genesis_ext: {name} must be an int, got {type(value).__name__} (a one-element "
+                "integer CPU tensor works too)"
+            )
         if not 0 <= int(value) < limit:
             raise ValueError(f"genesis_ext: {name} must be in [0, 2**{limit.bit_length() - 1}), got {value}")
 
@@ -93,16 +100,21 @@ def _check_layout(op: str, shape: tuple, spatial_dims: Any) -> None:
     if len(shape) == (4 if spatial_dims == 2 else 5):
         return
     if len(shape) == 4 and spatial_dims is None:
-        raise ValueError(f"genesis_ext.{op}: a 4-D input {shape} is ambiguous: a batch of 2-D images (N, C, H, W) or "
-                         "one 3-D sample (C, X, Y, Z). Pass spatial_dims=2 for a 2-D batch; for one 3-D sample add "
-                         "the batch axis (x[None]) or use genesis_ext.monai.GenesisPaird")
+        raise ValueError(
+            f"genesis_ext.{op}: a 4-D input {shape} is ambiguous: a batch of 2-D images (N, C, H, W) or "
+            "one 3-D sample (C, X, Y, Z). Pass spatial_dims=2 for a 2-D batch; for one 3-D sample add "
+            "the batch axis (x[None]) or use genesis_ext.monai.GenesisPaird"
+        )
     layout = "(N, C, H, W)" if spatial_dims == 2 else "(N, C, X, Y, Z)"
-    raise ValueError(f"genesis_ext.{op}: expected a batch {layout} (spatial_dims={spatial_dims}), got shape {shape} "
-                     f"({len(shape)} dims)")
+    raise ValueError(
+        f"genesis_ext.{op}: expected a batch {layout} (spatial_dims={spatial_dims}), got shape {shape} "
+        f"({len(shape)} dims)"
+    )
 
 
-def _validate(op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | None,
-              spatial_dims: Any = None) -> DeformConfig:
+def _validate(
+    op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | None, spatial_dims: Any = None
+) -> DeformConfig:
     """Check everything about a call before any work is done; returns the config to use."""
     if config is None:
         config = DeformConfig()
@@ -110,18 +122,23 @@ def _validate(op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | No
         raise TypeError(f"genesis_ext.{op}: config must be a DeformConfig or None, got {type(config).__name__}")
     is_torch = torch is not None and isinstance(x, torch.Tensor)
     if not is_torch and not isinstance(x, np.ndarray) and not _is_cupy(x):
-        raise TypeError(f"genesis_ext.{op}: expected a torch.Tensor, numpy.ndarray or cupy.ndarray, "
-                        f"got {type(x).__name__}")
+        raise TypeError(
+            f"genesis_ext.{op}: expected a torch.Tensor, numpy.ndarray or cupy.ndarray, got {type(x).__name__}"
+        )
     on_cuda = _is_cupy(x) or (is_torch and x.device.type == "cuda")
     if is_torch and x.device.type not in ("cpu", "cuda", "meta"):
         raise NotImplementedError(f"genesis_ext.{op}: {x.device.type} tensors are not supported; use CPU or CUDA")
     if on_cuda and not _C.WITH_CUDA:
-        raise RuntimeError(f"genesis_ext.{op}: this genesis_ext was built without CUDA kernels; reinstall with "
-                           "nvcc available (GENESIS_CUDA=ON) or move the batch to the CPU")
+        raise RuntimeError(
+            f"genesis_ext.{op}: this genesis_ext was built without CUDA kernels; reinstall with "
+            "nvcc available (GENESIS_CUDA=ON) or move the batch to the CPU"
+        )
     if not _is_float(x):
-        raise TypeError(f"genesis_ext.{op}: expected floating-point data (float32, float64, float16 or bfloat16), got "
-                        f"{x.dtype}; convert it first, e.g. x.float() (CT in HU: window it to [0, 1] first, as "
-                        "genesis_ext.data does)")
+        raise TypeError(
+            f"genesis_ext.{op}: expected floating-point data (float32, float64, float16 or bfloat16), got "
+            f"{x.dtype}; convert it first, e.g. x.float() (CT in HU: window it to [0, 1] first, as "
+            "genesis_ext.data does)"
+        )
     _check_layout(op, tuple(x.shape), spatial_dims)
     n, c, *spatial = (int(s) for s in x.shape)
     if n == 0:
@@ -133,8 +150,10 @@ def _validate(op: str, x: Any, seed: Any, offset: Any, config: DeformConfig | No
     for rule in config.size_rules(op):
         need = config.min_axis_length(rule)
         if min(spatial) < need:
-            raise ValueError(f"genesis_ext.{op}: spatial size {tuple(spatial)} is too small for {rule} with this "
-                             f"config: every spatial axis needs length >= {need}")
+            raise ValueError(
+                f"genesis_ext.{op}: spatial size {tuple(spatial)} is too small for {rule} with this "
+                f"config: every spatial axis needs length >= {need}"
+            )
     _check_seed(seed, offset)
     return config
 
@@ -155,12 +174,32 @@ def _is_cupy(x) -> bool:
     return type(x).__module__.split(".")[0] == "cupy" and hasattr(x, "__cuda_array_interface__")
 
 
-def _kernel(op: str, x_ptr: int, out_ptr: int, target_ptr: int, shape, seed: int, offset: int,
-            config_vec: list[float], cuda: tuple | None, core=_C) -> None:
+def _kernel(
+    op: str,
+    x_ptr: int,
+    out_ptr: int,
+    target_ptr: int,
+    shape,
+    seed: int,
+    offset: int,
+    config_vec: list[float],
+    cuda: tuple | None,
+    core=_C,
+) -> None:
     """Run the op's kernel on contiguous buffers; cuda = (scratch pointer, scratch bytes, device, stream) or None.
     core: the extension module (the tests pass genesis_ext._emulated's)."""
-    args = (_OPS[op], x_ptr, out_ptr, target_ptr, int(shape[0]), int(shape[1]), [int(s) for s in shape[2:]],
-            seed % _SEED_LIMIT, offset, config_vec)
+    args = (
+        _OPS[op],
+        x_ptr,
+        out_ptr,
+        target_ptr,
+        int(shape[0]),
+        int(shape[1]),
+        [int(s) for s in shape[2:]],
+        seed % _SEED_LIMIT,
+        offset,
+        config_vec,
+    )
     if cuda is None:
         core.deform_cpu(*args, _num_threads())
     else:
@@ -174,8 +213,17 @@ def _scratch_bytes(op: str, shape, config_vec: list[float], core=_C) -> int:
 def _run_numpy(op: str, x: np.ndarray, with_target: bool, seed: int, offset: int, config_vec: list[float]):
     out = np.empty_like(x)
     target = np.empty_like(x) if with_target else None
-    _kernel(op, x.ctypes.data, out.ctypes.data, 0 if target is None else target.ctypes.data, x.shape, seed, offset,
-            config_vec, None)
+    _kernel(
+        op,
+        x.ctypes.data,
+        out.ctypes.data,
+        0 if target is None else target.ctypes.data,
+        x.shape,
+        seed,
+        offset,
+        config_vec,
+        None,
+    )
     return out if target is None else (out, target)
 
 
@@ -189,8 +237,17 @@ def _run_cupy(op: str, x, with_target: bool, seed: int, offset: int, config_vec:
         target = cupy.empty_like(x) if with_target else None
         size = _scratch_bytes(op, x.shape, config_vec)
         scratch = cupy.empty(size, dtype=cupy.uint8)
-        _kernel(op, x.data.ptr, out.data.ptr, 0 if target is None else target.data.ptr, x.shape, seed, offset,
-                config_vec, (scratch.data.ptr, size, x.device.id, cupy.cuda.get_current_stream().ptr))
+        _kernel(
+            op,
+            x.data.ptr,
+            out.data.ptr,
+            0 if target is None else target.data.ptr,
+            x.shape,
+            seed,
+            offset,
+            config_vec,
+            (scratch.data.ptr, size, x.device.id, cupy.cuda.get_current_stream().ptr),
+        )
     return out if target is None else (out, target)
 
 
@@ -204,16 +261,27 @@ def _run_torch(op: str, x: "torch.Tensor", with_target: bool, seed: int, offset:
         size = _scratch_bytes(op, x.shape, config_vec)
         scratch = torch.empty(size, dtype=torch.uint8, device=x.device)  # freed into the same stream's pool
         cuda = (scratch.data_ptr(), size, x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
-    _kernel(op, x.data_ptr(), out.data_ptr(), 0 if target is None else target.data_ptr(), x.shape, seed, offset,
-            config_vec, cuda)
+    _kernel(
+        op,
+        x.data_ptr(),
+        out.data_ptr(),
+        0 if target is None else target.data_ptr(),
+        x.shape,
+        seed,
+        offset,
+        config_vec,
+        cuda,
+    )
     return out if target is None else (out, target)
 
 
 def _counter(seed, offset) -> "torch.Tensor":
     """The custom ops' (seed, offset) argument: an int64 CPU tensor [seed as the int64 of the same bits, offset]. From
     tensors it is traced, not read, so torch.compile does not guard on the values (no recompiles as they advance)."""
-    parts = [v.reshape(()).to(torch.int64) if _is_counter_tensor(v) else torch.tensor(int(v), dtype=torch.int64)
-             for v in (seed if _is_counter_tensor(seed) else _signed(int(seed)), offset)]
+    parts = [
+        v.reshape(()).to(torch.int64) if _is_counter_tensor(v) else torch.tensor(int(v), dtype=torch.int64)
+        for v in (seed if _is_counter_tensor(seed) else _signed(int(seed)), offset)
+    ]
     return torch.stack(parts)
 
 
@@ -243,8 +311,9 @@ def _register_torch_op(name: str):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         return (out, torch.empty_like(out)) if with_target else out
 
-    op = torch.library.custom_op(f"genesis_ext::{name}", impl, mutates_args=(),
-                                 schema=f"(Tensor x, Tensor counter, float[] config) -> {result}")
+    op = torch.library.custom_op(
+        f"genesis_ext::{name}", impl, mutates_args=(), schema=f"(Tensor x, Tensor counter, float[] config) -> {result}"
+    )
     op.register_fake(fake)
     return op
 
@@ -290,8 +359,7 @@ _CONTRACT = """
 """
 
 
-def bezier_remap(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
-                 spatial_dims: int | None = None):
+def bezier_remap(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None):
     """Models Genesis non-linear intensity transform, applied to every sample.
 
     Each sample gets its own random cubic Bézier map f (control points and increasing/decreasing branch from its
@@ -301,8 +369,9 @@ def bezier_remap(x, *, seed: int, offset: int = 0, config: DeformConfig | None =
     return _apply("bezier_remap", x, seed, offset, config, spatial_dims)
 
 
-def local_shuffle(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
-                  spatial_dims: int | None = None):
+def local_shuffle(
+    x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None
+):
     """Models Genesis local pixel shuffling, applied to every sample.
 
     ``config.num_blocks`` random blocks (sizes ``randint(1, S // block_div)`` per axis) are each filled with a
@@ -312,29 +381,27 @@ def local_shuffle(x, *, seed: int, offset: int = 0, config: DeformConfig | None 
     return _apply("local_shuffle", x, seed, offset, config, spatial_dims)
 
 
-def inpaint(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
-            spatial_dims: int | None = None):
+def inpaint(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None):
     """Models Genesis in-painting, applied to every sample: up to ``max_holes`` inner boxes become uniform noise in
     [0, 1) (independent per voxel and channel); the rest is unchanged."""
     return _apply("inpaint", x, seed, offset, config, spatial_dims)
 
 
-def outpaint(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
-             spatial_dims: int | None = None):
+def outpaint(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None):
     """Models Genesis out-painting, applied to every sample: everything outside 1 to ``max_windows`` inner windows
     becomes uniform noise in [0, 1) (independent per voxel and channel); the windows keep their content."""
     return _apply("outpaint", x, seed, offset, config, spatial_dims)
 
 
-def flip(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
-         spatial_dims: int | None = None):
+def flip(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None):
     """The Models Genesis random flip: up to ``max_flips`` flips while ``U() < flip_rate``, each along a random
     spatial axis (``flip_compat``: the published axis draw). Some samples are returned unflipped."""
     return _apply("flip", x, seed, offset, config, spatial_dims)
 
 
-def gaussian_noise(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
-                   spatial_dims: int | None = None):
+def gaussian_noise(
+    x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None
+):
     """Gaussian noise, applied to every sample: ``out = x + std * z`` in float32, z standard normal, independent per
     voxel and channel (Box–Muller on the sample's Philox stream, bit-identical on every device), std uniform in
     [``noise_std_min``, ``noise_std_max``] per sample. Values are not clipped; NaN and ±Inf stay as they are.
@@ -343,8 +410,9 @@ def gaussian_noise(x, *, seed: int, offset: int = 0, config: DeformConfig | None
     return _apply("gaussian_noise", x, seed, offset, config, spatial_dims)
 
 
-def gaussian_blur(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
-                  spatial_dims: int | None = None):
+def gaussian_blur(
+    x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None
+):
     """Gaussian blur, applied to every sample: each channel convolved along each spatial axis in turn with a
     normalised Gaussian of standard deviation sigma, uniform in [``blur_sigma_min``, ``blur_sigma_max``] voxels per
     sample, truncated at radius ``ceil(3 sigma)`` (at most 15), the edge voxel repeated beyond the borders. float32
@@ -354,8 +422,15 @@ def gaussian_blur(x, *, seed: int, offset: int = 0, config: DeformConfig | None 
     return _apply("gaussian_blur", x, seed, offset, config, spatial_dims)
 
 
-def genesis_pair(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
-                 spatial_dims: int | None = None, deformations: Sequence[PixelDeformation] = ()):
+def genesis_pair(
+    x,
+    *,
+    seed: int,
+    offset: int = 0,
+    config: DeformConfig | None = None,
+    spatial_dims: int | None = None,
+    deformations: Sequence[PixelDeformation] = (),
+):
     """One Models Genesis training pair per sample, fused in one pass: returns ``(x_deformed, target)``.
 
     Per sample: flip (input and target alike) -> local shuffle (w.p. ``local_rate``) -> Bézier map (w.p.
@@ -371,16 +446,29 @@ def genesis_pair(x, *, seed: int, offset: int = 0, config: DeformConfig | None =
         return _apply("genesis_pair", x, seed, offset, config, spatial_dims)
     deformations = check_deformations(deformations)
     config = _validate("genesis_pair", x, seed, offset, config, spatial_dims)
-    return pair_with(x, deformations, lambda y, c: _apply("genesis_pair", y, seed, offset, c, spatial_dims),
-                     seed=int(seed), offset=int(offset), config=config)
+    return pair_with(
+        x,
+        deformations,
+        lambda y, c: _apply("genesis_pair", y, seed, offset, c, spatial_dims),
+        seed=int(seed),
+        offset=int(offset),
+        config=config,
+    )
 
 
 for _op in (bezier_remap, local_shuffle, inpaint, outpaint, flip, gaussian_noise, gaussian_blur, genesis_pair):
     _op.__doc__ += _CONTRACT.format(extra=" and rates" if _op is genesis_pair or _op is flip else "")
 
 
-def sample_params(batch: int, spatial_shape, *, seed: int, offset: int = 0, config: DeformConfig | None = None,
-                  with_blocks: bool = True) -> dict[str, np.ndarray]:
+def sample_params(
+    batch: int,
+    spatial_shape,
+    *,
+    seed: int,
+    offset: int = 0,
+    config: DeformConfig | None = None,
+    with_blocks: bool = True,
+) -> dict[str, np.ndarray]:
     """The per-sample parameters the kernels use for samples ``offset .. offset+batch-1``, as numpy arrays.
 
     Derived by the same shared C++ code as the kernels, so ``genesis_ext.reference`` can replay exactly what a kernel

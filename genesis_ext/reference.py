@@ -5,6 +5,7 @@ a pure function of ``(seed, sample index, config)``: the kernels must reproduce 
 contract's tolerance). One sample is ``(C, *spatial)`` with 2 or 3 spatial axes. Faithful and readable first; the
 local shuffle is deliberately the plain sequential loop of the published code (this is also the CPU baseline).
 """
+
 from __future__ import annotations
 
 import math
@@ -81,7 +82,7 @@ def sample_words(seed: int, offset: int, n: int, purpose: int, major: int, n_wor
     ctr[..., 2] = np.uint64(purpose) | (np.arange(n_calls, dtype=np.uint64) << np.uint64(8))
     ctr[..., 3] = np.uint64(major)
     blocks = philox4x32_10(ctr, [int(seed) & 0xFFFFFFFF, int(seed) >> 32])
-    return blocks.reshape(int(n), 4 * n_calls)[:, :int(n_words)]
+    return blocks.reshape(int(n), 4 * n_calls)[:, : int(n_words)]
 
 
 def word(seed: int, index: int, purpose: int, major, w):
@@ -180,19 +181,36 @@ def derive_params(seed: int, index: int, spatial_shape, config: DeformConfig | N
     p["n_holes"], p["holes"] = 0, np.zeros((config.max_holes, 2, ndim), dtype=np.int32)
     if _fits(config, "inpaint", shape):
         p["n_holes"], p["holes"] = _painting_boxes(
-            seed, index, INPAINT, shape, config.max_holes, config.hole_continue, first_always=False,
-            lo=[s // config.hole_div_min for s in shape], hi=[s // config.hole_div_max for s in shape],
-            complement=False, margin=config.margin)
+            seed,
+            index,
+            INPAINT,
+            shape,
+            config.max_holes,
+            config.hole_continue,
+            first_always=False,
+            lo=[s // config.hole_div_min for s in shape],
+            hi=[s // config.hole_div_max for s in shape],
+            complement=False,
+            margin=config.margin,
+        )
     elif config.paint_rate > 0 and config.inpaint_rate > 0:
         raise ValueError(f"in-painting needs every axis >= {config.min_axis_length('inpaint')}, got {shape}")
 
     p["n_windows"], p["windows"] = 0, np.zeros((config.max_windows, 2, ndim), dtype=np.int32)
     if _fits(config, "outpaint", shape):
         p["n_windows"], p["windows"] = _painting_boxes(
-            seed, index, OUTPAINT, shape, config.max_windows, config.window_continue, first_always=True,
+            seed,
+            index,
+            OUTPAINT,
+            shape,
+            config.max_windows,
+            config.window_continue,
+            first_always=True,
             lo=[(config.cut_min_num * s) // config.cut_den for s in shape],
             hi=[(config.cut_max_num * s) // config.cut_den for s in shape],
-            complement=True, margin=config.margin)
+            complement=True,
+            margin=config.margin,
+        )
     elif config.paint_rate > 0 and config.outpaint_rate > 0:
         raise ValueError(f"out-painting needs every axis >= {config.min_axis_length('outpaint')}, got {shape}")
 
@@ -298,10 +316,28 @@ def _series(a, inverse_factorials):
     return p
 
 
-_SIN = [1.0, -1.0 / 6.0, 1.0 / 120.0, -1.0 / 5040.0, 1.0 / 362880.0, -1.0 / 39916800.0, 1.0 / 6227020800.0,
-        -1.0 / 1307674368000.0, 1.0 / 355687428096000.0]
-_COS = [1.0, -1.0 / 2.0, 1.0 / 24.0, -1.0 / 720.0, 1.0 / 40320.0, -1.0 / 3628800.0, 1.0 / 479001600.0,
-        -1.0 / 87178291200.0, 1.0 / 20922789888000.0]
+_SIN = [
+    1.0,
+    -1.0 / 6.0,
+    1.0 / 120.0,
+    -1.0 / 5040.0,
+    1.0 / 362880.0,
+    -1.0 / 39916800.0,
+    1.0 / 6227020800.0,
+    -1.0 / 1307674368000.0,
+    1.0 / 355687428096000.0,
+]
+_COS = [
+    1.0,
+    -1.0 / 2.0,
+    1.0 / 24.0,
+    -1.0 / 720.0,
+    1.0 / 40320.0,
+    -1.0 / 3628800.0,
+    1.0 / 479001600.0,
+    -1.0 / 87178291200.0,
+    1.0 / 20922789888000.0,
+]
 
 
 def gaussian(seed: int, index: int, shape) -> np.ndarray:
@@ -332,7 +368,6 @@ def gaussian(seed: int, index: int, shape) -> np.ndarray:
 def gaussian_noise(x, std, z) -> np.ndarray:
     """x + std * z in float32 (z: ``gaussian(seed, index, x.shape)``)."""
     return (np.asarray(x, dtype=np.float32) + np.float32(std) * np.asarray(z, dtype=np.float32)).astype(np.float32)
-
 
 
 def _exp_neg(x: float) -> float:
@@ -559,5 +594,7 @@ def genesis_pair_batch(x, seed: int, offset: int = 0, config: DeformConfig | Non
     (x_deformed, target). The CPU baseline of the benchmarks."""
     x = np.asarray(x, dtype=np.float32)
     pairs = [genesis_pair(x[n], seed, offset + n, config) for n in range(x.shape[0])]
-    return (np.stack([p[0] for p in pairs]) if pairs else np.empty_like(x),
-            np.stack([p[1] for p in pairs]) if pairs else np.empty_like(x))
+    return (
+        np.stack([p[0] for p in pairs]) if pairs else np.empty_like(x),
+        np.stack([p[1] for p in pairs]) if pairs else np.empty_like(x),
+    )

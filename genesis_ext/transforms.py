@@ -5,6 +5,7 @@ Both keep the running global sample index, so consecutive batches get fresh defo
 seed) in their ``state_dict``: a resumed run continues the stream exactly. The index lives on the host (a Python int
 in the module's extra state, not a device buffer), so advancing it never synchronises with a GPU.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -27,8 +28,9 @@ class _Stream(nn.Module):
         super().__init__()
         self.spatial_dims = spatial_dims  # 2 for batches of 2-D images (N, C, H, W); see genesis_ext.ops
         if config is not None and not isinstance(config, DeformConfig):
-            raise TypeError(f"{type(self).__name__}: config must be a DeformConfig or None, "
-                            f"got {type(config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__}: config must be a DeformConfig or None, got {type(config).__name__}"
+            )
         ops._check_seed(seed, 0)
         self.config = DeformConfig() if config is None else config
         self.seed = int(seed)
@@ -61,14 +63,25 @@ class GenesisPair(_Stream):
     ``pair(x, offset=k)`` sets it explicitly. No parameters; ``state_dict`` holds the seed and the running index.
     ``deformations``: user pixel-level deformations (``genesis_ext.PixelDeformation``) in the pair."""
 
-    def __init__(self, config: DeformConfig | None = None, seed: int = 0, spatial_dims: int | None = None,
-                 deformations: Sequence[PixelDeformation] = ()):
+    def __init__(
+        self,
+        config: DeformConfig | None = None,
+        seed: int = 0,
+        spatial_dims: int | None = None,
+        deformations: Sequence[PixelDeformation] = (),
+    ):
         super().__init__(config, seed, spatial_dims)
         self.deformations = check_deformations(deformations)
 
     def forward(self, x: torch.Tensor, offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops.genesis_pair(x, seed=self.seed, offset=self._start(x, offset), config=self.config,
-                                spatial_dims=self.spatial_dims, deformations=self.deformations)
+        return ops.genesis_pair(
+            x,
+            seed=self.seed,
+            offset=self._start(x, offset),
+            config=self.config,
+            spatial_dims=self.spatial_dims,
+            deformations=self.deformations,
+        )
 
     def extra_repr(self) -> str:
         names = ", ".join(d.name for d in self.deformations)
@@ -81,8 +94,14 @@ class GenesisDeform(_Stream):
     Sample i's coin is a pure function of (seed, i, op), like every other draw, so it does not depend on the batch.
     One class for every op (not one per op): one contract, and a new built-in deformation needs no new class."""
 
-    def __init__(self, op: str, config: DeformConfig | None = None, seed: int = 0, prob: float = 1.0,
-                 spatial_dims: int | None = None):
+    def __init__(
+        self,
+        op: str,
+        config: DeformConfig | None = None,
+        seed: int = 0,
+        prob: float = 1.0,
+        spatial_dims: int | None = None,
+    ):
         super().__init__(config, seed, spatial_dims)
         if op not in ops.SINGLE_OPS:
             raise ValueError(f"GenesisDeform: unknown op {op!r}; choose one of {', '.join(ops.SINGLE_OPS)}")

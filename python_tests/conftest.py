@@ -7,6 +7,7 @@
   [-1000, 1000], ``(v + 1000) / 2000``). Looked up in ``data/sample/`` (shipped with the repo), then in
   ``../shared/data/totalsegmentator/``; tests that use it skip when neither holds the NIfTI files.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -77,7 +78,7 @@ def ct_cubes() -> np.ndarray:
         volume = ((np.clip(volume, -1000.0, 1000.0) + 1000.0) / 2000.0).astype(np.float32)
         for _ in range(CUBES_PER_VOLUME):
             o = [int(picker.integers(0, s - c + 1)) for s, c in zip(volume.shape, CUBE)]
-            cubes.append(volume[o[0]:o[0] + CUBE[0], o[1]:o[1] + CUBE[1], o[2]:o[2] + CUBE[2]])
+            cubes.append(volume[o[0] : o[0] + CUBE[0], o[1] : o[1] + CUBE[1], o[2] : o[2] + CUBE[2]])
     batch = np.ascontiguousarray(np.stack(cubes)[:, None])
     assert batch.dtype == np.float32 and batch.shape[1:] == (1, *CUBE)
     assert 0.0 <= batch.min() and batch.max() <= 1.0 and batch.std() > 0.05  # real anatomy, not a constant

@@ -5,6 +5,7 @@ HIP-CPU), so the two cannot drift; test_ops.py and test_build.py take their conf
 Every comparison is of float32 bit patterns, every NaN as one NaN (payloads are not part of the promise; only the
 Bézier map makes new NaNs, from NaN inputs). The Bézier map is bit-identical too: its body is shared.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -19,24 +20,71 @@ ALL_OPS = SINGLE_OPS + ("genesis_pair",)
 OFFICIAL = (64, 64, 32)
 
 # Every field differs from the default (fits (23, 41, 17): blocks 1..4 per axis, holes 3..8 on the 17-axis).
-SCRAMBLED = DeformConfig(nonlinear_rate=0.3, local_rate=0.7, paint_rate=0.6, inpaint_rate=0.45, outpaint_rate=0.55,
-                         flip_rate=0.8, num_blocks=300, block_div=4, max_holes=7, hole_continue=0.8, hole_div_min=5,
-                         hole_div_max=2, max_windows=6, window_continue=0.7, cut_min_num=2, cut_max_num=5,
-                         cut_den=9, margin=1, max_flips=5, gaussian_noise_rate=0.4, noise_std_min=0.02,
-                         noise_std_max=0.3, blur_rate=0.35, blur_sigma_min=0.3, blur_sigma_max=2.5)
+SCRAMBLED = DeformConfig(
+    nonlinear_rate=0.3,
+    local_rate=0.7,
+    paint_rate=0.6,
+    inpaint_rate=0.45,
+    outpaint_rate=0.55,
+    flip_rate=0.8,
+    num_blocks=300,
+    block_div=4,
+    max_holes=7,
+    hole_continue=0.8,
+    hole_div_min=5,
+    hole_div_max=2,
+    max_windows=6,
+    window_continue=0.7,
+    cut_min_num=2,
+    cut_max_num=5,
+    cut_den=9,
+    margin=1,
+    max_flips=5,
+    gaussian_noise_rate=0.4,
+    noise_std_min=0.02,
+    noise_std_max=0.3,
+    blur_rate=0.35,
+    blur_sigma_min=0.3,
+    blur_sigma_max=2.5,
+)
 # Extremes of the size rules: boxes touching the faces, 8 holes / windows, large shuffle blocks.
-EDGE = DeformConfig(nonlinear_rate=0.5, local_rate=0.5, paint_rate=0.8, inpaint_rate=0.5, outpaint_rate=0.5,
-                    flip_rate=0.9, num_blocks=40, block_div=2, max_holes=8, hole_continue=1.0, hole_div_min=3,
-                    hole_div_max=2, max_windows=8, window_continue=1.0, cut_min_num=1, cut_max_num=6, cut_den=7,
-                    margin=0, max_flips=8, gaussian_noise_rate=1.0, noise_std_min=0.0, noise_std_max=1.0, blur_rate=0.5,
-                    blur_sigma_min=0.1, blur_sigma_max=5.0)
+EDGE = DeformConfig(
+    nonlinear_rate=0.5,
+    local_rate=0.5,
+    paint_rate=0.8,
+    inpaint_rate=0.5,
+    outpaint_rate=0.5,
+    flip_rate=0.9,
+    num_blocks=40,
+    block_div=2,
+    max_holes=8,
+    hole_continue=1.0,
+    hole_div_min=3,
+    hole_div_max=2,
+    max_windows=8,
+    window_continue=1.0,
+    cut_min_num=1,
+    cut_max_num=6,
+    cut_den=7,
+    margin=0,
+    max_flips=8,
+    gaussian_noise_rate=1.0,
+    noise_std_min=0.0,
+    noise_std_max=1.0,
+    blur_rate=0.5,
+    blur_sigma_min=0.1,
+    blur_sigma_max=5.0,
+)
 
 # docs/architecture §4: (counter, key) -> output of Philox4x32-10 (Random123 known-answer vectors)
 PHILOX_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 # Fixed (seed, offset) pairs of every case: small, 32-bit edges (the batch crosses into the counter's high word), and
@@ -69,8 +117,12 @@ BIG_CASES = [
 ]
 
 # More samples than one launch takes (65,535, the grid's y limit): (id, shape, config, offset), for the ops given.
-MULTI_LAUNCH_CASE = ("65540-samples", (65540, 1, 3, 2), DeformConfig(local_rate=0.0, paint_rate=0.0, flip_rate=0.9),
-                     2**40)
+MULTI_LAUNCH_CASE = (
+    "65540-samples",
+    (65540, 1, 3, 2),
+    DeformConfig(local_rate=0.0, paint_rate=0.0, flip_rate=0.9),
+    2**40,
+)
 MULTI_LAUNCH_OPS = ("flip", "genesis_pair")
 
 # (shape, config) of the non-finite cases, each run at NONFINITE_OFFSETS.
@@ -90,8 +142,9 @@ def case_seed_offsets(op: str, name: str) -> list[tuple[int, int]]:
     """SEED_OFFSETS and random pairs, N_SEED_OFFSETS in all, stable per (op, case) across runs (hash() is salted,
     crc32 is not)."""
     rng = np.random.default_rng(zlib.crc32(f"{op}/{name}".encode()))
-    return SEED_OFFSETS + [(int(rng.integers(0, 2**64, dtype=np.uint64)), int(rng.integers(0, 2**40)))
-                           for _ in range(RANDOM_SEED_OFFSETS)]
+    return SEED_OFFSETS + [
+        (int(rng.integers(0, 2**64, dtype=np.uint64)), int(rng.integers(0, 2**40))) for _ in range(RANDOM_SEED_OFFSETS)
+    ]
 
 
 def uniform(shape, seed) -> np.ndarray:
@@ -114,8 +167,10 @@ def case_input(name: str, shape) -> np.ndarray:
 
 def with_special_values(x: np.ndarray, seed) -> np.ndarray:
     """A copy of x with 1/8 of its values NaN, ±Inf, ±0, out of [0, 1], subnormal or huge."""
-    special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1.0, -0.5, 1.5, 1e-45, -1e-45, 3e38, -3e38, 1e-30,
-                        0.99999994], dtype=np.float32)
+    special = np.array(
+        [np.nan, np.inf, -np.inf, -0.0, 0.0, 1.0, -0.5, 1.5, 1e-45, -1e-45, 3e38, -3e38, 1e-30, 0.99999994],
+        dtype=np.float32,
+    )
     x = x.copy()
     flat = x.reshape(-1)
     rng = np.random.default_rng(seed)
@@ -153,5 +208,7 @@ def bit_mismatch(got: np.ndarray, want: np.ndarray, what: str) -> str | None:
     first = tuple(int(i) for i in np.argwhere(differ)[0])
     both = differ & np.isfinite(got) & np.isfinite(want)
     worst = float(np.abs(got[both].astype(np.float64) - want[both]).max()) if both.any() else float("nan")
-    return (f"{what}: {int(differ.sum())} of {differ.size} values differ from the CPU kernel; first at {first}: got "
-            f"{float(got[first])!r}, CPU {float(want[first])!r}; max finite |diff| {worst:.3g}")
+    return (
+        f"{what}: {int(differ.sum())} of {differ.size} values differ from the CPU kernel; first at {first}: got "
+        f"{float(got[first])!r}, CPU {float(want[first])!r}; max finite |diff| {worst:.3g}"
+    )

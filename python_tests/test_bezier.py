@@ -5,6 +5,7 @@ would not be accurate (near vertical tangents). The contract is 1e-5 max-abs err
 float32 input in [0, 1]. Curves come from sample_params (control points cannot be set directly), so the adversarial
 ones (near-vertical tangents at 0, at 1, or inside) are found by searching sample indices.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,21 @@ def special_values():
     float32 neighbours (the table has 256 cells)."""
     edges = np.arange(257, dtype=F32) / F32(256)
     near = np.concatenate([np.nextafter(edges, F32(0)), np.nextafter(edges, F32(1))])
-    tiny = np.array([np.finfo(F32).smallest_subnormal, np.finfo(F32).tiny, 1e-30, 1e-12, 1e-8, 1e-7, 6e-8,
-                     np.finfo(F32).eps, 1e-6, 1e-4], dtype=F32)
+    tiny = np.array(
+        [
+            np.finfo(F32).smallest_subnormal,
+            np.finfo(F32).tiny,
+            1e-30,
+            1e-12,
+            1e-8,
+            1e-7,
+            6e-8,
+            np.finfo(F32).eps,
+            1e-6,
+            1e-4,
+        ],
+        dtype=F32,
+    )
     top = F32(1) - np.array([np.finfo(F32).epsneg, 2 * np.finfo(F32).epsneg, 1e-7, 1e-6, 1e-4], dtype=F32)
     return np.concatenate([edges, near, tiny, top, [F32(0.5) - F32(3e-8), F32(0.5) + F32(3e-8)]])
 
@@ -51,14 +65,16 @@ def max_errors(values, seed, indices, chunk=64):
     runs = np.split(np.arange(len(indices)), np.nonzero(np.diff(indices) != 1)[0] + 1)
     for run in runs:
         for start in range(0, len(run), chunk):
-            part = run[start:start + chunk]
+            part = run[start : start + chunk]
             x = np.ascontiguousarray(np.broadcast_to(plane, (len(part),) + plane.shape[1:]))
-            out = genesis_ext.bezier_remap(x, seed=seed, offset=int(indices[part[0]]), config=CONFIG,
-                                           spatial_dims=x.ndim - 2)
-            params = genesis_ext.sample_params(len(part), (64, 64), seed=seed, offset=int(indices[part[0]]),
-                                               config=CONFIG, with_blocks=False)
+            out = genesis_ext.bezier_remap(
+                x, seed=seed, offset=int(indices[part[0]]), config=CONFIG, spatial_dims=x.ndim - 2
+            )
+            params = genesis_ext.sample_params(
+                len(part), (64, 64), seed=seed, offset=int(indices[part[0]]), config=CONFIG, with_blocks=False
+            )
             for j, k in enumerate(part):
-                got = out[j].reshape(-1)[:len(values)].astype(np.float64)
+                got = out[j].reshape(-1)[: len(values)].astype(np.float64)
                 exact = R.bezier_map(values, params["bezier"][j], params["increasing"][j])
                 err = np.abs(got - exact)
                 errors[k], where[k] = err.max(), values[err.argmax()]
@@ -94,8 +110,10 @@ def test_bezier_random_curves(rng):
     values = value_grid(2**14, 4096, rng)
     errors, where = max_errors(values, SEED, np.arange(2000))
     worst = int(errors.argmax())
-    print(f"\nBézier, 2000 random curves x {len(values)} values: max error {errors.max():.3e} "
-          f"(sample {worst}, v = {where[worst]!r}); median of per-curve max {np.median(errors):.3e}")
+    print(
+        f"\nBézier, 2000 random curves x {len(values)} values: max error {errors.max():.3e} "
+        f"(sample {worst}, v = {where[worst]!r}); median of per-curve max {np.median(errors):.3e}"
+    )
     assert errors.max() <= TOL, (worst, where[worst], errors.max())
 
 
@@ -109,8 +127,10 @@ def test_bezier_adversarial_curves_dense(rng):
         errors, where = max_errors(values, SEED, indices)
         k = int(errors.argmax())
         worst_all = max(worst_all, errors[k])
-        lines.append(f"  {kind:26s} {len(indices):3d} curves: max error {errors[k]:.3e} at v = {where[k]!r} "
-                     f"(sample {indices[k]})")
+        lines.append(
+            f"  {kind:26s} {len(indices):3d} curves: max error {errors[k]:.3e} at v = {where[k]!r} "
+            f"(sample {indices[k]})"
+        )
         assert errors.max() <= TOL, (kind, indices[k], where[k], errors[k])
     print("\nBézier, adversarial curves x", len(values), "values:\n" + "\n".join(lines))
     assert worst_all > 0  # the comparison is live (a float32 result is never exactly the float64 map everywhere)

@@ -4,6 +4,7 @@ The parameter test is the foundation of every kernel-vs-oracle test: ``sample_pa
 ``derive_params`` as the kernels, and it must equal ``genesis_ext.reference.derive_params`` (numpy, written from
 docs/randomness.md) bit for bit.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -57,16 +58,25 @@ def _device_buffers(arrays):
     """numpy uint32 arrays -> (device arrays, pointer getter, stream handle, to_numpy), with torch or cupy."""
     try:
         import torch
+
         if torch.cuda.is_available():
             dev = [torch.from_numpy(a.view(np.int32)).cuda() for a in arrays]
-            return (dev, lambda t: t.data_ptr(), torch.cuda.current_stream().cuda_stream,
-                    lambda t: (torch.cuda.synchronize(), t.cpu().numpy().view(np.uint32))[1])
+            return (
+                dev,
+                lambda t: t.data_ptr(),
+                torch.cuda.current_stream().cuda_stream,
+                lambda t: (torch.cuda.synchronize(), t.cpu().numpy().view(np.uint32))[1],
+            )
     except ImportError:
         pass
     cupy = pytest.importorskip("cupy", reason="needs a CUDA-enabled torch or cupy to allocate device buffers")
     dev = [cupy.asarray(a) for a in arrays]
-    return (dev, lambda t: t.data.ptr, cupy.cuda.get_current_stream().ptr,
-            lambda t: (cupy.cuda.get_current_stream().synchronize(), cupy.asnumpy(t))[1])
+    return (
+        dev,
+        lambda t: t.data.ptr,
+        cupy.cuda.get_current_stream().ptr,
+        lambda t: (cupy.cuda.get_current_stream().synchronize(), cupy.asnumpy(t))[1],
+    )
 
 
 @pytest.mark.cuda
@@ -77,7 +87,8 @@ def test_cuda_philox_matches_cpu(rng):
     for j, (c, k, _) in enumerate(PHILOX_KAT):
         ctr[j], key[j] = c, k
     (d_ctr, d_key, d_out), ptr, stream, to_numpy = _device_buffers(
-        [ctr, key, np.full((n, 4), 0xDEADBEEF, dtype=np.uint32)])  # poisoned: an unwritten word shows
+        [ctr, key, np.full((n, 4), 0xDEADBEEF, dtype=np.uint32)]
+    )  # poisoned: an unwritten word shows
     _C.cuda_philox4x32_10(ptr(d_ctr), ptr(d_key), ptr(d_out), n, 0, stream)
     got = to_numpy(d_out).reshape(n, 4)
     assert np.array_equal(got, R.philox4x32_10(ctr, key))
@@ -88,8 +99,24 @@ def test_cuda_philox_matches_cpu(rng):
 # ---------------------------------------------------------------------------------------------------------------------
 # sample_params (C++) == reference.derive_params (numpy), exactly
 
-PARAM_KEYS = ("nonlinear", "local", "paint", "inpaint", "gaussian", "noise_std", "blur", "blur_sigma", "flip", "bezier",
-              "increasing", "n_holes", "holes", "n_windows", "windows", "blocks")
+PARAM_KEYS = (
+    "nonlinear",
+    "local",
+    "paint",
+    "inpaint",
+    "gaussian",
+    "noise_std",
+    "blur",
+    "blur_sigma",
+    "flip",
+    "bezier",
+    "increasing",
+    "n_holes",
+    "holes",
+    "n_windows",
+    "windows",
+    "blocks",
+)
 
 
 def _assert_params_equal(seed, offset, batch, spatial, config):
@@ -115,15 +142,19 @@ def test_sample_params_match_reference_official_3d(seed):
         _assert_params_equal(seed, offset, 3, (64, 64, 32), DeformConfig.official())
 
 
-@pytest.mark.parametrize("spatial, config", [
-    ((23, 41, 17), DeformConfig()),
-    ((23, 41, 17), SCRAMBLED),
-    ((64, 64), DeformConfig()),
-    ((64, 64), SCRAMBLED),
-    ((64, 64, 32), DeformConfig.official(flip_compat=True)),
-    ((64, 64), DeformConfig.official(flip_compat=True)),
-    ((23, 41, 17), SCRAMBLED.replace(flip_compat=True)),
-], ids=["odd", "odd-scrambled", "2d", "2d-scrambled", "compat", "2d-compat", "odd-scrambled-compat"])
+@pytest.mark.parametrize(
+    "spatial, config",
+    [
+        ((23, 41, 17), DeformConfig()),
+        ((23, 41, 17), SCRAMBLED),
+        ((64, 64), DeformConfig()),
+        ((64, 64), SCRAMBLED),
+        ((64, 64, 32), DeformConfig.official(flip_compat=True)),
+        ((64, 64), DeformConfig.official(flip_compat=True)),
+        ((23, 41, 17), SCRAMBLED.replace(flip_compat=True)),
+    ],
+    ids=["odd", "odd-scrambled", "2d", "2d-scrambled", "compat", "2d-compat", "odd-scrambled-compat"],
+)
 def test_sample_params_match_reference_shapes_and_configs(spatial, config):
     for seed, offset in [(0, 0), (7, 1000), (2**63 + 5, 2**32 - 3), (2**64 - 1, 2**63 - 4), (123456789, 17)]:
         _assert_params_equal(seed, offset, 4, spatial, config)
@@ -149,24 +180,30 @@ def test_sample_params_are_a_function_of_the_global_index():
     assert not np.array_equal(whole["blocks"], other["blocks"])
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\)"),
-    (dict(seed=2**64), ValueError, r"seed must be in \[0, 2\*\*64\)"),
-    (dict(seed=1.0), TypeError, "seed must be an int"),
-    (dict(seed=1, offset=2**63), ValueError, r"offset must be in \[0, 2\*\*63\)"),
-    (dict(seed=1, offset=-2), ValueError, "offset must be in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+        (dict(seed=2**64), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+        (dict(seed=1.0), TypeError, "seed must be an int"),
+        (dict(seed=1, offset=2**63), ValueError, r"offset must be in \[0, 2\*\*63\)"),
+        (dict(seed=1, offset=-2), ValueError, "offset must be in"),
+    ],
+)
 def test_sample_params_rejects_bad_seed_and_offset(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         genesis_ext.sample_params(2, (64, 64, 32), **kwargs)
 
 
-@pytest.mark.parametrize("args, match", [
-    ((0, (64, 64, 32)), "batch must be >= 1"),
-    ((2, (64, 64, 32, 4)), "spatial_shape must be 2 or 3 positive lengths"),
-    ((2, (64,)), "spatial_shape must be 2 or 3 positive lengths"),
-    ((2, (64, 0, 32)), "spatial_shape must be 2 or 3 positive lengths"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((0, (64, 64, 32)), "batch must be >= 1"),
+        ((2, (64, 64, 32, 4)), "spatial_shape must be 2 or 3 positive lengths"),
+        ((2, (64,)), "spatial_shape must be 2 or 3 positive lengths"),
+        ((2, (64, 0, 32)), "spatial_shape must be 2 or 3 positive lengths"),
+    ],
+)
 def test_sample_params_rejects_bad_shapes(args, match):
     with pytest.raises(ValueError, match=match):
         genesis_ext.sample_params(*args, seed=0)
@@ -197,21 +234,30 @@ ptxas info    : Used 8 registers, used 0 barriers
 """
     kernels = res.parse(ptxas)
     assert [(k.name, k.registers, k.stack, k.smem) for k in kernels] == [
-        ("prepare_kernel", 62, 552, 6608), ("philox_kernel", 255, 16, 0), ("new_kernel", 8, 0, 0)]
+        ("prepare_kernel", 62, 552, 6608),
+        ("philox_kernel", 255, 16, 0),
+        ("new_kernel", 8, 0, 0),
+    ]
     rows, problems = res.judge(kernels)
     assert "50%" in rows[1] and "registers" in rows[1]  # 62 registers x 256 threads: 4 blocks, 32 of 64 warps
-    assert problems == ["philox_kernel: spills 8 bytes stored, 8 loaded",
-                        "new_kernel: no launch size in LAUNCH_THREADS"]
+    assert problems == [
+        "philox_kernel: spills 8 bytes stored, 8 loaded",
+        "new_kernel: no launch size in LAUNCH_THREADS",
+    ]
     big = res.Kernel("deform_kernel<1024, unsigned short>", registers=40, smem=60 * 1024)
-    assert res.judge([big])[1] == ["deform_kernel<1024, unsigned short>: cannot launch 256 threads per block "
-                                   "(shared memory)"]
+    assert res.judge([big])[1] == [
+        "deform_kernel<1024, unsigned short>: cannot launch 256 threads per block (shared memory)"
+    ]
 
 
 def test_cli_parsing_imports_neither_torch_nor_the_extension():
     """`genesis-ext --help` and every verb's parser stay light (issue: --help took 1-9 s importing torch)."""
     import subprocess
-    code = ("import sys\nfrom genesis_ext.cli import build_parser\nbuild_parser()  # every verb's arguments\n"
-            "print(sorted(m for m in ('torch', 'genesis_ext._C', 'genesis_ext.ops') if m in sys.modules))\n")
+
+    code = (
+        "import sys\nfrom genesis_ext.cli import build_parser\nbuild_parser()  # every verb's arguments\n"
+        "print(sorted(m for m in ('torch', 'genesis_ext._C', 'genesis_ext.ops') if m in sys.modules))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
     version = subprocess.run([sys.executable, "-m", "genesis_ext.cli", "--version"], capture_output=True, text=True)
@@ -221,10 +267,15 @@ def test_cli_parsing_imports_neither_torch_nor_the_extension():
 @pytest.mark.parametrize("verb", ["pretrain", "finetune"])
 def test_training_verbs_without_torch_say_what_to_install(verb, tmp_path):
     import subprocess
-    args = {"pretrain": ["--data", str(tmp_path), "--out", str(tmp_path / "run")],
-            "finetune": ["--task", "segmentation", "--data", str(tmp_path), "--out", str(tmp_path / "run")]}[verb]
-    code = ("import sys\nsys.modules['torch'] = None  # as if torch were not installed\n"
-            f"from genesis_ext.cli import main\nsys.exit(main({[verb, *args]!r}))\n")
+
+    args = {
+        "pretrain": ["--data", str(tmp_path), "--out", str(tmp_path / "run")],
+        "finetune": ["--task", "segmentation", "--data", str(tmp_path), "--out", str(tmp_path / "run")],
+    }[verb]
+    code = (
+        "import sys\nsys.modules['torch'] = None  # as if torch were not installed\n"
+        f"from genesis_ext.cli import main\nsys.exit(main({[verb, *args]!r}))\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 2, run.stderr
     assert "needs PyTorch, which is not installed: pip install 'genesis-ext[train]'" in run.stderr, run.stderr

@@ -1,5 +1,6 @@
 """DeformConfig: every field is checked where it is declared, nothing that can hang a kernel or overflow an index gets
 through, and the Python and C++ field lists cannot drift."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,50 +15,61 @@ from genesis_ext import _C, DeformConfig
 from genesis_ext.config import MAX_BLOCKS
 
 
-@pytest.mark.parametrize("changes, match", [
-    (dict(local_rate=1.5), r"DeformConfig\.local_rate must be a number in \[0, 1\], got 1.5"),
-    (dict(nonlinear_rate=-0.1), r"DeformConfig\.nonlinear_rate must be a number in \[0, 1\]"),
-    (dict(flip_rate=float("nan")), r"DeformConfig\.flip_rate must be a number in \[0, 1\], got nan"),
-    (dict(paint_rate=True), r"DeformConfig\.paint_rate must be a number in \[0, 1\], got True"),
-    (dict(hole_continue=2), r"DeformConfig\.hole_continue must be a number in \[0, 1\]"),
-    (dict(window_continue="0.9"), r"DeformConfig\.window_continue must be a number"),
-    (dict(inpaint_rate=0.5, outpaint_rate=0.8),
-     "outpaint_rate must be 1 - inpaint_rate; got inpaint_rate=0.5, outpaint_rate=0.8"),
-    (dict(outpaint_rate=1.0, inpaint_rate=0.2), "outpaint_rate must be 1 - inpaint_rate"),
-    (dict(num_blocks=0), rf"DeformConfig\.num_blocks must be an integer in \[1, {MAX_BLOCKS}\], got 0"),
-    (dict(block_div=0), r"DeformConfig\.block_div must be an integer in \[1, 32767\], got 0"),
-    (dict(max_holes=9), r"DeformConfig\.max_holes must be an integer in \[0, 8\]"),
-    (dict(max_flips=-1), r"DeformConfig\.max_flips must be an integer in \[0, 8\]"),
-    (dict(max_windows=0), r"DeformConfig\.max_windows must be an integer in \[1, 8\]"),
-    (dict(hole_div_min=2), "hole_div_min must be >= hole_div_max"),
-    (dict(cut_min_num=5), "need 0 <= cut_min_num <= cut_max_num <= cut_den"),
-    (dict(margin=-1), r"DeformConfig\.margin must be an integer in \[0, 32767\]"),
-    (dict(flip_compat=1), r"DeformConfig\.flip_compat must be a bool, got 1"),
-    # values that used to be accepted and then hang the ops for minutes (found by fuzzing), and non-integers
-    (dict(num_blocks=2**31), r"DeformConfig\.num_blocks must be an integer in \[1, 1000000\], got 2147483648"),
-    (dict(num_blocks=2**40), r"DeformConfig\.num_blocks must be an integer"),
-    (dict(num_blocks=float("nan")), r"DeformConfig\.num_blocks must be an integer .*got nan"),
-    (dict(num_blocks=2.5), r"DeformConfig\.num_blocks must be an integer .*got 2.5"),
-    (dict(num_blocks=100.0), r"DeformConfig\.num_blocks must be an integer .*got 100.0"),
-    (dict(block_div=10**9), r"DeformConfig\.block_div must be an integer in \[1, 32767\], got 1000000000"),
-    (dict(block_div=float("nan")), r"DeformConfig\.block_div must be an integer"),
-    (dict(block_div=float("inf")), r"DeformConfig\.block_div must be an integer .*got inf"),
-    (dict(hole_div_min=10**9), r"DeformConfig\.hole_div_min must be an integer in \[1, 32767\]"),
-    (dict(margin=10**9), r"DeformConfig\.margin must be an integer in \[0, 32767\]"),
-    (dict(margin=float("nan")), r"DeformConfig\.margin must be an integer"),
-    (dict(max_holes=True), r"DeformConfig\.max_holes must be an integer .*got True"),
-    (dict(cut_min_num=0), r"outpaint fits no axis of up to 32767 voxels with cut_min_num=0, cut_max_num=4, "
-                          r"cut_den=7, margin=3"),
-    (dict(cut_max_num=7), r"outpaint fits no axis of up to 32767 voxels with cut_min_num=3, cut_max_num=7"),
-    (dict(cut_den=10**9), r"DeformConfig\.cut_den must be an integer in \[1, 32767\]"),
-    (dict(hole_div_max=1, hole_div_min=1), r"inpaint fits no axis of up to 32767 voxels with hole_div_min=1, "
-                                           r"hole_div_max=1, margin=3"),
-    (dict(margin=16384), r"inpaint fits no axis"),
-    (dict(blur_sigma_max=5.5), r"DeformConfig\.blur_sigma_max must be a number in \[0\.1, 5\]"),
-    (dict(blur_sigma_min=0.0), r"DeformConfig\.blur_sigma_min must be a number in \[0\.1, 5\]"),
-    (dict(blur_sigma_min=2.0, blur_sigma_max=1.0), r"need blur_sigma_min <= blur_sigma_max, got 2\.0 > 1\.0"),
-    (dict(blur_rate=float("nan")), r"DeformConfig\.blur_rate must be a number in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(local_rate=1.5), r"DeformConfig\.local_rate must be a number in \[0, 1\], got 1.5"),
+        (dict(nonlinear_rate=-0.1), r"DeformConfig\.nonlinear_rate must be a number in \[0, 1\]"),
+        (dict(flip_rate=float("nan")), r"DeformConfig\.flip_rate must be a number in \[0, 1\], got nan"),
+        (dict(paint_rate=True), r"DeformConfig\.paint_rate must be a number in \[0, 1\], got True"),
+        (dict(hole_continue=2), r"DeformConfig\.hole_continue must be a number in \[0, 1\]"),
+        (dict(window_continue="0.9"), r"DeformConfig\.window_continue must be a number"),
+        (
+            dict(inpaint_rate=0.5, outpaint_rate=0.8),
+            "outpaint_rate must be 1 - inpaint_rate; got inpaint_rate=0.5, outpaint_rate=0.8",
+        ),
+        (dict(outpaint_rate=1.0, inpaint_rate=0.2), "outpaint_rate must be 1 - inpaint_rate"),
+        (dict(num_blocks=0), rf"DeformConfig\.num_blocks must be an integer in \[1, {MAX_BLOCKS}\], got 0"),
+        (dict(block_div=0), r"DeformConfig\.block_div must be an integer in \[1, 32767\], got 0"),
+        (dict(max_holes=9), r"DeformConfig\.max_holes must be an integer in \[0, 8\]"),
+        (dict(max_flips=-1), r"DeformConfig\.max_flips must be an integer in \[0, 8\]"),
+        (dict(max_windows=0), r"DeformConfig\.max_windows must be an integer in \[1, 8\]"),
+        (dict(hole_div_min=2), "hole_div_min must be >= hole_div_max"),
+        (dict(cut_min_num=5), "need 0 <= cut_min_num <= cut_max_num <= cut_den"),
+        (dict(margin=-1), r"DeformConfig\.margin must be an integer in \[0, 32767\]"),
+        (dict(flip_compat=1), r"DeformConfig\.flip_compat must be a bool, got 1"),
+        # values that used to be accepted and then hang the ops for minutes (found by fuzzing), and non-integers
+        (dict(num_blocks=2**31), r"DeformConfig\.num_blocks must be an integer in \[1, 1000000\], got 2147483648"),
+        (dict(num_blocks=2**40), r"DeformConfig\.num_blocks must be an integer"),
+        (dict(num_blocks=float("nan")), r"DeformConfig\.num_blocks must be an integer .*got nan"),
+        (dict(num_blocks=2.5), r"DeformConfig\.num_blocks must be an integer .*got 2.5"),
+        (dict(num_blocks=100.0), r"DeformConfig\.num_blocks must be an integer .*got 100.0"),
+        (dict(block_div=10**9), r"DeformConfig\.block_div must be an integer in \[1, 32767\], got 1000000000"),
+        (dict(block_div=float("nan")), r"DeformConfig\.block_div must be an integer"),
+        (dict(block_div=float("inf")), r"DeformConfig\.block_div must be an integer .*got inf"),
+        (dict(hole_div_min=10**9), r"DeformConfig\.hole_div_min must be an integer in \[1, 32767\]"),
+        (dict(margin=10**9), r"DeformConfig\.margin must be an integer in \[0, 32767\]"),
+        (dict(margin=float("nan")), r"DeformConfig\.margin must be an integer"),
+        (dict(max_holes=True), r"DeformConfig\.max_holes must be an integer .*got True"),
+        (
+            dict(cut_min_num=0),
+            r"outpaint fits no axis of up to 32767 voxels with cut_min_num=0, cut_max_num=4, "
+            r"cut_den=7, margin=3",
+        ),
+        (dict(cut_max_num=7), r"outpaint fits no axis of up to 32767 voxels with cut_min_num=3, cut_max_num=7"),
+        (dict(cut_den=10**9), r"DeformConfig\.cut_den must be an integer in \[1, 32767\]"),
+        (
+            dict(hole_div_max=1, hole_div_min=1),
+            r"inpaint fits no axis of up to 32767 voxels with hole_div_min=1, "
+            r"hole_div_max=1, margin=3",
+        ),
+        (dict(margin=16384), r"inpaint fits no axis"),
+        (dict(blur_sigma_max=5.5), r"DeformConfig\.blur_sigma_max must be a number in \[0\.1, 5\]"),
+        (dict(blur_sigma_min=0.0), r"DeformConfig\.blur_sigma_min must be a number in \[0\.1, 5\]"),
+        (dict(blur_sigma_min=2.0, blur_sigma_max=1.0), r"need blur_sigma_min <= blur_sigma_max, got 2\.0 > 1\.0"),
+        (dict(blur_rate=float("nan")), r"DeformConfig\.blur_rate must be a number in \[0, 1\]"),
+    ],
+)
 def test_config_validation(changes, match):
     with pytest.raises(ValueError, match=match):
         DeformConfig(**changes)
@@ -105,17 +117,24 @@ def test_min_axis_length_is_the_first_length_that_fits_and_all_longer_fit(deform
     checked = 0
     while checked < 60:
         den = int(rng.integers(1, 12))
-        kw = dict(block_div=int(rng.integers(1, 40)), hole_div_max=int(rng.integers(1, 8)),
-                  margin=int(rng.integers(0, 6)), cut_den=den, cut_max_num=int(rng.integers(0, den + 1)))
-        kw.update(hole_div_min=kw["hole_div_max"] + int(rng.integers(0, 8)),
-                  cut_min_num=int(rng.integers(0, kw["cut_max_num"] + 1)))
+        kw = dict(
+            block_div=int(rng.integers(1, 40)),
+            hole_div_max=int(rng.integers(1, 8)),
+            margin=int(rng.integers(0, 6)),
+            cut_den=den,
+            cut_max_num=int(rng.integers(0, den + 1)),
+        )
+        kw.update(
+            hole_div_min=kw["hole_div_max"] + int(rng.integers(0, 8)),
+            cut_min_num=int(rng.integers(0, kw["cut_max_num"] + 1)),
+        )
         try:
             config = DeformConfig(**kw)
         except ValueError:
             continue
         n = config.min_axis_length(deformation)
         fits = [config._fits(deformation, s) for s in range(1, 600)]
-        assert fits.index(True) + 1 == n and all(fits[n - 1:]), (kw, n)
+        assert fits.index(True) + 1 == n and all(fits[n - 1 :]), (kw, n)
         checked += 1
 
 
@@ -130,13 +149,21 @@ def _config_or_none(changes):
 
 
 # hypothesis: any value in any field, including what a user can mistype or a sweep can produce
-_ANY = st.one_of(st.integers(-3, 12), st.integers(-2**63, 2**63), st.floats(allow_nan=True, allow_infinity=True),
-                 st.booleans(), st.none(), st.text(max_size=2), st.sampled_from([0.5, 1e-9, 1.0 - 1e-12, 2**31]))
+_ANY = st.one_of(
+    st.integers(-3, 12),
+    st.integers(-(2**63), 2**63),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=2),
+    st.sampled_from([0.5, 1e-9, 1.0 - 1e-12, 2**31]),
+)
 
 
 @hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
-@hypothesis.given(changes=st.dictionaries(st.sampled_from([f.name for f in dataclasses.fields(DeformConfig)]), _ANY,
-                                          max_size=4))
+@hypothesis.given(
+    changes=st.dictionaries(st.sampled_from([f.name for f in dataclasses.fields(DeformConfig)]), _ANY, max_size=4)
+)
 def test_any_field_values_give_a_valid_config_or_a_clear_error(changes):
     """Either ValueError naming what is wrong, or a config the kernels run on (bounded work: the pair on a small batch
     finishes or raises the size-rule ValueError)."""
@@ -165,9 +192,21 @@ def test_spatial_sizes_beyond_the_index_type_fail_before_any_allocation():
 
 
 # The paper's ablation table: the deformations each preset combines.
-ABLATION = {"none": "", "NL": "NL", "LS": "LS", "OP": "OP", "IP": "IP", "NL+LS": "NL LS", "NL+OP": "NL OP",
-            "NL+IP": "NL IP", "LS+OP": "LS OP", "LS+IP": "LS IP", "NL+LS+OP": "NL LS OP", "NL+LS+IP": "NL LS IP",
-            "genesis": "NL LS OP IP"}
+ABLATION = {
+    "none": "",
+    "NL": "NL",
+    "LS": "LS",
+    "OP": "OP",
+    "IP": "IP",
+    "NL+LS": "NL LS",
+    "NL+OP": "NL OP",
+    "NL+IP": "NL IP",
+    "LS+OP": "LS OP",
+    "LS+IP": "LS IP",
+    "NL+LS+OP": "NL LS OP",
+    "NL+LS+IP": "NL LS IP",
+    "genesis": "NL LS OP IP",
+}
 
 
 def test_presets_are_the_published_recipe_and_the_12_ablations():
@@ -190,8 +229,11 @@ def test_preset_gate_frequencies_on_10000_samples(name):
     n = 10_000
     p = genesis_ext.sample_params(n, (64, 64, 32), seed=20191013, config=DeformConfig.preset(name), with_blocks=False)
     painted = p["paint"]
-    expected = {"nonlinear": 0.9 * ("NL" in parts), "local": 0.5 * ("LS" in parts),
-                "paint": 0.9 * ("IP" in parts or "OP" in parts)}
+    expected = {
+        "nonlinear": 0.9 * ("NL" in parts),
+        "local": 0.5 * ("LS" in parts),
+        "paint": 0.9 * ("IP" in parts or "OP" in parts),
+    }
     for gate, rate in expected.items():
         freq = p[gate].mean()
         assert abs(freq - rate) <= 4 * np.sqrt(rate * (1 - rate) / n), (name, gate, freq, rate)

@@ -11,6 +11,7 @@ Environment switches (set by benchmarks/gpu_check.sh):
   finished" checks are not asserted (their results still are).
 - ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` (torch's own switch, used for memcheck): no block reuse to check.
 """
+
 from __future__ import annotations
 
 import os
@@ -76,6 +77,7 @@ def as_torch_cpu(a) -> "torch.Tensor":
     if isinstance(a, np.ndarray):
         return torch.from_numpy(a)
     import cupy
+
     return torch.from_numpy(cupy.asnumpy(a))
 
 
@@ -191,9 +193,9 @@ def test_uneven_batch_split_equals_the_whole_batch(op, dev):
     whole = outputs(run(op, x, seed=seed, offset=50, config=SCRAMBLED))
     start = 0
     for size in SPLIT_CHUNKS:
-        part = outputs(run(op, xd[start:start + size], seed=seed, offset=50 + start, config=SCRAMBLED))
+        part = outputs(run(op, xd[start : start + size], seed=seed, offset=50 + start, config=SCRAMBLED))
         for k, (p, w) in enumerate(zip(part, whole)):
-            assert_identical(p, w[start:start + size], f"{op} chunk [{start}, {start + size}), output {k}")
+            assert_identical(p, w[start : start + size], f"{op} chunk [{start}, {start + size}), output {k}")
         start += size
 
 
@@ -205,18 +207,20 @@ def test_huge_batch_over_2_31_elements(dev):
     need = 3 * n * per_sample * 4 + (1 << 30)  # input, two outputs, 1 GiB for scratch
     free, _ = torch.cuda.mem_get_info(dev)
     if free < need:
-        pytest.skip(f"not enough free GPU memory for the >2**31-element batch: {free / 2**30:.1f} GiB free, "
-                    f"{need / 2**30:.1f} GiB needed")
+        pytest.skip(
+            f"not enough free GPU memory for the >2**31-element batch: {free / 2**30:.1f} GiB free, "
+            f"{need / 2**30:.1f} GiB needed"
+        )
     x = torch.rand((n, 1, *OFFICIAL), device=dev, generator=torch.Generator(dev).manual_seed(31))
     seed, offset = 2**63 + 77, 5
     check = (0, n // 2, n - 2, n - 1)
     for op in ALL_OPS:
         got = outputs(run(op, x, seed=seed, offset=offset))
         for k in check:
-            x_k = x[k:k + 1].cpu()
+            x_k = x[k : k + 1].cpu()
             want = outputs(run(op, x_k, seed=seed, offset=offset + k))
             for j, (g, w) in enumerate(zip(got, want)):
-                assert_identical(g[k:k + 1], w, f"{op} huge batch: sample {k} of {n}, output {j}")
+                assert_identical(g[k : k + 1], w, f"{op} huge batch: sample {k} of {n}, output {j}")
         del got
     del x
     torch.cuda.empty_cache()
@@ -583,8 +587,9 @@ def test_cuda_philox_known_answers_and_cpu_equality(dev):
         ctr[j], key[j] = c, k
     d_ctr, d_key = (torch.from_numpy(a.view(np.int32)).to(dev) for a in (ctr, key))
     d_out = torch.full((n, 4), int(np.uint32(0xDEADBEEF).view(np.int32)), dtype=torch.int32, device=dev)
-    _C.cuda_philox4x32_10(d_ctr.data_ptr(), d_key.data_ptr(), d_out.data_ptr(), n, dev.index,
-                          torch.cuda.current_stream(dev).cuda_stream)
+    _C.cuda_philox4x32_10(
+        d_ctr.data_ptr(), d_key.data_ptr(), d_out.data_ptr(), n, dev.index, torch.cuda.current_stream(dev).cuda_stream
+    )
     got = d_out.cpu().numpy().view(np.uint32)  # a copy on the current stream: ordered after the kernel
     for j, (_, _, expected) in enumerate(PHILOX_KAT):
         assert tuple(int(v) for v in got[j]) == expected, j

@@ -1,5 +1,6 @@
 """genesis_ext.data cube extraction: the official-lung filter equals the published loop on real CT, the foreground
 rule, margins, reproducibility, windows and resampling."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,7 +47,7 @@ def aorta_ct() -> np.ndarray:
 def published_crop(hu: np.ndarray, origin, cube=(64, 64, 32), len_depth=3) -> np.ndarray:
     """The published script's candidate: clip to [-1000, 1000], (v + 1000) / 2000 in float64, Z + 3 slices."""
     x, y, z = origin
-    crop = hu[x:x + cube[0], y:y + cube[1], z:z + cube[2] + len_depth].astype(np.float64)
+    crop = hu[x : x + cube[0], y : y + cube[1], z : z + cube[2] + len_depth].astype(np.float64)
     crop = np.clip(crop, -1000.0, 1000.0)
     return 1.0 * (crop - -1000.0) / (1000.0 - -1000.0)
 
@@ -63,8 +64,11 @@ def test_official_lung_equals_published_loop_on_real_cubes(lung_ct):
     fraction, keep = filt.fraction(sums, n), filt.keep(sums, n)
     assert keep.any() and not keep.all()
     margin = np.abs(fraction - 0.15)
-    picks = list(np.flatnonzero(keep)[np.argsort(margin[keep])[:3]]) + \
-        list(np.flatnonzero(~keep)[np.argsort(margin[~keep])[:2]]) + [int(np.argmax(fraction))]
+    picks = (
+        list(np.flatnonzero(keep)[np.argsort(margin[keep])[:3]])
+        + list(np.flatnonzero(~keep)[np.argsort(margin[~keep])[:2]])
+        + [int(np.argmax(fraction))]
+    )
     for k in picks:
         score = official_lung_score_loop(published_crop(lung_ct, origins[k]), PUBLISHED_THRESHOLD)
         assert score == sums[k] * 0.5, origins[k]
@@ -92,12 +96,12 @@ def direct_scores(hu, origins, cube, filt, window=CT_WINDOW) -> np.ndarray:
     """Per-candidate score fractions computed crop by crop (no integral image)."""
     out = []
     for x, y, z in origins:
-        c = hu[x:x + cube[0], y:y + cube[1], z:z + cube[2] + 1]
+        c = hu[x : x + cube[0], y : y + cube[1], z : z + cube[2] + 1]
         if isinstance(filt, OfficialLung):
             above = c >= filt.threshold
             score = np.where(above[..., :-1], 1.0, np.where(above[..., 1:], 0.5, 0.0)).sum()
         else:
-            score = float((c[..., :cube[2]] > window.level(filt.level)).sum())
+            score = float((c[..., : cube[2]] > window.level(filt.level)).sum())
         out.append(score / np.prod(cube))
     return np.array(out)
 
@@ -120,7 +124,7 @@ def test_extract_keeps_first_passing_candidates(lung_ct, filt):
     assert len(got.cubes) == count and got.candidates == tried
     np.testing.assert_array_equal(got.origins, expect)
     for cube_values, (x, y, z) in zip(got.cubes, got.origins):
-        np.testing.assert_array_equal(cube_values, CT_WINDOW.apply(lung_ct[x:x + 64, y:y + 64, z:z + 32]))
+        np.testing.assert_array_equal(cube_values, CT_WINDOW.apply(lung_ct[x : x + 64, y : y + 64, z : z + 32]))
     assert got.cubes.dtype == np.float32 and got.cubes.min() >= 0 and got.cubes.max() <= 1
 
 

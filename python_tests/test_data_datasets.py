@@ -1,5 +1,6 @@
 """Training datasets: cube store (memory-mapped) and on-the-fly volumes, with DataLoader workers and
 DistributedSampler."""
+
 from __future__ import annotations
 
 import pickle
@@ -129,7 +130,7 @@ def test_volume_dataset_items_pass_the_filter():
     for i in range(len(ds)):
         k, (x, y, z) = ds.position(i)
         data = ds._prepared(k)[0]
-        assert (data[x:x + 64, y:y + 64, z:z + 32] > -900).mean() >= 0.9
+        assert (data[x : x + 64, y : y + 64, z : z + 32] > -900).mean() >= 0.9
 
 
 def test_volume_dataset_falls_back_with_a_warning():

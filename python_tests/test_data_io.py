@@ -2,6 +2,7 @@
 
 Real data: the bundled crops in data/sample (always) and the DICOM series in ../shared/data (skipped if absent).
 """
+
 from __future__ import annotations
 
 import gzip

@@ -1,4 +1,5 @@
 """Cube stores, the published layout, batch extraction and the ``genesis-ext extract`` command."""
+
 from __future__ import annotations
 
 import csv
@@ -83,7 +84,7 @@ def test_store_manifest_round_trip(inputs, tmp_path):
             volumes[source] = load_volume(source)
             assert [float(row[f"spacing_{a}"]) for a in "xyz"] == list(volumes[source].spacing)
         x, y, z = (int(row[f"origin_{a}"]) for a in "xyz")
-        expect = CT_WINDOW.apply(volumes[source].data[x:x + 64, y:y + 64, z:z + 32])
+        expect = CT_WINDOW.apply(volumes[source].data[x : x + 64, y : y + 64, z : z + 32])
         np.testing.assert_array_equal(store[i], expect)
         np.testing.assert_array_equal(np.load(out / row["shard"], mmap_mode="r")[int(row["row"])], expect)
         assert float(row["score"]) >= 0.6 and (float(row["window_lo"]), float(row["window_hi"])) == (-1000, 1000)
@@ -93,14 +94,25 @@ def test_store_manifest_round_trip(inputs, tmp_path):
 def test_results_independent_of_workers_and_inputs(inputs, tmp_path):
     """Cubes depend on (seed, source) only: one worker vs a thread pool, a folder vs its files named one by one."""
     run_extract([inputs], tmp_path / "a", FOREGROUND, jobs=1, progress=False)
-    run_extract([inputs / "aorta_ct.nii.gz", inputs / "pulmonary_ct.nii.gz"], tmp_path / "b", FOREGROUND, jobs=2,
-                executor="thread", progress=False)
+    run_extract(
+        [inputs / "aorta_ct.nii.gz", inputs / "pulmonary_ct.nii.gz"],
+        tmp_path / "b",
+        FOREGROUND,
+        jobs=2,
+        executor="thread",
+        progress=False,
+    )
     a, b = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")
     by_source = {r["source"]: r for r in b["volumes"]}
     for r in a["volumes"]:
         assert r["origins"] == by_source[r["source"]]["origins"]
-    other = run_extract([inputs / "aorta_ct.nii.gz"], tmp_path / "c",
-                        ExtractSettings(filter=Foreground(), count=8, seed=1), jobs=1, progress=False)
+    other = run_extract(
+        [inputs / "aorta_ct.nii.gz"],
+        tmp_path / "c",
+        ExtractSettings(filter=Foreground(), count=8, seed=1),
+        jobs=1,
+        progress=False,
+    )
     assert other.written == 1
     other_origins = read_manifest(tmp_path / "c")["volumes"][0]["origins"]
     assert other_origins != by_source[str(inputs / "aorta_ct.nii.gz")]["origins"]
@@ -120,9 +132,21 @@ def test_bad_volumes_are_skipped_and_nothing_written_is_lost(inputs, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((50, 50, 50), np.int16), np.eye(4)), bad / "small.nii.gz")
     nib.save(nib.Nifti1Image(np.full((80, 80, 40), -1000, np.int16), np.eye(4)), bad / "air.nii.gz")
     (tmp_path / "empty").mkdir()
-    summary = run_extract([inputs, bad / "truncated.nii.gz", bad / "notes.txt", bad / "small.nii.gz",
-                           bad / "air.nii.gz", tmp_path / "empty"], out, FOREGROUND, jobs=2, executor="thread",
-                          progress=False)
+    summary = run_extract(
+        [
+            inputs,
+            bad / "truncated.nii.gz",
+            bad / "notes.txt",
+            bad / "small.nii.gz",
+            bad / "air.nii.gz",
+            tmp_path / "empty",
+        ],
+        out,
+        FOREGROUND,
+        jobs=2,
+        executor="thread",
+        progress=False,
+    )
     assert (summary.volumes, summary.written, summary.kept, summary.cubes) == (6, 0, 2, 0)
     reasons = dict(summary.skipped)
     assert "cannot read as NIfTI" in reasons[str(bad / "truncated.nii.gz")]
@@ -157,8 +181,9 @@ def test_published_format(inputs, tmp_path):
     subset = tmp_path / "subset3"
     shutil.copytree(inputs, subset)
     out = tmp_path / "cubes"
-    summary = run_extract([subset, inputs / "aorta_ct.nii.gz"], out, FOREGROUND, jobs=1, fmt="published",
-                          progress=False)
+    summary = run_extract(
+        [subset, inputs / "aorta_ct.nii.gz"], out, FOREGROUND, jobs=1, fmt="published", progress=False
+    )
     assert [p.name for p in summary.outputs] == ["bat_8_s_64x64x32_3.npy", "bat_8_s_64x64x32_1.npy"]
     first = load_published(out / "bat_8_s_64x64x32_3.npy")
     assert first.shape == (16, 64, 64, 32) and 0 <= first.min() and first.max() <= 1
@@ -173,9 +198,32 @@ def test_published_format(inputs, tmp_path):
 
 def test_cli_extract(inputs, tmp_path, capsys):
     out = tmp_path / "store"
-    code = cli.main(["extract", str(inputs), "--out", str(out), "--filter", "foreground", "--per-volume", "4",
-                     "--cube", "48", "48", "24", "--window", "-1000", "1000", "--margins", "0", "0", "0",
-                     "--executor", "thread", "--quiet"])
+    code = cli.main(
+        [
+            "extract",
+            str(inputs),
+            "--out",
+            str(out),
+            "--filter",
+            "foreground",
+            "--per-volume",
+            "4",
+            "--cube",
+            "48",
+            "48",
+            "24",
+            "--window",
+            "-1000",
+            "1000",
+            "--margins",
+            "0",
+            "0",
+            "0",
+            "--executor",
+            "thread",
+            "--quiet",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0 and "2 volume(s): 2 written (8 cubes)" in text
     manifest = read_manifest(out)
@@ -196,9 +244,26 @@ def test_cli_all_cores_on_real_ct(tmp_path):
         pytest.skip(f"real DICOM series not found at {DICOM_DIR}")
     pytest.importorskip("SimpleITK")
     out = tmp_path / "store"
-    run = subprocess.run([sys.executable, "-m", "genesis_ext.cli", "extract", str(DICOM_DIR), str(SAMPLE),
-                          "--out", str(out), "--jobs", "2", "--executor", "process", "--quiet"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "genesis_ext.cli",
+            "extract",
+            str(DICOM_DIR),
+            str(SAMPLE),
+            "--out",
+            str(out),
+            "--jobs",
+            "2",
+            "--executor",
+            "process",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "3 volume(s): 1 written (32 cubes)" in run.stdout and "2 process worker(s)" in run.stdout
     assert run.stdout.count("no candidate passed the official-lung filter") == 2
@@ -209,9 +274,10 @@ def test_cli_all_cores_on_real_ct(tmp_path):
     # same cubes as in-process, single-threaded
     same = run_extract([DICOM_DIR], tmp_path / "again", ExtractSettings(), jobs=1, progress=False)
     assert same.cubes == 32
-    np.testing.assert_array_equal(np.load(out / volume["shard"]),
-                                  np.load(tmp_path / "again"
-                                          / read_manifest(tmp_path / "again")["volumes"][0]["shard"]))
+    np.testing.assert_array_equal(
+        np.load(out / volume["shard"]),
+        np.load(tmp_path / "again" / read_manifest(tmp_path / "again")["volumes"][0]["shard"]),
+    )
 
 
 def test_cli_help_lists_verbs(capsys):
@@ -245,8 +311,11 @@ def test_extract_skips_the_real_label_masks_beside_the_scans(tmp_path):
     assert (summary.volumes, summary.written, summary.label_maps) == (4, 2, 2)
     assert sorted(Path(s).name for s, _ in summary.skipped) == ["aorta.nii.gz", "pulmonary_artery.nii.gz"]
     assert {r["key"] for r in read_manifest(tmp_path / "s")["volumes"]} == {
-        "aorta_report/ct_cropped.nii.gz", "pulmonary_report/ct_cropped.nii.gz"}
+        "aorta_report/ct_cropped.nii.gz",
+        "pulmonary_report/ct_cropped.nii.gz",
+    }
     assert "2 skipped (2 label map(s))" in summary.lines()[0]
-    summary = run_extract([folder], tmp_path / "t", settings, progress=False, include=["pulmonary_report/*"],
-                          exclude=["*artery*"])
+    summary = run_extract(
+        [folder], tmp_path / "t", settings, progress=False, include=["pulmonary_report/*"], exclude=["*artery*"]
+    )
     assert (summary.volumes, summary.written, summary.excluded, summary.label_maps) == (1, 1, 3, 0)

@@ -1,6 +1,7 @@
 """User deformations (genesis_ext.PixelDeformation) in the training pair, on real CT cubes: placed where they say, the
 fused pair unchanged around them, their gates and uniforms a function of (seed, sample, name), and every misuse a
 clear error that leaves the batch untouched."""
+
 from __future__ import annotations
 
 import zlib
@@ -32,19 +33,26 @@ def cubes(ct_cubes):
 def test_identity_deformation_leaves_the_fused_pair_bit_identical(after, cubes):
     """The pair runs in segments around a user deformation; with an identity fn that equals the fused kernel."""
     fused = genesis_ext.genesis_pair(cubes, seed=3, offset=11, config=CONFIG)
-    got = genesis_ext.genesis_pair(cubes, seed=3, offset=11, config=CONFIG,
-                                   deformations=[PixelDeformation("identity", identity, after=after)])
+    got = genesis_ext.genesis_pair(
+        cubes, seed=3, offset=11, config=CONFIG, deformations=[PixelDeformation("identity", identity, after=after)]
+    )
     assert torch.equal(got[0], fused[0]) and torch.equal(got[1], fused[1])
-    numpy_got = genesis_ext.genesis_pair(cubes.numpy(), seed=3, offset=11, config=CONFIG,
-                                         deformations=[PixelDeformation("identity", identity, after=after)])
+    numpy_got = genesis_ext.genesis_pair(
+        cubes.numpy(),
+        seed=3,
+        offset=11,
+        config=CONFIG,
+        deformations=[PixelDeformation("identity", identity, after=after)],
+    )
     assert np.array_equal(numpy_got[0], fused[0].numpy())
 
 
 def test_deformation_runs_where_it_says(cubes):
     """Halving after the Gaussian noise keeps the painting noise exact; after painting it halves that too."""
     config = DeformConfig.preset("NL+IP")  # in-painting only: painted voxels are easy to find
-    halve = {after: PixelDeformation("halve", lambda x, u: x * 0.5, after=after)
-             for after in ("gaussian_noise", "painting")}
+    halve = {
+        after: PixelDeformation("halve", lambda x, u: x * 0.5, after=after) for after in ("gaussian_noise", "painting")
+    }
     fused, _ = genesis_ext.genesis_pair(cubes, seed=5, config=config)
     before_paint, _ = genesis_ext.genesis_pair(cubes, seed=5, config=config, deformations=[halve["gaussian_noise"]])
     after_paint, _ = genesis_ext.genesis_pair(cubes, seed=5, config=config, deformations=[halve["painting"]])
@@ -52,7 +60,7 @@ def test_deformation_runs_where_it_says(cubes):
     p = genesis_ext.sample_params(len(cubes), cubes.shape[2:], seed=5, config=config)
     for n in range(len(cubes)):
         painted = np.zeros(cubes.shape[2:], dtype=bool)
-        for origin, size in p["holes"][n][:p["n_holes"][n]] if p["paint"][n] else []:
+        for origin, size in p["holes"][n][: p["n_holes"][n]] if p["paint"][n] else []:
             painted[tuple(slice(o, o + s) for o, s in zip(origin, size))] = True
         painted = torch.from_numpy(painted)
         assert torch.equal(before_paint[n, 0][painted], fused[n, 0][painted])
@@ -75,8 +83,10 @@ def test_gates_and_uniforms_are_the_named_stream_of_each_sample(cubes):
     gate = R.uniform(words[:, 0]) < 0.6
     assert 0 < gate.sum() < len(cubes)
     assert np.array_equal(seen[-1].numpy(), R.uniform(words[gate, 1:]).astype(np.float32))  # after the probe call
-    parts = [genesis_ext.genesis_pair(cubes[k:k + 3], seed=9, offset=40 + k, deformations=[shift])[0]
-             for k in range(0, len(cubes), 3)]
+    parts = [
+        genesis_ext.genesis_pair(cubes[k : k + 3], seed=9, offset=40 + k, deformations=[shift])[0]
+        for k in range(0, len(cubes), 3)
+    ]
     assert torch.equal(torch.cat(parts), whole)
     plain, _ = genesis_ext.genesis_pair(cubes, seed=9, offset=40)
     changed = (whole != plain).flatten(1).any(1).numpy()
@@ -93,8 +103,9 @@ def test_gate_frequency_on_10000_samples():
 
 
 def test_readme_gamma_example_in_a_module(cubes):
-    gamma = PixelDeformation("gamma", lambda x, u: x.clamp(min=0) ** (0.5 + u[:, :1].view(-1, 1, 1, 1, 1)),
-                        rate=0.5, after="bezier_remap")
+    gamma = PixelDeformation(
+        "gamma", lambda x, u: x.clamp(min=0) ** (0.5 + u[:, :1].view(-1, 1, 1, 1, 1)), rate=0.5, after="bezier_remap"
+    )
     pair = GenesisPair(DeformConfig(), seed=2, deformations=[gamma])
     first = pair(cubes)
     state = pair.state_dict()
@@ -105,15 +116,18 @@ def test_readme_gamma_example_in_a_module(cubes):
     assert "gamma" in repr(pair)
 
 
-@pytest.mark.parametrize("fn, match", [
-    (lambda x, u: x.flip(-1), "moves voxels"),
-    (lambda x, u: x.roll(3, dims=2), "moves voxels"),
-    (lambda x, u: x.transpose(2, 3) if x.shape[2] == x.shape[3] else x.flip(2), "moves voxels"),
-    (lambda x, u: x.mul_(2.0), "must not modify its input"),
-    (lambda x, u: x[:, :, 1:], "must return a Tensor of shape"),
-    (lambda x, u: x.double(), "dtype torch.float32"),
-    (lambda x, u: x.numpy(), "must return a Tensor"),
-])
+@pytest.mark.parametrize(
+    "fn, match",
+    [
+        (lambda x, u: x.flip(-1), "moves voxels"),
+        (lambda x, u: x.roll(3, dims=2), "moves voxels"),
+        (lambda x, u: x.transpose(2, 3) if x.shape[2] == x.shape[3] else x.flip(2), "moves voxels"),
+        (lambda x, u: x.mul_(2.0), "must not modify its input"),
+        (lambda x, u: x[:, :, 1:], "must return a Tensor of shape"),
+        (lambda x, u: x.double(), "dtype torch.float32"),
+        (lambda x, u: x.numpy(), "must return a Tensor"),
+    ],
+)
 def test_bad_user_deformations_name_themselves_and_leave_the_batch(fn, match, cubes):
     before = cubes.clone()
     with pytest.raises(ValueError, match=f"PixelDeformation 'bad': .*{match}"):
@@ -127,18 +141,26 @@ def test_numpy_deformation_that_writes_into_its_input_is_refused(cubes):
         return x
 
     with pytest.raises(ValueError, match="PixelDeformation 'inplace': fn must not modify its input"):
-        genesis_ext.genesis_pair(cubes.numpy().copy(), seed=1,
-                                 deformations=[PixelDeformation("inplace", scale_in_place)])
+        genesis_ext.genesis_pair(
+            cubes.numpy().copy(), seed=1, deformations=[PixelDeformation("inplace", scale_in_place)]
+        )
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(after="blur"), ValueError, r"PixelDeformation 'd': after must be one of flip, local_shuffle, .*got 'blur'"),
-    (dict(rate=1.5), ValueError, r"PixelDeformation 'd': rate must be a number in \[0, 1\], got 1.5"),
-    (dict(rate=float("nan")), ValueError, "rate must be a number"),
-    (dict(uniforms=-1), ValueError, r"uniforms must be an integer in \[0, 1024\]"),
-    (dict(fn=3), TypeError, "fn must be callable"),
-    (dict(name=""), ValueError, "name must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (
+            dict(after="blur"),
+            ValueError,
+            r"PixelDeformation 'd': after must be one of flip, local_shuffle, .*got 'blur'",
+        ),
+        (dict(rate=1.5), ValueError, r"PixelDeformation 'd': rate must be a number in \[0, 1\], got 1.5"),
+        (dict(rate=float("nan")), ValueError, "rate must be a number"),
+        (dict(uniforms=-1), ValueError, r"uniforms must be an integer in \[0, 1024\]"),
+        (dict(fn=3), TypeError, "fn must be callable"),
+        (dict(name=""), ValueError, "name must be a non-empty string"),
+    ],
+)
 def test_deformation_declarations_are_checked(kwargs, error, match):
     args = dict(name="d", fn=identity) | kwargs
     with pytest.raises(error, match=match):

@@ -9,6 +9,7 @@ Thread order: HIP-CPU runs a block's threads as fibres one after another between
 on that order, nor on how many host threads run the blocks: test_parity_in_reversed_order_on_one_core runs this
 module again with the fibres reversed (HIP_CPU_REVERSE_THREADS=1, read once per process) on a single core.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,8 +76,9 @@ def assert_matches_cpu(op, x, what, **kw):
 def test_emulated_equals_cpu(op, case, k):
     name, shape, config = case
     seed, offset = case_seed_offsets(op, name)[k]
-    assert_matches_cpu(op, case_input(name, shape), f"{op} {name} seed={seed} offset={offset}", seed=seed,
-                       offset=offset, config=config)
+    assert_matches_cpu(
+        op, case_input(name, shape), f"{op} {name} seed={seed} offset={offset}", seed=seed, offset=offset, config=config
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -100,8 +102,9 @@ def test_emulated_is_deterministic_and_batch_independent(op, case):
 def test_emulated_equals_cpu_batch_257(op, case):
     name, shape, config, offset = case
     seed = branch_covering_seed(shape[0], shape[2:], config, offset=offset)
-    assert_matches_cpu(op, make_input(shape, seed=17), f"{op} batch-257 {name}", seed=seed, offset=offset,
-                       config=config)
+    assert_matches_cpu(
+        op, make_input(shape, seed=17), f"{op} batch-257 {name}", seed=seed, offset=offset, config=config
+    )
 
 
 @pytest.mark.slow
@@ -116,8 +119,9 @@ def test_emulated_equals_cpu_with_nonfinite_values(op):
     for shape, config in NONFINITE_CASES:
         x = with_special_values(make_input(shape, seed=5), seed=6)
         for offset in NONFINITE_OFFSETS:
-            assert_matches_cpu(op, x, f"{op} non-finite {shape} offset={offset}", seed=606, offset=offset,
-                               config=config)
+            assert_matches_cpu(
+                op, x, f"{op} non-finite {shape} offset={offset}", seed=606, offset=offset, config=config
+            )
 
 
 @pytest.mark.parametrize("op", ALL_OPS)
@@ -127,8 +131,8 @@ def test_uneven_batch_split_equals_the_whole_batch(op):
     whole = outputs(getattr(genesis_ext, op)(x, seed=seed, offset=50, config=SCRAMBLED, spatial_dims=3))
     start = 0
     for size in SPLIT_CHUNKS:
-        part = emulated(op, x[start:start + size], seed=seed, offset=50 + start, config=SCRAMBLED)
-        assert_same(part, tuple(w[start:start + size] for w in whole), f"{op} chunk [{start}, {start + size})")
+        part = emulated(op, x[start : start + size], seed=seed, offset=50 + start, config=SCRAMBLED)
+        assert_same(part, tuple(w[start : start + size] for w in whole), f"{op} chunk [{start}, {start + size})")
         start += size
 
 
@@ -197,9 +201,15 @@ def test_parity_in_reversed_order_on_one_core():
         pytest.skip("already running in the reversed order")
     env = dict(os.environ, HIP_CPU_REVERSE_THREADS="1")
     one_core = min(os.sched_getaffinity(0))
-    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x"],
-                         env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=1800,
-                         preexec_fn=lambda: os.sched_setaffinity(0, {one_core}))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x"],
+        env=env,
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        preexec_fn=lambda: os.sched_setaffinity(0, {one_core}),
+    )
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
     print(f"reversed fibre order, 1 core: {summary}")
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]

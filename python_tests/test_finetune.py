@@ -4,6 +4,7 @@ Segmentation: lung masks by thresholding (HU < -400; the sample crops lie inside
 classification: cubes cut from them, labelled by whether their mean HU is below -300 (a real, if trivial, label).
 Runs on CPU with tiny patches; a run takes about a second.
 """
+
 from __future__ import annotations
 
 import csv
@@ -62,7 +63,7 @@ def cls_data(tmp_path_factory) -> Path:
         hu = np.asarray(img.dataobj, dtype=np.float32)
         for i in range(12):
             lo = [int(rng.integers(0, s - 16)) for s in hu.shape]
-            cube = hu[lo[0]:lo[0] + 16, lo[1]:lo[1] + 16, lo[2]:lo[2] + 16]
+            cube = hu[lo[0] : lo[0] + 16, lo[1] : lo[1] + 16, lo[2] : lo[2] + 16]
             label = "low" if cube.mean() < -300 else "high"
             name = f"{f.name.split('.')[0]}_{i}"
             if i % 3 == 0:  # some as NIfTI in HU, windowed by the loader
@@ -81,9 +82,29 @@ def cls_data(tmp_path_factory) -> Path:
 
 
 def _seg_args(data, out, *extra):
-    return ["finetune", "--task", "segmentation", "--data", str(data), "--out", str(out), "--patch", *PATCH,
-            "--epochs", "1", "--batch-size", "2", "--patches-per-volume", "2", "--val-patches-per-volume", "2",
-            "--val-fraction", "0.5", "--quiet", *extra]
+    return [
+        "finetune",
+        "--task",
+        "segmentation",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--patch",
+        *PATCH,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--patches-per-volume",
+        "2",
+        "--val-patches-per-volume",
+        "2",
+        "--val-fraction",
+        "0.5",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _log_rows(out: Path) -> list[dict]:
@@ -156,6 +177,7 @@ def test_segmentation_from_scratch_cli(seg_data, tmp_path, capsys):
     assert summary["final"]["epoch"] == 2 and summary["weights"] is None
     # the checkpoints are ours: they load back strictly into a UNet3D
     from genesis_ext.models import load_pretrained
+
     for name in ("last.pt", "best.pt"):
         load_pretrained(UNet3D(), out / name)
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
@@ -168,8 +190,14 @@ def test_segmentation_from_our_and_published_checkpoints(seg_data, tmp_path, cap
     ours = tmp_path / "ours.pt"
     save_checkpoint(model, ours, epoch=3)
     published = tmp_path / "Genesis_Chest_CT.pt"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
-                "optimizer_state_dict": {"state": {}, "param_groups": []}, "epoch": 7}, published)
+    torch.save(
+        {
+            "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+            "optimizer_state_dict": {"state": {}, "param_groups": []},
+            "epoch": 7,
+        },
+        published,
+    )
     for weights in (ours, published):
         out = tmp_path / weights.stem
         assert cli_main(_seg_args(seg_data, out, "--weights", str(weights))) == 0
@@ -180,8 +208,17 @@ def test_segmentation_from_our_and_published_checkpoints(seg_data, tmp_path, cap
 
 @pytest.mark.slow
 def test_segmentation_runs_are_seeded(seg_data, tmp_path):
-    cfg = dict(task="segmentation", data=str(seg_data), patch=(16, 16, 16), epochs=1, batch_size=2,
-               patches_per_volume=2, val_patches_per_volume=2, val_fraction=0.5, progress=False)
+    cfg = dict(
+        task="segmentation",
+        data=str(seg_data),
+        patch=(16, 16, 16),
+        epochs=1,
+        batch_size=2,
+        patches_per_volume=2,
+        val_patches_per_volume=2,
+        val_fraction=0.5,
+        progress=False,
+    )
     a = run_finetune(FinetuneConfig(out=str(tmp_path / "a"), **cfg), log=lambda *_: None)["final"]
     b = run_finetune(FinetuneConfig(out=str(tmp_path / "b"), **cfg), log=lambda *_: None)["final"]
     assert a["train_loss"] == b["train_loss"] and a["val_dice"] == b["val_dice"]
@@ -192,9 +229,22 @@ def test_segmentation_other_n_class_loads_all_but_the_output_layer(seg_data, tmp
     ckpt = tmp_path / "two_class.pt"
     save_checkpoint(UNet3D(n_class=2), ckpt)
     lines = []
-    run_finetune(FinetuneConfig(task="segmentation", data=str(seg_data), out=str(tmp_path / "run"), weights=str(ckpt),
-                                patch=(16, 16, 16), epochs=1, batch_size=2, patches_per_volume=2,
-                                val_patches_per_volume=2, val_fraction=0.5, progress=False), log=lines.append)
+    run_finetune(
+        FinetuneConfig(
+            task="segmentation",
+            data=str(seg_data),
+            out=str(tmp_path / "run"),
+            weights=str(ckpt),
+            patch=(16, 16, 16),
+            epochs=1,
+            batch_size=2,
+            patches_per_volume=2,
+            val_patches_per_volume=2,
+            val_fraction=0.5,
+            progress=False,
+        ),
+        log=lines.append,
+    )
     assert any("except its output layer" in line and "n_class=2" in line for line in lines), lines
 
 
@@ -209,19 +259,34 @@ def test_segmentation_two_classes(tmp_path):
         label = np.where(hu < -400, 1, np.where(hu > 300, 2, 0)).astype(np.uint8)
         nib.save(img, str(root / "images" / f.name))
         nib.save(nib.Nifti1Image(label, img.affine), str(root / "labels" / f.name))
-    summary = run_finetune(FinetuneConfig(task="segmentation", data=str(root), out=str(tmp_path / "run"), n_class=2,
-                                          patch=(16, 16, 16), epochs=1, batch_size=2, patches_per_volume=3,
-                                          val_patches_per_volume=3, val_fraction=0.5, progress=False),
-                           log=lambda *_: None)
+    summary = run_finetune(
+        FinetuneConfig(
+            task="segmentation",
+            data=str(root),
+            out=str(tmp_path / "run"),
+            n_class=2,
+            patch=(16, 16, 16),
+            epochs=1,
+            batch_size=2,
+            patches_per_volume=3,
+            val_patches_per_volume=3,
+            val_fraction=0.5,
+            progress=False,
+        ),
+        log=lambda *_: None,
+    )
     assert 0.0 <= summary["final"]["val_dice"] <= 1.0
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]["out_tr.final_conv.weight"].shape[
-        0] == 2
+    assert (
+        torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]["out_tr.final_conv.weight"].shape[0]
+        == 2
+    )
 
 
 def test_segmentation_csv_pairs(seg_data, tmp_path):
     table = tmp_path / "pairs.csv"
-    table.write_text("image,label\n" + "".join(
-        f"{seg_data}/images/{f.name},{seg_data}/labels/{f.name}\n" for f in VOLUMES))
+    table.write_text(
+        "image,label\n" + "".join(f"{seg_data}/images/{f.name},{seg_data}/labels/{f.name}\n" for f in VOLUMES)
+    )
     assert segmentation_pairs(table) == segmentation_pairs(seg_data)
 
 
@@ -231,9 +296,28 @@ def test_classification_cli(cls_data, tmp_path, capsys):
     out = tmp_path / "cls"
     weights = tmp_path / "unet.pt"
     save_checkpoint(UNet3D(), weights)  # a U-Net checkpoint: its encoder starts the classifier
-    args = ["finetune", "--task", "classification", "--data", str(cls_data), "--out", str(out), "--patch", "16", "16",
-            "16", "--epochs", "2", "--batch-size", "4", "--val-fraction", "0.35", "--weights", str(weights),
-            "--quiet"]
+    args = [
+        "finetune",
+        "--task",
+        "classification",
+        "--data",
+        str(cls_data),
+        "--out",
+        str(out),
+        "--patch",
+        "16",
+        "16",
+        "16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--val-fraction",
+        "0.35",
+        "--weights",
+        str(weights),
+        "--quiet",
+    ]
     assert cli_main(args) == 0
     text = capsys.readouterr().out
     assert "loaded the encoder of" in text and "val_auc=" in text
@@ -278,8 +362,26 @@ def test_wrong_architecture_weights(seg_data, cls_data, tmp_path, capsys):
     _fails(_seg_args(seg_data, tmp_path / "b", "--weights", str(two_channel)), capsys, "shape mismatch")
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {"conv.weight": torch.zeros(3, 3)}}, other)
-    _fails(["finetune", "--task", "classification", "--data", str(cls_data), "--out", str(tmp_path / "c"),
-            "--patch", "16", "16", "16", "--weights", str(other), "--quiet"], capsys, "does not fit the encoder")
+    _fails(
+        [
+            "finetune",
+            "--task",
+            "classification",
+            "--data",
+            str(cls_data),
+            "--out",
+            str(tmp_path / "c"),
+            "--patch",
+            "16",
+            "16",
+            "16",
+            "--weights",
+            str(other),
+            "--quiet",
+        ],
+        capsys,
+        "does not fit the encoder",
+    )
 
 
 def test_empty_and_malformed_data(tmp_path, capsys, seg_data):
@@ -293,8 +395,11 @@ def test_empty_and_malformed_data(tmp_path, capsys, seg_data):
     _fails(_seg_args(bare, tmp_path / "c"), capsys, "images/", "labels/")
     table = tmp_path / "empty.csv"
     table.write_text("path,label\n")
-    _fails(["finetune", "--task", "classification", "--data", str(table), "--out", str(tmp_path / "d"), "--quiet"],
-           capsys, "no rows")
+    _fails(
+        ["finetune", "--task", "classification", "--data", str(table), "--out", str(tmp_path / "d"), "--quiet"],
+        capsys,
+        "no rows",
+    )
     # a label whose shape differs from its image
     bad = tmp_path / "mismatch"
     (bad / "images").mkdir(parents=True)
@@ -312,8 +417,26 @@ def test_empty_and_malformed_data(tmp_path, capsys, seg_data):
 def test_batch_size_larger_than_data(seg_data, cls_data, tmp_path, capsys):
     # 1 training volume x 2 patches per epoch < batch 4
     _fails(_seg_args(seg_data, tmp_path / "a", "--batch-size", "4"), capsys, "--batch-size 4 is larger than the 2")
-    _fails(["finetune", "--task", "classification", "--data", str(cls_data), "--out", str(tmp_path / "b"),
-            "--patch", "16", "16", "16", "--batch-size", "500", "--quiet"], capsys, "--batch-size 500 is larger")
+    _fails(
+        [
+            "finetune",
+            "--task",
+            "classification",
+            "--data",
+            str(cls_data),
+            "--out",
+            str(tmp_path / "b"),
+            "--patch",
+            "16",
+            "16",
+            "16",
+            "--batch-size",
+            "500",
+            "--quiet",
+        ],
+        capsys,
+        "--batch-size 500 is larger",
+    )
 
 
 def test_bad_options(seg_data, tmp_path, capsys):
@@ -326,8 +449,17 @@ def test_bad_options(seg_data, tmp_path, capsys):
     for sub in ("images", "labels"):
         (one / sub / VOLUMES[0].name).write_bytes((seg_data / sub / VOLUMES[0].name).read_bytes())
     with pytest.raises(FinetuneError, match="at least 2"):
-        run_finetune(FinetuneConfig(task="segmentation", data=str(one), out=str(tmp_path / "c"), patch=(16, 16, 16),
-                                    val_fraction=0.2, progress=False), log=lambda *_: None)
+        run_finetune(
+            FinetuneConfig(
+                task="segmentation",
+                data=str(one),
+                out=str(tmp_path / "c"),
+                patch=(16, 16, 16),
+                val_fraction=0.2,
+                progress=False,
+            ),
+            log=lambda *_: None,
+        )
 
 
 def test_checkpoint_error_is_a_value_error():

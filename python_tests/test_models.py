@@ -1,6 +1,7 @@
 """genesis_ext.models: the Models Genesis 3D U-Net (published architecture and key names), its BatchNorm modes, the
 classifier, and safe, strict checkpoint loading. Small inputs keep the CPU cost low; a 64x64x32 shape check runs on
 the meta device."""
+
 from __future__ import annotations
 
 import copy
@@ -28,17 +29,26 @@ SMALL = (2, 1, 16, 16, 8)
 
 # Written out from shared/spec/models_genesis.md §4, not read off the model:
 # (name, conv input channels, output channels) of every LUConv, and the transposed convs' channels.
-ENCODER_LUCONVS = [("down_tr64", (1, 32), (32, 64)), ("down_tr128", (64, 64), (64, 128)),
-                   ("down_tr256", (128, 128), (128, 256)), ("down_tr512", (256, 256), (256, 512))]
+ENCODER_LUCONVS = [
+    ("down_tr64", (1, 32), (32, 64)),
+    ("down_tr128", (64, 64), (64, 128)),
+    ("down_tr256", (128, 128), (128, 256)),
+    ("down_tr512", (256, 256), (256, 512)),
+]
 # up level: (name, channels kept by the transposed conv, skip channels, output channels)
 DECODER_LEVELS = [("up_tr256", 512, 256, 256), ("up_tr128", 256, 128, 128), ("up_tr64", 128, 64, 64)]
 
 
 def luconv_entries(prefix: str, cin: int, cout: int) -> list[tuple[str, tuple[int, ...]]]:
-    return [(f"{prefix}.conv1.weight", (cout, cin, 3, 3, 3)), (f"{prefix}.conv1.bias", (cout,)),
-            (f"{prefix}.bn1.weight", (cout,)), (f"{prefix}.bn1.bias", (cout,)),
-            (f"{prefix}.bn1.running_mean", (cout,)), (f"{prefix}.bn1.running_var", (cout,)),
-            (f"{prefix}.bn1.num_batches_tracked", ())]
+    return [
+        (f"{prefix}.conv1.weight", (cout, cin, 3, 3, 3)),
+        (f"{prefix}.conv1.bias", (cout,)),
+        (f"{prefix}.bn1.weight", (cout,)),
+        (f"{prefix}.bn1.bias", (cout,)),
+        (f"{prefix}.bn1.running_mean", (cout,)),
+        (f"{prefix}.bn1.running_var", (cout,)),
+        (f"{prefix}.bn1.num_batches_tracked", ()),
+    ]
 
 
 def expected_encoder(in_channels: int = 1) -> list[tuple[str, tuple[int, ...]]]:
@@ -98,6 +108,7 @@ def trained_like(_randomised_unet):
 
 # ---------------------------------------------------------------------------------------------------- architecture
 
+
 def test_parameter_count_and_entries():
     model = UNet3D()
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS
@@ -117,8 +128,12 @@ def test_state_dict_keys_shapes_and_order_are_the_published_ones(batchnorm):
 
 def test_encoder_and_classifier_keys():
     assert shapes(GenesisEncoder(in_channels=2)) == expected_encoder(2)
-    head = [("dense_1.weight", (1024, 512)), ("dense_1.bias", (1024,)), ("dense_2.weight", (5, 1024)),
-            ("dense_2.bias", (5,))]
+    head = [
+        ("dense_1.weight", (1024, 512)),
+        ("dense_1.bias", (1024,)),
+        ("dense_2.weight", (5, 1024)),
+        ("dense_2.bias", (5,)),
+    ]
     assert shapes(GenesisClassifier(5)) == expected_encoder() + head
 
 
@@ -142,6 +157,7 @@ def test_forward_shape_and_range(small_batch):
 def spec_forward(state: dict, x):
     """The network of models_genesis.md §4 written as plain functions of a state_dict: the oracle for the module.
     BatchNorm uses the batch's statistics (the published behaviour)."""
+
     def luconv(prefix, h):
         h = torch.nn.functional.conv3d(h, state[prefix + ".conv1.weight"], state[prefix + ".conv1.bias"], padding=1)
         mean = h.mean(dim=(0, 2, 3, 4), keepdim=True)
@@ -158,8 +174,9 @@ def spec_forward(state: dict, x):
         h = luconv(f"{name}.ops.1", luconv(f"{name}.ops.0", h))
         skips.append(h)
     for (name, *_), skip in zip(DECODER_LEVELS, reversed(skips[:-1])):
-        up = torch.nn.functional.conv_transpose3d(h, state[name + ".up_conv.weight"], state[name + ".up_conv.bias"],
-                                                  stride=2)
+        up = torch.nn.functional.conv_transpose3d(
+            h, state[name + ".up_conv.weight"], state[name + ".up_conv.bias"], stride=2
+        )
         h = luconv(f"{name}.ops.1", luconv(f"{name}.ops.0", torch.cat([up, skip], 1)))
     logits = torch.nn.functional.conv3d(h, state["out_tr.final_conv.weight"], state["out_tr.final_conv.bias"])
     return torch.sigmoid(logits), skips[-1]
@@ -197,6 +214,7 @@ def test_classifier_forward(small_batch):
 
 # ------------------------------------------------------------------------------------------------------ BatchNorm
 
+
 def test_batch_stats_layer_matches_the_formula():
     torch.manual_seed(4)
     bn = BatchStatsBatchNorm3d(3)
@@ -206,8 +224,9 @@ def test_batch_stats_layer_matches_the_formula():
     x = torch.randn(2, 3, 4, 5, 6) * 3 + 1
     mean = x.mean(dim=(0, 2, 3, 4))
     var = x.var(dim=(0, 2, 3, 4), unbiased=False)
-    expected = ((x - mean.view(1, 3, 1, 1, 1)) / torch.sqrt(var.view(1, 3, 1, 1, 1) + bn.eps)
-                * bn.weight.view(1, 3, 1, 1, 1) + bn.bias.view(1, 3, 1, 1, 1))
+    expected = (x - mean.view(1, 3, 1, 1, 1)) / torch.sqrt(var.view(1, 3, 1, 1, 1) + bn.eps) * bn.weight.view(
+        1, 3, 1, 1, 1
+    ) + bn.bias.view(1, 3, 1, 1, 1)
     n = x.numel() // 3
     for mode in ("train", "eval"):
         getattr(bn, mode)()
@@ -253,6 +272,7 @@ def test_standard_batchnorm_uses_running_stats_in_eval(small_batch):
 
 # --------------------------------------------------------------------------------------------------- input checks
 
+
 def test_sizes_not_divisible_by_8_name_valid_sizes():
     model = UNet3D()
     with pytest.raises(ValueError, match=r"divisible by 8") as err:
@@ -282,6 +302,7 @@ def test_other_input_errors():
 
 # -------------------------------------------------------------------------------------- script / export / compile
 
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")  # deprecated in torch 2.13; still asked for
 def test_jit_script_matches_eager(small_batch):
     torch.manual_seed(6)
@@ -296,6 +317,7 @@ def test_jit_script_matches_eager(small_batch):
 @pytest.mark.slow
 def test_export_matches_eager_with_dynamic_sizes(small_batch):
     from torch.export import Dim
+
     torch.manual_seed(7)
     model = UNet3D().eval()
     eights = [Dim(f"{axis}8", min=2, max=32) for axis in "xyz"]  # spatial sizes 8*k, k >= 2
@@ -321,12 +343,16 @@ def test_compile_fullgraph_matches_eager(small_batch):
 
 # ------------------------------------------------------------------------------------------------------- weights
 
+
 def published_checkpoint(model, path, *, legacy=False):
     """The published file's layout: 'module.'-prefixed state_dict, optimizer state and epoch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
     state = OrderedDict(("module." + k, v) for k, v in model.state_dict().items())
-    torch.save({"epoch": 42, "state_dict": state, "optimizer_state_dict": optimizer.state_dict()}, path,
-               _use_new_zipfile_serialization=not legacy)
+    torch.save(
+        {"epoch": 42, "state_dict": state, "optimizer_state_dict": optimizer.state_dict()},
+        path,
+        _use_new_zipfile_serialization=not legacy,
+    )
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
@@ -406,12 +432,18 @@ def test_mismatches_are_listed_and_nothing_is_loaded(tmp_path, trained_like):
 def test_wrong_architecture_weights(tmp_path, trained_like):
     path = tmp_path / "unet.pt"
     save_checkpoint(trained_like, path)
-    with pytest.raises(CheckpointError, match=r"out_tr.final_conv.weight': checkpoint \(1, 64, 1, 1, 1\) vs model "
-                                              r"\(2, 64, 1, 1, 1\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"out_tr.final_conv.weight': checkpoint \(1, 64, 1, 1, 1\) vs model "
+        r"\(2, 64, 1, 1, 1\)",
+    ):
         load_pretrained(UNet3D(n_class=2), path)
     # a whole-network load into the classifier: decoder unexpected, head missing (encoder_only is the way)
-    with pytest.raises(CheckpointError, match=r"4 missing key\(s\) \['dense_1.weight'.*unexpected key\(s\) "
-                                              r"\['up_tr256.up_conv.weight'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"4 missing key\(s\) \['dense_1.weight'.*unexpected key\(s\) "
+        r"\['up_tr256.up_conv.weight'",
+    ):
         load_pretrained(GenesisClassifier(2), path)
     # a checkpoint of some other network lists (a bounded number of) missing keys
     torch.save({"state_dict": {"conv.weight": torch.zeros(3)}}, path)
@@ -438,12 +470,16 @@ def test_encoder_only_into_classifier(tmp_path, trained_like, small_batch):
     # the encoder is required in full; its absence is listed
     state = {k: v for k, v in source.items() if k != "down_tr512.ops.1.conv1.bias"}
     torch.save({"state_dict": state}, path)
-    with pytest.raises(CheckpointError, match=r"encoder of GenesisClassifier.*1 missing key\(s\) "
-                                              r"\['down_tr512.ops.1.conv1.bias'\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"encoder of GenesisClassifier.*1 missing key\(s\) "
+        r"\['down_tr512.ops.1.conv1.bias'\]",
+    ):
         load_pretrained(GenesisClassifier(3), path, encoder_only=True)
 
 
 # --------------------------------------------------------------------------------------------------- bad files
+
 
 class Payload:
     """Unpickling this runs a shell command: weights_only must refuse it before that happens."""

@@ -1,5 +1,6 @@
 """genesis_ext.monai in a real MONAI pipeline on the real CT of ../shared/data: LoadImaged -> EnsureChannelFirstd ->
 ScaleIntensityRanged -> RandSpatialCropSamplesd -> GenesisPaird -> monai.data.DataLoader(num_workers=2)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,19 +22,23 @@ CONFIG = DeformConfig(gaussian_noise_rate=0.3)
 
 
 def pipeline(seed: int) -> Compose:
-    return Compose([
-        LoadImaged(keys="image"), EnsureChannelFirstd(keys="image"),
-        ScaleIntensityRanged(keys="image", a_min=-1000, a_max=1000, b_min=0.0, b_max=1.0, clip=True),
-        RandSpatialCropSamplesd(keys="image", roi_size=(32, 32, 16), num_samples=3, random_size=False),
-        GenesisPaird(keys="image", config=CONFIG, seed=42),
-    ]).set_random_state(seed)
+    return Compose(
+        [
+            LoadImaged(keys="image"),
+            EnsureChannelFirstd(keys="image"),
+            ScaleIntensityRanged(keys="image", a_min=-1000, a_max=1000, b_min=0.0, b_max=1.0, clip=True),
+            RandSpatialCropSamplesd(keys="image", roi_size=(32, 32, 16), num_samples=3, random_size=False),
+            GenesisPaird(keys="image", config=CONFIG, seed=42),
+        ]
+    ).set_random_state(seed)
 
 
 def epochs(seed: int, n_epochs: int = 2) -> list[list[dict]]:
     """Every batch of n_epochs epochs of the pipeline in a 2-worker MONAI DataLoader, its global seed set."""
     monai.utils.set_determinism(seed=seed)
-    loader = DataLoader(Dataset([{"image": str(p)} for p in CTS] * 2, transform=pipeline(seed)), batch_size=3,
-                        num_workers=2)
+    loader = DataLoader(
+        Dataset([{"image": str(p)} for p in CTS] * 2, transform=pipeline(seed)), batch_size=3, num_workers=2
+    )
     return [[{k: v for k, v in batch.items()} for batch in loader] for _ in range(n_epochs)]
 
 
@@ -55,8 +60,9 @@ def test_pairs_are_models_genesis_pairs_of_the_crops(runs):
     assert "filename_or_obj" in image.meta and image.meta["genesis_ext"]["seed"][0] == 42  # metadata kept
     for n in range(image.shape[0]):  # each sample: exactly genesis_pair of its flipped crop at its recorded index
         index = int(image.meta["genesis_ext"]["index"][n])
-        xd, tg = genesis_ext.genesis_pair(target[n:n + 1].as_tensor(), seed=42, offset=index,
-                                          config=CONFIG.replace(flip_rate=0.0))
+        xd, tg = genesis_ext.genesis_pair(
+            target[n : n + 1].as_tensor(), seed=42, offset=index, config=CONFIG.replace(flip_rate=0.0)
+        )
         # the flips are the same with or without flip_rate: every other draw has its own stream
         assert torch.equal(tg[0], target[n].as_tensor()) and torch.equal(xd[0], image[n].as_tensor())
     assert 0.0 <= float(target.min()) <= float(target.max()) <= 1.0
@@ -103,8 +109,13 @@ def test_plain_torch_dataloader_recipe():
 def test_genesis_ext_itself_does_not_import_monai():
     import subprocess
     import sys
-    code = ("import sys, numpy as np, genesis_ext\n"
-            "genesis_ext.genesis_pair(np.zeros((1, 1, 32, 32, 16), np.float32), seed=0)\n"
-            "print('monai' in sys.modules)\n")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip() == "False"
+
+    code = (
+        "import sys, numpy as np, genesis_ext\n"
+        "genesis_ext.genesis_pair(np.zeros((1, 1, 32, 32, 16), np.float32), seed=0)\n"
+        "print('monai' in sys.modules)\n"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

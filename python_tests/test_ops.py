@@ -3,6 +3,7 @@
 Exactness: everything the kernels do is integer geometry, permutations, copies and Philox noise, so every voxel must
 equal the oracle bit for bit, except the Bézier map, which must be within 1e-5 of the exact float64 map.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -206,12 +207,16 @@ def test_pair_channels_move_together(rng):
         assert np.array_equal(xd[n], tg[n]) == (not p["local"][n])
 
 
-@pytest.mark.parametrize("spatial, channels, config", [
-    ((64, 64, 32), 1, DeformConfig()),
-    ((23, 41, 17), 3, SCRAMBLED),
-    ((64, 64), 2, DeformConfig.official(flip_compat=True)),
-    ((23, 41, 17), 2, EDGE),
-], ids=["official", "odd-c3-scrambled", "2d-c2-compat", "odd-c2-edge"])
+@pytest.mark.parametrize(
+    "spatial, channels, config",
+    [
+        ((64, 64, 32), 1, DeformConfig()),
+        ((23, 41, 17), 3, SCRAMBLED),
+        ((64, 64), 2, DeformConfig.official(flip_compat=True)),
+        ((23, 41, 17), 2, EDGE),
+    ],
+    ids=["official", "odd-c3-scrambled", "2d-c2-compat", "odd-c2-edge"],
+)
 def test_pair_is_composition_of_single_ops(spatial, channels, config, rng):
     """For every branch: x_deformed == the single ops chained on the running result (flip first: shuffle blocks live
     in the flipped frame), each with the same (seed, offset). Bit-exact, the Bézier map included."""
@@ -343,7 +348,7 @@ def test_batch_split_independence(rng):
     xd_b, tg_b = run("genesis_pair", x[3:], seed=seed, offset=3)
     assert np.array_equal(xd, np.concatenate([xd_a, xd_b])) and np.array_equal(tg, np.concatenate([tg_a, tg_b]))
     for k in (0, 5, 7):
-        xd_k, tg_k = run("genesis_pair", x[k:k + 1], seed=seed, offset=k)
+        xd_k, tg_k = run("genesis_pair", x[k : k + 1], seed=seed, offset=k)
         assert np.array_equal(xd_k[0], xd[k]) and np.array_equal(tg_k[0], tg[k])
     # a sample's result depends only on (seed, global index), not on the data of its batch neighbours
     y = x.copy()
@@ -434,8 +439,13 @@ def test_moves_carry_nonfinite_values(op, rng):
         assert np.isnan(out[n]).any() and np.isinf(out[n]).any()
 
 
-FLOAT_DTYPES = [("numpy", "float64"), ("numpy", "float16"), ("torch", "float64"), ("torch", "float16"),
-                ("torch", "bfloat16")]
+FLOAT_DTYPES = [
+    ("numpy", "float64"),
+    ("numpy", "float16"),
+    ("torch", "float64"),
+    ("torch", "float16"),
+    ("torch", "bfloat16"),
+]
 
 
 @pytest.mark.parametrize("op", ALL_OPS)
@@ -496,24 +506,49 @@ def test_pair_with_nonfinite_values(rng):
 
 
 @pytest.mark.parametrize("op", ALL_OPS)
-@pytest.mark.parametrize("make, exc, match", [
-    (lambda: np.zeros((2, 1, 64, 64, 32), dtype=np.bool_), TypeError, r"expected floating-point data .*got bool"),
-    (lambda: np.zeros((2, 1, 64, 64, 32), dtype=np.int32), TypeError,
-     r"expected floating-point data .*got int32; convert it first, e.g. x.float\(\)"),
-    (lambda: torch.zeros(2, 1, 64, 64, 32, dtype=torch.uint8), TypeError,
-     r"expected floating-point data \(float32, float64, float16 or bfloat16\), got torch.uint8"),
-    (lambda: torch.zeros(2, 1, 64, 64, 32, dtype=torch.int64), TypeError, "expected floating-point data"),
-    (lambda: np.zeros((64, 64, 32), dtype=np.float32), ValueError, r"expected a batch .* \(3 dims\)"),
-    (lambda: np.zeros((1, 2, 1, 64, 64, 32), dtype=np.float32), ValueError, r"expected a batch .* \(6 dims\)"),
-    (lambda: torch.zeros(64, 64, 32), ValueError, r"expected a batch .* \(3 dims\)"),
-    (lambda: np.zeros((0, 1, 64, 64, 32), dtype=np.float32), ValueError, r"empty batch \(N = 0\)"),
-    (lambda: torch.zeros(0, 1, 64, 64, 32), ValueError, r"empty batch \(N = 0\)"),
-    (lambda: np.zeros((2, 0, 64, 64, 32), dtype=np.float32), ValueError, "every axis needs length >= 1"),
-    (lambda: np.zeros((2, 1, 64, 64, 32), dtype=np.float32).tolist(), TypeError,
-     "expected a torch.Tensor, numpy.ndarray or cupy.ndarray, got list"),
-    (lambda: 3.0, TypeError, "expected a torch.Tensor, numpy.ndarray or cupy.ndarray, got float"),
-], ids=["np-bool", "np-int32", "torch-uint8", "torch-int64", "ndim3", "ndim6", "torch-ndim3", "empty",
-        "torch-empty", "no-channels", "list", "scalar"])
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda: np.zeros((2, 1, 64, 64, 32), dtype=np.bool_), TypeError, r"expected floating-point data .*got bool"),
+        (
+            lambda: np.zeros((2, 1, 64, 64, 32), dtype=np.int32),
+            TypeError,
+            r"expected floating-point data .*got int32; convert it first, e.g. x.float\(\)",
+        ),
+        (
+            lambda: torch.zeros(2, 1, 64, 64, 32, dtype=torch.uint8),
+            TypeError,
+            r"expected floating-point data \(float32, float64, float16 or bfloat16\), got torch.uint8",
+        ),
+        (lambda: torch.zeros(2, 1, 64, 64, 32, dtype=torch.int64), TypeError, "expected floating-point data"),
+        (lambda: np.zeros((64, 64, 32), dtype=np.float32), ValueError, r"expected a batch .* \(3 dims\)"),
+        (lambda: np.zeros((1, 2, 1, 64, 64, 32), dtype=np.float32), ValueError, r"expected a batch .* \(6 dims\)"),
+        (lambda: torch.zeros(64, 64, 32), ValueError, r"expected a batch .* \(3 dims\)"),
+        (lambda: np.zeros((0, 1, 64, 64, 32), dtype=np.float32), ValueError, r"empty batch \(N = 0\)"),
+        (lambda: torch.zeros(0, 1, 64, 64, 32), ValueError, r"empty batch \(N = 0\)"),
+        (lambda: np.zeros((2, 0, 64, 64, 32), dtype=np.float32), ValueError, "every axis needs length >= 1"),
+        (
+            lambda: np.zeros((2, 1, 64, 64, 32), dtype=np.float32).tolist(),
+            TypeError,
+            "expected a torch.Tensor, numpy.ndarray or cupy.ndarray, got list",
+        ),
+        (lambda: 3.0, TypeError, "expected a torch.Tensor, numpy.ndarray or cupy.ndarray, got float"),
+    ],
+    ids=[
+        "np-bool",
+        "np-int32",
+        "torch-uint8",
+        "torch-int64",
+        "ndim3",
+        "ndim6",
+        "torch-ndim3",
+        "empty",
+        "torch-empty",
+        "no-channels",
+        "list",
+        "scalar",
+    ],
+)
 def test_bad_inputs_raise(op, make, exc, match):
     with pytest.raises(exc, match=rf"genesis_ext\.{op}: {match}"):
         run(op, make(), seed=0)
@@ -523,8 +558,11 @@ def test_a_4d_input_needs_its_layout_said():
     """(1, 64, 64, 32) could be one 3-D sample (C, X, Y, Z) or a 2-D batch (N, C, H, W): no guess (it used to be taken
     as a 2-D batch without a word); spatial_dims=2 says it is one; the wrong layout for a shape is refused."""
     sample = np.random.default_rng(0).random((1, 64, 64, 32), dtype=np.float32)
-    with pytest.raises(ValueError, match=r"genesis_ext.genesis_pair: a 4-D input \(1, 64, 64, 32\) is ambiguous: .*"
-                                         r"Pass spatial_dims=2 for a 2-D batch; for one 3-D sample add the batch axis"):
+    with pytest.raises(
+        ValueError,
+        match=r"genesis_ext.genesis_pair: a 4-D input \(1, 64, 64, 32\) is ambiguous: .*"
+        r"Pass spatial_dims=2 for a 2-D batch; for one 3-D sample add the batch axis",
+    ):
         genesis_ext.genesis_pair(sample, seed=0)
     as_3d = genesis_ext.genesis_pair(sample[None], seed=0)[0][0]
     as_2d = genesis_ext.genesis_pair(sample, seed=0, spatial_dims=2)[0]
@@ -537,18 +575,21 @@ def test_a_4d_input_needs_its_layout_said():
         genesis_ext.flip(sample[None], seed=0, spatial_dims=4)
 
 
-@pytest.mark.parametrize("op, shape, config, rule, need", [
-    ("local_shuffle", (9, 64, 32), None, "local", 10),
-    ("local_shuffle", (64, 64, 9), None, "local", 10),
-    ("local_shuffle", (64, 9), None, "local", 10),
-    ("inpaint", (64, 7, 32), None, "inpaint", 8),
-    ("outpaint", (64, 64, 13), None, "outpaint", 14),
-    ("outpaint", (13, 64), None, "outpaint", 14),
-    ("genesis_pair", (64, 64, 13), None, "outpaint", 14),
-    ("genesis_pair", (9, 64, 32), DeformConfig(inpaint_rate=1.0, outpaint_rate=0.0), "local", 10),
-    ("genesis_pair", (7, 64, 32), DeformConfig(local_rate=0.0, inpaint_rate=1.0, outpaint_rate=0.0), "inpaint", 8),
-    ("local_shuffle", (19, 64, 32), DeformConfig(block_div=20), "local", 20),
-])
+@pytest.mark.parametrize(
+    "op, shape, config, rule, need",
+    [
+        ("local_shuffle", (9, 64, 32), None, "local", 10),
+        ("local_shuffle", (64, 64, 9), None, "local", 10),
+        ("local_shuffle", (64, 9), None, "local", 10),
+        ("inpaint", (64, 7, 32), None, "inpaint", 8),
+        ("outpaint", (64, 64, 13), None, "outpaint", 14),
+        ("outpaint", (13, 64), None, "outpaint", 14),
+        ("genesis_pair", (64, 64, 13), None, "outpaint", 14),
+        ("genesis_pair", (9, 64, 32), DeformConfig(inpaint_rate=1.0, outpaint_rate=0.0), "local", 10),
+        ("genesis_pair", (7, 64, 32), DeformConfig(local_rate=0.0, inpaint_rate=1.0, outpaint_rate=0.0), "inpaint", 8),
+        ("local_shuffle", (19, 64, 32), DeformConfig(block_div=20), "local", 20),
+    ],
+)
 def test_too_small_for_size_rules(op, shape, config, rule, need):
     x = np.random.default_rng(0).random((1, 1, *shape), dtype=np.float32)
     with pytest.raises(ValueError, match=rf"genesis_ext\.{op}: spatial size .* too small for {rule} .* >= {need}"):
@@ -569,18 +610,21 @@ def test_size_rules_follow_the_config():
         assert run(op, tiny, seed=0).shape == tiny.shape
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\), got -1"),
-    (dict(seed=2**64), ValueError, r"seed must be in \[0, 2\*\*64\)"),
-    (dict(seed=1.0), TypeError, "seed must be an int, got float"),
-    (dict(seed=True), TypeError, "seed must be an int, got bool"),
-    (dict(seed="1"), TypeError, "seed must be an int, got str"),
-    (dict(seed=None), TypeError, "seed must be an int, got NoneType"),
-    (dict(seed=1, offset=-1), ValueError, r"offset must be in \[0, 2\*\*63\), got -1"),
-    (dict(seed=1, offset=2**63), ValueError, r"offset must be in \[0, 2\*\*63\)"),
-    (dict(seed=1, offset=2.0), TypeError, "offset must be an int, got float"),
-    (dict(seed=1, config={"local_rate": 0.5}), TypeError, "config must be a DeformConfig or None, got dict"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\), got -1"),
+        (dict(seed=2**64), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+        (dict(seed=1.0), TypeError, "seed must be an int, got float"),
+        (dict(seed=True), TypeError, "seed must be an int, got bool"),
+        (dict(seed="1"), TypeError, "seed must be an int, got str"),
+        (dict(seed=None), TypeError, "seed must be an int, got NoneType"),
+        (dict(seed=1, offset=-1), ValueError, r"offset must be in \[0, 2\*\*63\), got -1"),
+        (dict(seed=1, offset=2**63), ValueError, r"offset must be in \[0, 2\*\*63\)"),
+        (dict(seed=1, offset=2.0), TypeError, "offset must be an int, got float"),
+        (dict(seed=1, config={"local_rate": 0.5}), TypeError, "config must be a DeformConfig or None, got dict"),
+    ],
+)
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_bad_seed_offset_config_raise(op, kwargs, exc, match):
     x = np.random.default_rng(0).random((1, 1, 64, 64, 32), dtype=np.float32)
@@ -598,8 +642,10 @@ def test_seed_is_keyword_only():
         genesis_ext.genesis_pair(x)
 
 
-@pytest.mark.skipif(not genesis_ext.build_info()["with_cuda"] or genesis_ext.build_info()["cuda_devices"] > 0,
-                    reason="needs a CUDA build on a machine without a usable CUDA device")
+@pytest.mark.skipif(
+    not genesis_ext.build_info()["with_cuda"] or genesis_ext.build_info()["cuda_devices"] > 0,
+    reason="needs a CUDA build on a machine without a usable CUDA device",
+)
 def test_cuda_kernels_without_a_device_raise_a_clear_error():
     reason = genesis_ext.build_info()["cuda_unavailable_reason"]
     assert reason
@@ -648,8 +694,8 @@ def test_gaussian_blur_spreads_nonfinite_values_within_its_radius():
     r = len(R.blur_weights(genesis_ext.sample_params(1, x.shape[2:], seed=2, config=config)["blur_sigma"][0])) - 1
     assert r == 2
     box = np.zeros(x.shape[2:], dtype=bool)
-    box[7 - r:8 + r, 8 - r:9 + r, 9 - r:10 + r] = True
+    box[7 - r : 8 + r, 8 - r : 9 + r, 9 - r : 10 + r] = True
     assert np.array_equal(np.isnan(out[0, 0]), box)
     corner = ~np.isfinite(out[0, 0]) & ~box
-    assert corner[:1 + r + 1, :1 + r + 1, :1 + r + 1].all() and corner.sum() == (1 + r + 1) ** 3
+    assert corner[: 1 + r + 1, : 1 + r + 1, : 1 + r + 1].all() and corner.sum() == (1 + r + 1) ** 3
     assert np.array_equal(out, oracle_single("gaussian_blur", x, 2, 0, config), equal_nan=True)

@@ -3,6 +3,7 @@ resume after SIGKILL, DDP (2 gloo processes) == one process with the same micro-
 
 Cubes are 16x16x16 (the smallest size the default DeformConfig and the U-Net both accept), batches of 2, a few steps:
 the U-Net at full width costs ~0.6 s per step on one CPU thread at this size."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,19 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 CUBE = (16, 16, 16)
 # A tiny run: 3 epochs of 2 steps of batch 2, one thread, no progress bars.
-TINY = ["--batch-size", "2", "--steps-per-epoch", "2", "--epochs", "3", "--threads", "1", "--quiet",
-        "--val-fraction", "0.2"]
+TINY = [
+    "--batch-size",
+    "2",
+    "--steps-per-epoch",
+    "2",
+    "--epochs",
+    "3",
+    "--threads",
+    "1",
+    "--quiet",
+    "--val-fraction",
+    "0.2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +55,14 @@ def cubes(tmp_path_factory) -> Path:
 
 def _cli(args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "genesis_ext.cli", "pretrain", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "genesis_ext.cli", "pretrain", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def _run_cli(args, timeout=240):
@@ -54,8 +72,10 @@ def _run_cli(args, timeout=240):
 
 
 def _losses(run: Path):
-    return [(r["epoch"], r["step"], r["samples"], r["lr"], r["train_loss"], r["val_loss"], r["best_val"],
-             r["bad_epochs"]) for r in read_csv(run / "metrics.csv")]
+    return [
+        (r["epoch"], r["step"], r["samples"], r["lr"], r["train_loss"], r["val_loss"], r["best_val"], r["bad_epochs"])
+        for r in read_csv(run / "metrics.csv")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +100,14 @@ def test_run_writes_logs_checkpoints_previews_and_learns(uninterrupted):
     rows = read_csv(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all(np.isfinite(r["val_loss"]) for r in rows)
-    for name in ("checkpoints/last.pt", "checkpoints/best.pt", "preview.png", "previews/epoch_0003.png",
-                 "config.json", "baselines.json"):
+    for name in (
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "preview.png",
+        "previews/epoch_0003.png",
+        "config.json",
+        "baselines.json",
+    ):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     state = load_training_state(run / "checkpoints" / "last.pt")
@@ -89,12 +115,14 @@ def test_run_writes_logs_checkpoints_previews_and_learns(uninterrupted):
     assert state["best_val"] == min(r["val_loss"] for r in rows)
     load_pretrained(UNet3D(), run / "checkpoints" / "best.pt")  # the weights load like published ones
     import json
+
     base = json.loads((run / "baselines.json").read_text())
     assert base["identity"] > base["mean"] > 0
     assert min(r["val_loss"] for r in rows) < base["identity"]  # a few steps already beat the identity output
     # the per-branch losses split the total by the painting branch of each fixed validation pair
     from genesis_ext import sample_params
     from genesis_ext.train.pretraining import BRANCHES, _branches
+
     branch = _branches(sample_params(4, CUBE, seed=2, with_blocks=False))
     counts = {b: int((branch == b).sum()) for b in BRANCHES}
     assert sum(counts.values()) == 4 and max(counts.values()) < 4  # 4 validation cubes, more than one branch
@@ -152,8 +180,20 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_micro_batches(cu
     rc, out, err = _run_cli([*args, "--out", single, "--accumulate", "2"])
     assert rc == 0, err
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "genesis_ext.cli", "pretrain", *map(str, args), "--out", str(ddp)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "genesis_ext.cli",
+        "pretrain",
+        *map(str, args),
+        "--out",
+        str(ddp),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 process(es) x 1 micro-batch(es) of 1" in res.stdout + res.stderr
@@ -166,8 +206,16 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_micro_batches(cu
 
 
 def _cfg(data, out, **kw):
-    base = dict(batch_size=2, steps_per_epoch=1, epochs=1, threads=1, progress=False, tensorboard=False,
-                preview_every=0, val_fraction=0.2)
+    base = dict(
+        batch_size=2,
+        steps_per_epoch=1,
+        epochs=1,
+        threads=1,
+        progress=False,
+        tensorboard=False,
+        preview_every=0,
+        val_fraction=0.2,
+    )
     base.update(kw)
     return PretrainConfig(data=[data], out=out, **base)
 
@@ -204,6 +252,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cubes, tmp_pat
     n = len(read_csv(run / "metrics.csv"))
     assert n == 1
     from genesis_ext.data import CubeStore
+
     count = len(CubeStore(str(cubes)))
     np.save(nan_cubes / "cubes.npy", np.full((count, *CUBE), np.nan, dtype=np.float32))
     # the loss is read every 2 steps: the error names the first bad step, not the step of the read
@@ -258,8 +307,15 @@ def test_presets_and_cli_verb():
     from genesis_ext.train import PRESETS
 
     official = PretrainConfig(data=["x"], out="y", preset="official").resolved()
-    assert (official.optimizer, official.lr, official.momentum, official.batch_size, official.lr_step_epochs,
-            official.lr_gamma, official.patience) == ("sgd", 1.0, 0.9, 6, 40, 0.5, 50)
+    assert (
+        official.optimizer,
+        official.lr,
+        official.momentum,
+        official.batch_size,
+        official.lr_step_epochs,
+        official.lr_gamma,
+        official.patience,
+    ) == ("sgd", 1.0, 0.9, 6, 40, 0.5, 50)
     default = PretrainConfig(data=["x"], out="y").resolved()
     assert default.optimizer == PRESETS["default"]["optimizer"] and default.batch_size == 6
     assert PretrainConfig(data=["x"], out="y", lr=0.1).resolved().lr == 0.1

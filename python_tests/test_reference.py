@@ -3,6 +3,7 @@
 Expected values come from the spec (known-answer vectors, the published rates and measured figures, the written
 word layout and loops), never from the module itself.
 """
+
 import importlib
 import math
 import pathlib
@@ -45,12 +46,19 @@ def box_mask(shape, boxes, n):
 
 # ------------------------------------------------------------------------------------------------ Philox and the stream
 
-@pytest.mark.parametrize("ctr, key, expected", [
-    ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
-    ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
-    ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
-     [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
-])
+
+@pytest.mark.parametrize(
+    "ctr, key, expected",
+    [
+        ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+        ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+        (
+            [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344],
+            [0xA4093822, 0x299F31D0],
+            [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1],
+        ),
+    ],
+)
 def test_philox_known_answers(ctr, key, expected):
     out = R.philox4x32_10(np.array(ctr, dtype=np.uint32), np.array(key, dtype=np.uint32))
     assert out.dtype == np.uint32 and out.tolist() == expected
@@ -68,8 +76,13 @@ def test_philox_vectorised_and_broadcast():
 def test_word_layout(seed, index):
     # key = (seed mod 2^32, seed >> 32); ctr = (i mod 2^32, i >> 32, purpose | (w >> 2) << 8, major); word = out[w & 3]
     key = [seed % 2**32, seed >> 32]
-    for purpose, major, w in [(R.GATES, 0, 3), (R.FLIP, 0, 5), (R.BLOCK, 9999, 6), (R.BLOCK, 4, 113),
-                              (R.NOISE, 2**31, 2)]:
+    for purpose, major, w in [
+        (R.GATES, 0, 3),
+        (R.FLIP, 0, 5),
+        (R.BLOCK, 9999, 6),
+        (R.BLOCK, 4, 113),
+        (R.NOISE, 2**31, 2),
+    ]:
         ctr = [index % 2**32, index >> 32, purpose | ((w >> 2) << 8), major]
         assert int(R.word(seed, index, purpose, major, w)) == int(R.philox4x32_10(ctr, key)[w & 3])
     majors, ws = np.arange(5), np.array([0, 1, 2, 7, 30])
@@ -110,8 +123,10 @@ def test_randint_exact_formula_and_range():
 
 # ------------------------------------------------------------------------------------------------------ derive_params
 
+
 def spec_params(seed, index, shape, cfg):
     """docs/randomness.md, written out word by word with scalar draws."""
+
     def w(purpose, k, major=0):
         return int(R.word(seed, index, purpose, major, k))
 
@@ -121,8 +136,12 @@ def spec_params(seed, index, shape, cfg):
     def rint(u, a, b):
         return a + ((u * (b - a + 1)) >> 32)
 
-    p = {"nonlinear": U(w(R.GATES, 0)) < cfg.nonlinear_rate, "local": U(w(R.GATES, 1)) < cfg.local_rate,
-         "paint": U(w(R.GATES, 2)) < cfg.paint_rate, "inpaint": U(w(R.GATES, 3)) < cfg.inpaint_rate}
+    p = {
+        "nonlinear": U(w(R.GATES, 0)) < cfg.nonlinear_rate,
+        "local": U(w(R.GATES, 1)) < cfg.local_rate,
+        "paint": U(w(R.GATES, 2)) < cfg.paint_rate,
+        "inpaint": U(w(R.GATES, 3)) < cfg.inpaint_rate,
+    }
     flip = [False] * len(shape)
     k = 0
     while k < cfg.max_flips and U(w(R.FLIP, 2 * k)) < cfg.flip_rate:
@@ -137,17 +156,20 @@ def spec_params(seed, index, shape, cfg):
     holes = []
     while len(holes) < cfg.max_holes and U(w(R.INPAINT, 8 * len(holes))) < cfg.hole_continue:
         k = len(holes)
-        size = [rint(w(R.INPAINT, 8 * k + 1 + a), s // cfg.hole_div_min, s // cfg.hole_div_max)
-                for a, s in enumerate(shape)]
+        size = [
+            rint(w(R.INPAINT, 8 * k + 1 + a), s // cfg.hole_div_min, s // cfg.hole_div_max) for a, s in enumerate(shape)
+        ]
         origin = [rint(w(R.INPAINT, 8 * k + 4 + a), cfg.margin, s - size[a] - cfg.margin) for a, s in enumerate(shape)]
         holes.append((origin, size))
     p["holes"] = holes
     windows = []
     while len(windows) < cfg.max_windows and (not windows or U(w(R.OUTPAINT, 8 * len(windows))) < cfg.window_continue):
         k = len(windows)
-        size = [s - rint(w(R.OUTPAINT, 8 * k + 1 + a), cfg.cut_min_num * s // cfg.cut_den,
-                         cfg.cut_max_num * s // cfg.cut_den)
-                for a, s in enumerate(shape)]
+        size = [
+            s
+            - rint(w(R.OUTPAINT, 8 * k + 1 + a), cfg.cut_min_num * s // cfg.cut_den, cfg.cut_max_num * s // cfg.cut_den)
+            for a, s in enumerate(shape)
+        ]
         origin = [rint(w(R.OUTPAINT, 8 * k + 4 + a), cfg.margin, s - size[a] - cfg.margin) for a, s in enumerate(shape)]
         windows.append((origin, size))
     p["windows"] = windows
@@ -168,7 +190,7 @@ def test_derive_params_matches_written_layout(shape, compat):
             assert got[n_key] == len(exp[key])
             assert got[key].shape == (n_max, 2, len(shape)) and got[key].dtype == np.int32
             assert got[key][: got[n_key]].tolist() == [[o, s] for o, s in exp[key]]
-            assert not got[key][got[n_key]:].any()
+            assert not got[key][got[n_key] :].any()
         blocks = got["blocks"]
         assert blocks.shape == (cfg.num_blocks, 2, len(shape)) and blocks.dtype == np.int32
         for b in (0, 1, 4321, cfg.num_blocks - 1):
@@ -244,6 +266,7 @@ def test_derive_params_rejects_shapes_too_small():
 
 # ----------------------------------------------------------------------------------------------- local shuffle
 
+
 def test_block_permutations_follow_the_written_loop():
     p = R.derive_params(SEED, 3, SHAPE)
     perms = R.block_permutations(SEED, 3, p["blocks"])
@@ -276,7 +299,11 @@ def test_local_shuffle_by_hand():
     out = R.local_shuffle(x, blocks, [np.array([2, 0, 3, 1])])
     exp = x.copy()
     exp[:, 1, 1, 0], exp[:, 1, 2, 0], exp[:, 2, 1, 0], exp[:, 2, 2, 0] = (
-        x[:, 2, 1, 0], x[:, 1, 1, 0], x[:, 2, 2, 0], x[:, 1, 2, 0])
+        x[:, 2, 1, 0],
+        x[:, 1, 1, 0],
+        x[:, 2, 2, 0],
+        x[:, 1, 2, 0],
+    )
     assert np.array_equal(out, exp)
     # two overlapping blocks along X: the later one wins and reads the ORIGINAL values
     blocks = np.array([[[0, 0, 0], [2, 1, 1]], [[1, 0, 0], [2, 1, 1]]], dtype=np.int32)
@@ -308,6 +335,7 @@ def test_local_shuffle_statistics():
 
 # ---------------------------------------------------------------------------------------------------- Bézier map
 
+
 def dense_inverse(v, ctrl, increasing, n=2_000_001):
     s = np.linspace(0.0, 1.0, n)
     x1, y1, x2, y2 = ctrl
@@ -317,8 +345,9 @@ def dense_inverse(v, ctrl, increasing, n=2_000_001):
     return np.interp(v, bx, by)
 
 
-@pytest.mark.parametrize("ctrl", [(0.3, 0.9, 0.6, 0.1), (0.25, 0.25, 0.7, 0.7), (0.45, 0.05, 0.55, 0.95),
-                                  (0.3, 0.5, 0.8, 0.2)])
+@pytest.mark.parametrize(
+    "ctrl", [(0.3, 0.9, 0.6, 0.1), (0.25, 0.25, 0.7, 0.7), (0.45, 0.05, 0.55, 0.95), (0.3, 0.5, 0.8, 0.2)]
+)
 def test_bezier_map_matches_dense_inversion(ctrl):
     v = np.concatenate([np.linspace(0, 1, 1001), np.random.default_rng(1).random(3000)])
     for increasing in (True, False):
@@ -361,6 +390,7 @@ def test_bezier_map_flat_ends():
 
 
 # ------------------------------------------------------------------------------------------------ painting and noise
+
 
 def test_noise_values():
     shape = (2, 6, 7, 5)
@@ -419,6 +449,7 @@ def test_inpaint_per_channel_and_no_mutation():
 
 # --------------------------------------------------------------------------------------------------- pairs
 
+
 def test_flip_op():
     x = np.random.default_rng(4).random((2, 3, 4, 5), dtype=np.float32)
     assert np.array_equal(R.flip(x, [True, False, True]), x[:, ::-1, :, ::-1])
@@ -454,8 +485,11 @@ def test_genesis_pair_order_of_operations():
         exp = R.local_shuffle(y, p["blocks"], R.block_permutations(SEED, index, p["blocks"]))
         exp = R.bezier_map(exp, p["bezier"], p["increasing"]).astype(np.float32)
         z = R.noise(SEED, index, x.shape)  # painting noise is not intensity-transformed
-        exp = (R.inpaint(exp, p["holes"], p["n_holes"], z) if p["inpaint"]
-               else R.outpaint(exp, p["windows"], p["n_windows"], z))
+        exp = (
+            R.inpaint(exp, p["holes"], p["n_holes"], z)
+            if p["inpaint"]
+            else R.outpaint(exp, p["windows"], p["n_windows"], z)
+        )
         xd, target = R.genesis_pair(x, SEED, index, c)
         assert np.array_equal(target, y) and np.array_equal(xd, exp)
     off = DeformConfig(local_rate=0.0, nonlinear_rate=0.0, paint_rate=0.0)
@@ -463,8 +497,9 @@ def test_genesis_pair_order_of_operations():
     assert np.array_equal(xd, y) and xd is not y
     only_bezier = off.replace(nonlinear_rate=1.0, flip_rate=0.0)
     p = R.derive_params(SEED, 4, x.shape[1:], only_bezier)
-    np.testing.assert_array_equal(R.genesis_pair(x, SEED, 4, only_bezier)[0],
-                                  R.bezier_map(x, p["bezier"], p["increasing"]).astype(np.float32))
+    np.testing.assert_array_equal(
+        R.genesis_pair(x, SEED, 4, only_bezier)[0], R.bezier_map(x, p["bezier"], p["increasing"]).astype(np.float32)
+    )
 
 
 def test_genesis_pair_batch_independent_of_position():

@@ -5,6 +5,7 @@ Probabilities are checked within 4 binomial standard deviations (false alarm ~6e
 a pass is reproducible). Figures the spec gives as measured means get a band that this test justifies next to it.
 Run with ``-s`` to see the measured values.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -83,7 +84,7 @@ def _flip_parity_distribution(ndim, compat, rate=0.4, max_flips=3):
                 if a is not None:
                     parity[a] = not parity[a]
             key = tuple(parity)
-            dist[key] = dist.get(key, 0.0) + p_k / len(axes)**k
+            dist[key] = dist.get(key, 0.0) + p_k / len(axes) ** k
     return dist
 
 
@@ -130,9 +131,11 @@ def test_hole_and_window_counts(params):
     for k in range(6):  # k holes w.p. 0.95^k 0.05 (k < 5), 5 holes w.p. 0.95^5
         within_4_sigma(holes[k], n, 0.95**k * (0.05 if k < 5 else 1.0), f"{k} holes")
     for k in range(1, 6):  # 1 window, then up to 4 more while U() < 0.95
-        within_4_sigma(windows[k], n, 0.95**(k - 1) * (0.05 if k < 5 else 1.0), f"{k} windows")
-    print(f"\nmean holes {params['n_holes'].mean():.3f} (spec ~4.3), mean windows {params['n_windows'].mean():.3f} "
-          f"(spec ~4.52)")
+        within_4_sigma(windows[k], n, 0.95 ** (k - 1) * (0.05 if k < 5 else 1.0), f"{k} windows")
+    print(
+        f"\nmean holes {params['n_holes'].mean():.3f} (spec ~4.3), mean windows {params['n_windows'].mean():.3f} "
+        f"(spec ~4.52)"
+    )
     assert abs(params["n_holes"].mean() - 4.30) < 0.05 and abs(params["n_windows"].mean() - 4.52) < 0.05
 
 
@@ -140,8 +143,10 @@ def test_hole_and_window_geometry(params):
     """Sizes per axis: holes S//6 .. S//3 (64: 10..21, 32: 5..10), windows S - (3S//7 .. 4S//7) (64: 28..37,
     32: 14..19); every box keeps a 3-voxel margin from every face. Every size in range occurs."""
     S = np.array(CUBE)
-    for key, count, lo, hi in (("holes", "n_holes", S // 6, S // 3), ("windows", "n_windows", S - 4 * S // 7,
-                                                                            S - 3 * S // 7)):
+    for key, count, lo, hi in (
+        ("holes", "n_holes", S // 6, S // 3),
+        ("windows", "n_windows", S - 4 * S // 7, S - 3 * S // 7),
+    ):
         used = np.arange(params[key].shape[1])[None, :] < params[count][:, None]
         boxes = params[key][used]  # (boxes, 2, 3)
         origin, size = boxes[:, 0], boxes[:, 1]
@@ -159,9 +164,11 @@ def test_inpainted_and_kept_fractions(params):
     (e.g. hole sizes 10..20 instead of 10..21 lower the mean by ~0.7 points)."""
     inpainted = np.array([union_fraction(CUBE, h, k).mean() for h, k in zip(params["holes"], params["n_holes"])])
     kept = np.array([union_fraction(CUBE, w, k).mean() for w, k in zip(params["windows"], params["n_windows"])])
-    print(f"\nin-painted fraction: mean {inpainted.mean():.4f} (spec 0.056), max {inpainted.max():.4f}; "
-          f"out-painting kept fraction: mean {kept.mean():.4f} (spec 0.315), min {kept.min():.4f}, "
-          f"max {kept.max():.4f}")
+    print(
+        f"\nin-painted fraction: mean {inpainted.mean():.4f} (spec 0.056), max {inpainted.max():.4f}; "
+        f"out-painting kept fraction: mean {kept.mean():.4f} (spec 0.315), min {kept.min():.4f}, "
+        f"max {kept.max():.4f}"
+    )
     assert abs(inpainted.mean() - 0.056) < 0.003
     assert abs(kept.mean() - 0.315) < 0.010
     # hard bounds: 5 holes of at most 21x21x10; one window of at least 28x28x14, inside the 3-voxel shell
@@ -231,8 +238,10 @@ def _changed_fraction_and_coverage(x, seed):
 def test_shuffle_changed_fraction_on_noise(rng):
     """Spec: about 78-79% of voxel values change (distinct values, so a voxel changes iff its source differs)."""
     fractions = _changed_fraction_and_coverage(rng.random((12, 1, *CUBE), dtype=np.float32), seed=21)
-    print(f"\nlocal shuffle, noise cubes: changed fraction mean {fractions.mean():.4f}, "
-          f"range {fractions.min():.4f} .. {fractions.max():.4f}")
+    print(
+        f"\nlocal shuffle, noise cubes: changed fraction mean {fractions.mean():.4f}, "
+        f"range {fractions.min():.4f} .. {fractions.max():.4f}"
+    )
     assert 0.775 <= fractions.mean() <= 0.795 and fractions.min() > 0.76 and fractions.max() < 0.81
 
 
@@ -243,8 +252,10 @@ def test_shuffle_changed_fraction_on_ct(ct_cubes):
     homogeneous tissue) and at most the noise figure's upper end."""
     fractions = _changed_fraction_and_coverage(ct_cubes, seed=21)
     noise = _changed_fraction_and_coverage(np.random.default_rng(0).random(ct_cubes.shape, dtype=np.float32), 21)
-    print(f"\nlocal shuffle, {len(ct_cubes)} CT cubes: changed fraction mean {fractions.mean():.4f}, "
-          f"range {fractions.min():.4f} .. {fractions.max():.4f} (same blocks on noise: {noise.mean():.4f})")
+    print(
+        f"\nlocal shuffle, {len(ct_cubes)} CT cubes: changed fraction mean {fractions.mean():.4f}, "
+        f"range {fractions.min():.4f} .. {fractions.max():.4f} (same blocks on noise: {noise.mean():.4f})"
+    )
     assert 0.60 <= fractions.mean() <= 0.795
     assert (fractions <= noise + 1e-9).all()  # same blocks and permutations: equal values can only hide changes
 
@@ -273,6 +284,7 @@ def test_gaussian_noise_values_are_standard_normal():
     n = v.size
     assert abs(v.mean()) <= 4 / np.sqrt(n) and abs(v.var() - 1) <= 4 * np.sqrt(2 / n), (v.mean(), v.var())
     from math import erf, sqrt
+
     for q in (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0):
         within_4_sigma(int((v <= q).sum()), n, 0.5 * (1 + erf(q / sqrt(2))), f"P(z <= {q})")
     pairs = v.reshape(-1, 2)  # elements 2k, 2k+1: cosine and sine of one pair
@@ -309,7 +321,8 @@ def test_gaussian_blur_keeps_the_mean_and_lowers_the_variance_of_real_ct(ct_cube
     """On real CT cubes: a blur is a weighted mean (weights sum to 1), so the cube mean stays (up to the edges) and
     the voxel-to-voxel differences shrink."""
     x = ct_cubes
-    out = genesis_ext.gaussian_blur(x, seed=3, config=DeformConfig(blur_sigma_min=1.0, blur_sigma_max=2.0),
-                                    spatial_dims=3)
+    out = genesis_ext.gaussian_blur(
+        x, seed=3, config=DeformConfig(blur_sigma_min=1.0, blur_sigma_max=2.0), spatial_dims=3
+    )
     assert np.allclose(out.mean(axis=(1, 2, 3, 4)), x.mean(axis=(1, 2, 3, 4)), atol=0.02)
-    assert (np.abs(np.diff(out, axis=-1)).mean() < 0.6 * np.abs(np.diff(x, axis=-1)).mean())
+    assert np.abs(np.diff(out, axis=-1)).mean() < 0.6 * np.abs(np.diff(x, axis=-1)).mean()

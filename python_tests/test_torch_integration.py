@@ -1,4 +1,5 @@
 """torch.library integration: the custom ops pass torch's own checks and work under torch.compile / torch.export."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -76,8 +77,7 @@ def test_torch_compile_with_advancing_offsets_compiles_once(rng):
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(step, fullgraph=False)  # backward and optimizer step: graph breaks are allowed here
-    pair_only = torch.compile(lambda x, offset: genesis_ext.genesis_pair(x, seed=1234, offset=offset),
-                              fullgraph=True)
+    pair_only = torch.compile(lambda x, offset: genesis_ext.genesis_pair(x, seed=1234, offset=offset), fullgraph=True)
     x = torch.from_numpy(rng.random((2, 1, 24, 24, 16), dtype=np.float32))
     graphs_after_first_step = None
     for k in range(20):
@@ -94,8 +94,9 @@ def test_torch_compile_with_advancing_offsets_compiles_once(rng):
 
 def test_seed_and_offset_tensors_are_checked(rng):
     x = torch.from_numpy(rng.random((1, 1, 24, 24, 16), dtype=np.float32))
-    assert torch.equal(genesis_ext.flip(x, seed=torch.tensor(3), offset=torch.tensor(5)),
-                       genesis_ext.flip(x, seed=3, offset=5))
+    assert torch.equal(
+        genesis_ext.flip(x, seed=torch.tensor(3), offset=torch.tensor(5)), genesis_ext.flip(x, seed=3, offset=5)
+    )
     with pytest.raises(TypeError, match="the offset tensor must hold one int64 or int32 on the CPU"):
         genesis_ext.flip(x, seed=3, offset=torch.tensor([1, 2]))
     with pytest.raises(TypeError, match="offset tensor must hold one int64"):

@@ -1,5 +1,6 @@
 """genesis_ext.GenesisPair and GenesisDeform: the ops as modules, with a running sample index that a state_dict
 carries, so a resumed run continues the stream exactly."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -62,8 +63,15 @@ def test_deform_module_applies_its_op_with_probability_prob():
     # the coin of sample i depends on (seed, i, op) only: another batch split gives the same samples
     again = GenesisDeform("gaussian_noise", seed=11, prob=0.3)
     whole = again(torch.cat(xs[:2]))
-    assert torch.equal(whole, torch.cat([GenesisDeform("gaussian_noise", seed=11, prob=0.3)(xs[0], offset=0),
-                                         GenesisDeform("gaussian_noise", seed=11, prob=0.3)(xs[1], offset=8)]))
+    assert torch.equal(
+        whole,
+        torch.cat(
+            [
+                GenesisDeform("gaussian_noise", seed=11, prob=0.3)(xs[0], offset=0),
+                GenesisDeform("gaussian_noise", seed=11, prob=0.3)(xs[1], offset=8),
+            ]
+        ),
+    )
 
 
 def test_modules_in_a_sequential_and_bad_arguments():

@@ -24,9 +24,9 @@ namespace genesis::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTileVoxels = 4096;        // owner and source maps: 2 x 16 KiB of shared memory
+constexpr int kTileVoxels = 4096;          // owner and source maps: 2 x 16 KiB of shared memory
 constexpr int kMaxBatchPerLaunch = 65535;  // gridDim.y limit
-constexpr int32_t kMaxBlockVolume = 1024;   // largest shuffle block the kernels' permutation array holds
+constexpr int32_t kMaxBlockVolume = 1024;  // largest shuffle block the kernels' permutation array holds
 
 // Shuffle-block geometry kept between the two kernels (int16: 12 bytes per block, L2-resident for large batches).
 struct BlockBox {
@@ -178,12 +178,10 @@ __device__ __forceinline__ void clip(const BlockBox& b, const int32_t lo[3], con
 
 // Cap: largest block volume the per-thread permutation array holds; Index: its element type.
 template <int Cap, typename Index>
-__global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cfg, Shape sh, Tiles tiles,
-                                                          uint64_t seed, uint64_t offset, int64_t channels,
-                                                          const SampleParams* params, const BezierTable* tables,
-                                                          const BlockBox* boxes, const int32_t* starts,
-                                                          const int32_t* lists, int32_t list_capacity,
-                                                          const float* in, float* out, float* target) {
+__global__ void __launch_bounds__(kThreads)
+    deform_kernel(Op op, DeformConfig cfg, Shape sh, Tiles tiles, uint64_t seed, uint64_t offset, int64_t channels,
+                  const SampleParams* params, const BezierTable* tables, const BlockBox* boxes, const int32_t* starts,
+                  const int32_t* lists, int32_t list_capacity, const float* in, float* out, float* target) {
   __shared__ SampleParams p;
   __shared__ BezierTable table;
   __shared__ int32_t owner[kTileVoxels];   // highest block index covering each tile voxel, -1 for none
@@ -245,11 +243,12 @@ __global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cf
           for (int32_t z = from[2]; z < to[2]; ++z) {
             const int32_t i = ((x - lo[0]) * ey + y - lo[1]) * ez + z - lo[2];
             if (owner[i] != b) continue;
-            const int32_t q = perm[((x - box.origin[0]) * box.size[1] + y - box.origin[1]) * box.size[2] + z -
-                                   box.origin[2]];
-            const int32_t qz = q % box.size[2], qy = q / box.size[2] % box.size[1], qx = q / (box.size[2] * box.size[1]);
-            source[i] = int32_t(flipped_index(p, plan.flip, sh, box.origin[0] + qx, box.origin[1] + qy,
-                                              box.origin[2] + qz));
+            const int32_t q =
+                perm[((x - box.origin[0]) * box.size[1] + y - box.origin[1]) * box.size[2] + z - box.origin[2]];
+            const int32_t qz = q % box.size[2], qy = q / box.size[2] % box.size[1],
+                          qx = q / (box.size[2] * box.size[1]);
+            source[i] =
+                int32_t(flipped_index(p, plan.flip, sh, box.origin[0] + qx, box.origin[1] + qy, box.origin[2] + qz));
           }
     }
   }
@@ -296,8 +295,8 @@ __global__ void __launch_bounds__(kThreads) deform_kernel(Op op, DeformConfig cf
 
 // Gaussian blur, one launch per spatial axis (0, 1, 2) where it can fire, on the written output of every sample whose
 // plan has it: one thread per line of one channel along the axis, blurred in place (blur_line).
-__global__ void __launch_bounds__(kThreads) blur_kernel(Op op, Shape sh, int axis, int64_t channels,
-                                                        const SampleParams* params, float* out) {
+__global__ void __launch_bounds__(kThreads)
+    blur_kernel(Op op, Shape sh, int axis, int64_t channels, const SampleParams* params, float* out) {
   const SampleParams& p = params[blockIdx.y];
   const int64_t lines = sh.voxels() / sh.s[axis];
   const int64_t l = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -363,9 +362,9 @@ size_t scratch_bytes(Op op, int64_t batch, const Shape& sh, const DeformConfig& 
   return ScratchLayout(op, batch, sh, cfg, make_tiles(sh)).total;
 }
 
-void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batch, int64_t channels,
-                 const Shape& sh, uint64_t seed, uint64_t offset, const DeformConfig& cfg, void* scratch,
-                 size_t scratch_size, int device, uintptr_t stream_handle) {
+void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batch, int64_t channels, const Shape& sh,
+                 uint64_t seed, uint64_t offset, const DeformConfig& cfg, void* scratch, size_t scratch_size,
+                 int device, uintptr_t stream_handle) {
   const std::string reason = unavailable_reason();
   if (!reason.empty()) throw std::runtime_error("genesis_ext CUDA: " + reason);
   const Tiles tiles = make_tiles(sh);
@@ -392,9 +391,9 @@ void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batc
     const float* x = in + first * sample_size;
     float* y = out + first * sample_size;
     float* t = target != nullptr ? target + first * sample_size : nullptr;
-    launch(block_volume <= 128 ? deform_kernel<128, uint8_t> : deform_kernel<kMaxBlockVolume, uint16_t>, grid,
-           kThreads, stream, op, cfg, sh, tiles, seed, offset + first, channels, s.params, s.tables, s.boxes,
-           s.starts, s.lists, layout.list_capacity, x, y, t);
+    launch(block_volume <= 128 ? deform_kernel<128, uint8_t> : deform_kernel<kMaxBlockVolume, uint16_t>, grid, kThreads,
+           stream, op, cfg, sh, tiles, seed, offset + first, channels, s.params, s.tables, s.boxes, s.starts, s.lists,
+           layout.list_capacity, x, y, t);
     check(cudaGetLastError(), "deform kernel launch");
     if (may_blur(op, cfg))
       for (int a = 0; a < sh.ndim; ++a) {
@@ -405,8 +404,8 @@ void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batc
       }
     if (may_add_gaussian(op, cfg) || may_blur(op, cfg)) {
       const int64_t rows = int64_t(sh.s[0]) * sh.s[1];
-      launch(finish_kernel, dim3(unsigned((rows + kThreads - 1) / kThreads), unsigned(count)), kThreads, stream, op,
-             sh, seed, offset + first, channels, s.params, y);
+      launch(finish_kernel, dim3(unsigned((rows + kThreads - 1) / kThreads), unsigned(count)), kThreads, stream, op, sh,
+             seed, offset + first, channels, s.params, y);
       check(cudaGetLastError(), "finish kernel launch");
     }
   }

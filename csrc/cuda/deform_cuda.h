@@ -25,9 +25,9 @@ size_t scratch_bytes(Op op, int64_t batch, const Shape& sh, const DeformConfig& 
 // The CUDA twin of deform_cpu: same arguments and results, bit for bit. All pointers are device pointers on
 // `device`; `scratch` holds at least scratch_bytes(...) bytes. Kernels are queued on `stream` (a cudaStream_t as an
 // integer); the host is never synchronised and nothing is allocated.
-void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batch, int64_t channels,
-                 const Shape& sh, uint64_t seed, uint64_t offset, const DeformConfig& cfg, void* scratch,
-                 size_t scratch_size, int device, uintptr_t stream);
+void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batch, int64_t channels, const Shape& sh,
+                 uint64_t seed, uint64_t offset, const DeformConfig& cfg, void* scratch, size_t scratch_size,
+                 int device, uintptr_t stream);
 
 #ifdef GENESIS_HIP_CPU
 // Emulation only (csrc/cuda/emulated.cpp): out[b * threads + t] = tag + b, written by thread 0 of block b and read

@@ -64,7 +64,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t strea
   hipLaunchKernelGGL(kernel, grid, block, 0, stream, Params(std::forward<Args>(args))...);
   check(hipStreamSynchronize(stream), "HIP-CPU stream");
 #else
-  kernel<<<grid, block, 0, stream>>>(Params(std::forward<Args>(args))...);
+  kernel<<<grid, block, 0, stream> > >(Params(std::forward<Args>(args))...);
 #endif
 }
 

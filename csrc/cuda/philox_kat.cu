@@ -13,8 +13,8 @@ namespace {
 __global__ void philox_kernel(const uint32_t* ctr, const uint32_t* key, uint32_t* out, int64_t n) {
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= n) return;
-  const U32x4 r = philox4x32_10(U32x4{{ctr[4 * j], ctr[4 * j + 1], ctr[4 * j + 2], ctr[4 * j + 3]}}, key[2 * j],
-                                key[2 * j + 1]);
+  const U32x4 r =
+      philox4x32_10(U32x4{{ctr[4 * j], ctr[4 * j + 1], ctr[4 * j + 2], ctr[4 * j + 3]}}, key[2 * j], key[2 * j + 1]);
   for (int i = 0; i < 4; ++i) out[4 * j + i] = r.v[i];
 }
 

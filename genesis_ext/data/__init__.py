@@ -8,26 +8,53 @@
 
 The command line ``genesis-ext extract`` runs the same pipeline over many volumes into a cube store.
 """
+
 from .batch import ExtractSettings, Summary, run_extract
 from .cubes import (
-                    CUBE,
-                    Cubes,
-                    Foreground,
-                    NoFilter,
-                    OfficialLung,
-                    TooSmallError,
-                    extract_cubes,
-                    make_filter,
-                    margins_for,
-                    official_lung_score_loop,
+    CUBE,
+    Cubes,
+    Foreground,
+    NoFilter,
+    OfficialLung,
+    TooSmallError,
+    extract_cubes,
+    make_filter,
+    margins_for,
+    official_lung_score_loop,
 )
 from .datasets import CubeStoreDataset, VolumeCubeDataset
 from .intensity import CT_WINDOW, PercentileWindow, Window, resample
 from .io import ORIENTATION, Source, Volume, VolumeError, find_sources, load_volume
 from .store import CubeStore, load_published, read_manifest, save_published
 
-__all__ = ["CT_WINDOW", "CUBE", "CubeStore", "CubeStoreDataset", "Cubes", "ExtractSettings", "Foreground", "NoFilter",
-           "ORIENTATION", "OfficialLung", "PercentileWindow", "Source", "Summary", "TooSmallError", "Volume",
-           "VolumeCubeDataset", "VolumeError", "Window", "extract_cubes", "find_sources", "load_published",
-           "load_volume", "make_filter", "margins_for", "official_lung_score_loop", "read_manifest", "resample",
-           "run_extract", "save_published"]
+__all__ = [
+    "CT_WINDOW",
+    "CUBE",
+    "CubeStore",
+    "CubeStoreDataset",
+    "Cubes",
+    "ExtractSettings",
+    "Foreground",
+    "NoFilter",
+    "ORIENTATION",
+    "OfficialLung",
+    "PercentileWindow",
+    "Source",
+    "Summary",
+    "TooSmallError",
+    "Volume",
+    "VolumeCubeDataset",
+    "VolumeError",
+    "Window",
+    "extract_cubes",
+    "find_sources",
+    "load_published",
+    "load_volume",
+    "make_filter",
+    "margins_for",
+    "official_lung_score_loop",
+    "read_manifest",
+    "resample",
+    "run_extract",
+    "save_published",
+]

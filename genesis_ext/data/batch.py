@@ -14,6 +14,7 @@ six scans), so they only pay off for loaders that hold the GIL. As with any ``sp
 :func:`run_extract` with processes
 needs the ``if __name__ == "__main__":`` guard.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,10 +53,16 @@ class ExtractSettings:
 
     def params(self) -> dict:
         """A JSON description (stored in the manifest; a store is only continued with equal parameters)."""
-        return {"cube": list(self.cube), "count": self.count, "max_candidates": self.max_candidates,
-                "filter": self.filter.describe(), "window": self.window.describe(),
-                "margins": self.margins if isinstance(self.margins, str) else list(self.margins),
-                "spacing": None if self.spacing is None else [float(s) for s in self.spacing], "seed": self.seed}
+        return {
+            "cube": list(self.cube),
+            "count": self.count,
+            "max_candidates": self.max_candidates,
+            "filter": self.filter.describe(),
+            "window": self.window.describe(),
+            "margins": self.margins if isinstance(self.margins, str) else list(self.margins),
+            "spacing": None if self.spacing is None else [float(s) for s in self.spacing],
+            "seed": self.seed,
+        }
 
 
 def volume_seed(seed: int, key: str) -> np.random.SeedSequence:
@@ -85,11 +92,14 @@ class Summary:
         return sum(reason.startswith("a label map") for _, reason in self.skipped)
 
     def lines(self) -> list[str]:
-        head = (f"{self.volumes} volume(s): {self.written} written ({self.cubes} cubes)"
-                + (f", {self.kept} already in the store" if self.kept else "")
-                + f", {len(self.skipped)} skipped" + (f" ({self.label_maps} label map(s))" if self.label_maps else "")
-                + (f", {self.excluded} excluded by --include/--exclude" if self.excluded else "")
-                + f"; {self.wall:.2f} s with {self.jobs} {self.executor} worker(s)")
+        head = (
+            f"{self.volumes} volume(s): {self.written} written ({self.cubes} cubes)"
+            + (f", {self.kept} already in the store" if self.kept else "")
+            + f", {len(self.skipped)} skipped"
+            + (f" ({self.label_maps} label map(s))" if self.label_maps else "")
+            + (f", {self.excluded} excluded by --include/--exclude" if self.excluded else "")
+            + f"; {self.wall:.2f} s with {self.jobs} {self.executor} worker(s)"
+        )
         return [head] + [f"  skipped {source}: {reason}" for source, reason in self.skipped]
 
 
@@ -122,13 +132,21 @@ def extract_source(source: Source, settings: ExtractSettings, shard: str) -> dic
             return {"key": source.key, "source": source.path, "reason": reason}
         if settings.spacing is not None:
             volume = resample(volume, settings.spacing)
-        result = extract_cubes(volume.data, cube=settings.cube, count=settings.count,
-                               max_candidates=settings.max_candidates, filter=settings.filter,
-                               window=settings.window, margins=settings.margins,
-                               rng=np.random.default_rng(volume_seed(settings.seed, source.key)))
+        result = extract_cubes(
+            volume.data,
+            cube=settings.cube,
+            count=settings.count,
+            max_candidates=settings.max_candidates,
+            filter=settings.filter,
+            window=settings.window,
+            margins=settings.margins,
+            rng=np.random.default_rng(volume_seed(settings.seed, source.key)),
+        )
         if not len(result.cubes):
-            raise ValueError(f"no candidate passed the {settings.filter.name} filter "
-                             f"({result.candidates} candidates, margins {result.margins})")
+            raise ValueError(
+                f"no candidate passed the {settings.filter.name} filter "
+                f"({result.candidates} candidates, margins {result.margins})"
+            )
         save_npy(shard, result.cubes)
     except VolumeError as err:
         return {"key": source.key, "source": source.path, "reason": err.reason}
@@ -136,11 +154,20 @@ def extract_source(source: Source, settings: ExtractSettings, shard: str) -> dic
         return {"key": source.key, "source": source.path, "reason": str(err) or type(err).__name__}
     except Exception as err:  # anything else (MemoryError, a library's RuntimeError): this volume only
         return {"key": source.key, "source": source.path, "reason": f"{type(err).__name__}: {err}"}
-    return {"key": source.key, "source": source.path, "series_uid": source.series_uid, "shard": "",
-            "count": len(result.cubes), "shape": list(volume.shape), "spacing": list(volume.spacing),
-            "window": [result.window.lo, result.window.hi], "margins": list(result.margins),
-            "candidates": result.candidates, "origins": result.origins.tolist(),
-            "scores": [None if np.isnan(s) else round(float(s), 6) for s in result.scores]}
+    return {
+        "key": source.key,
+        "source": source.path,
+        "series_uid": source.series_uid,
+        "shard": "",
+        "count": len(result.cubes),
+        "shape": list(volume.shape),
+        "spacing": list(volume.spacing),
+        "window": [result.window.lo, result.window.hi],
+        "margins": list(result.margins),
+        "candidates": result.candidates,
+        "origins": result.origins.tolist(),
+        "scores": [None if np.isnan(s) else round(float(s), 6) for s in result.scores],
+    }
 
 
 @contextmanager
@@ -171,9 +198,18 @@ def _subset_name(item, k: int) -> str:
     return match.group(1) if match else str(k)
 
 
-def run_extract(inputs, out, settings: ExtractSettings = ExtractSettings(), *, jobs: int | None = None,
-                executor: str = "thread", fmt: str = "store", progress: bool = True, include=(),
-                exclude=()) -> Summary:
+def run_extract(
+    inputs,
+    out,
+    settings: ExtractSettings = ExtractSettings(),
+    *,
+    jobs: int | None = None,
+    executor: str = "thread",
+    fmt: str = "store",
+    progress: bool = True,
+    include=(),
+    exclude=(),
+) -> Summary:
     """Extract cubes from every volume under ``inputs`` (files and directories) into the store ``out``.
 
     ``include`` / ``exclude``: glob patterns (fnmatch) on each source's key, its path relative to its input: only
@@ -190,11 +226,15 @@ def run_extract(inputs, out, settings: ExtractSettings = ExtractSettings(), *, j
     start = time.perf_counter()
     inputs = [Path(p) for p in inputs]
     found, problems = find_sources(inputs)
-    sources = [s for s in found if (not include or any(fnmatch(s.key, p) for p in include))
-               and not any(fnmatch(s.key, p) for p in exclude)]
+    sources = [
+        s
+        for s in found
+        if (not include or any(fnmatch(s.key, p) for p in include)) and not any(fnmatch(s.key, p) for p in exclude)
+    ]
     writer = StoreWriter(out, settings.params(), settings.cube)
-    summary = Summary(executor=executor, volumes=len(sources), skipped=list(problems),
-                      excluded=len(found) - len(sources))
+    summary = Summary(
+        executor=executor, volumes=len(sources), skipped=list(problems), excluded=len(found) - len(sources)
+    )
     todo = [s for s in sources if not writer.done(s.key)]
     summary.kept = len(sources) - len(todo)
     summary.jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo) or 1))
@@ -249,8 +289,7 @@ def _write_published(writer: StoreWriter, inputs, sources, settings) -> list[Pat
         if not records:
             continue
         cubes = np.concatenate([_read_rows(writer.root, r) for r in records])
-        path = save_published(cubes, writer.root / published_name(settings.count, settings.cube,
-                                                                   _subset_name(item, k)))
+        path = save_published(cubes, writer.root / published_name(settings.count, settings.cube, _subset_name(item, k)))
         row = 0
         for r in records:
             if r["shard"] != path.name:
@@ -267,7 +306,7 @@ def _write_published(writer: StoreWriter, inputs, sources, settings) -> list[Pat
 def _read_rows(root: Path, record: dict) -> np.ndarray:
     rows = np.load(root / record["shard"], mmap_mode="r")
     first = record.get("first_row", 0)
-    return np.array(rows[first:first + record["count"]], dtype=np.float32)
+    return np.array(rows[first : first + record["count"]], dtype=np.float32)
 
 
 class _NoBar:

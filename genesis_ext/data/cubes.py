@@ -27,6 +27,7 @@ more than a quarter of the room the cube has to move along that axis (so both ma
 of the positions), so a 512x512xZ scan keeps the published 100-voxel x/y margins and small or already-cropped volumes
 still yield cubes. Explicit voxel margins (e.g. ``(100, 100, 30)``) are used as given.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -122,8 +123,10 @@ def margins_for(shape, cube=CUBE, margins="auto", extra=(0, 0, 0)) -> tuple:
     need = [c + e for c, e in zip(cube, extra)]
     room = [s - n for s, n in zip(shape, need)]
     if min(room) < 0:
-        raise TooSmallError(f"volume {tuple(shape)} is smaller than the cube {tuple(cube)}"
-                            + (f" plus {tuple(extra)} voxels the filter reads" if any(extra) else ""))
+        raise TooSmallError(
+            f"volume {tuple(shape)} is smaller than the cube {tuple(cube)}"
+            + (f" plus {tuple(extra)} voxels the filter reads" if any(extra) else "")
+        )
     if isinstance(margins, str):
         if margins != "auto":
             raise ValueError(f"margins must be 'auto' or three voxel counts, not {margins!r}")
@@ -170,9 +173,16 @@ class BoxScorer:
         b = a + self.cube
         t = self.integral
         with np.errstate(over="ignore"):
-            total = (t[b[:, 0], b[:, 1], b[:, 2]] - t[a[:, 0], b[:, 1], b[:, 2]] - t[b[:, 0], a[:, 1], b[:, 2]]
-                     - t[b[:, 0], b[:, 1], a[:, 2]] + t[a[:, 0], a[:, 1], b[:, 2]] + t[a[:, 0], b[:, 1], a[:, 2]]
-                     + t[b[:, 0], a[:, 1], a[:, 2]] - t[a[:, 0], a[:, 1], a[:, 2]])
+            total = (
+                t[b[:, 0], b[:, 1], b[:, 2]]
+                - t[a[:, 0], b[:, 1], b[:, 2]]
+                - t[b[:, 0], a[:, 1], b[:, 2]]
+                - t[b[:, 0], b[:, 1], a[:, 2]]
+                + t[a[:, 0], a[:, 1], b[:, 2]]
+                + t[a[:, 0], b[:, 1], a[:, 2]]
+                + t[b[:, 0], a[:, 1], a[:, 2]]
+                - t[a[:, 0], a[:, 1], a[:, 2]]
+            )
         return total.astype(np.int64)
 
 
@@ -185,8 +195,17 @@ def origin_bounds(shape, cube=CUBE, filt=None, margins="auto"):
     return lo, hi, m
 
 
-def extract_cubes(data: np.ndarray, *, cube=CUBE, count: int = CUBES_PER_VOLUME, max_candidates: int | None = None,
-                  filter=None, window=CT_WINDOW, margins="auto", rng=0) -> Cubes:
+def extract_cubes(
+    data: np.ndarray,
+    *,
+    cube=CUBE,
+    count: int = CUBES_PER_VOLUME,
+    max_candidates: int | None = None,
+    filter=None,
+    window=CT_WINDOW,
+    margins="auto",
+    rng=0,
+) -> Cubes:
     """Up to ``count`` cubes of size ``cube`` from ``data`` (a (x, y, z) volume in input units, e.g. HU).
 
     Like the published script: draw up to ``max_candidates`` (default 50 x ``count``) uniformly random origins inside
@@ -223,7 +242,7 @@ def extract_cubes(data: np.ndarray, *, cube=CUBE, count: int = CUBES_PER_VOLUME,
     origins = origins[kept]
     out = np.empty((len(kept), *cube), dtype=np.float32)
     for i, o in enumerate(origins):
-        out[i] = window.apply(data[o[0]:o[0] + cube[0], o[1]:o[1] + cube[1], o[2]:o[2] + cube[2]])
+        out[i] = window.apply(data[o[0] : o[0] + cube[0], o[1] : o[1] + cube[1], o[2] : o[2] + cube[2]])
     return Cubes(out, origins.astype(np.int64), np.asarray(scores[kept], dtype=np.float64), tried, window, used_margins)
 
 

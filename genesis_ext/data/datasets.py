@@ -6,6 +6,7 @@ Both datasets are small to pickle: nothing heavy is opened in ``__init__``. :cla
 store's arrays on first access inside each worker; :class:`VolumeCubeDataset` loads volumes on first access inside
 each worker and keeps the last few.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -92,9 +93,21 @@ class VolumeCubeDataset(_Transformed):
     store first and use :class:`CubeStoreDataset`.
     """
 
-    def __init__(self, inputs, *, cube=CUBE, per_volume: int = CUBES_PER_VOLUME, filter=None, window=CT_WINDOW,
-                 margins="auto", spacing=None, max_candidates: int = CANDIDATES_PER_CUBE, seed: int = 0,
-                 cache_size: int = 2, transform=None):
+    def __init__(
+        self,
+        inputs,
+        *,
+        cube=CUBE,
+        per_volume: int = CUBES_PER_VOLUME,
+        filter=None,
+        window=CT_WINDOW,
+        margins="auto",
+        spacing=None,
+        max_candidates: int = CANDIDATES_PER_CUBE,
+        seed: int = 0,
+        cache_size: int = 2,
+        transform=None,
+    ):
         if isinstance(inputs, (str, bytes)) or not hasattr(inputs, "__iter__"):
             inputs = [inputs]
         self.sources, problems = find_sources(inputs)
@@ -129,8 +142,11 @@ class VolumeCubeDataset(_Transformed):
                 volume = resample(volume, self.spacing)
             lo, hi, _ = origin_bounds(volume.shape, self.cube, self.filter, self.margins)
             window = self.window.resolve(volume.data)
-            scorer = None if isinstance(self.filter, NoFilter) else BoxScorer(volume.data, self.filter, window,
-                                                                               self.cube, lo, hi)
+            scorer = (
+                None
+                if isinstance(self.filter, NoFilter)
+                else BoxScorer(volume.data, self.filter, window, self.cube, lo, hi)
+            )
             entry = (volume.data, window, lo, hi, scorer)
             while len(self._cache) >= self.cache_size:
                 self._cache.popitem(last=False)
@@ -156,8 +172,11 @@ class VolumeCubeDataset(_Transformed):
             return k, origins[passing[0]]
         if k not in self._warned:
             self._warned.add(k)
-            warnings.warn(f"{self.sources[k].path}: no candidate passed the {self.filter.name} filter in "
-                          f"{self.max_candidates} draws; using the best-scoring one", stacklevel=3)
+            warnings.warn(
+                f"{self.sources[k].path}: no candidate passed the {self.filter.name} filter in "
+                f"{self.max_candidates} draws; using the best-scoring one",
+                stacklevel=3,
+            )
         ranking = self.filter.fraction(sums, n)
         best = np.argmin(ranking) if isinstance(self.filter, OfficialLung) else np.argmax(ranking)
         return k, origins[best]
@@ -166,5 +185,6 @@ class VolumeCubeDataset(_Transformed):
         k, o = self.position(int(index))
         data, window = self._prepared(k)[:2]
         c = self.cube
-        return self._transformed(window.apply(data[o[0]:o[0] + c[0], o[1]:o[1] + c[1], o[2]:o[2] + c[2]])[None],
-                                 int(index))
+        return self._transformed(
+            window.apply(data[o[0] : o[0] + c[0], o[1] : o[1] + c[1], o[2] : o[2] + c[2]])[None], int(index)
+        )

@@ -4,6 +4,7 @@ Models Genesis clips CT to [-1000, 1000] HU and scales by ``(v + 1000) / 2000`` 
 window works the same way; for modalities without absolute units (MRI, PET) a :class:`PercentileWindow` is resolved
 per volume from its own intensity percentiles.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,8 +63,9 @@ class PercentileWindow:
         flat = flat[:: max(1, flat.size // self.max_samples)]
         lo, hi = (float(v) for v in np.percentile(flat[np.isfinite(flat)], [self.p_lo, self.p_hi]))
         if not hi > lo:
-            raise ValueError(f"the {self.p_lo}-{self.p_hi} percentile window is empty ({lo} .. {hi}): "
-                             "a constant volume?")
+            raise ValueError(
+                f"the {self.p_lo}-{self.p_hi} percentile window is empty ({lo} .. {hi}): a constant volume?"
+            )
         return Window(lo, hi)
 
     def describe(self) -> dict:

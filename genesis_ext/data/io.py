@@ -12,6 +12,7 @@ NIfTI is read with nibabel (a core dependency); DICOM series, MetaImage (.mhd/.m
 (``pip install 'genesis-ext[io]'``). DICOM slices are ordered by their position (GDCM's position sorter), never by
 file name.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -182,8 +183,9 @@ def _spacing(affine: np.ndarray) -> tuple:
 def _from_sitk(path, image) -> Volume:
     sitk = sitk_module()
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise VolumeError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
-                                "need a scalar image")
+        raise VolumeError(
+            path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; need a scalar image"
+        )
     _check_3d(path, image.GetSize())
     image = sitk.DICOMOrient(image, "".join(ORIENTATION))  # ITK's world is LPS: this makes the direction ~identity
     # ITK stores x fastest: convert in memory order, then view as (x, y, z) (a strided transposing copy is ~5x slower)
@@ -241,8 +243,11 @@ def _load_dicom(directory: Path, series_uid: str | None) -> Volume:
     if series_uid is None:
         series_uid = max(series, key=lambda uid: len(series[uid]))
         if len(series) > 1:
-            warnings.warn(f"{directory}: {len(series)} DICOM series; reading {series_uid} ({len(series[series_uid])} "
-                          "files), pass series_uid to choose", stacklevel=3)
+            warnings.warn(
+                f"{directory}: {len(series)} DICOM series; reading {series_uid} ({len(series[series_uid])} "
+                "files), pass series_uid to choose",
+                stacklevel=3,
+            )
     elif series_uid not in series:
         raise VolumeError(directory, f"no DICOM series {series_uid} here (found: {', '.join(series)})")
     reader = sitk.ImageSeriesReader()
@@ -315,8 +320,12 @@ def find_sources(inputs) -> tuple[list[Source], list[tuple[str, str]]]:
     result, seen = [], set()
     for s in sorted(sources.values(), key=lambda s: (s.key, s.path)):
         if s.key in seen:  # same name under two inputs: the absolute path keeps keys (seeds, output names) distinct
-            s = Source(s.path, str(Path(s.path).resolve()) + (f"#{s.series_uid}" if s.series_uid else ""), s.series_uid,
-                       s.input)
+            s = Source(
+                s.path,
+                str(Path(s.path).resolve()) + (f"#{s.series_uid}" if s.series_uid else ""),
+                s.series_uid,
+                s.input,
+            )
         seen.add(s.key)
         result.append(s)
     return result, problems
@@ -349,6 +358,8 @@ def label_map_reason(key: str, data: np.ndarray | None = None) -> str | None:
         return None
     values = np.unique(sample)
     if 2 <= len(values) <= LABEL_MAX_VALUES:  # one value is a blank volume: extraction says what is wrong with it
-        return (f"a label map ({len(values)} distinct integer values, at most {LABEL_MAX_VALUES} in a label map), "
-                "not an image")
+        return (
+            f"a label map ({len(values)} distinct integer values, at most {LABEL_MAX_VALUES} in a label map), "
+            "not an image"
+        )
     return None

@@ -15,6 +15,7 @@ The published Models Genesis layout is one float array ``(n, 64, 64, 32)`` in [0
 (``bat_32_s_64x64x32_<subset>.npy``): :func:`load_published` / :func:`save_published` read and write it, and
 :class:`CubeStore` opens such files (or a directory of them) as a store without a manifest.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,8 +29,22 @@ import numpy as np
 FORMAT = "genesis-ext cube store"
 VERSION = 1
 MANIFEST_JSON, MANIFEST_CSV, SHARD_DIR = "manifest.json", "manifest.csv", "cubes"
-CSV_FIELDS = ("index", "shard", "row", "source", "key", "origin_x", "origin_y", "origin_z", "spacing_x", "spacing_y",
-              "spacing_z", "window_lo", "window_hi", "score")
+CSV_FIELDS = (
+    "index",
+    "shard",
+    "row",
+    "source",
+    "key",
+    "origin_x",
+    "origin_y",
+    "origin_z",
+    "spacing_x",
+    "spacing_y",
+    "spacing_z",
+    "window_lo",
+    "window_hi",
+    "score",
+)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -110,8 +125,10 @@ class StoreWriter:
         if manifest.exists():
             old = read_manifest(self.root)
             if old.get("params") != params or old.get("cube") != self.cube:
-                raise ValueError(f"{self.root} already holds a cube store made with other parameters "
-                                 f"({old.get('params')}); write to another directory")
+                raise ValueError(
+                    f"{self.root} already holds a cube store made with other parameters "
+                    f"({old.get('params')}); write to another directory"
+                )
             self.records = {r["key"]: r for r in old["volumes"]}
         (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
@@ -132,9 +149,17 @@ class StoreWriter:
 
     def manifest(self) -> dict:
         volumes = sorted(self.records.values(), key=lambda r: r["key"])
-        return {"format": FORMAT, "version": VERSION, "cube": self.cube, "dtype": "float32", "orientation": "LPS",
-                "params": self.params, "count": int(sum(r["count"] for r in volumes)), "volumes": volumes,
-                "skipped": sorted(self.skipped.values(), key=lambda r: r["key"])}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "cube": self.cube,
+            "dtype": "float32",
+            "orientation": "LPS",
+            "params": self.params,
+            "count": int(sum(r["count"] for r in volumes)),
+            "volumes": volumes,
+            "skipped": sorted(self.skipped.values(), key=lambda r: r["key"]),
+        }
 
     def flush(self) -> None:
         """Rewrite manifest.json and manifest.csv (atomically)."""
@@ -159,10 +184,24 @@ def manifest_rows(manifest: dict) -> list[dict]:
     rows = []
     for r in manifest["volumes"]:
         for row, (origin, score) in enumerate(zip(r["origins"], r["scores"]), start=r.get("first_row", 0)):
-            rows.append({"index": len(rows), "shard": r["shard"], "row": row, "source": r["source"], "key": r["key"],
-                         "origin_x": origin[0], "origin_y": origin[1], "origin_z": origin[2],
-                         "spacing_x": r["spacing"][0], "spacing_y": r["spacing"][1], "spacing_z": r["spacing"][2],
-                         "window_lo": r["window"][0], "window_hi": r["window"][1], "score": score})
+            rows.append(
+                {
+                    "index": len(rows),
+                    "shard": r["shard"],
+                    "row": row,
+                    "source": r["source"],
+                    "key": r["key"],
+                    "origin_x": origin[0],
+                    "origin_y": origin[1],
+                    "origin_z": origin[2],
+                    "spacing_x": r["spacing"][0],
+                    "spacing_y": r["spacing"][1],
+                    "spacing_z": r["spacing"][2],
+                    "window_lo": r["window"][0],
+                    "window_hi": r["window"][1],
+                    "score": score,
+                }
+            )
     return rows
 
 
@@ -262,8 +301,9 @@ def _npy_shape(path: Path) -> tuple:
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            shape, _, _ = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0(f))
+            shape, _, _ = (
+                np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
+            )
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable .npy array ({err})") from err
     return tuple(shape)

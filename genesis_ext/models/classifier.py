@@ -5,6 +5,7 @@ Linear(1024, n_class). The encoder keeps the published key names (``down_tr64`` 
 ``load_pretrained(GenesisClassifier(n), "Genesis_Chest_CT.pt", encoder_only=True)`` loads the pre-trained encoder
 and leaves the head freshly initialised. Unlike the published code it runs only the encoder, not the whole U-Net.
 """
+
 from torch import Tensor, nn
 
 from .unet3d import GenesisEncoder, _check_channels

@@ -17,6 +17,7 @@ published checkpoint, so ``Genesis_Chest_CT.pt`` loads strictly (``genesis_ext.m
 Written to be ``torch.jit.script``-, ``torch.compile``- and ``torch.export``-able: no Python-only constructs in any
 ``forward``, the input checks included.
 """
+
 from typing import List, Tuple
 
 import torch
@@ -44,8 +45,7 @@ class BatchStatsBatchNorm3d(nn.BatchNorm3d):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 factor = 1.0 / float(self.num_batches_tracked)
-        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True, factor,
-                            self.eps)
+        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True, factor, self.eps)
 
 
 def _norm(batchnorm: str, channels: int) -> nn.BatchNorm3d:
@@ -56,8 +56,10 @@ def _norm(batchnorm: str, channels: int) -> nn.BatchNorm3d:
 
 def _check_batchnorm(owner: str, batchnorm: str) -> None:
     if batchnorm not in BATCHNORM_MODES:
-        raise ValueError(f"genesis_ext.{owner}: batchnorm must be one of {BATCHNORM_MODES} ('batch_stats' is the "
-                         f"published behaviour, needed for the published weights), got {batchnorm!r}")
+        raise ValueError(
+            f"genesis_ext.{owner}: batchnorm must be one of {BATCHNORM_MODES} ('batch_stats' is the "
+            f"published behaviour, needed for the published weights), got {batchnorm!r}"
+        )
 
 
 def _check_channels(owner: str, name: str, value: int) -> None:
@@ -82,8 +84,9 @@ class DownTransition(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, batchnorm: str):
         super().__init__()
-        self.ops = nn.Sequential(LUConv(in_channels, out_channels // 2, batchnorm),
-                                 LUConv(out_channels // 2, out_channels, batchnorm))
+        self.ops = nn.Sequential(
+            LUConv(in_channels, out_channels // 2, batchnorm), LUConv(out_channels // 2, out_channels, batchnorm)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.ops(x)
@@ -95,8 +98,9 @@ class UpTransition(nn.Module):
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, batchnorm: str):
         super().__init__()
         self.up_conv = nn.ConvTranspose3d(in_channels, in_channels, kernel_size=2, stride=2)
-        self.ops = nn.Sequential(LUConv(in_channels + skip_channels, out_channels, batchnorm),
-                                 LUConv(out_channels, out_channels, batchnorm))
+        self.ops = nn.Sequential(
+            LUConv(in_channels + skip_channels, out_channels, batchnorm), LUConv(out_channels, out_channels, batchnorm)
+        )
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         return self.ops(torch.cat((self.up_conv(x), skip), 1))
@@ -136,8 +140,10 @@ def _check_input(owner: str, x: Tensor, in_channels: int, divisible: bool) -> No
             bad.append(f"{name} = {size} (use {_nearest_valid(size)})")
     if len(bad) > 0:
         rule = "divisible by 8" if divisible else "at least 8"
-        raise ValueError(f"genesis_ext.{owner}: spatial sizes must be {rule} (three 2x poolings), got shape "
-                         f"{list(x.shape)}: {'; '.join(bad)}")
+        raise ValueError(
+            f"genesis_ext.{owner}: spatial sizes must be {rule} (three 2x poolings), got shape "
+            f"{list(x.shape)}: {'; '.join(bad)}"
+        )
 
 
 class GenesisEncoder(nn.Module):

@@ -12,6 +12,7 @@ Files are always read with ``torch.load(..., weights_only=True)``: tensors and p
 pickled objects (whose unpickling could run code). A checkpoint that does not fit the model is an error naming every
 missing, unexpected and shape-mismatched key; nothing is loaded then.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,7 +32,8 @@ PUBLISHED_WEIGHTS = (
     "the published Models Genesis weights (Genesis_Chest_CT.pt) come from the authors: request them with the form "
     "linked under 'Download the pre-trained Models Genesis' in https://github.com/MrGiovanni/ModelsGenesis/blob/master/"
     "pytorch/README.md (the authors' later SuPreM repository links the file directly: "
-    "https://www.dropbox.com/s/lh5kuyjxwjsxjpl/Genesis_Chest_CT.pt)")
+    "https://www.dropbox.com/s/lh5kuyjxwjsxjpl/Genesis_Chest_CT.pt)"
+)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ENCODER_PREFIX = "down_tr"
 _LIST_LIMIT = 12  # keys listed per kind of mismatch; the rest are counted
@@ -58,7 +60,7 @@ def _strip_prefixes(key: str) -> str:
         stripped = False
         for prefix in _WRAPPER_PREFIXES:
             if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
+                key, stripped = key[len(prefix) :], True
     return key
 
 
@@ -81,9 +83,12 @@ def _read(path: Path, map_location: Any) -> Any:
             raise CheckpointError(
                 f"genesis_ext: refused to load {path}: it holds pickled Python objects other than tensors and plain "
                 f"containers, which could run arbitrary code when unpickled (read with torch.load(weights_only=True); "
-                f"{_reason(e)})") from e
-        raise CheckpointError(f"genesis_ext: {path} is not a readable PyTorch checkpoint (unreadable: corrupt, "
-                              f"truncated or not written by torch.save): {_reason(e)}; {PUBLISHED_WEIGHTS}") from e
+                f"{_reason(e)})"
+            ) from e
+        raise CheckpointError(
+            f"genesis_ext: {path} is not a readable PyTorch checkpoint (unreadable: corrupt, "
+            f"truncated or not written by torch.save): {_reason(e)}; {PUBLISHED_WEIGHTS}"
+        ) from e
 
 
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -96,8 +101,10 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         found = f"a dict with keys {_listing(list(obj))}" if isinstance(obj, Mapping) else type(obj).__name__
-        raise CheckpointError(f"genesis_ext: {path} holds no state_dict: expected a mapping of parameter names to "
-                              f"tensors, or a dict with one under 'state_dict' or 'model'; found {found}")
+        raise CheckpointError(
+            f"genesis_ext: {path} holds no state_dict: expected a mapping of parameter names to "
+            f"tensors, or a dict with one under 'state_dict' or 'model'; found {found}"
+        )
     stripped: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         name = _strip_prefixes(str(key))
@@ -115,8 +122,11 @@ def _listing(keys: list[str]) -> str:
 def _mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k!r}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k!r}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s) {_listing(missing)}")
@@ -139,8 +149,9 @@ def _model_for(state: Mapping[str, torch.Tensor], encoder_only: bool) -> nn.Modu
     return UNet3D(in_channels, n_class)
 
 
-def load_pretrained(model: nn.Module | None, path: str | os.PathLike, *, encoder_only: bool = False,
-                    map_location: Any = "cpu") -> nn.Module:
+def load_pretrained(
+    model: nn.Module | None, path: str | os.PathLike, *, encoder_only: bool = False, map_location: Any = "cpu"
+) -> nn.Module:
     """Load the weights in ``path`` into ``model`` and return it.
 
     ``model`` may be any module with the published key names (``UNet3D``, ``GenesisClassifier``, ``GenesisEncoder``),
@@ -162,15 +173,19 @@ def load_pretrained(model: nn.Module | None, path: str | os.PathLike, *, encoder
     if encoder_only:
         expected = {k: v for k, v in expected.items() if k.startswith(ENCODER_PREFIX)}
         if not expected:
-            raise CheckpointError(f"genesis_ext: encoder_only: {type(target).__name__} has no encoder parameters "
-                                  f"('{ENCODER_PREFIX}*' keys)")
+            raise CheckpointError(
+                f"genesis_ext: encoder_only: {type(target).__name__} has no encoder parameters "
+                f"('{ENCODER_PREFIX}*' keys)"
+            )
         state = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     problems = _mismatches(state, expected)
     if problems:
         part = "encoder of " if encoder_only else ""
         config = f"({target.extra_repr()})" if target.extra_repr() else ""
-        raise CheckpointError(f"genesis_ext: checkpoint {path} does not fit the {part}{type(target).__name__}{config}; "
-                              f"nothing was loaded: " + "; ".join(problems) + f" ({PUBLISHED_WEIGHTS})")
+        raise CheckpointError(
+            f"genesis_ext: checkpoint {path} does not fit the {part}{type(target).__name__}{config}; "
+            f"nothing was loaded: " + "; ".join(problems) + f" ({PUBLISHED_WEIGHTS})"
+        )
     target.load_state_dict(state, strict=not encoder_only)
     return model
 

@@ -1,11 +1,18 @@
 """Models Genesis pre-training (``genesis-ext pretrain``): see :mod:`genesis_ext.train.pretraining`. Needs torch.
 
 Names are imported lazily, so ``genesis_ext.train.cli`` (the argument parser) does not import torch."""
+
 from importlib import import_module
 
-_NAMES = {"PRESETS": "pretraining", "NonFiniteLossError": "pretraining", "PretrainConfig": "pretraining",
-          "PretrainResult": "pretraining", "pretrain": "pretraining",
-          "load_training_state": "checkpoint", "read_csv": "logs"}
+_NAMES = {
+    "PRESETS": "pretraining",
+    "NonFiniteLossError": "pretraining",
+    "PretrainConfig": "pretraining",
+    "PretrainResult": "pretraining",
+    "pretrain": "pretraining",
+    "load_training_state": "checkpoint",
+    "read_csv": "logs",
+}
 
 __all__ = sorted(_NAMES)
 

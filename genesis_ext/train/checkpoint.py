@@ -4,6 +4,7 @@ A checkpoint is ``{"state_dict": <model weights, plain key names>, "optimizer": 
 <epochs completed>, "sample_offset": <global index of the next training sample>, "best_val": ..., "bad_epochs": ...,
 "config": {...}, "format": FORMAT}``: ``genesis_ext.models.load_pretrained`` loads its weights directly.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,10 +24,15 @@ def load_training_state(path: str | os.PathLike) -> dict:
     path = Path(path)
     state = _read(path, "cpu")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a genesis_ext pre-training checkpoint (no "
-                              f"format={FORMAT!r} entry); to start from its weights, use init_weights / --init")
-    missing = [k for k in ("state_dict", "optimizer", "scheduler", "epoch", "sample_offset", "best_val", "bad_epochs")
-               if k not in state]
+        raise CheckpointError(
+            f"checkpoint {path} is not a genesis_ext pre-training checkpoint (no "
+            f"format={FORMAT!r} entry); to start from its weights, use init_weights / --init"
+        )
+    missing = [
+        k
+        for k in ("state_dict", "optimizer", "scheduler", "epoch", "sample_offset", "best_val", "bad_epochs")
+        if k not in state
+    ]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     return state

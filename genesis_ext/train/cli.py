@@ -1,4 +1,5 @@
 """Arguments and entries of ``genesis-ext pretrain`` and ``finetune`` (torch is imported only when a verb runs)."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,23 +16,35 @@ def positive_int(text: str) -> int:
     return value
 
 
-
 TASKS = ("segmentation", "classification")
 DEFAULT_PATCH = (64, 64, 32)
 TORCH_MISSING = "needs PyTorch, which is not installed: pip install 'genesis-ext[train]'"
 
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="a cube store (genesis-ext extract), .npy cube arrays, or CT volumes/directories (cut on the "
-                        "fly)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="a cube store (genesis-ext extract), .npy cube arrays, or CT volumes/directories (cut on the fly)",
+    )
     p.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.csv, tensorboard/, previews")
-    p.add_argument("--preset", choices=["default", "official"], default="default",
-                   help="official: published SGD lr 1.0 momentum 0.9, batch 6, lr halved every 40 epochs, early stop "
-                        "after 50; default: the same with Adam lr 1e-3 (official SGD lr 1.0 can collapse)")
-    p.add_argument("--deformations", choices=PRESETS, default="genesis", metavar="PRESET",
-                   help="the deformations of each pair: genesis (the published recipe, default) or one of the paper's "
-                        "ablations, each deformation at its published rate: " + ", ".join(PRESETS[1:]))
+    p.add_argument(
+        "--preset",
+        choices=["default", "official"],
+        default="default",
+        help="official: published SGD lr 1.0 momentum 0.9, batch 6, lr halved every 40 epochs, early stop "
+        "after 50; default: the same with Adam lr 1e-3 (official SGD lr 1.0 can collapse)",
+    )
+    p.add_argument(
+        "--deformations",
+        choices=PRESETS,
+        default="genesis",
+        metavar="PRESET",
+        help="the deformations of each pair: genesis (the published recipe, default) or one of the paper's "
+        "ablations, each deformation at its published rate: " + ", ".join(PRESETS[1:]),
+    )
     g = p.add_argument_group("optimisation (default: from the preset)")
     g.add_argument("--optimizer", choices=["sgd", "adam"])
     g.add_argument("--lr", type=float)
@@ -45,13 +58,23 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and randomness")
     g.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the cubes (default 0.1)")
     g.add_argument("--val-data", nargs="+", metavar="PATH", help="separate validation data instead")
-    g.add_argument("--val-repeats", type=positive_int, default=1,
-                   help="fixed deformations per held-out cube (default 1; more: a steadier validation loss)")
+    g.add_argument(
+        "--val-repeats",
+        type=positive_int,
+        default=1,
+        help="fixed deformations per held-out cube (default 1; more: a steadier validation loss)",
+    )
     g.add_argument("--seed", type=int, default=0, help="init, split and batch order (default 0)")
     g.add_argument("--deform-seed", type=int, default=1, help="training deformations (default 1)")
     g.add_argument("--val-seed", type=int, default=2, help="fixed validation deformations (default 2)")
-    g.add_argument("--cube", nargs=3, type=positive_int, default=[64, 64, 32], metavar=("X", "Y", "Z"),
-                   help="volume inputs: cube size (default 64 64 32)")
+    g.add_argument(
+        "--cube",
+        nargs=3,
+        type=positive_int,
+        default=[64, 64, 32],
+        metavar=("X", "Y", "Z"),
+        help="volume inputs: cube size (default 64 64 32)",
+    )
     g.add_argument("--per-volume", type=positive_int, default=32, help="volume inputs: cubes per volume and epoch")
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     g = p.add_argument_group("execution")
@@ -61,10 +84,20 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=positive_int, help="torch CPU threads")
     g.add_argument("--max-minutes", type=float, help="stop at the first epoch end after this much time")
     g.add_argument("--preview-every", type=int, default=1, help="epochs between PNG previews (0: none)")
-    g.add_argument("--log-every", type=positive_int, default=10,
-                   help="steps between host reads of the training loss (step logs, non-finite check; default 10)")
-    g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
-                   help="continue from OUT/checkpoints/last.pt (or CKPT)")
+    g.add_argument(
+        "--log-every",
+        type=positive_int,
+        default=10,
+        help="steps between host reads of the training loss (step logs, non-finite check; default 10)",
+    )
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CKPT",
+        help="continue from OUT/checkpoints/last.pt (or CKPT)",
+    )
     g.add_argument("--init", metavar="WEIGHTS", help="start from these weights (e.g. Genesis_Chest_CT.pt)")
     g.add_argument("--no-tensorboard", action="store_true")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -81,16 +114,40 @@ def run_pretrain(args) -> int:
         return 2
 
     cfg = PretrainConfig(
-        data=args.data, out=args.out, preset=args.preset, deform=DeformConfig.preset(args.deformations),
-        optimizer=args.optimizer, lr=args.lr,
-        momentum=args.momentum, batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-        lr_step_epochs=args.lr_step_epochs, patience=args.patience, accumulate=args.accumulate,
-        val_fraction=args.val_fraction, val_data=args.val_data, val_repeats=args.val_repeats, seed=args.seed,
-        deform_seed=args.deform_seed, val_seed=args.val_seed, cube=tuple(args.cube), per_volume=args.per_volume,
-        workers=args.workers, device=args.device, amp=args.amp, compile=args.compile, threads=args.threads,
+        data=args.data,
+        out=args.out,
+        preset=args.preset,
+        deform=DeformConfig.preset(args.deformations),
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        lr_step_epochs=args.lr_step_epochs,
+        patience=args.patience,
+        accumulate=args.accumulate,
+        val_fraction=args.val_fraction,
+        val_data=args.val_data,
+        val_repeats=args.val_repeats,
+        seed=args.seed,
+        deform_seed=args.deform_seed,
+        val_seed=args.val_seed,
+        cube=tuple(args.cube),
+        per_volume=args.per_volume,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+        compile=args.compile,
+        threads=args.threads,
         max_minutes=args.max_minutes,
-        preview_every=args.preview_every, log_every=args.log_every, resume=args.resume, init_weights=args.init,
-        tensorboard=not args.no_tensorboard, progress=not args.quiet)
+        preview_every=args.preview_every,
+        log_every=args.log_every,
+        resume=args.resume,
+        init_weights=args.init,
+        tensorboard=not args.no_tensorboard,
+        progress=not args.quiet,
+    )
     try:
         result = pretrain(cfg)
     except NonFiniteLossError as e:
@@ -99,42 +156,85 @@ def run_pretrain(args) -> int:
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"genesis-ext pretrain: {e}", file=sys.stderr)
         return 2
-    print(f"best validation loss {result.best_val:.5f} (identity baseline {result.baselines.get('identity', 0):.5f}, "
-          f"mean baseline {result.baselines.get('mean', 0):.5f}); checkpoint {result.last_checkpoint}")
+    print(
+        f"best validation loss {result.best_val:.5f} (identity baseline {result.baselines.get('identity', 0):.5f}, "
+        f"mean baseline {result.baselines.get('mean', 0):.5f}); checkpoint {result.last_checkpoint}"
+    )
     return 0
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=TASKS, required=True, help="segmentation (U-Net, soft Dice) or classification "
-                                                               "(encoder + published head, cross-entropy)")
-    p.add_argument("--data", required=True,
-                   help="segmentation: a directory with images/ and labels/ (matched by file name) or a CSV with an "
-                        "image,label header; classification: a CSV with a path,label header (.npy cubes in [0, 1] or "
-                        "volume files in HU). Paths in a CSV are relative to it")
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        required=True,
+        help="segmentation (U-Net, soft Dice) or classification (encoder + published head, cross-entropy)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="segmentation: a directory with images/ and labels/ (matched by file name) or a CSV with an "
+        "image,label header; classification: a CSV with a path,label header (.npy cubes in [0, 1] or "
+        "volume files in HU). Paths in a CSV are relative to it",
+    )
     p.add_argument("--out", required=True, help="run directory: log.csv, last.pt, best.pt, metrics.json")
-    p.add_argument("--weights", default=None, help="published Genesis_Chest_CT.pt or a checkpoint of ours (default: "
-                                                   "from scratch); classification loads the encoder only")
-    p.add_argument("--patch", nargs=3, type=positive_int, default=list(DEFAULT_PATCH), metavar=("X", "Y", "Z"),
-                   help="patch (segmentation) or cube (classification) size, multiples of 8 (default: 64 64 32)")
-    p.add_argument("--n-class", type=positive_int, default=1,
-                   help="segmentation: output channels; 1: label > 0.5 is foreground; >1: channel k is label == k+1 "
-                        "(default 1)")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="published Genesis_Chest_CT.pt or a checkpoint of ours (default: "
+        "from scratch); classification loads the encoder only",
+    )
+    p.add_argument(
+        "--patch",
+        nargs=3,
+        type=positive_int,
+        default=list(DEFAULT_PATCH),
+        metavar=("X", "Y", "Z"),
+        help="patch (segmentation) or cube (classification) size, multiples of 8 (default: 64 64 32)",
+    )
+    p.add_argument(
+        "--n-class",
+        type=positive_int,
+        default=1,
+        help="segmentation: output channels; 1: label > 0.5 is foreground; >1: channel k is label == k+1 (default 1)",
+    )
     p.add_argument("--epochs", type=positive_int, default=10, help="default 10")
     p.add_argument("--batch-size", type=positive_int, default=4, help="default 4")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
-                   help="adam (default) or sgd (momentum 0.9)")
-    p.add_argument("--patches-per-volume", type=positive_int, default=16,
-                   help="segmentation: random training patches per training volume per epoch (default 16)")
-    p.add_argument("--val-patches-per-volume", type=positive_int, default=16,
-                   help="segmentation: fixed validation patches per validation volume (default 16)")
-    p.add_argument("--fg-fraction", type=float, default=0.5,
-                   help="segmentation: share of patches centred on a foreground voxel (default 0.5)")
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of volumes (segmentation) or cubes (classification, stratified) held out for "
-                        "validation, seeded (default 0.2; 0: no validation)")
-    p.add_argument("--window", nargs=2, type=float, default=[-1000.0, 1000.0], metavar=("LO", "HI"),
-                   help="intensity window of the images in their units, mapped to [0, 1] (default: -1000 1000 HU)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam (default) or sgd (momentum 0.9)")
+    p.add_argument(
+        "--patches-per-volume",
+        type=positive_int,
+        default=16,
+        help="segmentation: random training patches per training volume per epoch (default 16)",
+    )
+    p.add_argument(
+        "--val-patches-per-volume",
+        type=positive_int,
+        default=16,
+        help="segmentation: fixed validation patches per validation volume (default 16)",
+    )
+    p.add_argument(
+        "--fg-fraction",
+        type=float,
+        default=0.5,
+        help="segmentation: share of patches centred on a foreground voxel (default 0.5)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of volumes (segmentation) or cubes (classification, stratified) held out for "
+        "validation, seeded (default 0.2; 0: no validation)",
+    )
+    p.add_argument(
+        "--window",
+        nargs=2,
+        type=float,
+        default=[-1000.0, 1000.0],
+        metavar=("LO", "HI"),
+        help="intensity window of the images in their units, mapped to [0, 1] (default: -1000 1000 HU)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available, default), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, patches, batches and initialisation")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

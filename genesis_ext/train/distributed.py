@@ -1,5 +1,6 @@
 """torch.distributed helpers: a run under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) joins the process
 group; everything else is a single process (rank 0 of 1)."""
+
 from __future__ import annotations
 
 import os

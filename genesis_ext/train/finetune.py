@@ -24,6 +24,7 @@ note); classification loads the encoder only. Optimiser: Adam (default, lr 1e-3)
 Writes ``RUN/log.csv`` (one row per epoch), ``RUN/last.pt`` and ``RUN/best.pt`` (``save_checkpoint`` format, best by
 validation Dice or AUC) and ``RUN/metrics.json``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -112,8 +113,9 @@ def multiclass_auc(probs, labels) -> float:
 def _check_patch(patch) -> tuple[int, int, int]:
     patch = tuple(int(p) for p in patch)
     if len(patch) != 3 or any(p < 8 or p % 8 for p in patch):
-        raise FinetuneError(f"--patch must be three sizes, each a positive multiple of 8 (the U-Net pools three "
-                            f"times), got {patch}")
+        raise FinetuneError(
+            f"--patch must be three sizes, each a positive multiple of 8 (the U-Net pools three times), got {patch}"
+        )
     return patch
 
 
@@ -130,8 +132,10 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict]:
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
             if not set(columns) <= set(header):
-                raise FinetuneError(f"{path}: a CSV with a header naming the columns {', '.join(columns)} is needed; "
-                                    f"found header {header}")
+                raise FinetuneError(
+                    f"{path}: a CSV with a header naming the columns {', '.join(columns)} is needed; "
+                    f"found header {header}"
+                )
             rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise FinetuneError(f"{path}: cannot read as CSV ({err})") from err
@@ -159,14 +163,17 @@ def segmentation_pairs(data) -> list[tuple[Path, Path]]:
     else:
         img_dir, lab_dir = data / _IMAGE_DIR, data / _LABEL_DIR
         if not img_dir.is_dir() or not lab_dir.is_dir():
-            raise FinetuneError(f"--data {data}: expected sub-directories '{_IMAGE_DIR}/' and '{_LABEL_DIR}/' with "
-                                f"volumes matched by file name (or a CSV with an image,label header)")
+            raise FinetuneError(
+                f"--data {data}: expected sub-directories '{_IMAGE_DIR}/' and '{_LABEL_DIR}/' with "
+                f"volumes matched by file name (or a CSV with an image,label header)"
+            )
         images = {_strip(p.name): p for p in sorted(img_dir.iterdir()) if not p.name.startswith(".")}
         labels = {_strip(p.name): p for p in sorted(lab_dir.iterdir()) if not p.name.startswith(".")}
         unmatched = sorted(set(images) ^ set(labels))
         if unmatched:
-            raise FinetuneError(f"--data {data}: {len(unmatched)} image(s)/label(s) without a partner: "
-                                f"{unmatched[:10]}")
+            raise FinetuneError(
+                f"--data {data}: {len(unmatched)} image(s)/label(s) without a partner: {unmatched[:10]}"
+            )
         pairs = [(images[k], labels[k]) for k in sorted(images)]
     if not pairs:
         raise FinetuneError(f"--data {data}: no image/label pairs found (empty data)")
@@ -176,9 +183,9 @@ def segmentation_pairs(data) -> list[tuple[Path, Path]]:
 @dataclass
 class SegCase:
     name: str
-    image: np.ndarray   # (x, y, z) float32 in [0, 1]
-    label: np.ndarray   # (n_class, x, y, z) uint8
-    fg: np.ndarray      # (k, 3) int32 coordinates of foreground voxels (any channel; at most _MAX_FG_CENTRES)
+    image: np.ndarray  # (x, y, z) float32 in [0, 1]
+    label: np.ndarray  # (n_class, x, y, z) uint8
+    fg: np.ndarray  # (k, 3) int32 coordinates of foreground voxels (any channel; at most _MAX_FG_CENTRES)
 
 
 def load_seg_case(image_path: Path, label_path: Path, n_class: int, window) -> SegCase:
@@ -186,13 +193,17 @@ def load_seg_case(image_path: Path, label_path: Path, n_class: int, window) -> S
 
     img, lab = load_volume(image_path), load_volume(label_path)
     if img.shape != lab.shape:
-        raise FinetuneError(f"{label_path}: label shape {lab.shape} differs from its image "
-                            f"{image_path} shape {img.shape}")
+        raise FinetuneError(
+            f"{label_path}: label shape {lab.shape} differs from its image {image_path} shape {img.shape}"
+        )
     if not np.all(np.isfinite(lab.data)):
         raise FinetuneError(f"{label_path}: label holds non-finite values")
     if not np.allclose(img.affine, lab.affine, atol=1e-2):
-        warnings.warn(f"{label_path}: its voxel-to-patient affine differs from that of {image_path}; the label is "
-                      f"used voxel by voxel (same shape), check that it belongs to this image", stacklevel=2)
+        warnings.warn(
+            f"{label_path}: its voxel-to-patient affine differs from that of {image_path}; the label is "
+            f"used voxel by voxel (same shape), check that it belongs to this image",
+            stacklevel=2,
+        )
     image = window.resolve(img.data).apply(img.data)
     if n_class == 1:
         label = (lab.data > 0.5)[None]
@@ -258,13 +269,11 @@ def load_classification(data, patch, window) -> tuple[np.ndarray, np.ndarray, li
     if not data.exists():
         raise FinetuneError(f"--data {data}: no such file or directory")
     if data.is_dir():
-        raise FinetuneError(f"--data {data}: classification needs a CSV file with a path,label header, not a "
-                            f"directory")
+        raise FinetuneError(f"--data {data}: classification needs a CSV file with a path,label header, not a directory")
     rows = _read_csv(data, ("path", "label"))
     if not rows:
         raise FinetuneError(f"--data {data}: no rows (empty data)")
-    classes = sorted({r["label"] for r in rows}, key=lambda c: (not _is_number(c), float(c) if _is_number(c) else 0,
-                                                                c))
+    classes = sorted({r["label"] for r in rows}, key=lambda c: (not _is_number(c), float(c) if _is_number(c) else 0, c))
     if len(classes) < 2:
         raise FinetuneError(f"--data {data}: classification needs at least 2 distinct labels, found {classes}")
     index = {c: i for i, c in enumerate(classes)}
@@ -282,9 +291,11 @@ def load_classification(data, patch, window) -> tuple[np.ndarray, np.ndarray, li
             if arr.ndim != 3:
                 raise FinetuneError(f"{path}: a cube must be 3D, got shape {arr.shape}")
             if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1:
-                raise FinetuneError(f"{path}: .npy cubes must already be windowed to [0, 1] (as genesis-ext extract "
-                                    f"writes them); found values in [{arr.min()}, {arr.max()}]. Store HU as NIfTI "
-                                    f"instead, which is windowed here")
+                raise FinetuneError(
+                    f"{path}: .npy cubes must already be windowed to [0, 1] (as genesis-ext extract "
+                    f"writes them); found values in [{arr.min()}, {arr.max()}]. Store HU as NIfTI "
+                    f"instead, which is windowed here"
+                )
         else:
             try:
                 vol = load_volume(path)
@@ -320,8 +331,10 @@ def split_indices(n: int, val_fraction: float, rng: np.random.Generator, strata=
     val = np.array(sorted(val), dtype=np.int64)
     train = np.setdiff1d(np.arange(n), val)
     if len(val) == 0 or len(train) == 0:
-        raise FinetuneError(f"cannot split {n} item(s) into training and validation with --val-fraction "
-                            f"{val_fraction}: need at least 2 (or pass --val-fraction 0 for no validation)")
+        raise FinetuneError(
+            f"cannot split {n} item(s) into training and validation with --val-fraction "
+            f"{val_fraction}: need at least 2 (or pass --val-fraction 0 for no validation)"
+        )
     return train, val
 
 
@@ -350,8 +363,10 @@ def load_weights(model, path, task: str, log=print):
         raise first
     state = {k: v for k, v in ref.state_dict().items() if not k.startswith("out_tr.")}
     model.load_state_dict(state, strict=False)
-    log(f"loaded {path} except its output layer: the checkpoint has n_class={ref.n_class}, this task "
-        f"n_class={model.n_class}; out_tr is freshly initialised")
+    log(
+        f"loaded {path} except its output layer: the checkpoint has n_class={ref.n_class}, this task "
+        f"n_class={model.n_class}; out_tr is freshly initialised"
+    )
     return model
 
 
@@ -363,12 +378,12 @@ class FinetuneConfig:
     out: str
     weights: str | None = None
     patch: tuple = DEFAULT_PATCH
-    n_class: int = 1                    # segmentation only; classification counts its labels
+    n_class: int = 1  # segmentation only; classification counts its labels
     epochs: int = 10
     batch_size: int = 4
     lr: float = 1e-3
     optimizer: str = "adam"
-    patches_per_volume: int = 16        # training patches per training volume per epoch
+    patches_per_volume: int = 16  # training patches per training volume per epoch
     val_patches_per_volume: int = 16
     fg_fraction: float = 0.5
     val_fraction: float = 0.2
@@ -395,13 +410,14 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
     if len(starts) > 1 and n - starts[-1] == 1:
         starts.pop()
     for k, i in enumerate(starts):
-        yield order[i: starts[k + 1] if k + 1 < len(starts) else n]
+        yield order[i : starts[k + 1] if k + 1 < len(starts) else n]
 
 
 def _bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm
+
     return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
 
 
@@ -448,21 +464,27 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
             vy.append(y)
         val_x = np.concatenate(vx) if vx else None
         val_y = np.concatenate(vy) if vy else None
-        log(f"segmentation: {len(train_cases)} training volume(s) ({n_train} patches of {patch} per epoch), "
-            f"{len(val_cases)} validation volume(s) ({0 if val_x is None else len(val_x)} fixed patches)")
+        log(
+            f"segmentation: {len(train_cases)} training volume(s) ({n_train} patches of {patch} per epoch), "
+            f"{len(val_cases)} validation volume(s) ({0 if val_x is None else len(val_x)} fixed patches)"
+        )
         model = UNet3D(1, cfg.n_class)
     else:
         cubes, labels, classes = load_classification(cfg.data, patch, window)
         train_idx, val_idx = split_indices(len(cubes), cfg.val_fraction, rng, strata=labels)
         n_train = len(train_idx)
         val_x, val_y = (cubes[val_idx], labels[val_idx]) if len(val_idx) else (None, None)
-        log(f"classification: {len(classes)} classes {classes}; {n_train} training cube(s), {len(val_idx)} "
-            f"validation cube(s) of {patch}")
+        log(
+            f"classification: {len(classes)} classes {classes}; {n_train} training cube(s), {len(val_idx)} "
+            f"validation cube(s) of {patch}"
+        )
         model = GenesisClassifier(len(classes))
     if cfg.batch_size > n_train:
-        raise FinetuneError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training "
-                            f"{'patches per epoch' if cfg.task == 'segmentation' else 'samples'}; lower it"
-                            f"{' or raise --patches-per-volume' if cfg.task == 'segmentation' else ''}")
+        raise FinetuneError(
+            f"--batch-size {cfg.batch_size} is larger than the {n_train} training "
+            f"{'patches per epoch' if cfg.task == 'segmentation' else 'samples'}; lower it"
+            f"{' or raise --patches-per-volume' if cfg.task == 'segmentation' else ''}"
+        )
 
     # ---- model, weights, optimiser
     if cfg.weights:
@@ -494,8 +516,7 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         t0 = time.perf_counter()
         model.train()
         if cfg.task == "segmentation":
-            xs, ys = zip(*(sample_patches(c, patch, cfg.patches_per_volume, rng, cfg.fg_fraction)
-                           for c in train_cases))
+            xs, ys = zip(*(sample_patches(c, patch, cfg.patches_per_volume, rng, cfg.fg_fraction) for c in train_cases))
             tx, ty = np.concatenate(xs), np.concatenate(ys)
         else:
             tx, ty = cubes[train_idx], labels[train_idx]
@@ -525,8 +546,12 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow([_fmt(row.get(k)) for k in fields])
         log(" ".join(f"{k}={_fmt(row.get(k))}" for k in fields))
-        extra = {"optimizer_state_dict": opt.state_dict(), "epoch": epoch, "task": cfg.task,
-                 **{k: float(v) for k, v in row.items() if isinstance(v, float) and math.isfinite(v)}}
+        extra = {
+            "optimizer_state_dict": opt.state_dict(),
+            "epoch": epoch,
+            "task": cfg.task,
+            **{k: float(v) for k, v in row.items() if isinstance(v, float) and math.isfinite(v)},
+        }
         if cfg.task == "classification":
             extra["classes"] = list(classes)
         save_checkpoint(model, out / "last.pt", **extra)
@@ -536,9 +561,18 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
             best, best_epoch = score, epoch
             save_checkpoint(model, out / "best.pt", **extra)
 
-    summary = {"task": cfg.task, "epochs": cfg.epochs, "best_epoch": best_epoch, "final": row,
-               "weights": cfg.weights, "device": str(device), "patch": list(patch),
-               "log": str(log_path), "checkpoint": str(out / "last.pt"), "best_checkpoint": str(out / "best.pt")}
+    summary = {
+        "task": cfg.task,
+        "epochs": cfg.epochs,
+        "best_epoch": best_epoch,
+        "final": row,
+        "weights": cfg.weights,
+        "device": str(device),
+        "patch": list(patch),
+        "log": str(log_path),
+        "checkpoint": str(out / "last.pt"),
+        "best_checkpoint": str(out / "best.pt"),
+    }
     if cfg.task == "classification":
         summary["classes"] = list(classes)
     with open(out / "metrics.json", "w") as f:
@@ -590,19 +624,32 @@ def evaluate(model, task: str, x, y, batch_size: int, device, threshold: float =
         dice, iou = dice_iou(tp, fp, fn)
         return {"val_loss": 1.0 - (2.0 * inter + 1.0) / (ysum + psum + 1.0), "val_dice": dice, "val_iou": iou}
     p = np.concatenate(probs)
-    return {"val_loss": ce / len(x), "val_accuracy": float(np.mean(p.argmax(1) == y)),
-            "val_auc": multiclass_auc(p, y)}
+    return {"val_loss": ce / len(x), "val_accuracy": float(np.mean(p.argmax(1) == y)), "val_auc": multiclass_auc(p, y)}
 
 
 # ------------------------------------------------------------------------------------------------------ command line
 def run(args) -> int:
     """The ``genesis-ext finetune`` verb."""
-    cfg = FinetuneConfig(task=args.task, data=args.data, out=args.out, weights=args.weights, patch=tuple(args.patch),
-                         n_class=args.n_class, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         optimizer=args.optimizer, patches_per_volume=args.patches_per_volume,
-                         val_patches_per_volume=args.val_patches_per_volume, fg_fraction=args.fg_fraction,
-                         val_fraction=args.val_fraction, window=tuple(args.window), device=args.device,
-                         seed=args.seed, progress=not args.quiet)
+    cfg = FinetuneConfig(
+        task=args.task,
+        data=args.data,
+        out=args.out,
+        weights=args.weights,
+        patch=tuple(args.patch),
+        n_class=args.n_class,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        patches_per_volume=args.patches_per_volume,
+        val_patches_per_volume=args.val_patches_per_volume,
+        fg_fraction=args.fg_fraction,
+        val_fraction=args.val_fraction,
+        window=tuple(args.window),
+        device=args.device,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     try:
         summary = run_finetune(cfg)
     except (FinetuneError, FileNotFoundError, ValueError) as err:  # CheckpointError and VolumeError are ValueErrors

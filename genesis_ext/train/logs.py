@@ -1,5 +1,6 @@
 """Run logs: a CSV of one row per epoch, TensorBoard scalars (when ``tensorboard`` is installed) and PNG previews
 (mid-Z slices of deformed input / target / restoration). Only rank 0 writes."""
+
 from __future__ import annotations
 
 import csv
@@ -10,8 +11,20 @@ from pathlib import Path
 import numpy as np
 
 # val_<branch>: the validation MSE of the pairs of one painting branch (none, in-painting, out-painting)
-CSV_FIELDS = ("epoch", "step", "samples", "lr", "train_loss", "val_loss", "val_none", "val_inpaint", "val_outpaint",
-              "best_val", "bad_epochs", "seconds")
+CSV_FIELDS = (
+    "epoch",
+    "step",
+    "samples",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_none",
+    "val_inpaint",
+    "val_outpaint",
+    "best_val",
+    "bad_epochs",
+    "seconds",
+)
 
 
 class CsvLog:
@@ -40,8 +53,13 @@ class CsvLog:
 def read_csv(path) -> list[dict]:
     """The rows of a ``metrics.csv`` with numbers parsed."""
     with open(path, newline="") as f:
-        return [{k: (float(v) if k not in ("epoch", "step", "samples", "bad_epochs") else int(v)) if v != "" else None
-                 for k, v in r.items()} for r in csv.DictReader(f)]
+        return [
+            {
+                k: (float(v) if k not in ("epoch", "step", "samples", "bad_epochs") else int(v)) if v != "" else None
+                for k, v in r.items()
+            }
+            for r in csv.DictReader(f)
+        ]
 
 
 class TensorBoard:
@@ -52,8 +70,9 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            warnings.warn("tensorboard is not installed (pip install 'genesis-ext[train]'): no TensorBoard logs",
-                          stacklevel=2)
+            warnings.warn(
+                "tensorboard is not installed (pip install 'genesis-ext[train]'): no TensorBoard logs", stacklevel=2
+            )
             return
         self.writer = SummaryWriter(str(logdir), purge_step=purge_step)
 
@@ -74,8 +93,9 @@ class TensorBoard:
             self.writer.close()
 
 
-def preview_image(deformed: np.ndarray, target: np.ndarray, restored: np.ndarray, rows: int = 4,
-                  scale: int = 3) -> np.ndarray:
+def preview_image(
+    deformed: np.ndarray, target: np.ndarray, restored: np.ndarray, rows: int = 4, scale: int = 3
+) -> np.ndarray:
     """An RGB uint8 image: one row per sample, its mid-Z slice as deformed input | target | restoration."""
     n = min(rows, deformed.shape[0])
     mid = deformed.shape[-1] // 2

@@ -30,6 +30,7 @@ The command line is ``genesis-ext pretrain --data CUBES_OR_VOLUMES --out DIR``. 
   run with :class:`NonFiniteLossError` at that read, before the next checkpoint: the checkpoints on disk (the
   previous epoch's) predate it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,10 +57,19 @@ from .logs import CsvLog, TensorBoard, preview_image, save_png
 # Presets: the published settings, and the default (Adam: the published SGD at lr 1.0 is reported to collapse to a
 # constant output; see README "Pre-training" for the measured curves).
 PRESETS = {
-    "official": dict(optimizer="sgd", lr=1.0, momentum=0.9, batch_size=6, lr_step_epochs=40, lr_gamma=0.5,
-                     patience=50, epochs=10000),
-    "default": dict(optimizer="adam", lr=1e-3, momentum=0.9, batch_size=6, lr_step_epochs=40, lr_gamma=0.5,
-                    patience=50, epochs=10000),
+    "official": dict(
+        optimizer="sgd", lr=1.0, momentum=0.9, batch_size=6, lr_step_epochs=40, lr_gamma=0.5, patience=50, epochs=10000
+    ),
+    "default": dict(
+        optimizer="adam",
+        lr=1e-3,
+        momentum=0.9,
+        batch_size=6,
+        lr_step_epochs=40,
+        lr_gamma=0.5,
+        patience=50,
+        epochs=10000,
+    ),
 }
 
 
@@ -82,37 +92,37 @@ class PretrainConfig:
     data: Sequence[str | os.PathLike]
     out: str | os.PathLike
     preset: str = "default"
-    optimizer: Optional[str] = None          # "sgd" or "adam"
+    optimizer: Optional[str] = None  # "sgd" or "adam"
     lr: Optional[float] = None
-    momentum: Optional[float] = None         # SGD momentum (Adam: beta1)
-    batch_size: Optional[int] = None         # global batch (all processes and micro-batches together)
-    epochs: Optional[int] = None             # at most this many epochs
-    steps_per_epoch: Optional[int] = None    # default: N_train // batch_size
-    lr_step_epochs: Optional[int] = None     # lr *= lr_gamma every this many epochs
+    momentum: Optional[float] = None  # SGD momentum (Adam: beta1)
+    batch_size: Optional[int] = None  # global batch (all processes and micro-batches together)
+    epochs: Optional[int] = None  # at most this many epochs
+    steps_per_epoch: Optional[int] = None  # default: N_train // batch_size
+    lr_step_epochs: Optional[int] = None  # lr *= lr_gamma every this many epochs
     lr_gamma: Optional[float] = None
-    patience: Optional[int] = None           # early stop after this many epochs without validation improvement
+    patience: Optional[int] = None  # early stop after this many epochs without validation improvement
     val_fraction: float = 0.1
     val_data: Optional[Sequence[str | os.PathLike]] = None
-    val_repeats: int = 1                     # validation pairs per held-out cube (more pairs: a steadier loss)
-    seed: int = 0                            # weights init, split and batch order
-    deform_seed: int = 1                     # training deformations
-    val_seed: int = 2                        # the fixed validation deformations
+    val_repeats: int = 1  # validation pairs per held-out cube (more pairs: a steadier loss)
+    seed: int = 0  # weights init, split and batch order
+    deform_seed: int = 1  # training deformations
+    val_seed: int = 2  # the fixed validation deformations
     deform: DeformConfig = field(default_factory=DeformConfig)
-    device: Optional[str] = None             # default: cuda if available, else cpu
-    amp: str = "auto"                        # "auto" (bf16 on CUDA), "bf16", "off"
+    device: Optional[str] = None  # default: cuda if available, else cpu
+    amp: str = "auto"  # "auto" (bf16 on CUDA), "bf16", "off"
     compile: bool = False
-    channels_last: Optional[bool] = None     # default: on CUDA
-    accumulate: int = 1                      # micro-batches per process and step
-    workers: int = 0                         # DataLoader workers
-    threads: Optional[int] = None            # torch.set_num_threads
-    preview_every: int = 1                   # epochs between PNG previews (0: never)
-    log_every: int = 10                      # steps between host reads of the loss (one GPU sync each)
-    max_minutes: Optional[float] = None      # stop at the first epoch end after this much training time
+    channels_last: Optional[bool] = None  # default: on CUDA
+    accumulate: int = 1  # micro-batches per process and step
+    workers: int = 0  # DataLoader workers
+    threads: Optional[int] = None  # torch.set_num_threads
+    preview_every: int = 1  # epochs between PNG previews (0: never)
+    log_every: int = 10  # steps between host reads of the loss (one GPU sync each)
+    max_minutes: Optional[float] = None  # stop at the first epoch end after this much training time
     resume: bool | str | os.PathLike = False  # True: OUT/checkpoints/last.pt, or a path
     init_weights: Optional[str | os.PathLike] = None  # start from these weights (e.g. the published checkpoint)
-    cube: Sequence[int] = (64, 64, 32)       # for volume inputs
-    per_volume: int = 32                     # for volume inputs
-    volume_filter: str = "foreground"        # for volume inputs
+    cube: Sequence[int] = (64, 64, 32)  # for volume inputs
+    per_volume: int = 32  # for volume inputs
+    volume_filter: str = "foreground"  # for volume inputs
     progress: bool = True
     tensorboard: bool = True
 
@@ -153,18 +163,26 @@ class PretrainConfig:
 
 @dataclass
 class PretrainResult:
-    epochs: int                      # epochs completed (in total, resumed ones included)
+    epochs: int  # epochs completed (in total, resumed ones included)
     best_val: float
-    history: list                    # the metrics.csv rows of this call
-    baselines: dict                  # validation MSE of identity (deformed input) and constant-mean outputs
-    stopped: str                     # "epochs", "early_stop", "time"
+    history: list  # the metrics.csv rows of this call
+    baselines: dict  # validation MSE of identity (deformed input) and constant-mean outputs
+    stopped: str  # "epochs", "early_stop", "time"
     last_checkpoint: Path
     best_checkpoint: Path
 
 
 # Training state that must match for --resume to continue the same run.
-_RESUME_KEYS = ("batch_size", "seed", "deform_seed", "val_seed", "optimizer", "steps_per_epoch", "val_fraction",
-                "val_repeats")
+_RESUME_KEYS = (
+    "batch_size",
+    "seed",
+    "deform_seed",
+    "val_seed",
+    "optimizer",
+    "steps_per_epoch",
+    "val_fraction",
+    "val_repeats",
+)
 
 
 def _is_cube_source(p: Path) -> bool:
@@ -184,17 +202,26 @@ def _dataset(paths, cfg: PretrainConfig):
             raise FileNotFoundError(f"data path {p} does not exist")
     for p in paths:
         if p.is_dir() and not any(f.is_file() for f in p.rglob("*")):
-            raise ValueError(f"no training data in {p}: the directory is empty (expected a cube store made by "
-                             "genesis-ext extract, .npy cube arrays or CT volumes)")
+            raise ValueError(
+                f"no training data in {p}: the directory is empty (expected a cube store made by "
+                "genesis-ext extract, .npy cube arrays or CT volumes)"
+            )
     if all(_is_cube_source(p) for p in paths):
         return CubeStoreDataset([str(p) for p in paths])
     try:
-        return VolumeCubeDataset([str(p) for p in paths], cube=tuple(cfg.cube), per_volume=cfg.per_volume,
-                                 filter=cfg.volume_filter, seed=cfg.seed)
+        return VolumeCubeDataset(
+            [str(p) for p in paths],
+            cube=tuple(cfg.cube),
+            per_volume=cfg.per_volume,
+            filter=cfg.volume_filter,
+            seed=cfg.seed,
+        )
     except ValueError as e:
         if "no volumes found" in str(e) or "no image files" in str(e):
-            raise ValueError(f"no training data in {', '.join(map(str, paths))}: expected a cube store "
-                             "(genesis-ext extract), .npy cube arrays or CT volumes") from None
+            raise ValueError(
+                f"no training data in {', '.join(map(str, paths))}: expected a cube store "
+                "(genesis-ext extract), .npy cube arrays or CT volumes"
+            ) from None
         raise
 
 
@@ -309,13 +336,16 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
     if hasattr(val_dataset, "set_epoch"):
         if val_dataset is dataset:  # volumes: a frozen copy for validation, the training one moves on each epoch
             import copy
+
             val_dataset = copy.copy(dataset)
             val_dataset._cache = type(dataset._cache)()
         val_dataset.set_epoch(0)
     n_train, B = len(split.train), int(cfg.batch_size)
     if B > n_train:
-        raise ValueError(f"batch size {B} is larger than the {n_train} training cubes "
-                         f"({len(dataset)} cubes, {len(dataset) - n_train} held out for validation)")
+        raise ValueError(
+            f"batch size {B} is larger than the {n_train} training cubes "
+            f"({len(dataset)} cubes, {len(dataset) - n_train} held out for validation)"
+        )
     parts = dd.world * cfg.accumulate
     if B % parts:
         raise ValueError(f"batch size {B} must be divisible by processes x accumulate = {dd.world} x {cfg.accumulate}")
@@ -341,14 +371,19 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
     start_epoch, best_val, bad_epochs = 0, math.inf, 0
     resume_path = None
     if not cfg.resume and last_path.exists():
-        raise ValueError(f"{out} already holds a run ({last_path}); pass --resume (resume=True) to continue it, or "
-                         "choose another --out")
+        raise ValueError(
+            f"{out} already holds a run ({last_path}); pass --resume (resume=True) to continue it, or "
+            "choose another --out"
+        )
     if cfg.resume:
         resume_path = last_path if cfg.resume is True else Path(cfg.resume)
         state = load_training_state(resume_path)
         stored = state.get("config", {})
-        diff = [f"{k}: {stored.get(k)!r} -> {getattr(cfg, k)!r}" for k in _RESUME_KEYS
-                if k in stored and stored[k] != getattr(cfg, k)]
+        diff = [
+            f"{k}: {stored.get(k)!r} -> {getattr(cfg, k)!r}"
+            for k in _RESUME_KEYS
+            if k in stored and stored[k] != getattr(cfg, k)
+        ]
         if diff:
             raise ValueError(f"--resume: the settings differ from the checkpoint's ({'; '.join(diff)})")
         model.load_state_dict(state["state_dict"])
@@ -361,7 +396,8 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
     net = model
     if dd.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     fwd = torch.compile(net) if cfg.compile else net
 
     # ---- logs (rank 0) ----
@@ -370,8 +406,9 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.summary(), indent=2, default=str))
         csv_log = CsvLog(out / "metrics.csv", start_epoch if cfg.resume else None)
-        tb = TensorBoard(out / "tensorboard", purge_step=start_epoch * steps if cfg.resume else None,
-                         enabled=cfg.tensorboard)
+        tb = TensorBoard(
+            out / "tensorboard", purge_step=start_epoch * steps if cfg.resume else None, enabled=cfg.tensorboard
+        )
 
     def to_device(x):
         return x.to(device, non_blocking=True)
@@ -384,33 +421,41 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
 
     # ---- validation: fixed pairs, computed on rank 0 with the bare model ----
     # each held-out cube val_repeats times, each time with its own deformation (pair j has offset j)
-    val_batches = [list(map(int, val_items[i:i + B])) for i in range(0, len(val_items), B)] * cfg.val_repeats
+    val_batches = [list(map(int, val_items[i : i + B])) for i in range(0, len(val_items), B)] * cfg.val_repeats
 
     # the painting branch of each validation pair: outpainting hides ~2/3 of a cube, so its loss has a large floor
-    branch = _branches(sample_params(len(val_items) * cfg.val_repeats, cube, seed=cfg.val_seed, config=cfg.deform,
-                                     with_blocks=False))
+    branch = _branches(
+        sample_params(len(val_items) * cfg.val_repeats, cube, seed=cfg.val_seed, config=cfg.deform, with_blocks=False)
+    )
 
     def by_branch(per_sample: np.ndarray, prefix: str) -> dict:
-        return {f"{prefix}_{b}": float(per_sample[branch == b].mean()) if (branch == b).any() else None
-                for b in BRANCHES}
+        return {
+            f"{prefix}_{b}": float(per_sample[branch == b].mean()) if (branch == b).any() else None for b in BRANCHES
+        }
 
     def validate(first: Optional[list]):
         """Validation MSE: over all pairs, and per painting branch (``val_none``, ``val_inpaint``, ...)."""
         model.eval()
         loader = _loader(val_dataset, val_batches, cfg.workers, device.type == "cuda")
-        mse = pair_errors((to_device(b) for b in loader), cfg.val_seed, cfg.deform, lambda xd: run_model(model, xd),
-                          first)["model"]
+        mse = pair_errors(
+            (to_device(b) for b in loader), cfg.val_seed, cfg.deform, lambda xd: run_model(model, xd), first
+        )["model"]
         model.train()
         return float(mse.mean()), by_branch(mse, "val")
 
     def baselines() -> dict:
         """Validation MSE of returning the deformed input (identity) and of returning the targets' mean (mean)."""
-        errors = pair_errors((b.float() for b in _loader(val_dataset, val_batches, cfg.workers, False)),
-                             cfg.val_seed, cfg.deform)
+        errors = pair_errors(
+            (b.float() for b in _loader(val_dataset, val_batches, cfg.workers, False)), cfg.val_seed, cfg.deform
+        )
         ident, const = errors["identity"], mean_baseline(errors)
-        return {"identity": float(ident.mean()), "mean": float(const.mean()),
-                "target_mean": float(errors["sum"].sum() / (errors["voxels"] * len(ident))),
-                **by_branch(ident, "identity"), **by_branch(const, "mean")}
+        return {
+            "identity": float(ident.mean()),
+            "mean": float(const.mean()),
+            "target_mean": float(errors["sum"].sum() / (errors["voxels"] * len(ident))),
+            **by_branch(ident, "identity"),
+            **by_branch(const, "mean"),
+        }
 
     base = None
     if dd.main:
@@ -429,15 +474,20 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
             bar_cls = None
     log = (bar_cls.write if bar_cls is not None else print) if dd.main else (lambda *a, **k: None)
     if dd.main:
-        log(f"pre-training: {n_train} training / {len(val_items)} validation cubes (x{cfg.val_repeats} deformations) "
+        log(
+            f"pre-training: {n_train} training / {len(val_items)} validation cubes (x{cfg.val_repeats} deformations) "
             f"{'x'.join(map(str, cube))}, "
             f"batch {B} ({dd.world} process(es) x {cfg.accumulate} micro-batch(es) of {micro}), {steps} steps/epoch, "
             f"{cfg.optimizer} lr {cfg.lr}, device {device}{', bf16' if use_amp else ''}"
-            + (f"; resumed after epoch {start_epoch}" if cfg.resume else ""))
+            + (f"; resumed after epoch {start_epoch}" if cfg.resume else "")
+        )
         counts = ", ".join(f"{int((branch == b).sum())} {b}" for b in BRANCHES)
-        log(f"validation pairs: {counts}; baselines (MSE): identity {base['identity']:.5f}, constant mean "
-            f"{base['mean']:.5f} (" + ", ".join(f"{b} {base['mean_' + b]:.5f}" for b in BRANCHES
-                                                if base["mean_" + b] is not None) + ")")
+        log(
+            f"validation pairs: {counts}; baselines (MSE): identity {base['identity']:.5f}, constant mean "
+            f"{base['mean']:.5f} ("
+            + ", ".join(f"{b} {base['mean_' + b]:.5f}" for b in BRANCHES if base["mean_" + b] is not None)
+            + ")"
+        )
 
     if start_epoch >= cfg.epochs:
         stopped = "epochs"
@@ -454,7 +504,7 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
         for s in range(steps):
             for c in range(cfg.accumulate):
                 start = s * B + (dd.rank * cfg.accumulate + c) * micro
-                mine.append((start, list(map(int, positions[start:start + micro]))))
+                mine.append((start, list(map(int, positions[start : start + micro]))))
         loader = _loader(dataset, [m[1] for m in mine], cfg.workers, device.type == "cuda")
         it = iter(loader)
         bar = bar_cls(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True) if bar_cls else None
@@ -468,13 +518,19 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
                 if not math.isfinite(value):
                     if bar is not None:
                         bar.close()
-                    where = f"epoch {epoch + 1}, step {s + 1}/{steps} (global samples {base_offset + s * B}.." \
-                            f"{base_offset + (s + 1) * B - 1})"
-                    kept = f"the last good checkpoint is {last_path} (epoch {epoch})" if last_path.exists() else \
-                        "no checkpoint was written yet"
+                    where = (
+                        f"epoch {epoch + 1}, step {s + 1}/{steps} (global samples {base_offset + s * B}.."
+                        f"{base_offset + (s + 1) * B - 1})"
+                    )
+                    kept = (
+                        f"the last good checkpoint is {last_path} (epoch {epoch})"
+                        if last_path.exists()
+                        else "no checkpoint was written yet"
+                    )
                     raise NonFiniteLossError(
                         f"non-finite training loss ({value}) at {where}; stopped before the next checkpoint; {kept}. "
-                        f"Check the data for NaN/Inf, or lower the learning rate (e.g. --preset default).")
+                        f"Check the data for NaN/Inf, or lower the learning rate (e.g. --preset default)."
+                    )
                 loss_total += value
                 if dd.main:
                     tb.scalar("train/loss_step", value, epoch * steps + s)
@@ -518,17 +574,29 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
         val, val_parts = validate(first) if dd.main else (0.0, {})
         elapsed = time.perf_counter() - t_start
         out_of_time = cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60
-        flags = dd.broadcast(torch.tensor([val, float(out_of_time)], dtype=torch.float64,
-                                          device=device if device.type == "cuda" else "cpu"))
+        flags = dd.broadcast(
+            torch.tensor(
+                [val, float(out_of_time)], dtype=torch.float64, device=device if device.type == "cuda" else "cpu"
+            )
+        )
         val, out_of_time = float(flags[0]), bool(flags[1])
         improved = val < best_val
         if improved:
             best_val, bad_epochs = val, 0
         else:
             bad_epochs += 1
-        row = dict(epoch=epoch, step=epoch * steps, samples=epoch * samples_per_epoch, lr=lr_now,
-                   train_loss=train_loss, val_loss=val, **val_parts, best_val=best_val, bad_epochs=bad_epochs,
-                   seconds=round(time.perf_counter() - t_epoch, 3))
+        row = dict(
+            epoch=epoch,
+            step=epoch * steps,
+            samples=epoch * samples_per_epoch,
+            lr=lr_now,
+            train_loss=train_loss,
+            val_loss=val,
+            **val_parts,
+            best_val=best_val,
+            bad_epochs=bad_epochs,
+            seconds=round(time.perf_counter() - t_epoch, 3),
+        )
         history.append(row)
         if dd.main:
             csv_log.write(row)
@@ -544,15 +612,26 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
                 save_png(img, out / "preview.png")
                 tb.image("val/preview", img, epoch * steps)
             tb.flush()
-            state = {"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch, "sample_offset": epoch * samples_per_epoch, "best_val": best_val,
-                     "bad_epochs": bad_epochs, "val_loss": val, "config": _plain(cfg.summary()), "format": FORMAT}
+            state = {
+                "state_dict": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": epoch,
+                "sample_offset": epoch * samples_per_epoch,
+                "best_val": best_val,
+                "bad_epochs": bad_epochs,
+                "val_loss": val,
+                "config": _plain(cfg.summary()),
+                "format": FORMAT,
+            }
             if improved:
                 atomic_save(state, best_path)
             atomic_save(state, last_path)
             parts = ", ".join(f"{b} {val_parts['val_' + b]:.5f}" for b in BRANCHES if val_parts["val_" + b] is not None)
-            log(f"epoch {epoch}: train {train_loss:.5f}  val {val:.5f} ({parts})  best {best_val:.5f}"
-                f"{'  *' if improved else ''}  ({row['seconds']:.1f} s)")
+            log(
+                f"epoch {epoch}: train {train_loss:.5f}  val {val:.5f} ({parts})  best {best_val:.5f}"
+                f"{'  *' if improved else ''}  ({row['seconds']:.1f} s)"
+            )
         dd.barrier()
         if bad_epochs >= cfg.patience:
             stopped = "early_stop"
@@ -562,10 +641,19 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
             break
     if dd.main:
         tb.close()
-        log(f"stopped ({stopped}) after epoch {epoch}; best validation loss {best_val:.5f} "
-            f"(identity {base['identity']:.5f}, mean {base['mean']:.5f}); checkpoints in {ckpt_dir}")
-    return PretrainResult(epochs=epoch, best_val=best_val, history=history, baselines=base or {}, stopped=stopped,
-                          last_checkpoint=last_path, best_checkpoint=best_path)
+        log(
+            f"stopped ({stopped}) after epoch {epoch}; best validation loss {best_val:.5f} "
+            f"(identity {base['identity']:.5f}, mean {base['mean']:.5f}); checkpoints in {ckpt_dir}"
+        )
+    return PretrainResult(
+        epochs=epoch,
+        best_val=best_val,
+        history=history,
+        baselines=base or {},
+        stopped=stopped,
+        last_checkpoint=last_path,
+        best_checkpoint=best_path,
+    )
 
 
 class _nullcontext:
