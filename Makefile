@@ -3,6 +3,8 @@
 #   make test        install, then run the test suite (skip reasons listed at the end)
 #   make test-quick  install, then the suite without the tests marked slow (a first check in about 2 minutes)
 #   make bench       install, then time the kernels against the numpy reference
+#   make lint        the checks of CI: ruff check, ruff format --check, clang-format on csrc (tools: the [lint] extra)
+#   make format      rewrite the tree in that format
 # `install` builds into one persistent folder (build/<wheel tag>) without build isolation, so a second `make test`
 # with nothing changed rebuilds nothing; the build's progress is shown.
 # Variables: PYTHON; TORCH (the torch requirement installed when torch is missing; add e.g.
@@ -24,7 +26,9 @@ BUILD_ARGS = --no-build-isolation -Cbuild-dir=build/{wheel_tag} -Cbuild.verbose=
 	$(if $(CUDA_ARCHS),-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHS)) \
 	$(if $(HIP_CPU),-Ccmake.define.GENESIS_HIP_CPU=$(abspath $(HIP_CPU)))
 
-.PHONY: install demo test test-quick bench
+CPP_SOURCES = $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.h csrc/cuda/*.cu csrc/cuda/*.cpp)
+
+.PHONY: install demo test test-quick bench lint format lint-tools
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_PIP_ARGS) "$(TORCH)"
@@ -44,3 +48,17 @@ test-quick: install
 bench: install
 	$(PYTHON) -m pytest benchmarks -q --benchmark-only --benchmark-json=bench.json
 	$(PYTHON) benchmarks/summarize.py bench.json
+
+lint-tools:
+	$(PYTHON) -m pip install -q $$($(PYTHON) -c "import tomllib; \
+	  print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['lint'])")
+
+lint: lint-tools
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	clang-format --dry-run --Werror $(CPP_SOURCES)
+
+format: lint-tools
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+	clang-format -i $(CPP_SOURCES)
