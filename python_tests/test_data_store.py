@@ -162,6 +162,45 @@ def test_bad_volumes_are_skipped_and_nothing_written_is_lost(inputs, tmp_path):
         run_extract([inputs], out, ExtractSettings(filter=Foreground(), count=9), progress=False)
 
 
+def test_an_interrupted_run_keeps_its_volumes_in_the_journal(inputs, tmp_path, monkeypatch):
+    """Each finished volume appends one journal line (the manifests are written once, at the end): a run killed after
+    its first volume leaves a store whose manifest, CubeStore and next run all see that volume."""
+    from genesis_ext.data import batch
+    from genesis_ext.data.store import JOURNAL, StoreWriter
+
+    out = tmp_path / "store"
+    complete = run_extract([inputs], tmp_path / "complete", FOREGROUND, jobs=1, progress=False)
+    real_extract = batch.extract_source
+    calls = []
+
+    def killed_after_one(source, settings, path):
+        if calls:
+            raise KeyboardInterrupt  # the run dies while extracting the second volume
+        calls.append(source)
+        return real_extract(source, settings, path)
+
+    monkeypatch.setattr(batch, "extract_source", killed_after_one)
+    real_flush = StoreWriter.flush
+    writers = []
+    # killed: after the writer's first (empty) manifest, no manifest write happens any more
+    monkeypatch.setattr(
+        StoreWriter, "flush", lambda self: writers.append(self) or (len(writers) == 1 and real_flush(self))
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_extract([inputs], out, FOREGROUND, jobs=1, progress=False)
+    journal = (out / JOURNAL).read_text().splitlines()
+    assert len(journal) == 1  # one line for the finished volume, nothing rewritten per volume
+    (out / JOURNAL).write_text("\n".join(journal) + '\n{"volume": {"key": "torn')  # a line cut short by the kill
+    manifest = read_manifest(out)
+    assert len(manifest["volumes"]) == 1 and manifest["count"] == manifest["volumes"][0]["count"] > 0
+    assert len(CubeStore(out)) == manifest["count"]
+    monkeypatch.undo()
+    summary = run_extract([inputs], out, FOREGROUND, jobs=1, progress=False)  # the next run finishes the rest
+    assert summary.kept == 1 and summary.written == complete.written - 1
+    assert not (out / JOURNAL).exists()
+    assert read_manifest(out)["count"] == complete.cubes
+
+
 def test_unexpected_errors_skip_one_volume(inputs, tmp_path, monkeypatch):
     from genesis_ext.data import batch
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._util import progress_bar
 from .cubes import CUBE, CUBES_PER_VOLUME, OfficialLung, extract_cubes
 from .intensity import CT_WINDOW, resample
 from .io import Source, VolumeError, find_sources, label_map_reason, load_volume
@@ -248,10 +249,9 @@ def run_extract(
             writer.add(record)
             summary.written += 1
             summary.cubes += record["count"]
-        writer.flush()
 
     tags = {s.key: s.tag for s in todo}
-    bar = _progress(len(todo), progress)
+    bar = progress_bar(len(todo), "extract", "vol", progress)
     try:
         if summary.jobs == 1 or len(todo) <= 1:
             for s in todo:
@@ -307,25 +307,6 @@ def _read_rows(root: Path, record: dict) -> np.ndarray:
     rows = np.load(root / record["shard"], mmap_mode="r")
     first = record.get("first_row", 0)
     return np.array(rows[first : first + record["count"]], dtype=np.float32)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="vol", desc="extract", dynamic_ncols=True)
 
 
 __all__ = ["ExtractSettings", "Summary", "extract_source", "run_extract", "volume_seed"]

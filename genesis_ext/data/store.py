@@ -7,9 +7,11 @@ A store is a directory::
     manifest.csv    the same, one row per cube: index, shard, row, source, origin_x/y/z, spacing_x/y/z, window, score
     cubes/*.npy     one float32 array (n, X, Y, Z), values in [0, 1], per source volume ("shards")
 
-Every shard is written to a temporary file and renamed into place (``os.replace``), and the manifest is rewritten
-the same way after each volume, so an interrupted or failing run never leaves a half-written file and keeps
-everything finished before it.
+Every shard is written to a temporary file and renamed into place (``os.replace``). Each finished volume appends one
+line to ``manifest.journal`` (fsync'ed: linear in the number of volumes), and the manifests are written once, at the
+end of the run, which folds the journal in; so an interrupted or failing run never leaves a half-written file and
+keeps everything finished before it (``read_manifest`` reads manifest.json and the journal, and the next run
+continues from both).
 
 The published Models Genesis layout is one float array ``(n, 64, 64, 32)`` in [0, 1] per LUNA16 subset
 (``bat_32_s_64x64x32_<subset>.npy``): :func:`load_published` / :func:`save_published` read and write it, and
@@ -21,14 +23,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from .._util import atomic_write
+
 FORMAT = "genesis-ext cube store"
 VERSION = 1
 MANIFEST_JSON, MANIFEST_CSV, SHARD_DIR = "manifest.json", "manifest.csv", "cubes"
+JOURNAL = "manifest.journal"  # one JSON line per volume finished since manifest.json was last written
 CSV_FIELDS = (
     "index",
     "shard",
@@ -47,24 +51,9 @@ CSV_FIELDS = (
 )
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file next to it, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # (not mkstemp: its files are private, 0600, whatever the umask)
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_npy(path, array: np.ndarray) -> None:
     """``np.save`` to ``path``, atomically."""
-    _atomic_write(Path(path), lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+    atomic_write(Path(path), lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
 def _as_cubes(array: np.ndarray, path) -> np.ndarray:
@@ -131,6 +120,7 @@ class StoreWriter:
                 )
             self.records = {r["key"]: r for r in old["volumes"]}
         (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        self.flush()  # manifest.json from the start (with an interrupted run's journal folded in), journal empty
 
     def shard_path(self, tag: str) -> Path:
         return self.root / SHARD_DIR / f"{tag}.npy"
@@ -143,9 +133,17 @@ class StoreWriter:
         ``count``, ``shape``, ``spacing``, ``window``, ``origins``, ``scores``, ``candidates``."""
         self.skipped.pop(record["key"], None)
         self.records[record["key"]] = record
+        self._journal({"volume": record})
 
     def skip(self, key: str, source: str, reason: str) -> None:
         self.skipped[key] = {"key": key, "source": source, "reason": reason}
+        self._journal({"skipped": self.skipped[key]})
+
+    def _journal(self, entry: dict) -> None:
+        with open(self.root / JOURNAL, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def manifest(self) -> dict:
         volumes = sorted(self.records.values(), key=lambda r: r["key"])
@@ -162,9 +160,9 @@ class StoreWriter:
         }
 
     def flush(self) -> None:
-        """Rewrite manifest.json and manifest.csv (atomically)."""
+        """Write manifest.json and manifest.csv (atomically), then empty the journal they now hold."""
         manifest = self.manifest()
-        _atomic_write(self.root / MANIFEST_JSON, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        atomic_write(self.root / MANIFEST_JSON, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         rows = manifest_rows(manifest)
 
         def write_csv(f):
@@ -176,7 +174,8 @@ class StoreWriter:
             writer.writerows(rows)
             f.write(text.getvalue().encode())
 
-        _atomic_write(self.root / MANIFEST_CSV, write_csv)
+        atomic_write(self.root / MANIFEST_CSV, write_csv)
+        (self.root / JOURNAL).unlink(missing_ok=True)
 
 
 def manifest_rows(manifest: dict) -> list[dict]:
@@ -214,7 +213,28 @@ def read_manifest(root) -> dict:
         raise ValueError(f"{path}: not a readable cube-store manifest ({err})") from err
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: not a genesis-ext cube store manifest")
-    return manifest
+    return _with_journal(manifest, Path(root) / JOURNAL)
+
+
+def _with_journal(manifest: dict, journal: Path) -> dict:
+    """The manifest with the volumes an unfinished run recorded in its journal (a torn last line is ignored)."""
+    if not journal.exists():
+        return manifest
+    volumes = {r["key"]: r for r in manifest["volumes"]}
+    skipped = {r["key"]: r for r in manifest["skipped"]}
+    for line in journal.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if "volume" in entry:
+            volumes[entry["volume"]["key"]] = entry["volume"]
+            skipped.pop(entry["volume"]["key"], None)
+        else:
+            skipped[entry["skipped"]["key"]] = entry["skipped"]
+    ordered = sorted(volumes.values(), key=lambda r: r["key"])
+    count = int(sum(r["count"] for r in ordered))
+    return {**manifest, "volumes": ordered, "skipped": sorted(skipped.values(), key=lambda r: r["key"]), "count": count}
 
 
 class CubeStore:
