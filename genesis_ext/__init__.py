@@ -29,7 +29,7 @@ _EXPORTS = {
 
 def _core():
     """The extension module, loaded after torch (when installed): then the kernels share torch's OpenMP runtime
-    instead of starting a second one (docs: architecture §2)."""
+    instead of starting a second one."""
     try:
         import torch  # noqa: F401
     except ImportError:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-import genesis_ext
 from genesis_ext.data import Foreground, Window, extract_cubes, load_volume
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -189,10 +188,12 @@ def main(argv=None) -> int:
         print(f"genesis_ext.demo: {err}", file=sys.stderr)
         return 2
 
+    from genesis_ext.ops import genesis_pair, sample_params  # torch and the extension: only now
+
     start = time.perf_counter()
-    deformed, target = genesis_ext.genesis_pair(batch, seed=args.seed)
+    deformed, target = genesis_pair(batch, seed=args.seed)
     ms = (time.perf_counter() - start) * 1e3
-    params = genesis_ext.sample_params(args.count, CUBE, seed=args.seed, with_blocks=False)
+    params = sample_params(args.count, CUBE, seed=args.seed, with_blocks=False)
 
     captions = []
     for n, (k, origin) in enumerate(where):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._util import atomic_write
 from .unet3d import GenesisEncoder, UNet3D
 
 # Where the published weights come from (the authors distribute them; this package does not ship them).
@@ -191,29 +192,8 @@ def load_pretrained(
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` via a temporary file in the same directory, fsync'ed, then renamed over
-    ``path``: a crash at any moment leaves either the old file or the new one, never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
+    """``torch.save(obj)`` to ``path`` atomically (``_util.atomic_write``): never a partial file."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:

@@ -43,6 +43,16 @@ class Dist:
             dist.destroy_process_group()
 
 
+def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """The training device: ``None`` or ``"auto"`` is this process's GPU (``cuda:<local_rank>``) where torch has CUDA,
+    else the CPU; a CUDA device torch cannot use is a ValueError that says so."""
+    if name in (None, "auto"):
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available to torch here")
+    return torch.device(name)
+
+
 def setup(device: str | None) -> Dist:
     """Join the process group when launched by torchrun (backend nccl for CUDA, gloo otherwise)."""
     if dist.is_available() and dist.is_initialized():
@@ -50,6 +60,6 @@ def setup(device: str | None) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    cuda = resolve_device(device, int(os.environ.get("LOCAL_RANK", 0))).type == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), owns_group=True)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._util import progress_bar
 from .cli import DEFAULT_PATCH, TASKS, TORCH_MISSING
 
 try:  # training needs torch; the module imports without it (genesis-ext finetune then says how to install it)
@@ -394,14 +395,6 @@ class FinetuneConfig:
     progress: bool = True
 
 
-def _device(name: str):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FinetuneError(f"--device {name}: CUDA is not available to torch here")
-    return torch.device(name)
-
-
 def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
     """Index batches (shuffled when ``rng`` is given); a trailing batch of one joins the batch before it (the published
     BatchNorm uses batch statistics, which one small sample may not have)."""
@@ -411,14 +404,6 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
         starts.pop()
     for k, i in enumerate(starts):
         yield order[i : starts[k + 1] if k + 1 < len(starts) else n]
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
 
 
 def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
@@ -444,7 +429,12 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         window = Window(*cfg.window)
     except ValueError as err:
         raise FinetuneError(f"--window: {err}") from None
-    device = _device(cfg.device)
+    from .distributed import resolve_device  # torch is there by now
+
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -521,7 +511,9 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         else:
             tx, ty = cubes[train_idx], labels[train_idx]
         losses, sizes = [], []
-        bar = _bar(math.ceil(len(tx) / cfg.batch_size), f"epoch {epoch}/{cfg.epochs}", cfg.progress)
+        bar = progress_bar(
+            math.ceil(len(tx) / cfg.batch_size), f"epoch {epoch}/{cfg.epochs}", "batch", cfg.progress, leave=False
+        )
         for b in _batches(len(tx), cfg.batch_size, rng):
             x = torch.from_numpy(tx[b]).to(device)
             y = torch.from_numpy(ty[b]).to(device)
@@ -532,11 +524,9 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
             opt.step()
             losses.append(float(loss.detach()))
             sizes.append(len(b))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.close()
         train_loss = float(np.average(losses, weights=sizes))
         if not math.isfinite(train_loss):
             raise FinetuneError(f"epoch {epoch}: the training loss is {train_loss}; lower --lr")

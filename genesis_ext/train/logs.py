@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._util import atomic_write
+
 # val_<branch>: the validation MSE of the pairs of one painting branch (none, in-painting, out-painting)
 CSV_FIELDS = (
     "epoch",
@@ -36,12 +38,13 @@ class CsvLog:
         if resume_epoch is not None and path.exists():
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
+
+        def write(f):
             w = csv.DictWriter(f, CSV_FIELDS)
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, path)
+
+        atomic_write(path, write, text=True)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
@@ -119,8 +122,5 @@ def save_png(image: np.ndarray, path: Path) -> bool:
     except ImportError:
         warnings.warn("Pillow is not installed: no PNG previews", stacklevel=2)
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
     return True

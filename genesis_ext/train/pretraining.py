@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._util import print_line, progress_bar
 from ..config import DeformConfig
 from ..models import UNet3D, load_pretrained
 from ..models.weights import atomic_save
@@ -309,12 +310,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
 
 
 def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
-    if cfg.device is not None:
-        device = torch.device(cfg.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", dd.local_rank)
-    else:
-        device = torch.device("cpu")
+    device = distributed.resolve_device(cfg.device, dd.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
@@ -333,7 +329,9 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
     _check_cube(cube, cfg.deform)
     split = _Split(len(dataset), cfg, cfg.val_data is not None)
     val_items = split.val if split.val is not None else np.arange(len(val_dataset))
-    if hasattr(val_dataset, "set_epoch"):
+    from ..data import VolumeCubeDataset
+
+    if isinstance(val_dataset, VolumeCubeDataset):
         if val_dataset is dataset:  # volumes: a frozen copy for validation, the training one moves on each epoch
             import copy
 
@@ -466,13 +464,7 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
     t_start = time.perf_counter()
     model.train()
     epoch = start_epoch
-    bar_cls = None
-    if dd.main and cfg.progress:
-        try:
-            from tqdm.auto import tqdm as bar_cls
-        except ImportError:
-            bar_cls = None
-    log = (bar_cls.write if bar_cls is not None else print) if dd.main else (lambda *a, **k: None)
+    log = print_line if dd.main else (lambda *a, **k: None)
     if dd.main:
         log(
             f"pre-training: {n_train} training / {len(val_items)} validation cubes (x{cfg.val_repeats} deformations) "
@@ -507,7 +499,7 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
                 mine.append((start, list(map(int, positions[start : start + micro]))))
         loader = _loader(dataset, [m[1] for m in mine], cfg.workers, device.type == "cuda")
         it = iter(loader)
-        bar = bar_cls(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True) if bar_cls else None
+        bar = progress_bar(steps, f"epoch {epoch + 1}", "step", dd.main and cfg.progress, leave=False)
         loss_total, pending = 0.0, []  # pending: (step, loss on the device) not yet read on the host
 
         def read_losses():
@@ -516,8 +508,7 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
             values = torch.stack([loss for _, loss in pending]).tolist()
             for (s, _), value in zip(pending, values):
                 if not math.isfinite(value):
-                    if bar is not None:
-                        bar.close()
+                    bar.close()
                     where = (
                         f"epoch {epoch + 1}, step {s + 1}/{steps} (global samples {base_offset + s * B}.."
                         f"{base_offset + (s + 1) * B - 1})"
@@ -534,8 +525,7 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
                 loss_total += value
                 if dd.main:
                     tb.scalar("train/loss_step", value, epoch * steps + s)
-            if bar is not None:
-                bar.set_postfix(loss=f"{values[-1]:.5f}")
+            bar.set_postfix(loss=f"{values[-1]:.5f}")
             pending.clear()
 
         for s in range(steps):
@@ -560,10 +550,8 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
             opt.step()
             if len(pending) == cfg.log_every or s == steps - 1:
                 read_losses()
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+        bar.close()
         train_loss = loss_total / steps
         lr_now = opt.param_groups[0]["lr"]
         sched.step()
