@@ -64,7 +64,9 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t strea
   hipLaunchKernelGGL(kernel, grid, block, 0, stream, Params(std::forward<Args>(args))...);
   check(hipStreamSynchronize(stream), "HIP-CPU stream");
 #else
-  kernel<<<grid, block, 0, stream> > >(Params(std::forward<Args>(args))...);
+  // clang-format off: in a .h file clang-format takes CUDA's <<< >>> for C++ and would split it
+  kernel<<<grid, block, 0, stream>>>(Params(std::forward<Args>(args))...);
+  // clang-format on
 #endif
 }
 
