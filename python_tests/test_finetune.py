@@ -464,3 +464,77 @@ def test_bad_options(seg_data, tmp_path, capsys):
 
 def test_checkpoint_error_is_a_value_error():
     assert issubclass(CheckpointError, ValueError) and issubclass(FinetuneError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What --weights loads, checked on the weights themselves (not the log): one epoch of one Adam step (lr 1e-3) moves
+# each weight by about 1e-3, far less than a checkpoint's weights differ from a fresh initialisation (measured: at
+# least 0.015 per conv tensor), so a loaded tensor ends within a quarter of that distance and a fresh one does not.
+
+
+def _conv_weights(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k.endswith("weight") and v.dim() > 1}
+
+
+def _distance(run: Path, ckpt: Path) -> dict:
+    """max |trained - checkpoint| per conv weight the two share (by name and shape)."""
+    trained = _conv_weights(torch.load(run / "last.pt", weights_only=True)["state_dict"])
+    source = _conv_weights(torch.load(ckpt, weights_only=True)["state_dict"])
+    return {
+        k: float((trained[k] - v).abs().max())
+        for k, v in source.items()
+        if k in trained and v.shape == trained[k].shape
+    }
+
+
+def _finetune(data, out, weights, **kw):
+    base = dict(
+        task="segmentation",
+        data=str(data),
+        out=str(out),
+        weights=None if weights is None else str(weights),
+        patch=(16, 16, 16),
+        epochs=1,
+        batch_size=2,
+        patches_per_volume=2,
+        val_patches_per_volume=2,
+        val_fraction=0.5,
+        progress=False,
+    )
+    run_finetune(FinetuneConfig(**(base | kw)), log=lambda *_: None)
+    return Path(out)
+
+
+def test_weights_modes_load_what_they_say(seg_data, cls_data, tmp_path):
+    torch.manual_seed(123)  # not the fine-tuning run's seed: its fresh weights differ from the checkpoint's
+    unet = tmp_path / "unet.pt"
+    save_checkpoint(UNet3D(), unet)
+    two = tmp_path / "two_class.pt"
+    save_checkpoint(UNet3D(n_class=2), two)
+
+    scratch = _distance(_finetune(seg_data, tmp_path / "scratch", None), unet)  # nothing loaded: the yardstick
+
+    def loaded(distances):
+        return sorted(k for k, d in distances.items() if d < 0.25 * scratch[k])
+
+    whole = _distance(_finetune(seg_data, tmp_path / "whole", unet), unet)
+    assert len(whole) == 18 and loaded(whole) == sorted(whole)  # every conv, the output layer included
+    but_output = _distance(_finetune(seg_data, tmp_path / "but_output", two), two)
+    assert loaded(but_output) == sorted(k for k in whole if k != "out_tr.final_conv.weight")
+    encoder = _distance(_finetune(cls_data, tmp_path / "encoder", unet, task="classification"), unet)
+    assert loaded(encoder) == sorted(k for k in whole if k.startswith("down_tr"))
+
+
+def test_each_class_of_a_label_map_gets_its_own_mask(tmp_path):
+    """n_class 2: channel k is label == k + 1, so the two masks of a real two-class label differ."""
+    from genesis_ext.data import Window
+    from genesis_ext.train.finetune import load_seg_case
+
+    f = VOLUMES[0]
+    img = nib.load(str(f))
+    hu = np.asarray(img.dataobj)
+    label = np.where(hu < -400, 1, np.where(hu > 300, 2, 0)).astype(np.uint8)
+    nib.save(nib.Nifti1Image(label, img.affine), str(tmp_path / "label.nii.gz"))
+    case = load_seg_case(f, tmp_path / "label.nii.gz", 2, Window(-1000.0, 1000.0))
+    assert case.label.shape[0] == 2 and case.label[0].any() and case.label[1].any()
+    assert np.array_equal(case.label[0], label == 1) and np.array_equal(case.label[1], label == 2)
