@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from genesis_ext import DeformConfig, sample_params
-from genesis_ext.models import UNet3D, load_pretrained
+from genesis_ext.models import load_pretrained
 from genesis_ext.train.pretraining import (
     BRANCHES,
     PretrainConfig,
@@ -89,8 +89,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     ckpt = a.run / "checkpoints" / f"{a.checkpoint}.pt" if a.checkpoint in ("best", "last") else Path(a.checkpoint)
     cubes, deform = held_out_cubes(a.run, a.data)
-    model = UNet3D()
-    load_pretrained(model, ckpt)
+    model = load_pretrained(None, ckpt)  # a UNet3D of the run's width, read off the checkpoint
     epoch = torch.load(ckpt, map_location="cpu", weights_only=True).get("epoch")
     r = evaluate(model, cubes, deform, a.repeats, a.seed)
     print(f"{ckpt} (epoch {epoch}): {len(r['model'])} pairs ({len(cubes)} held-out cubes x {a.repeats} deformations)")

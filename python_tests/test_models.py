@@ -542,3 +542,36 @@ def test_pickled_objects_are_refused_without_running_them(tmp_path, trained_like
     if obj == "payload":  # the payload is real: plain unpickling runs it
         pickle.loads(pickle.dumps(Payload(marker)))
         assert marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# width: a network small enough to study on a CPU; only the default is the published one
+
+
+def test_width_scales_every_level_and_keeps_the_published_keys():
+    small = UNet3D(width=0.25)
+    assert small.channels == (16, 32, 64, 128) and UNet3D().channels == (64, 128, 256, 512)
+    assert list(small.state_dict()) == list(UNet3D().state_dict())  # the same keys, other shapes
+    ratio = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in UNet3D().parameters())
+    assert 0.055 < ratio < 0.07  # about width**2
+    x = torch.rand(2, 1, 16, 16, 16)
+    assert small(x).shape == (2, 1, 16, 16, 16) and small.encode(x).shape == (2, 128, 2, 2, 2)
+    assert torch.equal(torch.jit.script(small)(x), small(x))
+    head = GenesisClassifier(3, width=0.25)
+    assert head.dense_1.in_features == 128 and head.dense_1.out_features == 256 and head(x).shape == (2, 3)
+    assert "width=0.25" in repr(small) and "width" not in repr(UNet3D())
+    for bad in (0, -1, float("nan"), "1", True, 100):
+        with pytest.raises(ValueError, match="width must be a number in"):
+            UNet3D(width=bad)
+
+
+def test_only_the_default_width_loads_the_published_weights(tmp_path):
+    published = tmp_path / "Genesis_Chest_CT.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in UNet3D().state_dict().items()}}, published)
+    with pytest.raises(CheckpointError, match=r"width 0.5 has other shapes than the published one \(width 1\)"):
+        load_pretrained(UNet3D(width=0.5), published)
+    load_pretrained(UNet3D(), published)
+    small = tmp_path / "small.pt"
+    save_checkpoint(UNet3D(width=0.25, n_class=2), small)
+    rebuilt = load_pretrained(None, small)  # the width is read off the checkpoint
+    assert rebuilt.width == 0.25 and rebuilt.n_class == 2

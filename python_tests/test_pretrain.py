@@ -391,3 +391,12 @@ def test_compile_really_compiles(cubes, tmp_path):
     assert counters["stats"]["unique_graphs"] == 0
     pretrain(_cfg(cubes, tmp_path / "compiled", compile=True))
     assert counters["stats"]["unique_graphs"] > 0
+
+
+def test_a_narrow_network_pretrains_and_its_checkpoint_says_its_width(cubes, tmp_path):
+    run = pretrain(_cfg(cubes, tmp_path / "run", width=0.25))
+    model = load_pretrained(None, run.last_checkpoint)
+    assert model.width == 0.25 and model.channels == (16, 32, 64, 128)
+    rc, out, err = _run_cli(["--data", cubes, "--out", tmp_path / "cli", *TINY, "--epochs", "1", "--width", "0.25"])
+    assert rc == 0, err
+    assert load_pretrained(None, tmp_path / "cli" / "checkpoints" / "last.pt").width == 0.25

@@ -16,19 +16,22 @@ class GenesisClassifier(GenesisEncoder):
 
     ``forward`` returns logits ``(N, n_class)`` (pair with ``BCEWithLogitsLoss`` or ``CrossEntropyLoss``). Spatial
     sizes must be at least 8 per axis. ``batchnorm`` as in ``UNet3D`` (``"batch_stats"`` by default, as the
-    published weights were trained).
+    published weights were trained); ``width`` scales the encoder and the head's 1024 units alike.
     """
 
-    def __init__(self, n_class: int, in_channels: int = 1, batchnorm: str = "batch_stats"):
-        super().__init__(in_channels, batchnorm)
+    def __init__(self, n_class: int, in_channels: int = 1, batchnorm: str = "batch_stats", width: float = 1.0):
+        super().__init__(in_channels, batchnorm, width)
         _check_channels("GenesisClassifier", "n_class", n_class)
         self.n_class = n_class
-        self.dense_1 = nn.Linear(512, 1024)
-        self.dense_2 = nn.Linear(1024, n_class)
+        hidden = max(2, round(1024 * self.width))  # the head scales with the encoder
+        self.dense_1 = nn.Linear(self.channels[3], hidden)
+        self.dense_2 = nn.Linear(hidden, n_class)
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = self.encode(x).mean(dim=(2, 3, 4))
         return self.dense_2(nn.functional.relu(self.dense_1(pooled)))
 
     def extra_repr(self) -> str:
-        return f"n_class={self.n_class}, in_channels={self.in_channels}, batchnorm={self.batchnorm!r}"
+        return (
+            f"n_class={self.n_class}, in_channels={self.in_channels}, batchnorm={self.batchnorm!r}" + self._width_repr()
+        )

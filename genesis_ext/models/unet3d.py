@@ -67,6 +67,14 @@ def _check_channels(owner: str, name: str, value: int) -> None:
         raise ValueError(f"genesis_ext.{owner}: {name} must be a positive int, got {value!r}")
 
 
+def _level_channels(owner: str, width) -> Tuple[int, int, int, int]:
+    """The channels of the four levels, (64, 128, 256, 512) x ``width``, each even and at least 2."""
+    ok = isinstance(width, (int, float)) and not isinstance(width, bool) and 0 < width <= 64
+    if not ok or width != width:
+        raise ValueError(f"genesis_ext.{owner}: width must be a number in (0, 64], got {width!r}")
+    return tuple(max(2, 2 * round(c * width / 2)) for c in (64, 128, 256, 512))
+
+
 class LUConv(nn.Module):
     """Conv3d(k=3, padding=1, bias) → BatchNorm3d → ReLU; children ``conv1`` and ``bn1`` as published."""
 
@@ -149,22 +157,27 @@ def _check_input(owner: str, x: Tensor, in_channels: int, divisible: bool) -> No
 class GenesisEncoder(nn.Module):
     """The contracting half of the Models Genesis U-Net: ``down_tr64`` … ``down_tr512``, published key names.
 
-    ``forward(x)`` returns the 512-channel bottleneck (spatial size / 8, floored). Any spatial size of at least 8
-    works here; ``UNet3D`` additionally needs sizes divisible by 8.
+    ``forward(x)`` returns the bottleneck (512 channels at the default width; spatial size / 8, floored). Any spatial
+    size of at least 8 works here; ``UNet3D`` additionally needs sizes divisible by 8. ``width`` multiplies every
+    level's channels (0.25: 16, 32, 64, 128): a network small enough to study on a CPU. The key names stay the
+    published ones (``down_tr64`` …); only the default width, 1, fits the published weights.
     """
 
-    def __init__(self, in_channels: int = 1, batchnorm: str = "batch_stats"):
+    def __init__(self, in_channels: int = 1, batchnorm: str = "batch_stats", width: float = 1.0):
         super().__init__()
         owner = type(self).__name__
         _check_channels(owner, "in_channels", in_channels)
         _check_batchnorm(owner, batchnorm)
+        c = _level_channels(owner, width)
         self.in_channels = in_channels
         self.batchnorm = batchnorm
+        self.width = float(width)
+        self.channels = c
         self._owner = owner  # error messages name the class the user built
-        self.down_tr64 = DownTransition(in_channels, 64, batchnorm)
-        self.down_tr128 = DownTransition(64, 128, batchnorm)
-        self.down_tr256 = DownTransition(128, 256, batchnorm)
-        self.down_tr512 = DownTransition(256, 512, batchnorm)
+        self.down_tr64 = DownTransition(in_channels, c[0], batchnorm)
+        self.down_tr128 = DownTransition(c[0], c[1], batchnorm)
+        self.down_tr256 = DownTransition(c[1], c[2], batchnorm)
+        self.down_tr512 = DownTransition(c[2], c[3], batchnorm)
 
     def _encode_with_skips(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """(skip64, skip128, skip256, bottleneck512): each level's output before its pooling."""
@@ -175,15 +188,18 @@ class GenesisEncoder(nn.Module):
 
     @torch.jit.export
     def encode(self, x: Tensor) -> Tensor:
-        """The 512-channel bottleneck ``(N, 512, X/8, Y/8, Z/8)``."""
+        """The bottleneck ``(N, channels[3], X/8, Y/8, Z/8)`` (512 channels at the default width)."""
         _check_input(self._owner, x, self.in_channels, False)
         return self._encode_with_skips(x)[3]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.encode(x)
 
+    def _width_repr(self) -> str:
+        return "" if self.width == 1.0 else f", width={self.width:g}"
+
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, batchnorm={self.batchnorm!r}"
+        return f"in_channels={self.in_channels}, batchnorm={self.batchnorm!r}" + self._width_repr()
 
 
 class UNet3D(GenesisEncoder):
@@ -193,17 +209,19 @@ class UNet3D(GenesisEncoder):
     ``batchnorm="batch_stats"`` (default) is the published behaviour, which the published weights need: batch
     statistics in training and eval mode (see ``BatchStatsBatchNorm3d``). ``"standard"`` is torch's BatchNorm3d (running
     statistics in eval mode). Both have the same state-dict keys. Spatial sizes must be divisible by 8.
-    ``encode(x)`` returns the 512-channel bottleneck.
+    ``encode(x)`` returns the bottleneck. ``width`` scales every level's channels (``GenesisEncoder``); only the
+    default, 1, is the published network.
     """
 
-    def __init__(self, in_channels: int = 1, n_class: int = 1, batchnorm: str = "batch_stats"):
-        super().__init__(in_channels, batchnorm)
+    def __init__(self, in_channels: int = 1, n_class: int = 1, batchnorm: str = "batch_stats", width: float = 1.0):
+        super().__init__(in_channels, batchnorm, width)
         _check_channels("UNet3D", "n_class", n_class)
         self.n_class = n_class
-        self.up_tr256 = UpTransition(512, 256, 256, batchnorm)
-        self.up_tr128 = UpTransition(256, 128, 128, batchnorm)
-        self.up_tr64 = UpTransition(128, 64, 64, batchnorm)
-        self.out_tr = OutputTransition(64, n_class)
+        c = self.channels
+        self.up_tr256 = UpTransition(c[3], c[2], c[2], batchnorm)
+        self.up_tr128 = UpTransition(c[2], c[1], c[1], batchnorm)
+        self.up_tr64 = UpTransition(c[1], c[0], c[0], batchnorm)
+        self.out_tr = OutputTransition(c[0], n_class)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(self._owner, x, self.in_channels, True)
@@ -214,4 +232,6 @@ class UNet3D(GenesisEncoder):
         return torch.sigmoid(self.out_tr(out))
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, n_class={self.n_class}, batchnorm={self.batchnorm!r}"
+        return (
+            f"in_channels={self.in_channels}, n_class={self.n_class}, batchnorm={self.batchnorm!r}" + self._width_repr()
+        )

@@ -140,14 +140,16 @@ def _mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
 
 
 def _model_for(state: Mapping[str, torch.Tensor], encoder_only: bool) -> nn.Module:
-    """The model a checkpoint describes, its channel counts read off the first and last conv weights."""
+    """The model a checkpoint describes, its channel counts and width read off the first and last conv weights (the
+    first conv has 32 output channels at width 1)."""
     first = state.get("down_tr64.ops.0.conv1.weight")
     in_channels = int(first.shape[1]) if first is not None and first.dim() == 5 else 1
+    width = int(first.shape[0]) / 32 if first is not None and first.dim() == 5 else 1.0
     if encoder_only:
-        return GenesisEncoder(in_channels)
+        return GenesisEncoder(in_channels, width=width)
     last = state.get("out_tr.final_conv.weight")
     n_class = int(last.shape[0]) if last is not None and last.dim() == 5 else 1
-    return UNet3D(in_channels, n_class)
+    return UNet3D(in_channels, n_class, width=width)
 
 
 def load_pretrained(
@@ -183,9 +185,11 @@ def load_pretrained(
     if problems:
         part = "encoder of " if encoder_only else ""
         config = f"({target.extra_repr()})" if target.extra_repr() else ""
+        width = getattr(target, "width", 1.0)
+        hint = f"; a network of width {width:g} has other shapes than the published one (width 1)" if width != 1 else ""
         raise CheckpointError(
             f"genesis_ext: checkpoint {path} does not fit the {part}{type(target).__name__}{config}; "
-            f"nothing was loaded: " + "; ".join(problems) + f" ({PUBLISHED_WEIGHTS})"
+            f"nothing was loaded: " + "; ".join(problems) + hint + f" ({PUBLISHED_WEIGHTS})"
         )
     target.load_state_dict(state, strict=not encoder_only)
     return model

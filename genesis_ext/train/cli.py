@@ -55,6 +55,13 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-step-epochs", type=positive_int, help="halve the lr every this many epochs")
     g.add_argument("--patience", type=positive_int, help="early stop after this many epochs without improvement")
     g.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per process and step (default 1)")
+    g.add_argument(
+        "--width",
+        type=float,
+        default=1.0,
+        help="U-Net channel multiplier (default 1: the published network, the only one the published weights fit; "
+        "e.g. 0.25 to study pre-training on a CPU)",
+    )
     g = p.add_argument_group("data and randomness")
     g.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the cubes (default 0.1)")
     g.add_argument("--val-data", nargs="+", metavar="PATH", help="separate validation data instead")
@@ -139,6 +146,7 @@ def run_pretrain(args) -> int:
         device=args.device,
         amp=args.amp,
         compile=args.compile,
+        width=args.width,
         threads=args.threads,
         max_minutes=args.max_minutes,
         preview_every=args.preview_every,

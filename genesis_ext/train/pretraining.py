@@ -112,6 +112,7 @@ class PretrainConfig:
     device: Optional[str] = None  # default: cuda if available, else cpu
     amp: str = "auto"  # "auto" (bf16 on CUDA), "bf16", "off"
     compile: bool = False
+    width: float = 1.0  # the U-Net's channel multiplier (1: the published network; e.g. 0.25 to study on a CPU)
     channels_last: Optional[bool] = None  # default: on CUDA
     accumulate: int = 1  # micro-batches per process and step
     workers: int = 0  # DataLoader workers
@@ -354,7 +355,7 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
 
     # ---- model, optimiser, schedule ----
     torch.manual_seed(cfg.seed)
-    model = UNet3D()
+    model = UNet3D(width=cfg.width)
     if cfg.init_weights is not None:
         load_pretrained(model, cfg.init_weights)
     model.to(device)
