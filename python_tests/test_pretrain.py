@@ -105,6 +105,7 @@ def test_run_writes_logs_checkpoints_previews_and_learns(uninterrupted):
         "checkpoints/best.pt",
         "preview.png",
         "previews/epoch_0003.png",
+        "curve.png",
         "config.json",
         "baselines.json",
     ):
@@ -395,6 +396,7 @@ def test_compile_really_compiles(cubes, tmp_path):
 
 def test_a_narrow_network_pretrains_and_its_checkpoint_says_its_width(cubes, tmp_path):
     run = pretrain(_cfg(cubes, tmp_path / "run", width=0.25))
+    assert (tmp_path / "run" / "curve.png").stat().st_size > 1000  # the loss curve with both baselines
     model = load_pretrained(None, run.last_checkpoint)
     assert model.width == 0.25 and model.channels == (16, 32, 64, 128)
     rc, out, err = _run_cli(["--data", cubes, "--out", tmp_path / "cli", *TINY, "--epochs", "1", "--width", "0.25"])

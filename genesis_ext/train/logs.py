@@ -124,3 +124,66 @@ def save_png(image: np.ndarray, path: Path) -> bool:
         return False
     atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
     return True
+
+
+_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
+
+
+def curve_image(series: dict, lines: dict, title: str, xlabel: str = "step", ylabel: str = "MSE") -> np.ndarray | None:
+    """An RGB uint8 line plot: ``series`` name -> [(x, y), ...] as solid lines, ``lines`` name -> y as dashed
+    horizontal lines (the baselines), a legend and labelled axes. None without Pillow."""
+    try:
+        from PIL import Image, ImageDraw, ImageFont
+    except ImportError:
+        return None
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    w, h, left, right, top, bottom = 760, 440, 70, 20, 34, 46
+    points = [(x, y) for pts in series.values() for x, y in pts if y is not None and np.isfinite(y)]
+    ys = [y for _, y in points] + [y for y in lines.values() if y is not None and np.isfinite(y)]
+    x_hi = max([x for x, _ in points], default=1) or 1
+    y_lo, y_hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    pad = (y_hi - y_lo) * 0.05 or max(abs(y_hi), 1e-6) * 0.05
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+
+    def at(x, y):
+        return left + (w - left - right) * x / x_hi, top + (h - top - bottom) * (y_hi - y) / (y_hi - y_lo)
+
+    image = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
+    for k in range(6):
+        y = y_lo + (y_hi - y_lo) * k / 5
+        _, py = at(0, y)
+        draw.line([left - 4, py, left, py], fill=(0, 0, 0))
+        draw.text((4, py - 7), f"{y:.3g}", fill=(0, 0, 0), font=font)
+        x = x_hi * k / 5
+        px, _ = at(x, y_lo)
+        draw.line([px, h - bottom, px, h - bottom + 4], fill=(0, 0, 0))
+        draw.text((px - 12, h - bottom + 6), f"{x:.0f}", fill=(0, 0, 0), font=font)
+    draw.text((w // 2 - 30, h - 18), xlabel, fill=(0, 0, 0), font=font)
+    draw.text((left, 8), f"{title}    ({ylabel})", fill=(0, 0, 0), font=font)
+    legend = []
+    for k, (name, pts) in enumerate(series.items()):
+        colour = _COLOURS[k % len(_COLOURS)]
+        xy = [at(x, y) for x, y in pts if y is not None and np.isfinite(y)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        elif xy:
+            draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=colour)
+        legend.append((name, colour, False))
+    for k, (name, y) in enumerate(lines.items()):
+        colour = (120, 120, 120) if k == 0 else (230, 140, 0)
+        if y is not None and np.isfinite(y):
+            (x0, py), (x1, _) = at(0, y), at(x_hi, y)
+            for s in np.arange(x0, x1, 12):
+                draw.line([s, py, min(s + 6, x1), py], fill=colour, width=2)
+        legend.append((name, colour, True))
+    for k, (name, colour, dashed) in enumerate(legend):
+        y = top + 8 + 17 * k
+        x = w - right - 230
+        draw.line([x, y + 7, x + 24, y + 7], fill=colour, width=2 if not dashed else 1)
+        draw.text((x + 30, y), name, fill=(0, 0, 0), font=font)
+    return np.asarray(image)

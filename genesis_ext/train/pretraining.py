@@ -24,7 +24,8 @@ The command line is ``genesis-ext pretrain --data CUBES_OR_VOLUMES --out DIR``. 
   written atomically. ``resume`` continues after the last completed epoch; on the CPU with the same thread count it
   reproduces the uninterrupted run's losses exactly.
 * Logs: ``metrics.csv`` (one row per epoch), TensorBoard under ``tensorboard/``, previews
-  ``previews/epoch_XXXX.png`` (mid-Z slices: deformed input | target | restoration) and ``preview.png`` (latest).
+  ``previews/epoch_XXXX.png`` (mid-Z slices: deformed input | target | restoration) and ``preview.png`` (latest),
+  ``curve.png`` (training and validation loss against the steps, with both baselines).
 * The training loss is read on the host every ``log_every`` steps and at each epoch end (one GPU sync per read, not
   per step): per-step TensorBoard scalars, the progress bar and the non-finite check. A non-finite loss stops the
   run with :class:`NonFiniteLossError` at that read, before the next checkpoint: the checkpoints on disk (the
@@ -53,7 +54,7 @@ from ..models.weights import atomic_save
 from ..ops import genesis_pair, sample_params
 from . import distributed
 from .checkpoint import FORMAT, load_training_state
-from .logs import CsvLog, TensorBoard, preview_image, save_png
+from .logs import CsvLog, TensorBoard, curve_image, preview_image, read_csv, save_png
 
 # Presets: the published settings, and the default (Adam: the published SGD at lr 1.0 is reported to collapse to a
 # constant output; see README "Pre-training" for the measured curves).
@@ -80,6 +81,16 @@ BRANCHES = ("none", "inpaint", "outpaint")
 
 def _branches(params: dict) -> np.ndarray:
     return np.where(~params["paint"], "none", np.where(params["inpaint"], "inpaint", "outpaint"))
+
+
+def _save_curve(out: Path, base: dict) -> None:
+    """``curve.png``: training and validation loss of every epoch so far (metrics.csv, so a resumed run draws its
+    whole history) against the steps, with the identity and constant-mean baselines."""
+    rows = read_csv(out / "metrics.csv")
+    series = {key: [(r["step"], r[key]) for r in rows] for key in ("train_loss", "val_loss")}
+    image = curve_image(series, {"identity": base["identity"], "constant mean": base["mean"]}, "pre-training")
+    if image is not None:
+        save_png(image, out / "curve.png")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -595,6 +606,7 @@ def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
                 if value is not None:
                     tb.scalar(f"val/{name[4:]}", value, epoch * steps)
             tb.scalar("lr", lr_now, epoch * steps)
+            _save_curve(out, base)
             if first:
                 img = preview_image(*first)
                 save_png(img, out / "previews" / f"epoch_{epoch:04d}.png")
