@@ -131,7 +131,9 @@ _COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255,
 
 def curve_image(series: dict, lines: dict, title: str, xlabel: str = "step", ylabel: str = "MSE") -> np.ndarray | None:
     """An RGB uint8 line plot: ``series`` name -> [(x, y), ...] as solid lines, ``lines`` name -> y as dashed
-    horizontal lines (the baselines), a legend and labelled axes. None without Pillow."""
+    horizontal lines (the baselines), a legend and labelled axes. A line far above the curves (over twice their
+    highest value, like the identity baseline) is left off the axes and its value given in the legend, so it does
+    not flatten them. None without Pillow."""
     try:
         from PIL import Image, ImageDraw, ImageFont
     except ImportError:
@@ -142,7 +144,9 @@ def curve_image(series: dict, lines: dict, title: str, xlabel: str = "step", yla
         font = ImageFont.load_default()
     w, h, left, right, top, bottom = 760, 440, 70, 20, 34, 46
     points = [(x, y) for pts in series.values() for x, y in pts if y is not None and np.isfinite(y)]
-    ys = [y for _, y in points] + [y for y in lines.values() if y is not None and np.isfinite(y)]
+    top_of_curves = max((y for _, y in points), default=np.inf)
+    shown = {n: y for n, y in lines.items() if y is not None and np.isfinite(y) and y <= 2 * top_of_curves}
+    ys = [y for _, y in points] + list(shown.values())
     x_hi = max([x for x, _ in points], default=1) or 1
     y_lo, y_hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
     pad = (y_hi - y_lo) * 0.05 or max(abs(y_hi), 1e-6) * 0.05
@@ -176,11 +180,13 @@ def curve_image(series: dict, lines: dict, title: str, xlabel: str = "step", yla
         legend.append((name, colour, False))
     for k, (name, y) in enumerate(lines.items()):
         colour = (120, 120, 120) if k == 0 else (230, 140, 0)
-        if y is not None and np.isfinite(y):
+        if name in shown:
             (x0, py), (x1, _) = at(0, y), at(x_hi, y)
             for s in np.arange(x0, x1, 12):
                 draw.line([s, py, min(s + 6, x1), py], fill=colour, width=2)
-        legend.append((name, colour, True))
+            legend.append((f"{name} {y:.3g}", colour, True))
+        else:
+            legend.append((f"{name} {y:.3g} (above the chart)", colour, True))
     for k, (name, colour, dashed) in enumerate(legend):
         y = top + 8 + 17 * k
         x = w - right - 230
