@@ -209,6 +209,9 @@ GENESIS_HD Plan plan_for(Op op, const SampleParams& p) {
   }
 }
 
+// Whether a call of op with cfg can blur any sample: the CPU loop then keeps a line buffer, CUDA launches the blur.
+inline bool may_blur(Op op, const DeformConfig& cfg) { return op == BLUR_OP || (op == PAIR && cfg.blur_rate > 0); }
+
 // A half-open range [begin, end) along the last spatial axis.
 struct Span {
   int32_t begin, end;

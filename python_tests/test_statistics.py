@@ -293,28 +293,24 @@ def test_gaussian_noise_values_are_standard_normal():
     assert abs(np.corrcoef(z[0].reshape(-1), z[1].reshape(-1))[0, 1]) <= 4 / np.sqrt(n / n_samples)
 
 
-def test_gaussian_noise_gate_and_std_distribution():
-    config = DeformConfig(gaussian_noise_rate=0.3, noise_std_min=0.05, noise_std_max=0.25)
+@pytest.mark.parametrize(
+    "gate, rate, value, low, high",
+    [("gaussian", "gaussian_noise_rate", "noise_std", 0.05, 0.25), ("blur", "blur_rate", "blur_sigma", 0.5, 2.5)],
+)
+def test_gate_and_parameter_distribution_of_noise_and_blur(gate, rate, value, low, high):
+    """Gate frequency 0.3 and the parameter uniform in [low, high] (each quarter of the range holds a quarter of the
+    samples); off in the published recipe."""
+    config = DeformConfig(**{rate: 0.3, f"{value}_min": low, f"{value}_max": high})
     p = genesis_ext.sample_params(N_PARAMS, CUBE, seed=5, config=config, with_blocks=False)
-    within_4_sigma(int(p["gaussian"].sum()), N_PARAMS, 0.3, "gaussian noise gate")
-    std = p["noise_std"].astype(np.float64)
-    assert std.min() >= 0.05 and std.max() <= 0.25
-    for k in range(4):  # uniform in [0.05, 0.25]: each quarter of the range holds a quarter of the samples
-        within_4_sigma(int(((std >= 0.05 + 0.05 * k) & (std < 0.1 + 0.05 * k)).sum()), N_PARAMS, 0.25, f"std bin {k}")
+    within_4_sigma(int(p[gate].sum()), N_PARAMS, 0.3, f"{gate} gate")
+    v = p[value].astype(np.float64)
+    assert v.min() >= low and v.max() <= high
+    quarter = (high - low) / 4
+    for k in range(4):
+        inside = (v >= low + quarter * k) & (v < low + quarter * (k + 1))
+        within_4_sigma(int(inside.sum()), N_PARAMS, 0.25, f"{value} bin {k}")
     off = genesis_ext.sample_params(2000, CUBE, seed=5, config=DeformConfig(), with_blocks=False)
-    assert not off["gaussian"].any()  # the published recipe has none
-
-
-def test_gaussian_blur_gate_and_sigma_distribution():
-    config = DeformConfig(blur_rate=0.3, blur_sigma_min=0.5, blur_sigma_max=2.5)
-    p = genesis_ext.sample_params(N_PARAMS, CUBE, seed=6, config=config, with_blocks=False)
-    within_4_sigma(int(p["blur"].sum()), N_PARAMS, 0.3, "blur gate")
-    sigma = p["blur_sigma"].astype(np.float64)
-    assert sigma.min() >= 0.5 and sigma.max() <= 2.5
-    for k in range(4):  # uniform in [0.5, 2.5]: each quarter of the range holds a quarter of the samples
-        within_4_sigma(int(((sigma >= 0.5 + 0.5 * k) & (sigma < 1.0 + 0.5 * k)).sum()), N_PARAMS, 0.25, f"bin {k}")
-    off = genesis_ext.sample_params(2000, CUBE, seed=6, config=DeformConfig(), with_blocks=False)
-    assert not off["blur"].any()  # the published recipe has none
+    assert not off[gate].any()  # the published recipe has none
 
 
 def test_gaussian_blur_keeps_the_mean_and_lowers_the_variance_of_real_ct(ct_cubes):

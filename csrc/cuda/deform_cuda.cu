@@ -55,7 +55,6 @@ bool may_remap(Op op, const DeformConfig& cfg) { return op == BEZIER_OP || (op =
 bool may_add_gaussian(Op op, const DeformConfig& cfg) {
   return op == GAUSSIAN_OP || (op == PAIR && cfg.gaussian_noise_rate > 0);
 }
-bool may_blur(Op op, const DeformConfig& cfg) { return op == BLUR_OP || (op == PAIR && cfg.blur_rate > 0); }
 
 int32_t max_block_volume(const Shape& sh, const DeformConfig& cfg) {
   int32_t v = 1;

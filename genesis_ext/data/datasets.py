@@ -121,7 +121,6 @@ class VolumeCubeDataset(_Transformed):
         self.window, self.margins, self.spacing = window, margins, spacing
         self.cache_size = max(1, int(cache_size))
         self._set_transform(transform)
-        self.epoch = 0
         self._cache = OrderedDict()
         self._warned = set()
 
