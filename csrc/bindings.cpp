@@ -44,8 +44,11 @@ py::dict sample_params(int64_t batch, const std::vector<int64_t>& spatial, uint6
   const DeformConfig cfg = make_config(config);
   const py::ssize_t n = batch, d = sh.ndim;
 #define GENESIS_ARRAY(type, name) py::array_t<type> name(n);
+#define GENESIS_GATE_ARRAY(gate, ...) GENESIS_ARRAY(bool, gate)
+#define GENESIS_DRAW_ARRAY(name, ...) GENESIS_ARRAY(float, name)
   GENESIS_SAMPLE_SCALARS(GENESIS_ARRAY)
-#undef GENESIS_ARRAY
+  GENESIS_GATED(GENESIS_GATE_ARRAY)
+  GENESIS_UNIFORM_DRAWS(GENESIS_DRAW_ARRAY)
   py::array_t<bool> flip({n, d});
   py::array_t<double> bez({n, py::ssize_t(4)});
   py::array_t<int32_t> n_holes(n), n_windows(n);
@@ -64,6 +67,10 @@ py::dict sample_params(int64_t batch, const std::vector<int64_t>& spatial, uint6
 #define GENESIS_PUT(type, name) name.mutable_at(i) = p.name;
     GENESIS_SAMPLE_SCALARS(GENESIS_PUT)
 #undef GENESIS_PUT
+#define GENESIS_PUT(name, ...) name.mutable_at(i) = p.name;
+    GENESIS_GATED(GENESIS_PUT)
+    GENESIS_UNIFORM_DRAWS(GENESIS_PUT)
+#undef GENESIS_PUT
     for (int a = 0; a < d; ++a) flip.mutable_at(i, a) = p.flip[a];
     for (int j = 0; j < 4; ++j) bez.mutable_at(i, j) = p.ctrl[j];
     n_holes.mutable_at(i) = p.n_holes, n_windows.mutable_at(i) = p.n_windows;
@@ -80,6 +87,13 @@ py::dict sample_params(int64_t batch, const std::vector<int64_t>& spatial, uint6
 #define GENESIS_OUT(type, name) out[#name] = name;
   GENESIS_SAMPLE_SCALARS(GENESIS_OUT)
 #undef GENESIS_OUT
+#define GENESIS_OUT(name, ...) out[#name] = name;
+  GENESIS_GATED(GENESIS_OUT)
+  GENESIS_UNIFORM_DRAWS(GENESIS_OUT)
+#undef GENESIS_OUT
+#undef GENESIS_ARRAY
+#undef GENESIS_GATE_ARRAY
+#undef GENESIS_DRAW_ARRAY
   out["flip"] = flip, out["bezier"] = bez;
   out["n_holes"] = n_holes, out["holes"] = holes, out["n_windows"] = n_windows, out["windows"] = windows;
   if (with_blocks) out["blocks"] = blocks;
@@ -145,7 +159,7 @@ PYBIND11_MODULE(GENESIS_MODULE, m) {
 #undef GENESIS_NAME
   m.attr("CONFIG_FIELDS") = py::tuple(py::cast(config_fields));  // (name, C++ type) in order
   py::dict ops;
-#define GENESIS_OP_ENTRY(code, name) ops[#name] = int(code);
+#define GENESIS_OP_ENTRY(gate, code, name, ...) ops[#name] = int(code);
   GENESIS_OPS(GENESIS_OP_ENTRY)
 #undef GENESIS_OP_ENTRY
   m.attr("OPS") = ops;

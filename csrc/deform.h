@@ -3,16 +3,14 @@
 #pragma once
 #include <cstdint>
 
-#include "blur.h"
-#include "config_fields.h"
-#include "gaussian.h"
+#include "deformations.h"
 #include "philox.h"
 
 namespace genesis {
 
 constexpr int kMaxParts = 8;  // capacity for holes, windows and flips (DeformConfig.MAX_PARTS)
 
-// Rates and size rules (genesis_ext.DeformConfig), with the fields of config_fields.h.
+// Rates and size rules (genesis_ext.DeformConfig), with the fields of deformations.h.
 struct DeformConfig {
 #define GENESIS_DECLARE(type, name) type name;
   GENESIS_CONFIG_FIELDS(GENESIS_DECLARE)
@@ -45,24 +43,24 @@ struct Box {
   GENESIS_HD int32_t volume() const { return size[0] * size[1] * size[2]; }
 };
 
-// The per-sample scalars, (type, name), that genesis_ext.sample_params reports by these names: the gates, the
-// Bézier branch, the Gaussian noise's standard deviation and the blur's sigma.
+// The per-sample scalars, (type, name), that genesis_ext.sample_params reports by these names besides the gates of
+// GENESIS_GATED and the draws of GENESIS_UNIFORM_DRAWS: the painting gate and its kind, the Bézier branch.
 #define GENESIS_SAMPLE_SCALARS(X) \
-  X(bool, nonlinear)              \
-  X(bool, local)                  \
   X(bool, paint)                  \
   X(bool, inpaint)                \
-  X(bool, gaussian)               \
-  X(bool, blur)                   \
-  X(bool, increasing)             \
-  X(float, noise_std)             \
-  X(float, blur_sigma)
+  X(bool, increasing)
 
 // Everything random about one sample except the shuffle blocks (drawn per block) and the noise (drawn per voxel).
 struct SampleParams {
 #define GENESIS_DECLARE(type, name) type name;
   GENESIS_SAMPLE_SCALARS(GENESIS_DECLARE)
 #undef GENESIS_DECLARE
+#define GENESIS_DECLARE_GATE(gate, code, op, rate, word, body) bool gate;
+  GENESIS_GATED(GENESIS_DECLARE_GATE)
+#undef GENESIS_DECLARE_GATE
+#define GENESIS_DECLARE_DRAW(name, lo, hi, purpose) float name;
+  GENESIS_UNIFORM_DRAWS(GENESIS_DECLARE_DRAW)
+#undef GENESIS_DECLARE_DRAW
   bool flip[3];    // net flip parity per spatial axis
   double ctrl[4];  // Bézier x1, y1, x2, y2
   int32_t n_holes, n_windows;
@@ -87,17 +85,15 @@ GENESIS_HD Box draw_painting_box(Stream& st, int k, const Shape& sh, const int32
 GENESIS_HD SampleParams derive_params(uint64_t seed, uint64_t sample, const DeformConfig& cfg, const Shape& sh) {
   SampleParams p{};
   Stream gates(seed, sample, GATES, 0);
-  p.nonlinear = gate(gates.word(0), cfg.nonlinear_rate);
-  p.local = gate(gates.word(1), cfg.local_rate);
+#define GENESIS_DRAW_GATE(gate_name, code, op, rate, w, body) p.gate_name = gate(gates.word(w), cfg.rate);
+  GENESIS_GATED(GENESIS_DRAW_GATE)
+#undef GENESIS_DRAW_GATE
   p.paint = gate(gates.word(2), cfg.paint_rate);
   p.inpaint = gate(gates.word(3), cfg.inpaint_rate);
-  p.gaussian = gate(gates.word(4), cfg.gaussian_noise_rate);
-  p.blur = gate(gates.word(5), cfg.blur_rate);
-  Stream std_draw(seed, sample, NOISE_STD, 0);
-  p.noise_std = float(cfg.noise_std_min + (cfg.noise_std_max - cfg.noise_std_min) * uniform_double(std_draw.word(0)));
-  Stream sigma_draw(seed, sample, BLUR_SIGMA, 0);
-  p.blur_sigma =
-      float(cfg.blur_sigma_min + (cfg.blur_sigma_max - cfg.blur_sigma_min) * uniform_double(sigma_draw.word(0)));
+#define GENESIS_DRAW_UNIFORM(name, lo, hi, purpose) \
+  p.name = float(cfg.lo + (cfg.hi - cfg.lo) * uniform_double(Stream(seed, sample, purpose, 0).word(0)));
+  GENESIS_UNIFORM_DRAWS(GENESIS_DRAW_UNIFORM)
+#undef GENESIS_DRAW_UNIFORM
   p.blur_radius = blur_radius(p.blur_sigma);  // radius and weights from the float sigma that sample_params reports
   blur_weights(p.blur_sigma, p.blur_radius, p.blur_weights);
 
@@ -169,48 +165,75 @@ GENESIS_HD void block_permutation(uint64_t seed, uint64_t sample, uint32_t block
   }
 }
 
-// The ops, as (code, Python name): the fused pair and one single op per deformation (exported as _C.OPS).
-#define GENESIS_OPS(X)           \
-  X(PAIR, genesis_pair)          \
-  X(BEZIER_OP, bezier_remap)     \
-  X(SHUFFLE_OP, local_shuffle)   \
-  X(INPAINT_OP, inpaint)         \
-  X(OUTPAINT_OP, outpaint)       \
-  X(FLIP_OP, flip)               \
-  X(GAUSSIAN_OP, gaussian_noise) \
-  X(BLUR_OP, gaussian_blur)
-#define GENESIS_OP_CODE(code, name) code,
+// The ops: the fused pair, one single op per gated deformation, flip and the two paintings (exported as _C.OPS), as
+// rows of GENESIS_GATED's shape whose second and third columns are the code and the Python name.
+#define GENESIS_OPS(X)               \
+  X(-, PAIR, genesis_pair, -, -, -)  \
+  GENESIS_GATED(X)                   \
+  X(-, FLIP_OP, flip, -, -, -)       \
+  X(-, INPAINT_OP, inpaint, -, -, -) \
+  X(-, OUTPAINT_OP, outpaint, -, -, -)
+#define GENESIS_OP_CODE(gate, code, ...) code,
 enum Op : int32_t { GENESIS_OPS(GENESIS_OP_CODE) };
 #undef GENESIS_OP_CODE
 enum Paint : int32_t { NO_PAINT = 0, IN_PAINT = 1, OUT_PAINT = 2 };
 
-// Which deformations a sample gets, in the pair's order: flip, local shuffle, Bézier map, Gaussian blur, Gaussian
-// noise, painting. The blur reads neighbours, so a blurred sample is written in two passes: everything up to the
-// blur, the blur, then noise and painting (Plan::early_paint).
+// The body of a gated deformation the kernels apply in their own passes (deformations.h): no per-voxel stage.
+struct KernelPass {
+  static constexpr bool kPerVoxel = false;
+  template <typename Params>
+  GENESIS_HD static void row(float*, const Params&, uint64_t, uint64_t, int64_t, int64_t) {}
+};
+
+// Which deformations a sample gets, in the pair's order: flip, the gated deformations (GENESIS_GATED), painting.
+// The blur reads neighbours, so a blurred sample is written in two passes: everything up to the blur, the blur, then
+// the per-voxel stages and painting (Plan::early_paint).
 struct Plan {
-  bool flip, local, nonlinear, blur, gaussian;
+  bool flip;
+#define GENESIS_PLAN_FLAG(gate, code, op, rate, word, body) bool gate;
+  GENESIS_GATED(GENESIS_PLAN_FLAG)
+#undef GENESIS_PLAN_FLAG
   Paint paint;
   GENESIS_HD Paint early_paint() const { return blur ? NO_PAINT : paint; }
+  // Whether a per-voxel deformation (body PerVoxel) applies: the kernels' late stage.
+  GENESIS_HD bool per_voxel() const {
+    bool any = false;
+#define GENESIS_ANY_PER_VOXEL(gate_name, code, op, rate, word, body) any = any || (body::kPerVoxel && gate_name);
+    GENESIS_GATED(GENESIS_ANY_PER_VOXEL)
+#undef GENESIS_ANY_PER_VOXEL
+    return any;
+  }
 };
 
 // The fused pair follows the sample's gates; a single op applies its deformation to every sample.
 GENESIS_HD Plan plan_for(Op op, const SampleParams& p) {
-  switch (op) {
-    case PAIR:
-      return Plan{true,   p.local,    p.nonlinear,
-                  p.blur, p.gaussian, p.paint ? (p.inpaint ? IN_PAINT : OUT_PAINT) : NO_PAINT};
-    case BEZIER_OP: return Plan{false, false, true, false, false, NO_PAINT};
-    case SHUFFLE_OP: return Plan{false, true, false, false, false, NO_PAINT};
-    case INPAINT_OP: return Plan{false, false, false, false, false, IN_PAINT};
-    case OUTPAINT_OP: return Plan{false, false, false, false, false, OUT_PAINT};
-    case GAUSSIAN_OP: return Plan{false, false, false, false, true, NO_PAINT};
-    case BLUR_OP: return Plan{false, false, false, true, false, NO_PAINT};
-    default: return Plan{true, false, false, false, false, NO_PAINT};
-  }
+  Plan plan{};
+  plan.flip = op == PAIR || op == FLIP_OP;
+#define GENESIS_PLAN_GATE(gate, code, op_name, rate, word, body) plan.gate = op == PAIR ? p.gate : op == code;
+  GENESIS_GATED(GENESIS_PLAN_GATE)
+#undef GENESIS_PLAN_GATE
+  plan.paint = op == PAIR ? (p.paint ? (p.inpaint ? IN_PAINT : OUT_PAINT) : NO_PAINT)
+                          : (op == INPAINT_OP    ? IN_PAINT
+                             : op == OUTPAINT_OP ? OUT_PAINT
+                                                 : NO_PAINT);
+  return plan;
 }
 
-// Whether a call of op with cfg can blur any sample: the CPU loop then keeps a line buffer, CUDA launches the blur.
-inline bool may_blur(Op op, const DeformConfig& cfg) { return op == BLUR_OP || (op == PAIR && cfg.blur_rate > 0); }
+// Whether a call of op with cfg can apply a gated deformation to any sample (may_local, may_blur, ...): the CPU loop
+// then keeps the buffers it needs, CUDA launches its kernels.
+#define GENESIS_MAY(gate, code, op_name, rate, word, body) \
+  inline bool may_##gate(Op op, const DeformConfig& cfg) { return op == code || (op == PAIR && cfg.rate > 0); }
+GENESIS_GATED(GENESIS_MAY)
+#undef GENESIS_MAY
+// Whether any per-voxel deformation can apply: the kernels' late stage.
+inline bool may_per_voxel(Op op, const DeformConfig& cfg) {
+  bool any = false;
+#define GENESIS_MAY_PER_VOXEL(gate, code, op_name, rate, word, body) \
+  any = any || (body::kPerVoxel && may_##gate(op, cfg));
+  GENESIS_GATED(GENESIS_MAY_PER_VOXEL)
+#undef GENESIS_MAY_PER_VOXEL
+  return any;
+}
 
 // A half-open range [begin, end) along the last spatial axis.
 struct Span {
@@ -262,6 +285,40 @@ GENESIS_HD U32x4 noise_block(uint64_t seed, uint64_t sample, int64_t e) {
 }
 GENESIS_HD float noise_value(uint64_t seed, uint64_t sample, int64_t e) {
   return uniform_float(noise_block(seed, sample, e).v[e & 3]);
+}
+
+// Uniform noise for elements [e0, e1) of a sample, dst[0 .. e1 - e0), four per Philox block.
+GENESIS_HD void fill_noise(float* dst, uint64_t seed, uint64_t sample, int64_t e0, int64_t e1) {
+  for (int64_t e = e0; e < e1;) {
+    const U32x4 r = noise_block(seed, sample, e);
+    for (int lane = int(e & 3); lane < 4 && e < e1; ++lane, ++e) *dst++ = uniform_float(r.v[lane]);
+  }
+}
+
+// The per-voxel deformations of the plan (GENESIS_GATED rows with kPerVoxel) on elements [e0, e1) of a sample, in
+// the table's order.
+GENESIS_HD void per_voxel_stages(const Plan& plan, const SampleParams& p, uint64_t seed, uint64_t sample, float* dst,
+                                 int64_t e0, int64_t e1) {
+#define GENESIS_PER_VOXEL(gate, code, op, rate, word, body) \
+  if (body::kPerVoxel && plan.gate) body::row(dst, p, seed, sample, e0, e1);
+  GENESIS_GATED(GENESIS_PER_VOXEL)
+#undef GENESIS_PER_VOXEL
+}
+
+// The last stage of the pair on one row of one channel, row[0 .. len), whose first element is e0 of the sample: the
+// per-voxel deformations on the voxels painting keeps, and, if paint, uniform noise on the painted spans. Shared by
+// the CPU loop and CUDA's finish_kernel.
+GENESIS_HD void finish_row(float* row, const Span* spans, int n_spans, int32_t len, bool paint, const Plan& plan,
+                           const SampleParams& p, uint64_t seed, uint64_t sample, int64_t e0) {
+  int32_t z = 0;
+  for (int k = 0; k <= n_spans; ++k) {  // the kept range before span k, then the span itself
+    const int32_t keep_end = k < n_spans ? spans[k].begin : len;
+    per_voxel_stages(plan, p, seed, sample, row + z, e0 + z, e0 + keep_end);
+    if (k < n_spans) {
+      if (paint) fill_noise(row + spans[k].begin, seed, sample, e0 + spans[k].begin, e0 + spans[k].end);
+      z = spans[k].end;
+    }
+  }
 }
 
 // Coordinate of the flipped sample's voxel x along an axis of length s.

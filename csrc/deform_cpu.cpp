@@ -61,38 +61,6 @@ void shuffle_sources(uint64_t seed, uint64_t sample, const DeformConfig& cfg, co
         if (s.src[v] < 0) s.src[v] = int32_t(flipped(x, y, z));
 }
 
-// Gaussian noise of standard deviation sigma added to dst[0 .. e1 - e0), the elements [e0, e1) of a sample.
-void add_gaussian_noise(float* dst, uint64_t seed, uint64_t sample, float sigma, int64_t e0, int64_t e1) {
-  float z[4];
-  for (int64_t e = e0; e < e1;) {  // four values per Philox block
-    gaussian_block(seed, sample, e >> 2, z);
-    for (int lane = int(e & 3); lane < 4 && e < e1; ++lane, ++e) *dst = add_gaussian(*dst, sigma, z[lane]), ++dst;
-  }
-}
-
-// Uniform noise for elements [e0, e1) of a sample, four per Philox block.
-void fill_noise(float* dst, uint64_t seed, uint64_t sample, int64_t e0, int64_t e1) {
-  for (int64_t e = e0; e < e1;) {
-    const U32x4 r = noise_block(seed, sample, e);
-    for (int lane = int(e & 3); lane < 4 && e < e1; ++lane, ++e) *dst++ = uniform_float(r.v[lane]);
-  }
-}
-
-// Gaussian noise on the kept ranges and painting noise on the spans of one row of one channel whose values are
-// written: the last stage of the pair. e0: the row's first element within the sample.
-void noise_and_paint_row(float* xout, const Span* spans, int n_spans, int32_t len, const Plan& plan,
-                         const SampleParams& p, uint64_t seed, uint64_t sample, int64_t e0) {
-  int32_t z = 0;
-  for (int k = 0; k <= n_spans; ++k) {  // the kept range before span k, then the span itself
-    const int32_t keep_end = k < n_spans ? spans[k].begin : len;
-    if (plan.gaussian) add_gaussian_noise(xout + z, seed, sample, p.noise_std, e0 + z, e0 + keep_end);
-    if (k < n_spans) {
-      fill_noise(xout + spans[k].begin, seed, sample, e0 + spans[k].begin, e0 + spans[k].end);
-      z = spans[k].end;
-    }
-  }
-}
-
 // out[t] = sum over k = -r .. r, in that order, of w[|k|] * in[k][t], for t < inner: blur_line's arithmetic for
 // `inner` lines at once (in[k]: the lines' values at offset k), vectorised over t.
 void blur_taps(float* out, const float* const* in, int64_t inner, const float* w, int r) {
@@ -156,8 +124,8 @@ void deform_sample(Op op, const float* in, float* out, float* target, int64_t ch
     }
   }
 
-  // Pass 1, row by row: flip, shuffle and Bézier map; without a blur also noise and painting (painted voxels are
-  // not mapped: the kept ranges between the spans are written first).
+  // Pass 1, row by row: flip, shuffle and Bézier map; without a blur also the per-voxel deformations and painting
+  // (painted voxels are not mapped: the kept ranges between the spans are written first).
   Span spans[kMaxParts + 1];
   for (int32_t x = 0; x < sh.s[0]; ++x)
     for (int32_t y = 0; y < sh.s[1]; ++y) {
@@ -187,18 +155,18 @@ void deform_sample(Op op, const float* in, float* out, float* target, int64_t ch
             for (; z < keep_end; ++z) xout[z] = values[z];
           if (k < n_spans) z = spans[k].end;
         }
-        if (!plan.blur) noise_and_paint_row(xout, spans, n_spans, len, plan, p, seed, sample, c * voxels + row);
+        if (!plan.blur) finish_row(xout, spans, n_spans, len, true, plan, p, seed, sample, c * voxels + row);
       }
     }
   if (!plan.blur) return;
-  // Pass 2: the blur, then noise and painting.
+  // Pass 2: the blur, then the per-voxel deformations and painting.
   blur_sample(out, channels, sh, p, s);
   for (int32_t x = 0; x < sh.s[0]; ++x)
     for (int32_t y = 0; y < sh.s[1]; ++y) {
       const int64_t row = (int64_t(x) * sh.s[1] + y) * len;
       const int n_spans = noise_spans(plan.paint, p, x, y, len, spans);
       for (int64_t c = 0; c < channels; ++c)
-        noise_and_paint_row(out + c * voxels + row, spans, n_spans, len, plan, p, seed, sample, c * voxels + row);
+        finish_row(out + c * voxels + row, spans, n_spans, len, true, plan, p, seed, sample, c * voxels + row);
     }
 }
 

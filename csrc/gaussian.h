@@ -87,4 +87,19 @@ GENESIS_HD float gaussian_value(uint64_t seed, uint64_t sample, int64_t e) {
 // A voxel value with Gaussian noise of standard deviation sigma added (float arithmetic, no contraction).
 GENESIS_HD float add_gaussian(float value, float sigma, float z) { return value + sigma * z; }
 
+// The Gaussian noise deformation (deformations.h GENESIS_GATED): N(0, noise_std^2) added to elements [e0, e1) of a
+// sample, dst[0 .. e1 - e0), four values per Philox block.
+struct GaussianNoise {
+  static constexpr bool kPerVoxel = true;
+  template <typename Params>
+  GENESIS_HD static void row(float* dst, const Params& p, uint64_t seed, uint64_t sample, int64_t e0, int64_t e1) {
+    float z[4];
+    for (int64_t e = e0; e < e1;) {
+      gaussian_block(seed, sample, e >> 2, z);
+      for (int lane = int(e & 3); lane < 4 && e < e1; ++lane, ++e)
+        *dst = add_gaussian(*dst, p.noise_std, z[lane]), ++dst;
+    }
+  }
+};
+
 }  // namespace genesis

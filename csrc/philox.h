@@ -42,11 +42,10 @@ enum Purpose : uint32_t {
   INPAINT = 5,
   OUTPAINT = 6,
   NOISE = 7,
-  NOISE_STD = 8,
   GAUSSIAN = 9,
   DEFORM_PROB = 10,  // drawn in Python (genesis_ext.transforms)
-  BLUR_SIGMA = 11
-};
+  USER = 12          // drawn in Python (genesis_ext.deformation)
+};  // 8 and 11: per-sample draws of deformations.h (GENESIS_UNIFORM_DRAWS)
 
 // Philox counter block number `call` of stream (seed, sample, purpose, major): words 4*call .. 4*call+3.
 GENESIS_HD U32x4 stream_block(uint64_t seed, uint64_t sample, uint32_t purpose, uint32_t major, uint32_t call) {

@@ -15,16 +15,14 @@ _EXPORTS = {
     "GenesisDeform": "transforms",
     "GenesisPair": "transforms",
     "PixelDeformation": "deformation",
-    "bezier_remap": "ops",
-    "flip": "ops",
-    "gaussian_blur": "ops",
-    "gaussian_noise": "ops",
     "genesis_pair": "ops",
-    "inpaint": "ops",
-    "local_shuffle": "ops",
-    "outpaint": "ops",
     "sample_params": "ops",
-}
+}  # and each single op of config.PAIR_STAGES, from ops (_exports)
+
+
+def _exports() -> dict:
+    """Public name -> module, with the single ops declared in config.PAIR_STAGES (loaded on first use: numpy)."""
+    return {**_EXPORTS, **dict.fromkeys(import_module(".config", __name__).SINGLE_OPS, "ops")}
 
 
 def _core():
@@ -46,8 +44,10 @@ def build_info() -> dict:
 def __getattr__(name):
     if name == "_C":
         value = _core()
-    elif name in _EXPORTS:
-        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name == "__all__":
+        value = sorted([*_exports(), "build_info"])
+    elif name in _exports():
+        value = getattr(import_module(f".{_exports()[name]}", __name__), name)
     else:  # a submodule: genesis_ext.ops, genesis_ext.reference, ...
         try:
             value = import_module(f".{name}", __name__)
@@ -60,7 +60,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS) | {"_C"})
-
-
-__all__ = sorted([*_EXPORTS, "build_info"])
+    return sorted(set(globals()) | set(_exports()) | {"_C"})

@@ -64,7 +64,7 @@ class DeformConfig:
     Every field is declared with its type and range and checked on construction (``ValueError`` naming the field):
     rates are finite numbers in [0, 1], counts and divisors integers in their ranges (bools are not numbers here),
     and each deformation's size rule must fit some axis of at most ``MAX_AXIS`` voxels, so no value can make a kernel
-    loop for long or overflow an index. The C++ core has the same fields in the same order (csrc/config_fields.h,
+    loop for long or overflow an index. The C++ core has the same fields in the same order (csrc/deformations.h,
     checked when genesis_ext is imported).
     """
 
@@ -201,34 +201,115 @@ class DeformConfig:
         if op in ("inpaint", "outpaint"):
             return (op,)
         if op in PAIR_STAGES:
-            return PAIR_STAGES[op][2]
+            return PAIR_STAGES[op].size_rules
         if op != "genesis_pair":
             raise ValueError(f"unknown op {op!r}")
         return tuple(
             rule
-            for rate, _, rules in PAIR_STAGES.values()
-            if getattr(self, rate) > 0
-            for rule in rules
+            for stage in PAIR_STAGES.values()
+            if getattr(self, stage.rate) > 0
+            for rule in stage.size_rules
             if rule not in ("inpaint", "outpaint") or getattr(self, f"{rule}_rate") > 0
         )
 
     def to_vector(self) -> list[float]:
-        """Fields in declaration order as floats: the form the C++ core takes (csrc/config_fields.h)."""
+        """Fields in declaration order as floats: the form the C++ core takes (csrc/deformations.h)."""
         return [float(getattr(self, f.name)) for f in dataclasses.fields(self)]
 
 
-# The pair's deformations in its order (csrc/deform.h Plan), each declared once: its name (the single op), the rate
-# that gates it, its gate's key in sample_params (flip: per-axis flips instead) and the size rules it needs.
-# "painting" is in- or out-painting: single ops inpaint and outpaint, whose size rules have their names and count
-# where their rate (inpaint_rate, outpaint_rate) is above 0.
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the training pair, declared once for the Python layer (with its fields in DeformConfig):
+
+    - ``rate``: the DeformConfig field that gates it in the pair;
+    - ``gate``: its gate's key in ``sample_params`` (flip: None, it draws per-axis flips instead);
+    - ``size_rules``: the size rules (``DeformConfig.min_axis_length``) it needs;
+    - ``ops``: its single ops, ``genesis_ext.<name>``, with their docstrings (painting: ``inpaint`` and
+      ``outpaint``, whose size rules have their names and count where their rate is above 0).
+
+    genesis_ext.ops makes the single ops from ``ops``, and checks them against the compiled core's op list
+    (csrc/deformations.h); the reference pair, the user deformations' positions and the tests follow PAIR_STAGES."""
+
+    rate: str
+    gate: str | None
+    size_rules: tuple[str, ...]
+    ops: dict[str, str]
+
+
+# The pair's stages in its order (csrc/deformations.h GENESIS_GATED between flip and painting).
 PAIR_STAGES = {
-    "flip": ("flip_rate", None, ()),
-    "local_shuffle": ("local_rate", "local", ("local",)),
-    "bezier_remap": ("nonlinear_rate", "nonlinear", ()),
-    "gaussian_blur": ("blur_rate", "blur", ()),
-    "gaussian_noise": ("gaussian_noise_rate", "gaussian", ()),
-    "painting": ("paint_rate", "paint", ("inpaint", "outpaint")),
+    "flip": Stage(
+        "flip_rate",
+        None,
+        (),
+        {
+            "flip": """The Models Genesis random flip: up to ``max_flips`` flips while ``U() < flip_rate``, each along
+    a random spatial axis (``flip_compat``: the published axis draw). Some samples are returned unflipped."""
+        },
+    ),
+    "local_shuffle": Stage(
+        "local_rate",
+        "local",
+        ("local",),
+        {
+            "local_shuffle": """Models Genesis local pixel shuffling, applied to every sample.
+
+    ``config.num_blocks`` random blocks (sizes ``randint(1, S // block_div)`` per axis) are each filled with a
+    uniformly random permutation of the original voxels inside them; where blocks overlap the later block wins (so
+    overlapping blocks can duplicate some input values and drop others, exactly as in the published code)."""
+        },
+    ),
+    "bezier_remap": Stage(
+        "nonlinear_rate",
+        "nonlinear",
+        (),
+        {
+            "bezier_remap": """Models Genesis non-linear intensity transform, applied to every sample.
+
+    Each sample gets its own random cubic Bézier map f (control points and increasing/decreasing branch from its
+    parameters, see ``sample_params``): ``out = f(x)``. Values outside [0, 1] are clamped to the ends, NaN stays NaN.
+    Within 1e-5 of the exact float64 map (solved cells where the table would not be accurate)."""
+        },
+    ),
+    "gaussian_blur": Stage(
+        "blur_rate",
+        "blur",
+        (),
+        {
+            "gaussian_blur": """Gaussian blur, applied to every sample: each channel convolved along each spatial axis
+    in turn with a normalised Gaussian of standard deviation sigma, uniform in [``blur_sigma_min``,
+    ``blur_sigma_max``] voxels per sample, truncated at radius ``ceil(3 sigma)`` (at most 15), the edge voxel repeated
+    beyond the borders. float32 sums in a fixed order with weights from our own float64 exp: bit-identical on every
+    device. A NaN or ±Inf voxel makes the voxels within the radius along each axis non-finite. The other pixel-level
+    deformation the Models Genesis paper names as an extension (off in the published recipe: ``blur_rate`` 0)."""
+        },
+    ),
+    "gaussian_noise": Stage(
+        "gaussian_noise_rate",
+        "gaussian",
+        (),
+        {
+            "gaussian_noise": """Gaussian noise, applied to every sample: ``out = x + std * z`` in float32, z standard
+    normal, independent per voxel and channel (Box–Muller on the sample's Philox stream, bit-identical on every
+    device), std uniform in [``noise_std_min``, ``noise_std_max``] per sample. Values are not clipped; NaN and ±Inf
+    stay as they are. One of the pixel-level deformations the Models Genesis paper names as extensions (off in the
+    published recipe: ``gaussian_noise_rate`` 0)."""
+        },
+    ),
+    "painting": Stage(
+        "paint_rate",
+        "paint",
+        ("inpaint", "outpaint"),
+        {
+            "inpaint": """Models Genesis in-painting, applied to every sample: up to ``max_holes`` inner boxes become
+    uniform noise in [0, 1) (independent per voxel and channel); the rest is unchanged.""",
+            "outpaint": """Models Genesis out-painting, applied to every sample: everything outside 1 to
+    ``max_windows`` inner windows becomes uniform noise in [0, 1) (independent per voxel and channel); the windows keep
+    their content.""",
+        },
+    ),
 }
+SINGLE_OPS = tuple(name for stage in PAIR_STAGES.values() for name in stage.ops)  # genesis_ext.<name>, pair order
 
 # The fields each size rule reads (named in the error when a rule can never fit).
 _RULE_FIELDS = {

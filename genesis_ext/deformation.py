@@ -178,8 +178,8 @@ def pair_with(
     start = 0
     for k, end in enumerate(ends):
         stages = PAIR_ORDER[start:end]
-        if target is None or any(getattr(config, PAIR_STAGES[s][0]) > 0 for s in stages):
-            only = config.replace(**{PAIR_STAGES[s][0]: 0.0 for s in PAIR_ORDER if s not in stages})
+        if target is None or any(getattr(config, PAIR_STAGES[s].rate) > 0 for s in stages):
+            only = config.replace(**{PAIR_STAGES[s].rate: 0.0 for s in PAIR_ORDER if s not in stages})
             out, first_target = pair(x if target is None else deformed, only)
             deformed, target = out, first_target if target is None else target
         if k < len(order):

@@ -31,13 +31,13 @@ except ImportError:  # numpy-only installs
     torch = None
 
 from . import _C
-from .config import DeformConfig
+from .config import PAIR_STAGES, SINGLE_OPS, DeformConfig
 from .deformation import PixelDeformation, check_deformations, pair_with
 
 
-def _check_core_config_fields() -> None:
-    """DeformConfig and the compiled core (csrc/config_fields.h) declare the same fields, in the same order and of
-    the same types: the kernels read the config vector by position."""
+def _check_core_declarations() -> None:
+    """DeformConfig and the compiled core (csrc/deformations.h) declare the same fields, in the same order and of
+    the same types (the kernels read the config vector by position), and the same single ops."""
     ctype = {float: "double", int: "int32_t", bool: "bool"}
     python = tuple((f.name, ctype[f.metadata.get("type", bool)]) for f in dataclasses.fields(DeformConfig))
     core = tuple(tuple(f) for f in _C.CONFIG_FIELDS)
@@ -45,16 +45,21 @@ def _check_core_config_fields() -> None:
         raise ImportError(
             f"genesis_ext: DeformConfig's fields {python} differ from the compiled core's {core}: "
             "rebuild the extension (pip install .) or align genesis_ext/config.py and "
-            "csrc/config_fields.h"
+            "csrc/deformations.h"
+        )
+    core_ops = set(_C.OPS) - {"genesis_pair"}
+    if core_ops != set(SINGLE_OPS):
+        raise ImportError(
+            f"genesis_ext: config.PAIR_STAGES declares the single ops {sorted(SINGLE_OPS)}, the compiled core "
+            f"{sorted(core_ops)}: rebuild the extension or align genesis_ext/config.py and csrc/deformations.h"
         )
 
 
-_check_core_config_fields()
+_check_core_declarations()
 _SEED_LIMIT = 1 << 64
 _OFFSET_LIMIT = 1 << 63
-_OPS = dict(_C.OPS)  # name -> op code, declared once in csrc/deform.h (GENESIS_OPS)
-OPS = tuple(_OPS)  # every op's name: the fused pair and one single op per deformation
-SINGLE_OPS = tuple(name for name in OPS if name != "genesis_pair")
+_OPS = dict(_C.OPS)  # name -> the core's op code (csrc/deform.h GENESIS_OPS)
+OPS = ("genesis_pair", *SINGLE_OPS)  # every op's name: the fused pair and one single op per deformation
 _forked = False
 os.register_at_fork(after_in_child=lambda: globals().__setitem__("_forked", True))
 
@@ -359,67 +364,20 @@ _CONTRACT = """
 """
 
 
-def bezier_remap(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None):
-    """Models Genesis non-linear intensity transform, applied to every sample.
+def _single_op(name: str, doc: str):
+    """genesis_ext.<name>: the single op applying one deformation to every sample, as declared in config.PAIR_STAGES."""
 
-    Each sample gets its own random cubic Bézier map f (control points and increasing/decreasing branch from its
-    parameters, see ``sample_params``): ``out = f(x)``. Values outside [0, 1] are clamped to the ends, NaN stays NaN.
-    Within 1e-5 of the exact float64 map (solved cells where the table would not be accurate).
-    """
-    return _apply("bezier_remap", x, seed, offset, config, spatial_dims)
+    def op(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None):
+        return _apply(name, x, seed, offset, config, spatial_dims)
 
-
-def local_shuffle(
-    x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None
-):
-    """Models Genesis local pixel shuffling, applied to every sample.
-
-    ``config.num_blocks`` random blocks (sizes ``randint(1, S // block_div)`` per axis) are each filled with a
-    uniformly random permutation of the original voxels inside them; where blocks overlap the later block wins (so
-    overlapping blocks can duplicate some input values and drop others, exactly as in the published code).
-    """
-    return _apply("local_shuffle", x, seed, offset, config, spatial_dims)
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = doc + "\n" + _CONTRACT.format(extra=" and rates" if name == "flip" else "")
+    return op
 
 
-def inpaint(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None):
-    """Models Genesis in-painting, applied to every sample: up to ``max_holes`` inner boxes become uniform noise in
-    [0, 1) (independent per voxel and channel); the rest is unchanged."""
-    return _apply("inpaint", x, seed, offset, config, spatial_dims)
-
-
-def outpaint(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None):
-    """Models Genesis out-painting, applied to every sample: everything outside 1 to ``max_windows`` inner windows
-    becomes uniform noise in [0, 1) (independent per voxel and channel); the windows keep their content."""
-    return _apply("outpaint", x, seed, offset, config, spatial_dims)
-
-
-def flip(x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None):
-    """The Models Genesis random flip: up to ``max_flips`` flips while ``U() < flip_rate``, each along a random
-    spatial axis (``flip_compat``: the published axis draw). Some samples are returned unflipped."""
-    return _apply("flip", x, seed, offset, config, spatial_dims)
-
-
-def gaussian_noise(
-    x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None
-):
-    """Gaussian noise, applied to every sample: ``out = x + std * z`` in float32, z standard normal, independent per
-    voxel and channel (Box–Muller on the sample's Philox stream, bit-identical on every device), std uniform in
-    [``noise_std_min``, ``noise_std_max``] per sample. Values are not clipped; NaN and ±Inf stay as they are.
-    One of the pixel-level deformations the Models Genesis paper names as extensions (off in the published recipe:
-    ``gaussian_noise_rate`` 0)."""
-    return _apply("gaussian_noise", x, seed, offset, config, spatial_dims)
-
-
-def gaussian_blur(
-    x, *, seed: int, offset: int = 0, config: DeformConfig | None = None, spatial_dims: int | None = None
-):
-    """Gaussian blur, applied to every sample: each channel convolved along each spatial axis in turn with a
-    normalised Gaussian of standard deviation sigma, uniform in [``blur_sigma_min``, ``blur_sigma_max``] voxels per
-    sample, truncated at radius ``ceil(3 sigma)`` (at most 15), the edge voxel repeated beyond the borders. float32
-    sums in a fixed order with weights from our own float64 exp: bit-identical on every device. A NaN or ±Inf voxel
-    makes the voxels within the radius along each axis non-finite. The other pixel-level deformation the Models
-    Genesis paper names as an extension (off in the published recipe: ``blur_rate`` 0)."""
-    return _apply("gaussian_blur", x, seed, offset, config, spatial_dims)
+for _stage in PAIR_STAGES.values():
+    for _name, _doc in _stage.ops.items():
+        globals()[_name] = _single_op(_name, _doc)
 
 
 def genesis_pair(
@@ -456,8 +414,7 @@ def genesis_pair(
     )
 
 
-for _op in (bezier_remap, local_shuffle, inpaint, outpaint, flip, gaussian_noise, gaussian_blur, genesis_pair):
-    _op.__doc__ += _CONTRACT.format(extra=" and rates" if _op is genesis_pair or _op is flip else "")
+genesis_pair.__doc__ += _CONTRACT.format(extra=" and rates")
 
 
 def sample_params(

@@ -580,8 +580,8 @@ def genesis_pair(x, seed: int, index: int, config: DeformConfig | None = None, p
     p = derive_params(seed, index, x.shape[1:], config) if params is None else params
     target = flip(x, p["flip"])
     out = target
-    for stage, (_, gate, _) in PAIR_STAGES.items():  # after the flip, each stage whose gate fired, in order
-        if gate is not None and p[gate]:
+    for stage, declared in PAIR_STAGES.items():  # after the flip, each stage whose gate fired, in order
+        if declared.gate is not None and p[declared.gate]:
             op = ("inpaint" if p["inpaint"] else "outpaint") if stage == "painting" else stage
             out = _SINGLE_OPS[op](out, seed, index, p).astype(np.float32)
     if out is target:  # no deformation fired: the input is the (flipped) target itself

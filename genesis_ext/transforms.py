@@ -8,6 +8,7 @@ in the module's extra state, not a device buffer), so advancing it never synchro
 
 from __future__ import annotations
 
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -18,7 +19,7 @@ from . import ops, reference
 from .config import DeformConfig
 from .deformation import PixelDeformation, check_deformations
 
-_PROB_PURPOSE = 10  # docs/randomness.md: the GenesisDeform gate of sample i, major = the op's code
+_PROB_PURPOSE = 10  # docs/randomness.md: the GenesisDeform gate of sample i, major = crc32 of the op's name
 
 
 class _Stream(nn.Module):
@@ -114,7 +115,7 @@ class GenesisDeform(_Stream):
         out = getattr(ops, self.op)(x, seed=self.seed, offset=start, config=self.config, spatial_dims=self.spatial_dims)
         if self.prob == 1.0:
             return out
-        coin = reference.uniform(_coins(self.seed, start, int(x.shape[0]), ops._OPS[self.op]))
+        coin = reference.uniform(_coins(self.seed, start, int(x.shape[0]), zlib.crc32(self.op.encode())))
         keep = torch.from_numpy(coin >= self.prob).to(x.device, non_blocking=True)
         return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, out)
 
@@ -122,6 +123,6 @@ class GenesisDeform(_Stream):
         return f"op={self.op!r}, prob={self.prob}, " + super().extra_repr()
 
 
-def _coins(seed: int, start: int, n: int, code: int) -> np.ndarray:
-    """Word 0 of stream (seed, i, _PROB_PURPOSE, code) for each global index i = start .. start + n - 1."""
-    return reference.sample_words(seed, start, n, _PROB_PURPOSE, code, 1)[:, 0]
+def _coins(seed: int, start: int, n: int, major: int) -> np.ndarray:
+    """Word 0 of stream (seed, i, _PROB_PURPOSE, major) for each global index i = start .. start + n - 1."""
+    return reference.sample_words(seed, start, n, _PROB_PURPOSE, major, 1)[:, 0]

@@ -17,7 +17,7 @@ import numpy as np
 import genesis_ext
 from genesis_ext import DeformConfig
 
-SINGLE_OPS = genesis_ext.ops.SINGLE_OPS  # declared once, in csrc/deform.h (GENESIS_OPS)
+SINGLE_OPS = genesis_ext.ops.SINGLE_OPS  # declared once, in config.PAIR_STAGES (checked against the core's)
 ALL_OPS = SINGLE_OPS + ("genesis_pair",)
 OFFICIAL = (64, 64, 32)
 

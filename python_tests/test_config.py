@@ -100,7 +100,7 @@ def test_config_accepts_boundary_values_and_normalises_types():
 
 
 def test_python_and_core_declare_the_same_fields():
-    """_C.CONFIG_FIELDS comes from csrc/config_fields.h, the list the C++ struct and its reader are generated from;
+    """_C.CONFIG_FIELDS comes from csrc/deformations.h, the list the C++ struct and its reader are generated from;
     genesis_ext refuses to import when the two differ (checked at import, so here only the match is shown)."""
     ctype = {float: "double", int: "int32_t", bool: "bool"}
     python = [(f.name, ctype[f.metadata.get("type", bool)]) for f in dataclasses.fields(DeformConfig)]

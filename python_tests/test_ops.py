@@ -227,8 +227,8 @@ def test_pair_is_composition_of_single_ops(spatial, channels, config, rng):
         kw = dict(seed=seed, offset=index, config=config)
         chain = run("flip", x, **kw)
         target = chain.copy()
-        for stage, (_, gate, _) in PAIR_STAGES.items():  # the declared order, each stage where its gate fired
-            if gate is not None and p[gate][0]:
+        for stage, declared in PAIR_STAGES.items():  # the declared order, each stage where its gate fired
+            if declared.gate is not None and p[declared.gate][0]:
                 op = ("inpaint" if p["inpaint"][0] else "outpaint") if stage == "painting" else stage
                 chain = run(op, chain, **kw)
         xd, tg = run("genesis_pair", x, **kw)

@@ -8,7 +8,8 @@
 //     the target. A block crossing several tiles is permuted once per tile (the same permutation: it is a pure
 //     function of its stream): cheaper than a global owner map and its extra DRAM traffic;
 //  3. blur_kernel, once per spatial axis, where the blur can fire;
-//  4. finish_kernel, where Gaussian noise or the blur can fire: noise, and painting after a blur.
+//  4. finish_kernel, where a per-voxel deformation (Gaussian noise) or the blur can fire: the per-voxel stages, and
+//     painting after a blur.
 // All per-sample and per-voxel decisions are the shared __host__ __device__ code the CPU kernels use.
 #include <algorithm>
 #include <stdexcept>
@@ -50,12 +51,6 @@ Tiles make_tiles(const Shape& sh) {
   return t;
 }
 
-bool may_shuffle(Op op, const DeformConfig& cfg) { return op == SHUFFLE_OP || (op == PAIR && cfg.local_rate > 0); }
-bool may_remap(Op op, const DeformConfig& cfg) { return op == BEZIER_OP || (op == PAIR && cfg.nonlinear_rate > 0); }
-bool may_add_gaussian(Op op, const DeformConfig& cfg) {
-  return op == GAUSSIAN_OP || (op == PAIR && cfg.gaussian_noise_rate > 0);
-}
-
 int32_t max_block_volume(const Shape& sh, const DeformConfig& cfg) {
   int32_t v = 1;
   for (int a = 0; a < sh.ndim; ++a) v *= std::max(1, sh.s[a] / cfg.block_div);
@@ -81,12 +76,12 @@ struct ScratchLayout {
   size_t params, tables, boxes, starts, cursors, lists, total;
   int32_t list_capacity;  // per sample
   ScratchLayout(Op op, int64_t batch, const Shape& sh, const DeformConfig& cfg, const Tiles& tiles) {
-    const bool shuffle = may_shuffle(op, cfg);
+    const bool shuffle = may_local(op, cfg);
     const int64_t per_sample_tiles = tiles.per_sample();
     list_capacity = shuffle ? cfg.num_blocks * max_tiles_per_block(sh, cfg, tiles) : 0;
     params = 0;
     tables = params + align_up(sizeof(SampleParams) * batch);
-    boxes = tables + (may_remap(op, cfg) ? align_up(sizeof(BezierTable) * batch) : 0);
+    boxes = tables + (may_nonlinear(op, cfg) ? align_up(sizeof(BezierTable) * batch) : 0);
     starts = boxes + (shuffle ? align_up(sizeof(BlockBox) * batch * cfg.num_blocks) : 0);
     cursors = starts + (shuffle ? align_up(sizeof(int32_t) * batch * (per_sample_tiles + 1)) : 0);
     lists = cursors + (shuffle ? align_up(sizeof(int32_t) * batch * per_sample_tiles) : 0);
@@ -306,9 +301,9 @@ __global__ void __launch_bounds__(kThreads)
             p.blur_radius);
 }
 
-// The last stage, a launch only where it can fire: Gaussian noise on the voxels painting keeps, and, for blurred
-// samples (painted after the blur, Plan::early_paint), the painting noise. One thread per row (x, y): its noise
-// spans, then its elements. Its own kernel: in deform_kernel's voxel loop the double-precision Box–Muller made ptxas
+// The last stage, a launch only where it can fire: the per-voxel deformations (deform.h finish_row) on the voxels
+// painting keeps, and, for blurred samples (painted after the blur, Plan::early_paint), the painting noise. One
+// thread per row (x, y). Its own kernel: in deform_kernel's voxel loop the double-precision Box–Muller made ptxas
 // spill (benchmarks/cuda_resources.py), and the pair without noise or blur keeps its kernel unchanged.
 __global__ void __launch_bounds__(kThreads) finish_kernel(Op op, Shape sh, uint64_t seed, uint64_t offset,
                                                           int64_t channels, const SampleParams* params, float* out) {
@@ -319,22 +314,13 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(Op op, Shape sh, uint6
   const Plan plan = plan_for(op, p);
   const bool late_paint = plan.blur && plan.paint != NO_PAINT;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (!(plan.gaussian || late_paint) || row >= int64_t(sh.s[0]) * sh.s[1]) return;
+  if (!(plan.per_voxel() || late_paint) || row >= int64_t(sh.s[0]) * sh.s[1]) return;
   Span spans[kMaxParts + 1];
   const int n_spans = noise_spans(plan.paint, p, int32_t(row / sh.s[1]), int32_t(row % sh.s[1]), sh.s[2], spans);
   const int64_t voxels = sh.voxels();
-  float* sample_out = out + n * channels * voxels;
   for (int64_t c = 0; c < channels; ++c) {
-    int k = 0;
-    for (int32_t z = 0; z < sh.s[2]; ++z) {
-      while (k < n_spans && spans[k].end <= z) ++k;
-      const int64_t e = c * voxels + row * sh.s[2] + z;
-      if (k < n_spans && spans[k].begin <= z) {  // painted
-        if (late_paint) sample_out[e] = noise_value(seed, offset + n, e);
-      } else if (plan.gaussian) {
-        sample_out[e] = add_gaussian(sample_out[e], p.noise_std, gaussian_value(seed, offset + n, e));
-      }
-    }
+    const int64_t e0 = c * voxels + row * sh.s[2];
+    finish_row(out + n * channels * voxels + e0, spans, n_spans, sh.s[2], late_paint, plan, p, seed, offset + n, e0);
   }
 }
 
@@ -372,7 +358,7 @@ void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batc
   for (int a = 0; a < 3; ++a)
     if (sh.s[a] > 32767) throw std::invalid_argument("genesis_ext CUDA: spatial axes longer than 32767 voxels");
   const int32_t block_volume = max_block_volume(sh, cfg);
-  if (may_shuffle(op, cfg) && block_volume > kMaxBlockVolume)
+  if (may_local(op, cfg) && block_volume > kMaxBlockVolume)
     throw std::invalid_argument("genesis_ext CUDA: shuffle blocks of up to " + std::to_string(block_volume) +
                                 " voxels exceed the CUDA kernels' limit of " + std::to_string(kMaxBlockVolume) +
                                 "; raise block_div or use the CPU");
@@ -401,7 +387,7 @@ void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batc
                sh, a, channels, s.params, y);
         check(cudaGetLastError(), "blur kernel launch");
       }
-    if (may_add_gaussian(op, cfg) || may_blur(op, cfg)) {
+    if (may_per_voxel(op, cfg) || may_blur(op, cfg)) {
       const int64_t rows = int64_t(sh.s[0]) * sh.s[1];
       launch(finish_kernel, dim3(unsigned((rows + kThreads - 1) / kThreads), unsigned(count)), kThreads, stream, op, sh,
              seed, offset + first, channels, s.params, y);
