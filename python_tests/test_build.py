@@ -99,24 +99,8 @@ def test_cuda_philox_matches_cpu(rng):
 # ---------------------------------------------------------------------------------------------------------------------
 # sample_params (C++) == reference.derive_params (numpy), exactly
 
-PARAM_KEYS = (
-    "nonlinear",
-    "local",
-    "paint",
-    "inpaint",
-    "gaussian",
-    "noise_std",
-    "blur",
-    "blur_sigma",
-    "flip",
-    "bezier",
-    "increasing",
-    "n_holes",
-    "holes",
-    "n_windows",
-    "windows",
-    "blocks",
-)
+# every key of the reference's parameters (reference.derive_params: the twin of the kernels' declared draws)
+PARAM_KEYS = tuple(R.derive_params(0, 0, (64, 64, 32), DeformConfig()))
 
 
 def _assert_params_equal(seed, offset, batch, spatial, config):

@@ -82,18 +82,11 @@ def assert_pair_matches_oracle(xd, tg, x, seed, index, config):
     painted = np.broadcast_to(painted, x.shape)
     # painting noise is exact and not intensity-mapped
     assert np.array_equal(xd[painted], ref_xd[painted], equal_nan=True)
-    # the rest is the Bézier map of the flipped and shuffled sample, compared with the exact float64 map
-    pre = R.flip(x, p["flip"])
-    if p["local"]:
-        pre = R.local_shuffle(pre, p["blocks"], R.block_permutations(seed, index, p["blocks"]))
-    exact = R.bezier_map(pre, p["bezier"], p["increasing"])
-    tol = BEZIER_TOL
-    if p["blur"]:  # the float64 blur of the exact map: the map's error is averaged, the blur's rounding added
-        exact = R.gaussian_blur(exact, p["blur_sigma"], dtype=np.float64)
-        tol += BLUR_TOL * np.abs(exact).max()
-    if p["gaussian"]:  # noise added to the float32 map: within the map's tolerance plus one float32 rounding
-        exact = exact + np.float64(p["noise_std"]) * R.gaussian(seed, index, x.shape)
-    assert_bezier_close(xd[~painted], exact[~painted], tol)
+    # the rest: the reference's stages in float32 after the exact float64 map; the table map's error (BEZIER_TOL)
+    # carried through the later stages, plus their float32 roundings (a blur's: BLUR_TOL)
+    scale = max(1.0, float(np.nanmax(np.abs(ref_xd), initial=0.0)))
+    tol = BEZIER_TOL + (BLUR_TOL if p["blur"] else 2.0**-21) * scale
+    assert_bezier_close(xd[~painted], ref_xd[~painted].astype(np.float64), tol)
 
 
 def branch_indices(seed, spatial, config, per_branch, offset=0, search=2000):
