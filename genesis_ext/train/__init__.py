@@ -6,7 +6,9 @@ from importlib import import_module
 
 _NAMES = {
     "PRESETS": "pretraining",
-    "NonFiniteLossError": "pretraining",
+    "NonFiniteLossError": "trainer",
+    "PretrainTrainer": "pretraining",
+    "Trainer": "trainer",
     "PretrainConfig": "pretraining",
     "PretrainResult": "pretraining",
     "pretrain": "pretraining",

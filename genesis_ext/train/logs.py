@@ -12,35 +12,20 @@ import numpy as np
 
 from .._util import atomic_write
 
-# val_<branch>: the validation MSE of the pairs of one painting branch (none, in-painting, out-painting)
-CSV_FIELDS = (
-    "epoch",
-    "step",
-    "samples",
-    "lr",
-    "train_loss",
-    "val_loss",
-    "val_none",
-    "val_inpaint",
-    "val_outpaint",
-    "best_val",
-    "bad_epochs",
-    "seconds",
-)
-
 
 class CsvLog:
-    """``metrics.csv``; on resume, rows after the checkpoint's epoch (written before a crash) are dropped."""
+    """A CSV of one row per epoch with columns ``fields``; on resume, rows after the checkpoint's epoch (written
+    before a crash) are dropped."""
 
-    def __init__(self, path: Path, resume_epoch: int | None):
-        self.path = path
+    def __init__(self, path: Path, resume_epoch: int | None, fields: tuple[str, ...]):
+        self.path, self.fields = path, tuple(fields)
         rows = []
         if resume_epoch is not None and path.exists():
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
 
         def write(f):
-            w = csv.DictWriter(f, CSV_FIELDS)
+            w = csv.DictWriter(f, self.fields)
             w.writeheader()
             w.writerows(rows)
 
@@ -48,7 +33,7 @@ class CsvLog:
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, CSV_FIELDS).writerow({k: row.get(k, "") for k in CSV_FIELDS})
+            csv.DictWriter(f, self.fields).writerow({k: row.get(k) for k in self.fields})
             f.flush()
             os.fsync(f.fileno())
 

@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -47,14 +46,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._util import print_line, progress_bar
 from ..config import DeformConfig
 from ..models import UNet3D, load_pretrained
-from ..models.weights import atomic_save
 from ..ops import genesis_pair, sample_params
 from . import distributed
-from .checkpoint import FORMAT, load_training_state
-from .logs import CsvLog, TensorBoard, curve_image, preview_image, read_csv, save_png
+from .logs import preview_image, save_png
+from .trainer import NonFiniteLossError, Trainer, _plain  # noqa: F401 (NonFiniteLossError: public here)
 
 # Presets: the published settings, and the default (Adam: the published SGD at lr 1.0 is reported to collapse to a
 # constant output; see README "Pre-training" for the measured curves).
@@ -81,20 +78,6 @@ BRANCHES = ("none", "inpaint", "outpaint")
 
 def _branches(params: dict) -> np.ndarray:
     return np.where(~params["paint"], "none", np.where(params["inpaint"], "inpaint", "outpaint"))
-
-
-def _save_curve(out: Path, base: dict) -> None:
-    """``curve.png``: training and validation loss of every epoch so far (metrics.csv, so a resumed run draws its
-    whole history) against the steps, with the identity and constant-mean baselines."""
-    rows = read_csv(out / "metrics.csv")
-    series = {key: [(r["step"], r[key]) for r in rows] for key in ("train_loss", "val_loss")}
-    image = curve_image(series, {"identity": base["identity"], "constant mean": base["mean"]}, "pre-training")
-    if image is not None:
-        save_png(image, out / "curve.png")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped before applying that step."""
 
 
 @dataclass
@@ -316,361 +299,205 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         torch.set_num_threads(int(cfg.threads))
     dd = distributed.setup(cfg.device)
     try:
-        return _pretrain(cfg, dd)
+        trainer = PretrainTrainer(cfg, dd)
+        history = trainer.fit()
+        if dd.main:
+            trainer.log(
+                f"stopped ({trainer.stopped}) after epoch {trainer.epoch}; best validation loss {trainer.best:.5f} "
+                f"(identity {trainer.base['identity']:.5f}, mean {trainer.base['mean']:.5f}); checkpoints in "
+                f"{trainer.last_path.parent}"
+            )
+        return PretrainResult(
+            epochs=trainer.epoch,
+            best_val=trainer.best,
+            history=history,
+            baselines=trainer.base or {},
+            stopped=trainer.stopped,
+            last_checkpoint=trainer.last_path,
+            best_checkpoint=trainer.best_path,
+        )
     finally:
         dd.close()
 
 
-def _pretrain(cfg: PretrainConfig, dd: distributed.Dist) -> PretrainResult:
-    device = distributed.resolve_device(cfg.device, dd.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+class PretrainTrainer(Trainer):
+    """Models Genesis pre-training on the Trainer loop: the U-Net restores ``genesis_pair``-deformed cubes (MSE).
+    Override ``loss`` (or any stage) in a subclass and pass it to ``fit`` as in :func:`pretrain`."""
 
-    out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-
-    # ---- data ----
-    dataset = _dataset(cfg.data, cfg)
-    val_dataset = _dataset(cfg.val_data, cfg) if cfg.val_data is not None else dataset
-    cube = _cube_of(dataset)
-    if _cube_of(val_dataset) != cube:
-        raise ValueError(f"validation cubes {_cube_of(val_dataset)} differ from training cubes {cube}")
-    _check_cube(cube, cfg.deform)
-    split = _Split(len(dataset), cfg, cfg.val_data is not None)
-    val_items = split.val if split.val is not None else np.arange(len(val_dataset))
-    from ..data import VolumeCubeDataset
-
-    if isinstance(val_dataset, VolumeCubeDataset):
-        if val_dataset is dataset:  # volumes: a frozen copy for validation, the training one moves on each epoch
-            import copy
-
-            val_dataset = copy.copy(dataset)
-            val_dataset._cache = type(dataset._cache)()
-        val_dataset.set_epoch(0)
-    n_train, B = len(split.train), int(cfg.batch_size)
-    if B > n_train:
-        raise ValueError(
-            f"batch size {B} is larger than the {n_train} training cubes "
-            f"({len(dataset)} cubes, {len(dataset) - n_train} held out for validation)"
-        )
-    parts = dd.world * cfg.accumulate
-    if B % parts:
-        raise ValueError(f"batch size {B} must be divisible by processes x accumulate = {dd.world} x {cfg.accumulate}")
-    micro = B // parts
-    steps = int(cfg.steps_per_epoch or n_train // B)
-    cfg = dataclasses.replace(cfg, steps_per_epoch=steps)
-    samples_per_epoch = steps * B
-
-    # ---- model, optimiser, schedule ----
-    torch.manual_seed(cfg.seed)
-    model = UNet3D(width=cfg.width)
-    if cfg.init_weights is not None:
-        load_pretrained(model, cfg.init_weights)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last_3d)
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.momentum, 0.999))
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
-
-    start_epoch, best_val, bad_epochs = 0, math.inf, 0
-    resume_path = None
-    if not cfg.resume and last_path.exists():
-        raise ValueError(
-            f"{out} already holds a run ({last_path}); pass --resume (resume=True) to continue it, or "
-            "choose another --out"
-        )
-    if cfg.resume:
-        resume_path = last_path if cfg.resume is True else Path(cfg.resume)
-        state = load_training_state(resume_path)
-        stored = state.get("config", {})
-        diff = [
-            f"{k}: {stored.get(k)!r} -> {getattr(cfg, k)!r}"
-            for k in _RESUME_KEYS
-            if k in stored and stored[k] != getattr(cfg, k)
-        ]
-        if diff:
-            raise ValueError(f"--resume: the settings differ from the checkpoint's ({'; '.join(diff)})")
-        model.load_state_dict(state["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, best_val, bad_epochs = int(state["epoch"]), float(state["best_val"]), int(state["bad_epochs"])
-        if int(state["sample_offset"]) != start_epoch * samples_per_epoch:
-            raise ValueError("--resume: the checkpoint's sample offset does not match its epoch and batch settings")
-
-    net = model
-    if dd.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    fwd = torch.compile(net) if cfg.compile else net
-
-    # ---- logs (rank 0) ----
-    csv_log = tb = None
-    if dd.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.summary(), indent=2, default=str))
-        csv_log = CsvLog(out / "metrics.csv", start_epoch if cfg.resume else None)
-        tb = TensorBoard(
-            out / "tensorboard", purge_step=start_epoch * steps if cfg.resume else None, enabled=cfg.tensorboard
-        )
-
-    def to_device(x):
-        return x.to(device, non_blocking=True)
-
-    def run_model(m, xd):
-        if channels_last:
-            xd = xd.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            return m(xd)
-
-    # ---- validation: fixed pairs, computed on rank 0 with the bare model ----
-    # each held-out cube val_repeats times, each time with its own deformation (pair j has offset j)
-    val_batches = [list(map(int, val_items[i : i + B])) for i in range(0, len(val_items), B)] * cfg.val_repeats
-
-    # the painting branch of each validation pair: outpainting hides ~2/3 of a cube, so its loss has a large floor
-    branch = _branches(
-        sample_params(len(val_items) * cfg.val_repeats, cube, seed=cfg.val_seed, config=cfg.deform, with_blocks=False)
+    fields = (
+        "epoch",
+        "step",
+        "samples",
+        "lr",
+        "train_loss",
+        "val_loss",
+        *(f"val_{b}" for b in BRANCHES),  # the validation MSE of the pairs of one painting branch
+        "best_val",
+        "bad_epochs",
+        "seconds",
     )
+    resume_keys = _RESUME_KEYS
+    title = "pre-training"
 
-    def by_branch(per_sample: np.ndarray, prefix: str) -> dict:
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dataset = _dataset(cfg.data, cfg)
+        self.val_dataset = _dataset(cfg.val_data, cfg) if cfg.val_data is not None else self.dataset
+        self.cube = _cube_of(self.dataset)
+        if _cube_of(self.val_dataset) != self.cube:
+            raise ValueError(f"validation cubes {_cube_of(self.val_dataset)} differ from training cubes {self.cube}")
+        _check_cube(self.cube, cfg.deform)
+        self.split = _Split(len(self.dataset), cfg, cfg.val_data is not None)
+        self.val_items = self.split.val if self.split.val is not None else np.arange(len(self.val_dataset))
+        self._freeze_val_volumes()
+        n_train, B = len(self.split.train), int(cfg.batch_size)
+        if B > n_train:
+            raise ValueError(
+                f"batch size {B} is larger than the {n_train} training cubes "
+                f"({len(self.dataset)} cubes, {len(self.dataset) - n_train} held out for validation)"
+            )
+        parts = self.dd.world * cfg.accumulate
+        if B % parts:
+            raise ValueError(
+                f"batch size {B} must be divisible by processes x accumulate = {self.dd.world} x {cfg.accumulate}"
+            )
+        self.micro = B // parts
+        self.steps = int(cfg.steps_per_epoch or n_train // B)
+        self.cfg = dataclasses.replace(cfg, steps_per_epoch=self.steps)
+        self.samples_per_epoch = self.steps * B
+        # each held-out cube val_repeats times, each time with its own deformation (pair j has offset j)
+        items = self.val_items
+        self.val_batches = [list(map(int, items[i : i + B])) for i in range(0, len(items), B)] * cfg.val_repeats
+        # the painting branch of each validation pair: out-painting hides ~2/3 of a cube, so its loss has a large floor
+        n_val = len(items) * cfg.val_repeats
+        params = sample_params(n_val, self.cube, seed=cfg.val_seed, config=cfg.deform, with_blocks=False)
+        self.branch = _branches(params)
+        self.base, self._first = None, None
+
+    def _freeze_val_volumes(self) -> None:
+        """Volumes: validation cuts from a frozen copy of the dataset; the training one moves on each epoch."""
+        from ..data import VolumeCubeDataset
+
+        if isinstance(self.val_dataset, VolumeCubeDataset):
+            if self.val_dataset is self.dataset:
+                import copy
+
+                self.val_dataset = copy.copy(self.dataset)
+                self.val_dataset._cache = type(self.dataset._cache)()
+            self.val_dataset.set_epoch(0)
+
+    def build_model(self) -> torch.nn.Module:
+        model = UNet3D(width=self.cfg.width)
+        if self.cfg.init_weights is not None:
+            load_pretrained(model, self.cfg.init_weights)
+        return model
+
+    def train_batches(self, epoch: int):
+        cfg, B = self.cfg, int(self.cfg.batch_size)
+        if hasattr(self.dataset, "set_epoch") and self.dataset is not self.val_dataset:
+            self.dataset.set_epoch(epoch)
+        positions = _epoch_positions(self.split.train, cfg.seed, epoch, self.samples_per_epoch)
+        # this rank's micro-batches: global batch s, micro-batch (rank * accumulate + c)
+        starts = [
+            s * B + (self.dd.rank * cfg.accumulate + c) * self.micro
+            for s in range(self.steps)
+            for c in range(cfg.accumulate)
+        ]
+        items = [list(map(int, positions[start : start + self.micro])) for start in starts]
+        it = iter(_loader(self.dataset, items, cfg.workers, self.device.type == "cuda"))
+        for s in range(self.steps):
+            yield [(starts[s * cfg.accumulate + c], next(it)) for c in range(cfg.accumulate)]
+
+    def make_batch(self, batch, epoch: int, step: int):
+        start, x = batch
+        x = x.to(self.device, non_blocking=True)
+        offset = epoch * self.samples_per_epoch + start
+        return genesis_pair(x, seed=self.cfg.deform_seed, offset=offset, config=self.cfg.deform)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(output.float(), target)
+
+    def where(self, epoch: int, step: int) -> str:
+        first = epoch * self.samples_per_epoch + step * int(self.cfg.batch_size)
+        return f" (global samples {first}..{first + int(self.cfg.batch_size) - 1})"
+
+    def _by_branch(self, per_sample: np.ndarray, prefix: str) -> dict:
         return {
-            f"{prefix}_{b}": float(per_sample[branch == b].mean()) if (branch == b).any() else None for b in BRANCHES
+            f"{prefix}_{b}": float(per_sample[self.branch == b].mean()) if (self.branch == b).any() else None
+            for b in BRANCHES
         }
 
-    def validate(first: Optional[list]):
-        """Validation MSE: over all pairs, and per painting branch (``val_none``, ``val_inpaint``, ...)."""
-        model.eval()
-        loader = _loader(val_dataset, val_batches, cfg.workers, device.type == "cuda")
+    def validate(self, epoch: int) -> dict:
+        """Validation MSE on the fixed pairs: over all pairs and per painting branch (``val_none``, ...)."""
+        every = self.cfg.preview_every
+        self._first = [] if (every and epoch % every == 0) else None
+        self.model.eval()
+        loader = _loader(self.val_dataset, self.val_batches, self.cfg.workers, self.device.type == "cuda")
+        pairs = (b.to(self.device, non_blocking=True) for b in loader)
         mse = pair_errors(
-            (to_device(b) for b in loader), cfg.val_seed, cfg.deform, lambda xd: run_model(model, xd), first
+            pairs, self.cfg.val_seed, self.cfg.deform, lambda xd: self.forward(self.model, xd), self._first
         )["model"]
-        model.train()
-        return float(mse.mean()), by_branch(mse, "val")
+        self.model.train()
+        return {"samples": epoch * self.samples_per_epoch, "val_loss": float(mse.mean()), **self._by_branch(mse, "val")}
 
-    def baselines() -> dict:
+    def _baselines(self) -> dict:
         """Validation MSE of returning the deformed input (identity) and of returning the targets' mean (mean)."""
-        errors = pair_errors(
-            (b.float() for b in _loader(val_dataset, val_batches, cfg.workers, False)), cfg.val_seed, cfg.deform
-        )
+        loader = _loader(self.val_dataset, self.val_batches, self.cfg.workers, False)
+        errors = pair_errors((b.float() for b in loader), self.cfg.val_seed, self.cfg.deform)
         ident, const = errors["identity"], mean_baseline(errors)
         return {
             "identity": float(ident.mean()),
             "mean": float(const.mean()),
             "target_mean": float(errors["sum"].sum() / (errors["voxels"] * len(ident))),
-            **by_branch(ident, "identity"),
-            **by_branch(const, "mean"),
+            **self._by_branch(ident, "identity"),
+            **self._by_branch(const, "mean"),
         }
 
-    base = None
-    if dd.main:
-        base = baselines()
-        (out / "baselines.json").write_text(json.dumps(base, indent=2))
+    def baselines(self) -> dict:
+        return {"identity": self.base["identity"], "constant mean": self.base["mean"]}
 
-    history, stopped = [], "epochs"
-    t_start = time.perf_counter()
-    model.train()
-    epoch = start_epoch
-    log = print_line if dd.main else (lambda *a, **k: None)
-    if dd.main:
-        log(
-            f"pre-training: {n_train} training / {len(val_items)} validation cubes (x{cfg.val_repeats} deformations) "
-            f"{'x'.join(map(str, cube))}, "
-            f"batch {B} ({dd.world} process(es) x {cfg.accumulate} micro-batch(es) of {micro}), {steps} steps/epoch, "
-            f"{cfg.optimizer} lr {cfg.lr}, device {device}{', bf16' if use_amp else ''}"
-            + (f"; resumed after epoch {start_epoch}" if cfg.resume else "")
+    def on_start(self) -> None:
+        if not self.dd.main:
+            return
+        cfg, base = self.cfg, self._baselines()
+        self.base = base
+        (self.out / "baselines.json").write_text(json.dumps(base, indent=2))
+        self.log(
+            f"pre-training: {len(self.split.train)} training / {len(self.val_items)} validation cubes "
+            f"(x{cfg.val_repeats} deformations) {'x'.join(map(str, self.cube))}, batch {cfg.batch_size} "
+            f"({self.dd.world} process(es) x {cfg.accumulate} micro-batch(es) of {self.micro}), {self.steps} "
+            f"steps/epoch, {cfg.optimizer} lr {cfg.lr}, device {self.device}{', bf16' if self.amp else ''}"
+            + (f"; resumed after epoch {self.epoch}" if cfg.resume else "")
         )
-        counts = ", ".join(f"{int((branch == b).sum())} {b}" for b in BRANCHES)
-        log(
+        counts = ", ".join(f"{int((self.branch == b).sum())} {b}" for b in BRANCHES)
+        self.log(
             f"validation pairs: {counts}; baselines (MSE): identity {base['identity']:.5f}, constant mean "
             f"{base['mean']:.5f} ("
             + ", ".join(f"{b} {base['mean_' + b]:.5f}" for b in BRANCHES if base["mean_" + b] is not None)
             + ")"
         )
 
-    if start_epoch >= cfg.epochs:
-        stopped = "epochs"
-    elif bad_epochs >= cfg.patience:
-        stopped = "early_stop"
-    while epoch < cfg.epochs and bad_epochs < cfg.patience:
-        t_epoch = time.perf_counter()
-        if hasattr(dataset, "set_epoch") and dataset is not val_dataset:
-            dataset.set_epoch(epoch)
-        positions = _epoch_positions(split.train, cfg.seed, epoch, samples_per_epoch)
-        base_offset = epoch * samples_per_epoch
-        # this rank's micro-batches: global batch s, micro-batch (rank * accumulate + c)
-        mine = []
-        for s in range(steps):
-            for c in range(cfg.accumulate):
-                start = s * B + (dd.rank * cfg.accumulate + c) * micro
-                mine.append((start, list(map(int, positions[start : start + micro]))))
-        loader = _loader(dataset, [m[1] for m in mine], cfg.workers, device.type == "cuda")
-        it = iter(loader)
-        bar = progress_bar(steps, f"epoch {epoch + 1}", "step", dd.main and cfg.progress, leave=False)
-        loss_total, pending = 0.0, []  # pending: (step, loss on the device) not yet read on the host
+    def on_epoch_end(self, epoch: int, row: dict) -> None:
+        if self._first:
+            img = preview_image(*self._first)
+            save_png(img, self.out / "previews" / f"epoch_{epoch:04d}.png")
+            save_png(img, self.out / "preview.png")
+            self.tb.image("val/preview", img, row["step"])
 
-        def read_losses():
-            """One host sync for the pending steps: the non-finite check, step logs and the progress bar."""
-            nonlocal loss_total
-            values = torch.stack([loss for _, loss in pending]).tolist()
-            for (s, _), value in zip(pending, values):
-                if not math.isfinite(value):
-                    bar.close()
-                    where = (
-                        f"epoch {epoch + 1}, step {s + 1}/{steps} (global samples {base_offset + s * B}.."
-                        f"{base_offset + (s + 1) * B - 1})"
-                    )
-                    kept = (
-                        f"the last good checkpoint is {last_path} (epoch {epoch})"
-                        if last_path.exists()
-                        else "no checkpoint was written yet"
-                    )
-                    raise NonFiniteLossError(
-                        f"non-finite training loss ({value}) at {where}; stopped before the next checkpoint; {kept}. "
-                        f"Check the data for NaN/Inf, or lower the learning rate (e.g. --preset default)."
-                    )
-                loss_total += value
-                if dd.main:
-                    tb.scalar("train/loss_step", value, epoch * steps + s)
-            bar.set_postfix(loss=f"{values[-1]:.5f}")
-            pending.clear()
+    def checkpoint_extra(self, epoch: int) -> dict:
+        return {"sample_offset": epoch * self.samples_per_epoch, "val_loss": self.history[-1].get("val_loss")}
 
-        for s in range(steps):
-            opt.zero_grad(set_to_none=True)
-            local = torch.zeros((), device=device)
-            for c in range(cfg.accumulate):
-                start = mine[s * cfg.accumulate + c][0]
-                x = to_device(next(it))
-                xd, target = genesis_pair(x, seed=cfg.deform_seed, offset=base_offset + start, config=cfg.deform)
-                last = c == cfg.accumulate - 1
-                ctx = net.no_sync() if dd.world > 1 and not last else _nullcontext()
-                with ctx:
-                    restored = run_model(fwd, xd)
-                    loss = F.mse_loss(restored.float(), target)
-                    loss.backward()
-                local = local + loss.detach()
-            if cfg.accumulate > 1:
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.div_(cfg.accumulate)
-            pending.append((s, dd.all_reduce_mean(local / cfg.accumulate if cfg.accumulate > 1 else local)))
-            opt.step()
-            if len(pending) == cfg.log_every or s == steps - 1:
-                read_losses()
-            bar.update(1)
-        bar.close()
-        train_loss = loss_total / steps
-        lr_now = opt.param_groups[0]["lr"]
-        sched.step()
-        epoch += 1
+    def check_resume(self, state: dict) -> None:
+        super().check_resume(state)
+        if int(state["sample_offset"]) != int(state["epoch"]) * self.samples_per_epoch:
+            raise ValueError("--resume: the checkpoint's sample offset does not match its epoch and batch settings")
 
-        # validation, early stopping and checkpoints: rank 0 decides, everyone follows
-        first = [] if (cfg.preview_every and epoch % cfg.preview_every == 0) else None
-        val, val_parts = validate(first) if dd.main else (0.0, {})
-        elapsed = time.perf_counter() - t_start
-        out_of_time = cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60
-        flags = dd.broadcast(
-            torch.tensor(
-                [val, float(out_of_time)], dtype=torch.float64, device=device if device.type == "cuda" else "cpu"
-            )
+    def epoch_line(self, row: dict, improved: bool) -> str:
+        parts = ", ".join(f"{b} {row['val_' + b]:.5f}" for b in BRANCHES if row.get("val_" + b) is not None)
+        return (
+            f"epoch {row['epoch']}: train {row['train_loss']:.5f}  val {row['val_loss']:.5f} ({parts})  "
+            f"best {row['best_val']:.5f}{'  *' if improved else ''}  ({row['seconds']:.1f} s)"
         )
-        val, out_of_time = float(flags[0]), bool(flags[1])
-        improved = val < best_val
-        if improved:
-            best_val, bad_epochs = val, 0
-        else:
-            bad_epochs += 1
-        row = dict(
-            epoch=epoch,
-            step=epoch * steps,
-            samples=epoch * samples_per_epoch,
-            lr=lr_now,
-            train_loss=train_loss,
-            val_loss=val,
-            **val_parts,
-            best_val=best_val,
-            bad_epochs=bad_epochs,
-            seconds=round(time.perf_counter() - t_epoch, 3),
-        )
-        history.append(row)
-        if dd.main:
-            csv_log.write(row)
-            tb.scalar("train/loss", train_loss, epoch * steps)
-            tb.scalar("val/loss", val, epoch * steps)
-            for name, value in val_parts.items():
-                if value is not None:
-                    tb.scalar(f"val/{name[4:]}", value, epoch * steps)
-            tb.scalar("lr", lr_now, epoch * steps)
-            _save_curve(out, base)
-            if first:
-                img = preview_image(*first)
-                save_png(img, out / "previews" / f"epoch_{epoch:04d}.png")
-                save_png(img, out / "preview.png")
-                tb.image("val/preview", img, epoch * steps)
-            tb.flush()
-            state = {
-                "state_dict": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": epoch,
-                "sample_offset": epoch * samples_per_epoch,
-                "best_val": best_val,
-                "bad_epochs": bad_epochs,
-                "val_loss": val,
-                "config": _plain(cfg.summary()),
-                "format": FORMAT,
-            }
-            if improved:
-                atomic_save(state, best_path)
-            atomic_save(state, last_path)
-            parts = ", ".join(f"{b} {val_parts['val_' + b]:.5f}" for b in BRANCHES if val_parts["val_" + b] is not None)
-            log(
-                f"epoch {epoch}: train {train_loss:.5f}  val {val:.5f} ({parts})  best {best_val:.5f}"
-                f"{'  *' if improved else ''}  ({row['seconds']:.1f} s)"
-            )
-        dd.barrier()
-        if bad_epochs >= cfg.patience:
-            stopped = "early_stop"
-            break
-        if out_of_time:
-            stopped = "time"
-            break
-    if dd.main:
-        tb.close()
-        log(
-            f"stopped ({stopped}) after epoch {epoch}; best validation loss {best_val:.5f} "
-            f"(identity {base['identity']:.5f}, mean {base['mean']:.5f}); checkpoints in {ckpt_dir}"
-        )
-    return PretrainResult(
-        epochs=epoch,
-        best_val=best_val,
-        history=history,
-        baselines=base or {},
-        stopped=stopped,
-        last_checkpoint=last_path,
-        best_checkpoint=best_path,
-    )
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _plain(value):
-    """Only weights_only-loadable values: dicts, lists, str, numbers, bool, None."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
+    def summary(self) -> dict:
+        return _plain(self.cfg.summary())
