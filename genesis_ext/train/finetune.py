@@ -31,22 +31,24 @@ import csv
 import json
 import math
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .._util import progress_bar
 from .cli import DEFAULT_PATCH, TASKS, TORCH_MISSING
 
 try:  # training needs torch; the module imports without it (genesis-ext finetune then says how to install it)
     import torch
     import torch.nn.functional as F
+
+    from .trainer import NonFiniteLossError, Trainer
 except ImportError:  # pragma: no cover - exercised only without torch
     torch = None
     F = None
+    Trainer = object  # nothing trains without torch: run_finetune says how to install it
+    NonFiniteLossError = RuntimeError
 
 _IMAGE_DIR, _LABEL_DIR = "images", "labels"
 _MAX_FG_CENTRES = 200_000
@@ -384,6 +386,7 @@ class FinetuneConfig:
     batch_size: int = 4
     lr: float = 1e-3
     optimizer: str = "adam"
+    momentum: float = 0.9  # SGD momentum (Adam: beta1)
     patches_per_volume: int = 16  # training patches per training volume per epoch
     val_patches_per_volume: int = 16
     fg_fraction: float = 0.5
@@ -393,6 +396,18 @@ class FinetuneConfig:
     device: str = "auto"
     seed: int = 0
     progress: bool = True
+    # the Trainer's loop settings (genesis_ext.train.trainer): off by default
+    lr_step_epochs: int | None = None  # lr *= lr_gamma every this many epochs
+    lr_gamma: float = 0.5
+    patience: int | None = None  # early stop after this many epochs without a better validation score
+    max_minutes: float | None = None
+    resume: bool | str = False
+    accumulate: int = 1
+    amp: str = "off"
+    compile: bool = False
+    channels_last: bool | None = False
+    log_every: int = 10
+    tensorboard: bool = False
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
@@ -406,168 +421,222 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
         yield order[i : starts[k + 1] if k + 1 < len(starts) else n]
 
 
-def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
-    """Fine-tune as ``cfg`` says; returns the final summary (also written to ``<out>/metrics.json``)."""
-    if torch is None:
-        raise FinetuneError(f"fine-tuning {TORCH_MISSING}")
-    from ..data import Window
-    from ..models import GenesisClassifier, UNet3D, save_checkpoint
-
+def _check_config(cfg: FinetuneConfig) -> None:
     if cfg.task not in TASKS:
         raise FinetuneError(f"--task must be one of {TASKS}, got {cfg.task!r}")
-    patch = _check_patch(cfg.patch)
-    for name in ("epochs", "batch_size", "patches_per_volume", "val_patches_per_volume", "n_class"):
+    for name in ("epochs", "batch_size", "patches_per_volume", "val_patches_per_volume", "n_class", "accumulate"):
         if getattr(cfg, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.fg_fraction <= 1.0:
         raise FinetuneError(f"--fg-fraction must be in [0, 1], got {cfg.fg_fraction}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise FinetuneError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.optimizer not in ("adam", "sgd"):
+        raise FinetuneError(f"--optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise FileNotFoundError(f"genesis_ext: no checkpoint file at {cfg.weights}")
-    try:
-        window = Window(*cfg.window)
-    except ValueError as err:
-        raise FinetuneError(f"--window: {err}") from None
-    from .distributed import resolve_device  # torch is there by now
 
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as e:
-        raise FinetuneError(str(e)) from None
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
 
-    # ---- data
-    if cfg.task == "segmentation":
-        pairs = segmentation_pairs(cfg.data)
-        cases = [load_seg_case(i, lab, cfg.n_class, window) for i, lab in pairs]
-        train_idx, val_idx = split_indices(len(cases), cfg.val_fraction, rng)
-        train_cases = [cases[i] for i in train_idx]
-        val_cases = [cases[i] for i in val_idx]
-        n_train = len(train_cases) * cfg.patches_per_volume
-        vx, vy = [], []
-        val_rng = np.random.default_rng([cfg.seed, 1])
-        for c in val_cases:
-            x, y = sample_patches(c, patch, cfg.val_patches_per_volume, val_rng, cfg.fg_fraction)
-            vx.append(x)
-            vy.append(y)
-        val_x = np.concatenate(vx) if vx else None
-        val_y = np.concatenate(vy) if vy else None
-        log(
-            f"segmentation: {len(train_cases)} training volume(s) ({n_train} patches of {patch} per epoch), "
-            f"{len(val_cases)} validation volume(s) ({0 if val_x is None else len(val_x)} fixed patches)"
-        )
-        model = UNet3D(1, cfg.n_class)
-    else:
-        cubes, labels, classes = load_classification(cfg.data, patch, window)
-        train_idx, val_idx = split_indices(len(cubes), cfg.val_fraction, rng, strata=labels)
-        n_train = len(train_idx)
-        val_x, val_y = (cubes[val_idx], labels[val_idx]) if len(val_idx) else (None, None)
-        log(
-            f"classification: {len(classes)} classes {classes}; {n_train} training cube(s), {len(val_idx)} "
-            f"validation cube(s) of {patch}"
-        )
-        model = GenesisClassifier(len(classes))
-    if cfg.batch_size > n_train:
-        raise FinetuneError(
-            f"--batch-size {cfg.batch_size} is larger than the {n_train} training "
-            f"{'patches per epoch' if cfg.task == 'segmentation' else 'samples'}; lower it"
-            f"{' or raise --patches-per-volume' if cfg.task == 'segmentation' else ''}"
-        )
-
-    # ---- model, weights, optimiser
-    if cfg.weights:
-        load_weights(model, cfg.weights, cfg.task, log)
-    else:
-        log("no --weights: training from scratch")
-    model.to(device)
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    elif cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-    else:
-        raise FinetuneError(f"--optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.task == "segmentation":
-        fields = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "seconds"]
-        key = "val_dice"
-    else:
-        fields = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_auc", "seconds"]
-        key = "val_auc"
-    log_path = out / "log.csv"
-    with open(log_path, "w", newline="") as f:
-        csv.writer(f).writerow(fields)
-
-    best, best_epoch, row = -math.inf, None, {}
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        if cfg.task == "segmentation":
-            xs, ys = zip(*(sample_patches(c, patch, cfg.patches_per_volume, rng, cfg.fg_fraction) for c in train_cases))
-            tx, ty = np.concatenate(xs), np.concatenate(ys)
-        else:
-            tx, ty = cubes[train_idx], labels[train_idx]
-        losses, sizes = [], []
-        bar = progress_bar(
-            math.ceil(len(tx) / cfg.batch_size), f"epoch {epoch}/{cfg.epochs}", "batch", cfg.progress, leave=False
-        )
-        for b in _batches(len(tx), cfg.batch_size, rng):
-            x = torch.from_numpy(tx[b]).to(device)
-            y = torch.from_numpy(ty[b]).to(device)
-            pred = model(x)
-            loss = dice_loss(pred, y) if cfg.task == "segmentation" else F.cross_entropy(pred, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            sizes.append(len(b))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        bar.close()
-        train_loss = float(np.average(losses, weights=sizes))
-        if not math.isfinite(train_loss):
-            raise FinetuneError(f"epoch {epoch}: the training loss is {train_loss}; lower --lr")
-        row = {"epoch": epoch, "train_loss": train_loss}
-        row.update(evaluate(model, cfg.task, val_x, val_y, cfg.batch_size, device, cfg.threshold))
-        row["seconds"] = time.perf_counter() - t0
-        with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row.get(k)) for k in fields])
-        log(" ".join(f"{k}={_fmt(row.get(k))}" for k in fields))
-        extra = {
-            "optimizer_state_dict": opt.state_dict(),
-            "epoch": epoch,
-            "task": cfg.task,
-            **{k: float(v) for k, v in row.items() if isinstance(v, float) and math.isfinite(v)},
-        }
-        if cfg.task == "classification":
-            extra["classes"] = list(classes)
-        save_checkpoint(model, out / "last.pt", **extra)
-        score = row.get(key, float("nan"))
-        score = -train_loss if score is None or not math.isfinite(score) else score
-        if score > best:
-            best, best_epoch = score, epoch
-            save_checkpoint(model, out / "best.pt", **extra)
-
+def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
+    """Fine-tune as ``cfg`` says; returns the final summary (also written to ``<out>/metrics.json``)."""
+    if torch is None:
+        raise FinetuneError(f"fine-tuning {TORCH_MISSING}")
+    _check_config(cfg)
+    trainer = (SegmentationTrainer if cfg.task == "segmentation" else ClassificationTrainer)(cfg, log=log)
+    history = trainer.fit()
     summary = {
         "task": cfg.task,
-        "epochs": cfg.epochs,
-        "best_epoch": best_epoch,
-        "final": row,
+        "epochs": trainer.epoch,
+        "best_epoch": trainer.best_epoch,
+        "final": {k: v for k, v in history[-1].items() if k in trainer.fields} if history else {},
         "weights": cfg.weights,
-        "device": str(device),
-        "patch": list(patch),
-        "log": str(log_path),
-        "checkpoint": str(out / "last.pt"),
-        "best_checkpoint": str(out / "best.pt"),
+        "device": str(trainer.device),
+        "patch": list(trainer.patch),
+        "log": str(trainer.out / trainer.csv_name),
+        "checkpoint": str(trainer.last_path),
+        "best_checkpoint": str(trainer.best_path),
+        **trainer.summary_extra(),
     }
-    if cfg.task == "classification":
-        summary["classes"] = list(classes)
-    with open(out / "metrics.json", "w") as f:
+    with open(trainer.out / "metrics.json", "w") as f:
         json.dump(summary, f, indent=2, default=_json_default)
     return summary
+
+
+class FinetuneTrainer(Trainer):
+    """Fine-tuning on the Trainer loop: the data of ``FinetuneConfig``, the published weights or ours
+    (``load_weights``), checkpoints ``last.pt`` / ``best.pt`` and ``log.csv`` in the run folder. The task subclasses
+    say what a batch, the loss and the validation metrics are."""
+
+    csv_name = "log.csv"
+    checkpoint_dir = "."
+    metric = "val_loss"  # the validation metric best.pt and early stopping follow (higher is better)
+
+    def __init__(self, cfg: FinetuneConfig, dd=None, log=print):
+        try:
+            super().__init__(cfg, dd)
+        except ValueError as err:  # the device
+            raise FinetuneError(str(err)) from None
+        self.log = log
+        self.patch = _check_patch(cfg.patch)
+        try:
+            from ..data import Window
+
+            self.window = Window(*cfg.window)
+        except ValueError as err:
+            raise FinetuneError(f"--window: {err}") from None
+
+    def build_model(self):
+        model = self.new_model()
+        if self.cfg.weights:
+            load_weights(model, self.cfg.weights, self.cfg.task, self.log)
+        else:
+            self.log("no --weights: training from scratch")
+        return model
+
+    def new_model(self):
+        raise NotImplementedError
+
+    def _set_steps(self, n_train: int, unit: str) -> None:
+        if self.cfg.batch_size > n_train:
+            raise FinetuneError(f"--batch-size {self.cfg.batch_size} is larger than the {n_train} training {unit}")
+        self.steps = len(list(_batches(n_train, self.cfg.batch_size, None)))
+
+    def train_batches(self, epoch: int):
+        x, y = self.epoch_data(np.random.default_rng([self.cfg.seed, 2, epoch]))
+        rng = np.random.default_rng([self.cfg.seed, 3, epoch])
+        for b in _batches(len(x), self.cfg.batch_size, rng):
+            yield [(x[part], y[part]) for part in np.array_split(b, min(self.cfg.accumulate, len(b)))]
+
+    def epoch_data(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's training inputs and targets."""
+        raise NotImplementedError
+
+    def make_batch(self, batch, epoch: int, step: int):
+        x, y = batch
+        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+
+    def validate(self, epoch: int) -> dict:
+        return evaluate(
+            self.model, self.cfg.task, self.val_x, self.val_y, self.cfg.batch_size, self.device, self.cfg.threshold
+        )
+
+    def score(self, row: dict) -> float:
+        """Lower is better: minus the validation metric, or the training loss without validation data."""
+        value = row.get(self.metric)
+        return -value if value is not None and math.isfinite(value) else row["train_loss"]
+
+    def checkpoint_extra(self, epoch: int) -> dict:
+        row = self.history[-1]
+        return {
+            "task": self.cfg.task,
+            **{k: float(v) for k, v in row.items() if isinstance(v, float) and math.isfinite(v)},
+        }
+
+    def summary_extra(self) -> dict:
+        return {}
+
+    def epoch_line(self, row: dict, improved: bool) -> str:
+        shown = [k for k in self.fields if k not in ("step", "lr", "best_val", "bad_epochs")]
+        return " ".join(f"{k}={_fmt(row.get(k))}" for k in shown)
+
+
+class SegmentationTrainer(FinetuneTrainer):
+    """The whole U-Net on random patches (half centred on foreground), soft Dice loss; Dice and IoU."""
+
+    fields = (
+        "epoch",
+        "step",
+        "lr",
+        "train_loss",
+        "val_loss",
+        "val_dice",
+        "val_iou",
+        "best_val",
+        "bad_epochs",
+        "seconds",
+    )
+    metric = "val_dice"
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        rng = np.random.default_rng(cfg.seed)
+        cases = [load_seg_case(i, lab, cfg.n_class, self.window) for i, lab in segmentation_pairs(cfg.data)]
+        train_idx, val_idx = split_indices(len(cases), cfg.val_fraction, rng)
+        self.train_cases = [cases[i] for i in train_idx]
+        val_rng = np.random.default_rng([cfg.seed, 1])
+        val = [
+            sample_patches(cases[i], self.patch, cfg.val_patches_per_volume, val_rng, cfg.fg_fraction) for i in val_idx
+        ]
+        self.val_x = np.concatenate([x for x, _ in val]) if val else None
+        self.val_y = np.concatenate([y for _, y in val]) if val else None
+        n_train = len(self.train_cases) * cfg.patches_per_volume
+        self.log(
+            f"segmentation: {len(self.train_cases)} training volume(s) ({n_train} patches of {self.patch} per epoch), "
+            f"{len(val_idx)} validation volume(s) ({0 if self.val_x is None else len(self.val_x)} fixed patches)"
+        )
+        self._set_steps(n_train, "patches per epoch; lower it or raise --patches-per-volume")
+
+    def new_model(self):
+        from ..models import UNet3D
+
+        return UNet3D(1, self.cfg.n_class)
+
+    def epoch_data(self, rng):
+        cfg = self.cfg
+        xs, ys = zip(
+            *(sample_patches(c, self.patch, cfg.patches_per_volume, rng, cfg.fg_fraction) for c in self.train_cases)
+        )
+        return np.concatenate(xs), np.concatenate(ys)
+
+    def loss(self, output, target):
+        return dice_loss(output, target)
+
+
+class ClassificationTrainer(FinetuneTrainer):
+    """The published head on the pre-trained encoder, cross-entropy; accuracy and ROC AUC."""
+
+    fields = (
+        "epoch",
+        "step",
+        "lr",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "val_auc",
+        "best_val",
+        "bad_epochs",
+        "seconds",
+    )
+    metric = "val_auc"
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        rng = np.random.default_rng(cfg.seed)
+        self.cubes, self.labels, self.classes = load_classification(cfg.data, self.patch, self.window)
+        self.train_idx, val_idx = split_indices(len(self.cubes), cfg.val_fraction, rng, strata=self.labels)
+        self.val_x, self.val_y = (self.cubes[val_idx], self.labels[val_idx]) if len(val_idx) else (None, None)
+        self.log(
+            f"classification: {len(self.classes)} classes {self.classes}; {len(self.train_idx)} training cube(s), "
+            f"{len(val_idx)} validation cube(s) of {self.patch}"
+        )
+        self._set_steps(len(self.train_idx), "samples")
+
+    def new_model(self):
+        from ..models import GenesisClassifier
+
+        return GenesisClassifier(len(self.classes))
+
+    def epoch_data(self, rng):
+        return self.cubes[self.train_idx], self.labels[self.train_idx]
+
+    def loss(self, output, target):
+        return F.cross_entropy(output, target)
+
+    def checkpoint_extra(self, epoch: int) -> dict:
+        return {**super().checkpoint_extra(epoch), "classes": list(self.classes)}
+
+    def summary_extra(self) -> dict:
+        return {"classes": list(self.classes)}
 
 
 def _json_default(v):
@@ -642,7 +711,12 @@ def run(args) -> int:
     )
     try:
         summary = run_finetune(cfg)
-    except (FinetuneError, FileNotFoundError, ValueError) as err:  # CheckpointError and VolumeError are ValueErrors
+    except (
+        FinetuneError,
+        FileNotFoundError,
+        ValueError,
+        NonFiniteLossError,
+    ) as err:  # CheckpointError, VolumeError: ValueErrors
         print(f"genesis-ext finetune: {err}", file=sys.stderr)
         return 2
     final = summary["final"]

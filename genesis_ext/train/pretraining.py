@@ -489,7 +489,7 @@ class PretrainTrainer(Trainer):
 
     def check_resume(self, state: dict) -> None:
         super().check_resume(state)
-        if int(state["sample_offset"]) != int(state["epoch"]) * self.samples_per_epoch:
+        if int(state.get("sample_offset", -1)) != int(state["epoch"]) * self.samples_per_epoch:
             raise ValueError("--resume: the checkpoint's sample offset does not match its epoch and batch settings")
 
     def epoch_line(self, row: dict, improved: bool) -> str:

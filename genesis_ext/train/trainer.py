@@ -177,7 +177,7 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last_3d)
         self.optimizer = self.build_optimizer(self.model)
         self.scheduler = self.build_scheduler(self.optimizer)
-        self.epoch, self.best, self.bad_epochs = 0, math.inf, 0
+        self.epoch, self.best, self.bad_epochs, self.best_epoch = 0, math.inf, 0, None
         if not self.cfg.resume and self.last_path.exists():
             raise ValueError(
                 f"{self.out} already holds a run ({self.last_path}); pass --resume (resume=True) to continue it, "
@@ -199,6 +199,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.best, self.bad_epochs = int(state["epoch"]), float(state["best_val"]), int(state["bad_epochs"])
+        self.best_epoch = state.get("best_epoch")
 
     def _open_logs(self) -> None:
         self.csv = self.tb = None
@@ -226,6 +227,7 @@ class Trainer:
         score, out_of_time = self._agree(self.score(row), out_of_time)
         improved = score < self.best
         self.best, self.bad_epochs = (score, 0) if improved else (self.best, self.bad_epochs + 1)
+        self.best_epoch = self.epoch if improved else self.best_epoch
         row.update(best_val=self.best, bad_epochs=self.bad_epochs, seconds=round(time.perf_counter() - t_epoch, 3))
         self.history.append(row)
         if self.dd.main:
@@ -258,6 +260,7 @@ class Trainer:
             "epoch": row["epoch"],
             "best_val": self.best,
             "bad_epochs": self.bad_epochs,
+            "best_epoch": self.best_epoch,
             "config": self.summary(),
             "format": FORMAT,
             **self.checkpoint_extra(row["epoch"]),
