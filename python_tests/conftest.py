@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,72 @@ def ct_cubes() -> np.ndarray:
     assert batch.dtype == np.float32 and batch.shape[1:] == (1, *CUBE)
     assert 0.0 <= batch.min() and batch.max() <= 1.0 and batch.std() > 0.05  # real anatomy, not a constant
     return batch
+
+
+# ---- small real-data sets for the training tests (pre-training cubes, segmentation and classification data)
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
+SAMPLE_VOLUMES = sorted(SAMPLE_DIR.glob("*.nii.gz"))
+TRAIN_CUBE = (16, 16, 16)  # the smallest the default DeformConfig and the U-Net both accept
+
+
+@pytest.fixture(scope="module")
+def cubes(tmp_path_factory) -> Path:
+    """A cube store of two 16x16x16 foreground cubes cut from the sample CT (genesis-ext extract)."""
+    if not (SAMPLE_DIR / "pulmonary_ct.nii.gz").exists():
+        pytest.skip("data/sample CT not available")
+    from genesis_ext.data import ExtractSettings, Foreground, run_extract
+
+    out = tmp_path_factory.mktemp("cubes") / "store"
+    settings = ExtractSettings(cube=TRAIN_CUBE, count=10, filter=Foreground(), seed=0)
+    summary = run_extract([str(SAMPLE_DIR)], str(out), settings, jobs=1, progress=False)
+    assert summary.written == 2
+    return out
+
+
+@pytest.fixture(scope="module")
+def seg_data(tmp_path_factory) -> Path:
+    """images/ + labels/ NIfTI pairs: the sample CT and its lung mask (HU < -400)."""
+    nib = pytest.importorskip("nibabel")
+    if len(SAMPLE_VOLUMES) < 2:
+        pytest.skip("data/sample/*.nii.gz (two CT crops) not found")
+    root = tmp_path_factory.mktemp("seg")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    for f in SAMPLE_VOLUMES:
+        img = nib.load(str(f))
+        hu = np.asarray(img.dataobj)
+        nib.save(img, str(root / "images" / f.name))
+        nib.save(nib.Nifti1Image((hu < -400).astype(np.uint8), img.affine), str(root / "labels" / f.name))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cls_data(tmp_path_factory) -> Path:
+    """A path,label CSV of 16x16x16 cubes (.npy in [0, 1] and NIfTI in HU), label = mean HU < -300."""
+    nib = pytest.importorskip("nibabel")
+    if len(SAMPLE_VOLUMES) < 2:
+        pytest.skip("data/sample/*.nii.gz (two CT crops) not found")
+    root = tmp_path_factory.mktemp("cls")
+    rng = np.random.default_rng(0)
+    rows = []
+    for f in SAMPLE_VOLUMES:
+        img = nib.load(str(f))
+        hu = np.asarray(img.dataobj, dtype=np.float32)
+        for i in range(12):
+            lo = [int(rng.integers(0, s - 16)) for s in hu.shape]
+            cube = hu[lo[0] : lo[0] + 16, lo[1] : lo[1] + 16, lo[2] : lo[2] + 16]
+            label = "low" if cube.mean() < -300 else "high"
+            name = f"{f.name.split('.')[0]}_{i}"
+            if i % 3 == 0:  # some as NIfTI in HU, windowed by the loader
+                nib.save(nib.Nifti1Image(cube, img.affine), str(root / f"{name}.nii.gz"))
+                rows.append((f"{name}.nii.gz", label))
+            else:
+                np.save(root / f"{name}.npy", (np.clip(cube, -1000, 1000) + 1000) / 2000)
+                rows.append((f"{name}.npy", label))
+    labels = [r[1] for r in rows]
+    assert labels.count("low") >= 3 and labels.count("high") >= 3, labels
+    with open(root / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        w.writerows(rows)
+    return root / "labels.csv"

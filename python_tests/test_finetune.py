@@ -38,49 +38,6 @@ pytestmark = pytest.mark.skipif(len(VOLUMES) < 2, reason="data/sample/*.nii.gz (
 PATCH = ["32", "32", "16"]
 
 
-@pytest.fixture(scope="module")
-def seg_data(tmp_path_factory) -> Path:
-    """images/ + labels/ NIfTI pairs: the sample CT and its lung mask (HU < -400)."""
-    root = tmp_path_factory.mktemp("seg")
-    (root / "images").mkdir()
-    (root / "labels").mkdir()
-    for f in VOLUMES:
-        img = nib.load(str(f))
-        hu = np.asarray(img.dataobj)
-        nib.save(img, str(root / "images" / f.name))
-        nib.save(nib.Nifti1Image((hu < -400).astype(np.uint8), img.affine), str(root / "labels" / f.name))
-    return root
-
-
-@pytest.fixture(scope="module")
-def cls_data(tmp_path_factory) -> Path:
-    """A path,label CSV of 16x16x16 cubes (.npy in [0, 1] and NIfTI in HU), label = mean HU < -300."""
-    root = tmp_path_factory.mktemp("cls")
-    rng = np.random.default_rng(0)
-    rows = []
-    for f in VOLUMES:
-        img = nib.load(str(f))
-        hu = np.asarray(img.dataobj, dtype=np.float32)
-        for i in range(12):
-            lo = [int(rng.integers(0, s - 16)) for s in hu.shape]
-            cube = hu[lo[0] : lo[0] + 16, lo[1] : lo[1] + 16, lo[2] : lo[2] + 16]
-            label = "low" if cube.mean() < -300 else "high"
-            name = f"{f.name.split('.')[0]}_{i}"
-            if i % 3 == 0:  # some as NIfTI in HU, windowed by the loader
-                nib.save(nib.Nifti1Image(cube, img.affine), str(root / f"{name}.nii.gz"))
-                rows.append((f"{name}.nii.gz", label))
-            else:
-                np.save(root / f"{name}.npy", (np.clip(cube, -1000, 1000) + 1000) / 2000)
-                rows.append((f"{name}.npy", label))
-    labels = [r[1] for r in rows]
-    assert labels.count("low") >= 3 and labels.count("high") >= 3, labels
-    with open(root / "labels.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label"])
-        w.writerows(rows)
-    return root / "labels.csv"
-
-
 def _seg_args(data, out, *extra):
     return [
         "finetune",

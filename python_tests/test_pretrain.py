@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +39,6 @@ TINY = [
     "--val-fraction",
     "0.2",
 ]
-
-
-@pytest.fixture(scope="module")
-def cubes(tmp_path_factory) -> Path:
-    if not (SAMPLE / "pulmonary_ct.nii.gz").exists():
-        pytest.skip("data/sample CT not available")
-    out = tmp_path_factory.mktemp("cubes") / "store"
-    settings = ExtractSettings(cube=CUBE, count=10, filter=Foreground(), seed=0)
-    summary = run_extract([str(SAMPLE)], str(out), settings, jobs=1, progress=False)
-    assert summary.written == 2
-    return out
 
 
 def _cli(args, **kw):
@@ -156,21 +144,36 @@ def test_val_repeats_deforms_each_held_out_cube_repeatedly_with_consecutive_offs
     assert base["identity"] == pytest.approx(float(((xd - target) ** 2).mean()), rel=1e-6)
 
 
+# The CLI run, killed with SIGKILL at a known point: the second step of the third epoch (epoch 2's checkpoint is on
+# disk, epoch 3 is half done). A Trainer subclass kills its own process there, so no timing is involved.
+_KILLED_RUN = """
+import os, signal, sys
+import genesis_ext.train.pretraining as P
+from genesis_ext.cli import main
+
+class KillAt(P.PretrainTrainer):
+    def make_batch(self, batch, epoch, step):
+        if (epoch, step) == (2, 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().make_batch(batch, epoch, step)
+
+P.PretrainTrainer = KillAt
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
 @pytest.mark.slow
 def test_validation_is_fixed_and_resume_after_sigkill_reproduces_losses(cubes, uninterrupted, tmp_path):
     run = tmp_path / "run"
-    p = _cli(["--data", cubes, "--out", run, *TINY])
-    last = run / "checkpoints" / "last.pt"
-    deadline = time.time() + 180
-    while not last.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert p.poll() is None, "the run ended before it could be killed"
-    p.send_signal(signal.SIGKILL)
-    p.communicate()
-    assert load_training_state(last)["epoch"] < 3
-    rc, out, err = _run_cli(["--data", cubes, "--out", run, *TINY, "--resume"])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["--data", cubes, "--out", run, *TINY]
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, *map(str, args)], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert load_training_state(run / "checkpoints" / "last.pt")["epoch"] == 2
+    assert [r["epoch"] for r in read_csv(run / "metrics.csv")] == [1, 2]
+    rc, out, err = _run_cli([*args, "--resume"])
     assert rc == 0, err
-    assert "resumed after epoch" in out + err
+    assert "resumed after epoch 2" in out + err
     assert _losses(run) == _losses(uninterrupted)  # exact equality: same bits on CPU with fixed threads
 
 

@@ -437,12 +437,15 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise FileNotFoundError(f"genesis_ext: no checkpoint file at {cfg.weights}")
 
 
-def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
-    """Fine-tune as ``cfg`` says; returns the final summary (also written to ``<out>/metrics.json``)."""
+def run_finetune(cfg: FinetuneConfig, log=print, trainer: type | None = None) -> dict:
+    """Fine-tune as ``cfg`` says; returns the final summary (also written to ``<out>/metrics.json``). ``trainer``: a
+    subclass of the task's trainer (:class:`SegmentationTrainer`, :class:`ClassificationTrainer`) that changes a
+    stage."""
     if torch is None:
         raise FinetuneError(f"fine-tuning {TORCH_MISSING}")
     _check_config(cfg)
-    trainer = (SegmentationTrainer if cfg.task == "segmentation" else ClassificationTrainer)(cfg, log=log)
+    default = SegmentationTrainer if cfg.task == "segmentation" else ClassificationTrainer
+    trainer = (trainer or default)(cfg, log=log)
     history = trainer.fit()
     summary = {
         "task": cfg.task,

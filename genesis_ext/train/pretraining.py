@@ -292,14 +292,15 @@ def _loader(dataset, batches: list, workers: int, pin: bool):
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin)
 
 
-def pretrain(config: PretrainConfig) -> PretrainResult:
-    """Run (or resume) pre-training; see the module docstring. Rank 0 of a torchrun job logs and checkpoints."""
+def pretrain(config: PretrainConfig, trainer: Optional[type] = None) -> PretrainResult:
+    """Run (or resume) pre-training; see the module docstring. Rank 0 of a torchrun job logs and checkpoints.
+    ``trainer``: a subclass of :class:`PretrainTrainer` that changes a stage (the loss, the optimizer, ...)."""
     cfg = config.resolved()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     dd = distributed.setup(cfg.device)
     try:
-        trainer = PretrainTrainer(cfg, dd)
+        trainer = (trainer or PretrainTrainer)(cfg, dd)
         history = trainer.fit()
         if dd.main:
             trainer.log(
