@@ -33,11 +33,18 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cubes")
     g.add_argument(
         "--cube",
-        nargs=3,
+        nargs="+",
         type=positive_int,
-        default=[64, 64, 32],
-        metavar=("X", "Y", "Z"),
-        help="cube size in voxels (default: 64 64 32)",
+        default=None,
+        metavar="N",
+        help="cube size in voxels: X Y Z (default: 64 64 32), or X Y with --dims 2 (default: 64 64)",
+    )
+    g.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        default=3,
+        help="2: axial 2-D patches (X, Y) for Models Genesis 2D, stored as cubes of one slice (X, Y, 1) (default: 3)",
     )
     g.add_argument("--per-volume", type=positive_int, default=32, help="cubes per volume, at most (default: 32)")
     g.add_argument(
@@ -133,6 +140,18 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _extract_cube(cube, dims: int) -> tuple:
+    """The cube size of ``extract --cube ... --dims``: three sizes, or two and a last axis of 1 for 2-D patches."""
+    if cube is None:
+        return (64, 64, 32) if dims == 3 else (64, 64, 1)
+    if dims == 2 and len(cube) == 2:
+        return (*cube, 1)
+    if len(cube) != 3 or (dims == 2 and cube[2] != 1):
+        want = "X Y Z" if dims == 3 else "X Y (or X Y 1)"
+        raise SystemExit(f"genesis-ext extract: --cube takes {want} with --dims {dims}, got {' '.join(map(str, cube))}")
+    return tuple(cube)
+
+
 def _run_extract(args) -> int:
     from .data import ExtractSettings, Foreground, NoFilter, OfficialLung, PercentileWindow, Window, run_extract
 
@@ -161,7 +180,7 @@ def _run_extract(args) -> int:
     except ValueError as err:
         raise SystemExit(f"genesis-ext extract: {err}") from None
     settings = ExtractSettings(
-        cube=tuple(args.cube),
+        cube=_extract_cube(args.cube, args.dims),
         count=args.per_volume,
         max_candidates=args.candidates,
         filter=filt,

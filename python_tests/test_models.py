@@ -575,3 +575,36 @@ def test_only_the_default_width_loads_the_published_weights(tmp_path):
     save_checkpoint(UNet3D(width=0.25, n_class=2), small)
     rebuilt = load_pretrained(None, small)  # the width is read off the checkpoint
     assert rebuilt.width == 0.25 and rebuilt.n_class == 2
+
+
+# ---------------------------------------------------------------------------------------------------------- 2-D
+def test_unet2d_is_the_3d_design_in_2d():
+    """UNet2D: the same layers, key names and widths as UNet3D with 2-D convolutions; (N, C, H, W) in and out."""
+    from genesis_ext.models import GenesisClassifier2D, UNet2D
+
+    two, three = UNet2D(width=0.25), UNet3D(width=0.25)
+    assert list(two.state_dict()) == list(three.state_dict())
+    for (name, a), (_, b) in zip(two.state_dict().items(), three.state_dict().items()):
+        assert a.shape == b.shape[:4] or a.shape == b.shape, name  # convs lose one kernel axis, the rest is equal
+    x = torch.rand(2, 1, 32, 24)
+    y = two(x).detach()
+    assert y.shape == (2, 1, 32, 24) and float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+    assert torch.equal(torch.jit.script(two)(x), y)
+    for bad, match in ((torch.rand(2, 1, 16, 16, 16), "4D batch"), (torch.rand(2, 1, 20, 16), "H = 20")):
+        with pytest.raises(ValueError, match=match):
+            two(bad)
+    assert GenesisClassifier2D(3, width=0.25)(x).shape == (2, 3)
+
+
+def test_a_2d_checkpoint_loads_as_the_2d_network(tmp_path):
+    from genesis_ext.models import UNet2D
+
+    torch.manual_seed(0)
+    model = UNet2D(n_class=2, width=0.5)
+    save_checkpoint(model, tmp_path / "two_d.pt")
+    loaded = load_pretrained(None, tmp_path / "two_d.pt")
+    assert type(loaded) is UNet2D and loaded.n_class == 2 and loaded.width == 0.5
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.equal(loaded(x), model(x))
+    with pytest.raises(CheckpointError):
+        load_pretrained(UNet3D(n_class=2, width=0.5), tmp_path / "two_d.pt")

@@ -191,3 +191,44 @@ def test_fine_tuning_resumes_exactly(seg_data, tmp_path):
     keys = ("train_loss", "val_loss", "val_dice")
     assert [parts["final"][k] for k in keys] == [whole["final"][k] for k in keys]
     assert np.isfinite([whole["final"][k] for k in keys]).all()
+
+
+def test_models_genesis_2d_extract_pretrain_and_finetune(seg_data, cls_data, tmp_path, capsys):
+    """Models Genesis 2D end to end on the sample CT, through the command line: axial 2-D patches cut with the same
+    filter (extract --dims 2: cubes of one slice), pre-training of UNet2D on them with the same fused ops on
+    (N, C, H, W), and fine-tuning from those weights for segmentation and classification (their width read off the
+    checkpoint)."""
+    import json
+
+    from genesis_ext.cli import main
+    from genesis_ext.data import CubeStoreDataset
+    from genesis_ext.models import GenesisClassifier2D, UNet2D, load_pretrained
+
+    store, run = tmp_path / "patches", tmp_path / "run"
+    assert main(["extract", str(seg_data / "images"), "--out", str(store), "--dims", "2", "--cube", "16", "16",
+                 "--per-volume", "10", "--filter", "foreground"]) == 0  # fmt: skip
+    assert CubeStoreDataset([str(store)]).cube == (16, 16, 1)
+    tiny = ["--batch-size", "2", "--steps-per-epoch", "2", "--epochs", "2", "--quiet", "--no-tensorboard"]
+    assert main(["pretrain", "--data", str(store), "--out", str(run), "--dims", "2", "--width", "0.25", *tiny]) == 0
+    weights = run / "checkpoints" / "last.pt"
+    pretrained = load_pretrained(None, weights)
+    assert type(pretrained) is UNet2D and pretrained.width == 0.25
+    assert len(read_csv(run / "metrics.csv")) == 2 and (run / "curve.png").exists()
+    common = ["--dims", "2", "--patch", "16", "16", "--weights", str(weights), "--epochs", "1", "--batch-size", "2",
+              "--val-fraction", "0.5", "--quiet"]  # fmt: skip
+    seg, cls = tmp_path / "seg", tmp_path / "cls"
+    seg_args = ["--patches-per-volume", "4", "--val-patches-per-volume", "2"]
+    assert (
+        main(["finetune", "--task", "segmentation", "--data", str(seg_data), "--out", str(seg), *common, *seg_args])
+        == 0
+    )
+    assert "loaded" in capsys.readouterr().out
+    assert main(["finetune", "--task", "classification", "--data", str(cls_data), "--out", str(cls), *common]) == 0
+    assert type(load_pretrained(None, seg / "last.pt")) is UNet2D
+    assert json.loads((seg / "metrics.json").read_text())["patch"] == [16, 16]
+    state = torch.load(cls / "last.pt", weights_only=True)["state_dict"]
+    head = GenesisClassifier2D(2, width=0.25)
+    head.load_state_dict(state)  # the 2-D classifier at the pre-trained width
+    for name in ("seg", "cls"):
+        rows = read_csv(tmp_path / name / "log.csv")
+        assert len(rows) == 1 and math.isfinite(rows[0]["val_loss"]), rows

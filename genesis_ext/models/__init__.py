@@ -1,15 +1,27 @@
-"""The Models Genesis networks (3D U-Net, encoder, classifier) and their weights. Needs torch."""
+"""The Models Genesis networks (3D U-Net, its 2-D twin, encoder, classifier) and their weights. Needs torch."""
 
-from .classifier import GenesisClassifier
-from .unet3d import BATCHNORM_MODES, BatchStatsBatchNorm3d, GenesisEncoder, UNet3D
+from .classifier import GenesisClassifier, GenesisClassifier2D
+from .unet3d import (
+    BATCHNORM_MODES,
+    BatchStatsBatchNorm2d,
+    BatchStatsBatchNorm3d,
+    GenesisEncoder,
+    GenesisEncoder2D,
+    UNet2D,
+    UNet3D,
+)
 from .weights import CheckpointError, load_pretrained, save_checkpoint
 
 __all__ = [
     "BATCHNORM_MODES",
+    "BatchStatsBatchNorm2d",
     "BatchStatsBatchNorm3d",
     "CheckpointError",
     "GenesisClassifier",
+    "GenesisClassifier2D",
     "GenesisEncoder",
+    "GenesisEncoder2D",
+    "UNet2D",
     "UNet3D",
     "load_pretrained",
     "save_checkpoint",

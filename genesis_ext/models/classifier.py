@@ -28,10 +28,16 @@ class GenesisClassifier(GenesisEncoder):
         self.dense_2 = nn.Linear(hidden, n_class)
 
     def forward(self, x: Tensor) -> Tensor:
-        pooled = self.encode(x).mean(dim=(2, 3, 4))
+        pooled = self.encode(x).flatten(2).mean(2)  # global average pool over every spatial axis
         return self.dense_2(nn.functional.relu(self.dense_1(pooled)))
 
     def extra_repr(self) -> str:
         return (
             f"n_class={self.n_class}, in_channels={self.in_channels}, batchnorm={self.batchnorm!r}" + self._width_repr()
         )
+
+
+class GenesisClassifier2D(GenesisClassifier):
+    """``GenesisClassifier`` on the Models Genesis 2D encoder: ``(N, C, H, W)`` batches, H and W at least 8."""
+
+    SPATIAL_DIMS = 2

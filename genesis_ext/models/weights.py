@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .._util import atomic_write
-from .unet3d import GenesisEncoder, UNet3D
+from .unet3d import GenesisEncoder, GenesisEncoder2D, UNet2D, UNet3D
 
 # Where the published weights come from (the authors distribute them; this package does not ship them).
 PUBLISHED_WEIGHTS = (
@@ -143,13 +143,15 @@ def _model_for(state: Mapping[str, torch.Tensor], encoder_only: bool) -> nn.Modu
     """The model a checkpoint describes, its channel counts and width read off the first and last conv weights (the
     first conv has 32 output channels at width 1)."""
     first = state.get("down_tr64.ops.0.conv1.weight")
-    in_channels = int(first.shape[1]) if first is not None and first.dim() == 5 else 1
-    width = int(first.shape[0]) / 32 if first is not None and first.dim() == 5 else 1.0
+    known = first is not None and first.dim() in (4, 5)  # 4: the 2-D network's (out, in, 3, 3)
+    in_channels = int(first.shape[1]) if known else 1
+    width = int(first.shape[0]) / 32 if known else 1.0
+    two_d = known and first.dim() == 4
     if encoder_only:
-        return GenesisEncoder(in_channels, width=width)
+        return (GenesisEncoder2D if two_d else GenesisEncoder)(in_channels, width=width)
     last = state.get("out_tr.final_conv.weight")
-    n_class = int(last.shape[0]) if last is not None and last.dim() == 5 else 1
-    return UNet3D(in_channels, n_class, width=width)
+    n_class = int(last.shape[0]) if last is not None and last.dim() in (4, 5) else 1
+    return (UNet2D if two_d else UNet3D)(in_channels, n_class, width=width)
 
 
 def load_pretrained(

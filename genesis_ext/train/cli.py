@@ -62,6 +62,13 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
         help="U-Net channel multiplier (default 1: the published network, the only one the published weights fit; "
         "e.g. 0.25 to study pre-training on a CPU)",
     )
+    g.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        default=3,
+        help="2: Models Genesis 2D (UNet2D on axial patches from extract --dims 2, cubes of one slice); default 3",
+    )
     g = p.add_argument_group("data and randomness")
     g.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the cubes (default 0.1)")
     g.add_argument("--val-data", nargs="+", metavar="PATH", help="separate validation data instead")
@@ -125,6 +132,7 @@ def run_pretrain(args) -> int:
         out=args.out,
         preset=args.preset,
         deform=DeformConfig.preset(args.deformations),
+        dims=args.dims,
         optimizer=args.optimizer,
         lr=args.lr,
         momentum=args.momentum,
@@ -194,17 +202,31 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--patch",
-        nargs=3,
+        nargs="+",
         type=positive_int,
-        default=list(DEFAULT_PATCH),
-        metavar=("X", "Y", "Z"),
-        help="patch (segmentation) or cube (classification) size, multiples of 8 (default: 64 64 32)",
+        default=None,
+        metavar="N",
+        help="patch (segmentation) or cube (classification) size, multiples of 8: X Y Z (default: 64 64 32), or "
+        "X Y with --dims 2 (default: 64 64)",
+    )
+    p.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        default=3,
+        help="2: Models Genesis 2D (UNet2D on axial patches, e.g. weights from pretrain --dims 2); default 3",
     )
     p.add_argument(
         "--n-class",
         type=positive_int,
         default=1,
         help="segmentation: output channels; 1: label > 0.5 is foreground; >1: channel k is label == k+1 (default 1)",
+    )
+    p.add_argument(
+        "--width",
+        type=float,
+        default=None,
+        help="U-Net channel multiplier (default: the --weights checkpoint's, else 1, the published network)",
     )
     p.add_argument("--epochs", type=positive_int, default=10, help="default 10")
     p.add_argument("--batch-size", type=positive_int, default=4, help="default 4")

@@ -113,13 +113,19 @@ def multiclass_auc(probs, labels) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------------ data
-def _check_patch(patch) -> tuple[int, int, int]:
+def _check_patch(patch, dims: int = 3) -> tuple[int, int, int]:
+    """The patch as three sizes: X Y Z (3-D), or X Y 1 (2-D: axial patches of one slice)."""
+    if patch is None:
+        return DEFAULT_PATCH if dims == 3 else (*DEFAULT_PATCH[:2], 1)
     patch = tuple(int(p) for p in patch)
-    if len(patch) != 3 or any(p < 8 or p % 8 for p in patch):
+    if dims == 2 and len(patch) == 3 and patch[2] == 1:
+        patch = patch[:2]
+    if len(patch) != dims or any(p < 8 or p % 8 for p in patch):
         raise FinetuneError(
-            f"--patch must be three sizes, each a positive multiple of 8 (the U-Net pools three times), got {patch}"
+            f"--patch must be {dims} sizes with --dims {dims}, each a positive multiple of 8 (the U-Net pools three "
+            f"times), got {patch}"
         )
-    return patch
+    return patch if dims == 3 else (*patch, 1)
 
 
 def _strip(name: str) -> str:
@@ -380,7 +386,9 @@ class FinetuneConfig:
     data: str
     out: str
     weights: str | None = None
-    patch: tuple = DEFAULT_PATCH
+    patch: tuple | None = None  # default: 64 64 32 (2-D: 64 64)
+    dims: int = 3  # 2: Models Genesis 2D (UNet2D / GenesisClassifier2D on axial patches)
+    width: float | None = None  # the network's channel multiplier; default: the weights' (load_pretrained), else 1
     n_class: int = 1  # segmentation only; classification counts its labels
     epochs: int = 10
     batch_size: int = 4
@@ -454,7 +462,7 @@ def run_finetune(cfg: FinetuneConfig, log=print, trainer: type | None = None) ->
         "final": {k: v for k, v in history[-1].items() if k in trainer.fields} if history else {},
         "weights": cfg.weights,
         "device": str(trainer.device),
-        "patch": list(trainer.patch),
+        "patch": list(trainer.patch[: cfg.dims]),
         "log": str(trainer.out / trainer.csv_name),
         "checkpoint": str(trainer.last_path),
         "best_checkpoint": str(trainer.best_path),
@@ -480,13 +488,29 @@ class FinetuneTrainer(Trainer):
         except ValueError as err:  # the device
             raise FinetuneError(str(err)) from None
         self.log = log
-        self.patch = _check_patch(cfg.patch)
+        if cfg.dims not in (2, 3):
+            raise FinetuneError(f"--dims must be 2 or 3, got {cfg.dims!r}")
+        self.patch = _check_patch(cfg.patch, cfg.dims)  # X Y Z, or X Y 1 for 2-D
         try:
             from ..data import Window
 
             self.window = Window(*cfg.window)
         except ValueError as err:
             raise FinetuneError(f"--window: {err}") from None
+
+    @property
+    def width(self) -> float:
+        """The network's width: cfg.width, else that of the --weights checkpoint, else 1 (the published network)."""
+        if self.cfg.width is not None:
+            return float(self.cfg.width)
+        if self.cfg.weights:
+            from ..models import CheckpointError, load_pretrained
+
+            try:
+                return float(getattr(load_pretrained(None, self.cfg.weights), "width", 1.0))
+            except CheckpointError:
+                return 1.0  # load_weights reports what is wrong with the file
+        return 1.0
 
     def build_model(self):
         model = self.new_model()
@@ -517,6 +541,12 @@ class FinetuneTrainer(Trainer):
     def make_batch(self, batch, epoch: int, step: int):
         x, y = batch
         return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+
+    def net_arrays(self, x: np.ndarray, y: np.ndarray):
+        """Inputs (and voxel targets) as the network takes them: 2-D drops the patches' single-slice axis."""
+        if self.cfg.dims == 3 or x is None:
+            return x, y
+        return x[..., 0], y[..., 0] if y.ndim == x.ndim else y
 
     def validate(self, epoch: int) -> dict:
         return evaluate(
@@ -570,8 +600,9 @@ class SegmentationTrainer(FinetuneTrainer):
         val = [
             sample_patches(cases[i], self.patch, cfg.val_patches_per_volume, val_rng, cfg.fg_fraction) for i in val_idx
         ]
-        self.val_x = np.concatenate([x for x, _ in val]) if val else None
-        self.val_y = np.concatenate([y for _, y in val]) if val else None
+        self.val_x, self.val_y = self.net_arrays(
+            np.concatenate([x for x, _ in val]) if val else None, np.concatenate([y for _, y in val]) if val else None
+        )
         n_train = len(self.train_cases) * cfg.patches_per_volume
         self.log(
             f"segmentation: {len(self.train_cases)} training volume(s) ({n_train} patches of {self.patch} per epoch), "
@@ -580,16 +611,16 @@ class SegmentationTrainer(FinetuneTrainer):
         self._set_steps(n_train, "patches per epoch; lower it or raise --patches-per-volume")
 
     def new_model(self):
-        from ..models import UNet3D
+        from ..models import UNet2D, UNet3D
 
-        return UNet3D(1, self.cfg.n_class)
+        return (UNet2D if self.cfg.dims == 2 else UNet3D)(1, self.cfg.n_class, width=self.width)
 
     def epoch_data(self, rng):
         cfg = self.cfg
         xs, ys = zip(
             *(sample_patches(c, self.patch, cfg.patches_per_volume, rng, cfg.fg_fraction) for c in self.train_cases)
         )
-        return np.concatenate(xs), np.concatenate(ys)
+        return self.net_arrays(np.concatenate(xs), np.concatenate(ys))
 
     def loss(self, output, target):
         return dice_loss(output, target)
@@ -617,6 +648,7 @@ class ClassificationTrainer(FinetuneTrainer):
         rng = np.random.default_rng(cfg.seed)
         self.cubes, self.labels, self.classes = load_classification(cfg.data, self.patch, self.window)
         self.train_idx, val_idx = split_indices(len(self.cubes), cfg.val_fraction, rng, strata=self.labels)
+        self.cubes = self.net_arrays(self.cubes, self.labels)[0]
         self.val_x, self.val_y = (self.cubes[val_idx], self.labels[val_idx]) if len(val_idx) else (None, None)
         self.log(
             f"classification: {len(self.classes)} classes {self.classes}; {len(self.train_idx)} training cube(s), "
@@ -625,9 +657,9 @@ class ClassificationTrainer(FinetuneTrainer):
         self._set_steps(len(self.train_idx), "samples")
 
     def new_model(self):
-        from ..models import GenesisClassifier
+        from ..models import GenesisClassifier, GenesisClassifier2D
 
-        return GenesisClassifier(len(self.classes))
+        return (GenesisClassifier2D if self.cfg.dims == 2 else GenesisClassifier)(len(self.classes), width=self.width)
 
     def epoch_data(self, rng):
         return self.cubes[self.train_idx], self.labels[self.train_idx]
@@ -697,8 +729,10 @@ def run(args) -> int:
         data=args.data,
         out=args.out,
         weights=args.weights,
-        patch=tuple(args.patch),
+        patch=None if args.patch is None else tuple(args.patch),
+        dims=args.dims,
         n_class=args.n_class,
+        width=args.width,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

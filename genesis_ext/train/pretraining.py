@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DeformConfig
-from ..models import UNet3D, load_pretrained
+from ..models import UNet2D, UNet3D, load_pretrained
 from ..ops import genesis_pair, sample_params
 from . import distributed
 from .logs import preview_image, save_png
@@ -107,6 +107,7 @@ class PretrainConfig:
     amp: str = "auto"  # "auto" (bf16 on CUDA), "bf16", "off"
     compile: bool = False
     width: float = 1.0  # the U-Net's channel multiplier (1: the published network; e.g. 0.25 to study on a CPU)
+    dims: int = 3  # 2: Models Genesis 2D (UNet2D on cubes of one slice, (X, Y, 1), e.g. from extract --dims 2)
     channels_last: Optional[bool] = None  # default: on CUDA
     accumulate: int = 1  # micro-batches per process and step
     workers: int = 0  # DataLoader workers
@@ -138,6 +139,8 @@ class PretrainConfig:
             raise ValueError(f"steps_per_epoch must be >= 1, got {cfg.steps_per_epoch}")
         if not (math.isfinite(cfg.lr) and cfg.lr > 0):
             raise ValueError(f"lr must be a positive number, got {cfg.lr}")
+        if cfg.dims not in (2, 3):
+            raise ValueError(f"dims must be 2 or 3, got {cfg.dims!r}")
         if cfg.val_data is None and not 0.0 < cfg.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
         return cfg
@@ -225,10 +228,20 @@ def _cube_of(ds) -> tuple:
     return tuple(int(c) for c in ds.cube)
 
 
-def _check_cube(cube: tuple, deform: DeformConfig) -> None:
-    if len(cube) != 3 or any(c % 8 for c in cube):
-        raise ValueError(f"cubes of shape {cube}: the 3D U-Net needs every axis a multiple of 8")
-    genesis_pair(torch.zeros((1, 1, *cube)), seed=0, offset=0, config=deform)  # raises on sizes the config can't do
+def _spatial(cube: tuple, dims: int) -> tuple:
+    """The network's spatial shape for cubes of ``cube``: the cube (3-D), or its first two axes when it is one slice
+    thick (2-D); checked against the U-Net's and the deformations' size rules."""
+    if dims == 2 and (len(cube) != 3 or cube[2] != 1):
+        raise ValueError(f"cubes of shape {cube}: --dims 2 trains on cubes of one slice (X, Y, 1): extract --dims 2")
+    spatial = tuple(cube[:dims])
+    if len(cube) != 3 or any(c % 8 for c in spatial):
+        raise ValueError(f"cubes of shape {cube}: the U-Net needs every axis of {spatial} a multiple of 8")
+    return spatial
+
+
+def _check_pairs(spatial: tuple, deform: DeformConfig) -> None:
+    """Raises on sizes the config's deformations cannot take."""
+    genesis_pair(torch.zeros((1, 1, *spatial)), seed=0, offset=0, config=deform, spatial_dims=len(spatial))
 
 
 class _Split:
@@ -254,7 +267,9 @@ def _epoch_positions(train: np.ndarray, seed: int, epoch: int, count: int) -> np
     return np.concatenate(chunks)[:count]
 
 
-def pair_errors(batches, seed: int, config: DeformConfig, restore=None, first: Optional[list] = None) -> dict:
+def pair_errors(
+    batches, seed: int, config: DeformConfig, restore=None, first: Optional[list] = None, spatial_dims: int = 3
+) -> dict:
     """Per-pair errors of the pairs made from ``batches`` (cube batches; pair j is deformed with (seed, offset j)).
 
     Returns float64 arrays over the pairs: ``identity`` (MSE of the deformed input), ``model`` (MSE of
@@ -265,7 +280,7 @@ def pair_errors(batches, seed: int, config: DeformConfig, restore=None, first: O
     offset = 0
     with torch.no_grad():
         for x in batches:
-            xd, target = genesis_pair(x, seed=seed, offset=offset, config=config)
+            xd, target = genesis_pair(x, seed=seed, offset=offset, config=config, spatial_dims=spatial_dims)
             t = target.flatten(1).double()
             errors["identity"].append(((xd.flatten(1).double() - t) ** 2).mean(1))
             errors["sum"].append(t.sum(1))
@@ -347,7 +362,8 @@ class PretrainTrainer(Trainer):
         self.cube = _cube_of(self.dataset)
         if _cube_of(self.val_dataset) != self.cube:
             raise ValueError(f"validation cubes {_cube_of(self.val_dataset)} differ from training cubes {self.cube}")
-        _check_cube(self.cube, cfg.deform)
+        self.spatial = _spatial(self.cube, cfg.dims)  # the network's input (2-D: the cube's single slice)
+        _check_pairs(self.spatial, cfg.deform)
         self.split = _Split(len(self.dataset), cfg, cfg.val_data is not None)
         self.val_items = self.split.val if self.split.val is not None else np.arange(len(self.val_dataset))
         self._freeze_val_volumes()
@@ -371,7 +387,7 @@ class PretrainTrainer(Trainer):
         self.val_batches = [list(map(int, items[i : i + B])) for i in range(0, len(items), B)] * cfg.val_repeats
         # the painting branch of each validation pair: out-painting hides ~2/3 of a cube, so its loss has a large floor
         n_val = len(items) * cfg.val_repeats
-        params = sample_params(n_val, self.cube, seed=cfg.val_seed, config=cfg.deform, with_blocks=False)
+        params = sample_params(n_val, self.spatial, seed=cfg.val_seed, config=cfg.deform, with_blocks=False)
         self.branch = _branches(params)
         self.base, self._first = None, None
 
@@ -388,7 +404,7 @@ class PretrainTrainer(Trainer):
             self.val_dataset.set_epoch(0)
 
     def build_model(self) -> torch.nn.Module:
-        model = UNet3D(width=self.cfg.width)
+        model = (UNet2D if self.cfg.dims == 2 else UNet3D)(width=self.cfg.width)
         if self.cfg.init_weights is not None:
             load_pretrained(model, self.cfg.init_weights)
         return model
@@ -409,11 +425,17 @@ class PretrainTrainer(Trainer):
         for s in range(self.steps):
             yield [(starts[s * cfg.accumulate + c], next(it)) for c in range(cfg.accumulate)]
 
+    def _cubes(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of cubes as the network takes it, on the device (2-D: the slice of each (X, Y, 1) cube)."""
+        x = x.to(self.device, non_blocking=True)
+        return x[..., 0] if self.cfg.dims == 2 else x
+
     def make_batch(self, batch, epoch: int, step: int):
         start, x = batch
-        x = x.to(self.device, non_blocking=True)
         offset = epoch * self.samples_per_epoch + start
-        return genesis_pair(x, seed=self.cfg.deform_seed, offset=offset, config=self.cfg.deform)
+        return genesis_pair(
+            self._cubes(x), seed=self.cfg.deform_seed, offset=offset, config=self.cfg.deform, spatial_dims=self.cfg.dims
+        )
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(output.float(), target)
@@ -434,17 +456,17 @@ class PretrainTrainer(Trainer):
         self._first = [] if (every and epoch % every == 0) else None
         self.model.eval()
         loader = _loader(self.val_dataset, self.val_batches, self.cfg.workers, self.device.type == "cuda")
-        pairs = (b.to(self.device, non_blocking=True) for b in loader)
-        mse = pair_errors(
-            pairs, self.cfg.val_seed, self.cfg.deform, lambda xd: self.forward(self.model, xd), self._first
-        )["model"]
+        restore = lambda xd: self.forward(self.model, xd)  # noqa: E731
+        pairs = (self._cubes(b) for b in loader)
+        mse = pair_errors(pairs, self.cfg.val_seed, self.cfg.deform, restore, self._first, self.cfg.dims)["model"]
         self.model.train()
         return {"samples": epoch * self.samples_per_epoch, "val_loss": float(mse.mean()), **self._by_branch(mse, "val")}
 
     def _baselines(self) -> dict:
         """Validation MSE of returning the deformed input (identity) and of returning the targets' mean (mean)."""
         loader = _loader(self.val_dataset, self.val_batches, self.cfg.workers, False)
-        errors = pair_errors((b.float() for b in loader), self.cfg.val_seed, self.cfg.deform)
+        cubes = (b.float()[..., 0] if self.cfg.dims == 2 else b.float() for b in loader)
+        errors = pair_errors(cubes, self.cfg.val_seed, self.cfg.deform, spatial_dims=self.cfg.dims)
         ident, const = errors["identity"], mean_baseline(errors)
         return {
             "identity": float(ident.mean()),
@@ -480,7 +502,7 @@ class PretrainTrainer(Trainer):
 
     def on_epoch_end(self, epoch: int, row: dict) -> None:
         if self._first:
-            img = preview_image(*self._first)
+            img = preview_image(*(a[..., None] if self.cfg.dims == 2 else a for a in self._first))  # 2-D: one slice
             save_png(img, self.out / "previews" / f"epoch_{epoch:04d}.png")
             save_png(img, self.out / "preview.png")
             self.tb.image("val/preview", img, row["step"])
