@@ -48,6 +48,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def box_union(spatial, boxes, n) -> np.ndarray:
+    """The voxels of ``spatial`` inside the union of the first n boxes ((origin, size) per axis, as sample_params
+    reports holes and windows): the tests' own rule, written apart from reference.py's (needs no compiled core)."""
+    mask = np.zeros(spatial, dtype=bool)
+    for origin, size in np.asarray(boxes)[:n]:
+        mask[tuple(slice(int(o), int(o) + int(s)) for o, s in zip(origin, size))] = True
+    return mask
+
+
 @pytest.fixture
 def rng():
     """A fresh, fixed-seed numpy Generator per test (tests stay independent of their order)."""
@@ -106,16 +115,22 @@ def cubes(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def seg_data(tmp_path_factory) -> Path:
-    """images/ + labels/ NIfTI pairs: the sample CT and its lung mask (HU < -400)."""
+def _sample_volumes():
+    """nibabel and the two sample CT crops, or a skip."""
     nib = pytest.importorskip("nibabel")
     if len(SAMPLE_VOLUMES) < 2:
         pytest.skip("data/sample/*.nii.gz (two CT crops) not found")
+    return nib, SAMPLE_VOLUMES
+
+
+@pytest.fixture(scope="module")
+def seg_data(tmp_path_factory) -> Path:
+    """images/ + labels/ NIfTI pairs: the sample CT and its lung mask (HU < -400)."""
+    nib, volumes = _sample_volumes()
     root = tmp_path_factory.mktemp("seg")
     (root / "images").mkdir()
     (root / "labels").mkdir()
-    for f in SAMPLE_VOLUMES:
+    for f in volumes:
         img = nib.load(str(f))
         hu = np.asarray(img.dataobj)
         nib.save(img, str(root / "images" / f.name))
@@ -126,13 +141,11 @@ def seg_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cls_data(tmp_path_factory) -> Path:
     """A path,label CSV of 16x16x16 cubes (.npy in [0, 1] and NIfTI in HU), label = mean HU < -300."""
-    nib = pytest.importorskip("nibabel")
-    if len(SAMPLE_VOLUMES) < 2:
-        pytest.skip("data/sample/*.nii.gz (two CT crops) not found")
+    nib, volumes = _sample_volumes()
     root = tmp_path_factory.mktemp("cls")
     rng = np.random.default_rng(0)
     rows = []
-    for f in SAMPLE_VOLUMES:
+    for f in volumes:
         img = nib.load(str(f))
         hu = np.asarray(img.dataobj, dtype=np.float32)
         for i in range(12):

@@ -10,6 +10,7 @@ import multiprocessing as mp
 
 import numpy as np
 import pytest
+from conftest import box_union
 
 import genesis_ext
 from genesis_ext import DeformConfig
@@ -36,18 +37,11 @@ def channels_of(base):
     return np.ascontiguousarray(np.concatenate([base, 2 * base, -base], axis=1))
 
 
-def union_mask(spatial, boxes, n):
-    mask = np.zeros(spatial, dtype=bool)
-    for origin, size in np.asarray(boxes)[:n]:
-        mask[tuple(slice(int(o), int(o) + int(s)) for o, s in zip(origin, size))] = True
-    return mask
-
-
 def paint_mask(p, spatial, kind):
     """Voxels that become noise: kind 'inpaint' (inside the holes) or 'outpaint' (outside the windows)."""
     if kind == "inpaint":
-        return union_mask(spatial, p["holes"], p["n_holes"])
-    return ~union_mask(spatial, p["windows"], p["n_windows"])
+        return box_union(spatial, p["holes"], p["n_holes"])
+    return ~box_union(spatial, p["windows"], p["n_windows"])
 
 
 def oracle_single(op, x, seed, offset, config):

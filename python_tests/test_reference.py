@@ -13,6 +13,7 @@ import types
 
 import numpy as np
 import pytest
+from conftest import box_union
 
 try:
     from genesis_ext import reference as R
@@ -41,13 +42,6 @@ def sigma_ok(freq, p, n, k=4.0):
 @pytest.fixture(scope="module")
 def official_params():
     return [R.derive_params(SEED, i, SHAPE, DeformConfig.official()) for i in range(N_STATS)]
-
-
-def box_mask(shape, boxes, n):
-    m = np.zeros(shape, dtype=bool)
-    for o, s in boxes[:n]:
-        m[tuple(slice(a, a + b) for a, b in zip(o, s))] = True
-    return m
 
 
 # ------------------------------------------------------------------------------------------------ Philox and the stream
@@ -409,10 +403,10 @@ def test_painting_fractions(official_params):
         outs = R.outpaint(x, p["windows"], p["n_windows"], z)
         assert ins.dtype == np.float32 and outs.dtype == np.float32
         hole = ins[0] != -1
-        assert np.array_equal(hole, box_mask(SHAPE, p["holes"], p["n_holes"]))
+        assert np.array_equal(hole, box_union(SHAPE, p["holes"], p["n_holes"]))
         assert np.array_equal(ins[0][hole], z[0][hole])
         window = outs[0] == -1
-        assert np.array_equal(window, box_mask(SHAPE, p["windows"], p["n_windows"]))
+        assert np.array_equal(window, box_union(SHAPE, p["windows"], p["n_windows"]))
         assert np.array_equal(outs[0][~window], z[0][~window])
         shell = np.ones(SHAPE, dtype=bool)
         shell[3:-3, 3:-3, 3:-3] = False
@@ -435,7 +429,7 @@ def test_inpaint_per_channel_and_no_mutation():
     z = R.noise(1, 2, x.shape)
     out = R.inpaint(x, holes, 2, z)
     assert np.array_equal(x, before)
-    m = box_mask(x.shape[1:], holes, 2)
+    m = box_union(x.shape[1:], holes, 2)
     assert np.array_equal(out[:, m], z[:, m]) and np.array_equal(out[:, ~m], x[:, ~m])
     out = R.outpaint(x, holes, 2, z)
     assert np.array_equal(out[:, m], x[:, m]) and np.array_equal(out[:, ~m], z[:, ~m])

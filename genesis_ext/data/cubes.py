@@ -195,6 +195,11 @@ def origin_bounds(shape, cube=CUBE, filt=None, margins="auto"):
     return lo, hi, m
 
 
+def cut_cube(data: np.ndarray, origin, cube, window: Window) -> np.ndarray:
+    """The cube of size ``cube`` at ``origin`` of ``data``, windowed to [0, 1] (float32)."""
+    return window.apply(data[tuple(slice(int(o), int(o) + int(c)) for o, c in zip(origin, cube))])
+
+
 def extract_cubes(
     data: np.ndarray,
     *,
@@ -242,7 +247,7 @@ def extract_cubes(
     origins = origins[kept]
     out = np.empty((len(kept), *cube), dtype=np.float32)
     for i, o in enumerate(origins):
-        out[i] = window.apply(data[o[0] : o[0] + cube[0], o[1] : o[1] + cube[1], o[2] : o[2] + cube[2]])
+        out[i] = cut_cube(data, o, cube, window)
     return Cubes(out, origins.astype(np.int64), np.asarray(scores[kept], dtype=np.float64), tried, window, used_margins)
 
 

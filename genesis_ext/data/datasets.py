@@ -22,6 +22,7 @@ from .cubes import (
     BoxScorer,
     NoFilter,
     OfficialLung,
+    cut_cube,
     make_filter,
     origin_bounds,
 )
@@ -183,7 +184,4 @@ class VolumeCubeDataset(_Transformed):
     def __getitem__(self, index: int) -> np.ndarray:
         k, o = self.position(int(index))
         data, window = self._prepared(k)[:2]
-        c = self.cube
-        return self._transformed(
-            window.apply(data[o[0] : o[0] + c[0], o[1] : o[1] + c[1], o[2] : o[2] + c[2]])[None], int(index)
-        )
+        return self._transformed(cut_cube(data, o, self.cube, window)[None], int(index))

@@ -22,6 +22,13 @@ TORCH_MISSING = "needs PyTorch, which is not installed: pip install 'genesis-ext
 
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    _add_pretrain_inputs(p)
+    _add_optimisation(p.add_argument_group("optimisation (default: from the preset)"))
+    _add_data_and_randomness(p.add_argument_group("data and randomness"))
+    _add_execution(p.add_argument_group("execution"))
+
+
+def _add_pretrain_inputs(p) -> None:
     p.add_argument(
         "--data",
         nargs="+",
@@ -45,7 +52,9 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
         help="the deformations of each pair: genesis (the published recipe, default) or one of the paper's "
         "ablations, each deformation at its published rate: " + ", ".join(PRESETS[1:]),
     )
-    g = p.add_argument_group("optimisation (default: from the preset)")
+
+
+def _add_optimisation(g) -> None:
     g.add_argument("--optimizer", choices=["sgd", "adam"])
     g.add_argument("--lr", type=float)
     g.add_argument("--momentum", type=float, help="SGD momentum / Adam beta1")
@@ -69,7 +78,9 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
         default=3,
         help="2: Models Genesis 2D (UNet2D on axial patches from extract --dims 2, cubes of one slice); default 3",
     )
-    g = p.add_argument_group("data and randomness")
+
+
+def _add_data_and_randomness(g) -> None:
     g.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the cubes (default 0.1)")
     g.add_argument("--val-data", nargs="+", metavar="PATH", help="separate validation data instead")
     g.add_argument(
@@ -91,7 +102,9 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--per-volume", type=positive_int, default=32, help="volume inputs: cubes per volume and epoch")
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
-    g = p.add_argument_group("execution")
+
+
+def _add_execution(g) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="auto: bf16 on CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -180,6 +193,11 @@ def run_pretrain(args) -> int:
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    _add_finetune_inputs(p)
+    _add_finetune_training(p)
+
+
+def _add_finetune_inputs(p) -> None:
     p.add_argument(
         "--task",
         choices=TASKS,
@@ -228,6 +246,9 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="U-Net channel multiplier (default: the --weights checkpoint's, else 1, the published network)",
     )
+
+
+def _add_finetune_training(p) -> None:
     p.add_argument("--epochs", type=positive_int, default=10, help="default 10")
     p.add_argument("--batch-size", type=positive_int, default=4, help="default 4")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")

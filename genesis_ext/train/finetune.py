@@ -576,18 +576,7 @@ class FinetuneTrainer(Trainer):
 class SegmentationTrainer(FinetuneTrainer):
     """The whole U-Net on random patches (half centred on foreground), soft Dice loss; Dice and IoU."""
 
-    fields = (
-        "epoch",
-        "step",
-        "lr",
-        "train_loss",
-        "val_loss",
-        "val_dice",
-        "val_iou",
-        "best_val",
-        "bad_epochs",
-        "seconds",
-    )
+    columns = ("val_dice", "val_iou")
     metric = "val_dice"
 
     def setup(self) -> None:
@@ -629,18 +618,7 @@ class SegmentationTrainer(FinetuneTrainer):
 class ClassificationTrainer(FinetuneTrainer):
     """The published head on the pre-trained encoder, cross-entropy; accuracy and ROC AUC."""
 
-    fields = (
-        "epoch",
-        "step",
-        "lr",
-        "train_loss",
-        "val_loss",
-        "val_accuracy",
-        "val_auc",
-        "best_val",
-        "bad_epochs",
-        "seconds",
-    )
+    columns = ("val_accuracy", "val_auc")
     metric = "val_auc"
 
     def setup(self) -> None:

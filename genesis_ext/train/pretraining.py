@@ -340,18 +340,8 @@ class PretrainTrainer(Trainer):
     """Models Genesis pre-training on the Trainer loop: the U-Net restores ``genesis_pair``-deformed cubes (MSE).
     Override ``loss`` (or any stage) in a subclass and pass it to ``fit`` as in :func:`pretrain`."""
 
-    fields = (
-        "epoch",
-        "step",
-        "samples",
-        "lr",
-        "train_loss",
-        "val_loss",
-        *(f"val_{b}" for b in BRANCHES),  # the validation MSE of the pairs of one painting branch
-        "best_val",
-        "bad_epochs",
-        "seconds",
-    )
+    # the validation MSE of the pairs of one painting branch, and the training samples seen so far
+    columns = (*(f"val_{b}" for b in BRANCHES), "samples")
     resume_keys = _RESUME_KEYS
     title = "pre-training"
 

@@ -52,7 +52,7 @@ class Trainer:
 
     csv_name = "metrics.csv"  # one row per epoch, columns ``fields``
     checkpoint_dir = "checkpoints"  # last.pt (every epoch) and best.pt (best score), under out
-    fields = ("epoch", "step", "lr", "train_loss", "val_loss", "best_val", "bad_epochs", "seconds")
+    columns: tuple[str, ...] = ()  # the task's own CSV columns (e.g. validation metrics), after val_loss
     resume_keys: tuple[str, ...] = ("seed", "optimizer")  # settings that must match the checkpoint's to resume
     title = "training"  # curve.png's title
 
@@ -66,6 +66,11 @@ class Trainer:
         self.log = print_line if self.dd.main else _silent
         self.steps = 0  # optimizer steps per epoch: set by setup
         self.history: list[dict] = []
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The CSV's columns: the loop's and the task's."""
+        return ("epoch", "step", "lr", "train_loss", "val_loss", *self.columns, "best_val", "bad_epochs", "seconds")
 
     # ---- the stages a task defines ----
     def setup(self) -> None:
