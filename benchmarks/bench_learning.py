@@ -9,8 +9,10 @@ of ../shared/data (popi-4dct and lung-pet-ct-dx, the published lung filter) into
 the same fixed, seeded share of them and deform it with the same validation seed, and start from the same seed.
 Writes ``OUT/official/`` and ``OUT/default/`` (each a pre-training run: ``metrics.csv``, ``curve.png``, checkpoints),
 ``OUT/learning.csv`` (one row per recipe and evaluation: step, validation MSE, per painting branch) and
-``OUT/learning.png`` (validation MSE of both against the steps, with the identity and constant-mean baselines), and
-prints the table for README. A speed or loss threshold is not this script's business: it reports.
+``OUT/learning.png`` (validation MSE of both against the steps, with the identity and constant-mean baselines),
+``OUT/branches_<recipe>.png`` (per deformation branch: out-painted, in-painted, shuffled, Bézier-only, none, each over
+its own constant-mean baseline), and prints the tables for README. A speed or loss threshold is not this script's
+business: it reports.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from pathlib import Path
 from genesis_ext.data import ExtractSettings, OfficialLung, run_extract
 from genesis_ext.train import PretrainConfig, pretrain, read_csv
 from genesis_ext.train.logs import curve_image, save_png
+from genesis_ext.train.pretraining import BRANCHES
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = [REPO.parent / "shared" / "data" / name for name in ("popi-4dct", "lung-pet-ct-dx")]
 RECIPES = ("official", "default")
-FIELDS = ("recipe", "step", "val_loss", "val_none", "val_inpaint", "val_outpaint", "train_loss", "lr")
+FIELDS = ("recipe", "step", "val_loss", *(f"val_{b}" for b in BRANCHES), "train_loss", "lr")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -95,6 +98,8 @@ def main(argv=None) -> int:
     image = curve_image(series, {"identity": base["identity"], "constant mean": base["mean"]}, "learning parity")
     if image is not None:
         save_png(image, args.out / "learning.png")
+    for recipe in RECIPES:
+        branch_plot([r for r in rows if r["recipe"] == recipe], base, recipe, args.out / f"branches_{recipe}.png")
     print(
         f"| recipe | steps | final val MSE | best val MSE | best / mean baseline |  (identity {base['identity']:.4f}, "
         f"mean {base['mean']:.4f})"
@@ -105,7 +110,27 @@ def main(argv=None) -> int:
         print(
             f"| {recipe} | {mine[-1]['step']} | {mine[-1]['val_loss']:.4f} | {best:.4f} | {best / base['mean']:.3f} |"
         )
+    print("final validation MSE per branch / that branch's constant-mean baseline (pairs):")
+    for recipe in RECIPES:
+        last = [r for r in rows if r["recipe"] == recipe][-1]
+        cells = [
+            f"{b} {last[f'val_{b}'] / base[f'mean_{b}']:.3f}" for b in BRANCHES if last.get(f"val_{b}") is not None
+        ]
+        print(f"  {recipe}: " + ", ".join(cells))
     return 0
+
+
+def branch_plot(rows: list, base: dict, recipe: str, path: Path) -> None:
+    """One recipe's validation MSE per deformation branch over the branch's constant-mean baseline (1: the mean)."""
+    series = {
+        b: [(r["step"], r[f"val_{b}"] / base[f"mean_{b}"]) for r in rows]
+        for b in BRANCHES
+        if base.get(f"mean_{b}") and all(r.get(f"val_{b}") is not None for r in rows)
+    }
+    title = f"{recipe}: validation MSE per branch / the branch's constant-mean baseline"
+    image = curve_image(series, {"constant mean": 1.0}, title, ylabel="ratio")
+    if image is not None:
+        save_png(image, path)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,9 @@ def main(argv=None) -> int:
     return 0
 
 
+DEMO_WIDTH = 0.25  # a U-Net of 1/16 the published parameters: enough steps in minutes of CPU to beat the baselines
+
+
 def pretrain_demo(inputs, out: Path, minutes: float, cube, seed: int) -> int:
     """``genesis-ext extract`` of ``inputs`` into ``out/cubes``, then ``genesis-ext pretrain`` into ``out/run`` for
     about ``minutes`` (default preset, batch 4, 10 steps per epoch, 20% held out with 4 deformations each, a
@@ -260,7 +263,7 @@ def pretrain_demo(inputs, out: Path, minutes: float, cube, seed: int) -> int:
     if status != 0:
         return status
     resume = ["--resume"] if (out / "run" / "checkpoints" / "last.pt").exists() else []  # a second demo continues
-    return cli(
+    status = cli(
         [
             "pretrain",
             "--data",
@@ -279,8 +282,31 @@ def pretrain_demo(inputs, out: Path, minutes: float, cube, seed: int) -> int:
             str(minutes),
             "--seed",
             str(seed),
+            "--width",
+            str(DEMO_WIDTH),
             *resume,
         ]
+    )
+    if status == 0:
+        print(learning_verdict(out / "run"))
+    return status
+
+
+def learning_verdict(run: Path) -> str:
+    """Whether the run's validation loss went below the constant-mean baseline (the loss of predicting the targets'
+    mean), from its metrics.csv and baselines.json."""
+    import json
+
+    from genesis_ext.train import read_csv
+
+    rows, base = read_csv(run / "metrics.csv"), json.loads((run / "baselines.json").read_text())
+    best = min(rows, key=lambda r: r["val_loss"])
+    ratio = best["val_loss"] / base["mean"]
+    below = "below" if ratio < 1 else "not yet below"
+    return (
+        f"learning: best validation loss {best['val_loss']:.5f} after {best['step']} steps, {ratio:.2f}x the "
+        f"constant-mean baseline {base['mean']:.5f}: {below} it (identity baseline {base['identity']:.5f}); "
+        f"curves: {run / 'curve.png'}"
     )
 
 

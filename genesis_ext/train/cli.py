@@ -279,6 +279,12 @@ def _add_finetune_training(p) -> None:
         "validation, seeded (default 0.2; 0: no validation)",
     )
     p.add_argument(
+        "--val-data",
+        default=None,
+        help="segmentation: separate validation volumes (a directory or CSV like --data); then every --data "
+        "volume trains",
+    )
+    p.add_argument(
         "--window",
         nargs=2,
         type=float,

@@ -399,6 +399,7 @@ class FinetuneConfig:
     val_patches_per_volume: int = 16
     fg_fraction: float = 0.5
     val_fraction: float = 0.2
+    val_data: str | None = None  # segmentation: separate validation volumes (a directory or CSV like data)
     threshold: float = 0.5
     window: tuple = (-1000.0, 1000.0)
     device: str = "auto"
@@ -432,6 +433,8 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
 def _check_config(cfg: FinetuneConfig) -> None:
     if cfg.task not in TASKS:
         raise FinetuneError(f"--task must be one of {TASKS}, got {cfg.task!r}")
+    if cfg.val_data is not None and cfg.task != "segmentation":
+        raise FinetuneError("--val-data: separate validation data is for segmentation; classification splits its CSV")
     for name in ("epochs", "batch_size", "patches_per_volume", "val_patches_per_volume", "n_class", "accumulate"):
         if getattr(cfg, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -583,19 +586,22 @@ class SegmentationTrainer(FinetuneTrainer):
         cfg = self.cfg
         rng = np.random.default_rng(cfg.seed)
         cases = [load_seg_case(i, lab, cfg.n_class, self.window) for i, lab in segmentation_pairs(cfg.data)]
-        train_idx, val_idx = split_indices(len(cases), cfg.val_fraction, rng)
+        if cfg.val_data is None:
+            train_idx, val_idx = split_indices(len(cases), cfg.val_fraction, rng)
+            val_cases = [cases[i] for i in val_idx]
+        else:  # a separate validation set: every case of data trains
+            train_idx = np.arange(len(cases))
+            val_cases = [load_seg_case(i, lab, cfg.n_class, self.window) for i, lab in segmentation_pairs(cfg.val_data)]
         self.train_cases = [cases[i] for i in train_idx]
         val_rng = np.random.default_rng([cfg.seed, 1])
-        val = [
-            sample_patches(cases[i], self.patch, cfg.val_patches_per_volume, val_rng, cfg.fg_fraction) for i in val_idx
-        ]
+        val = [sample_patches(c, self.patch, cfg.val_patches_per_volume, val_rng, cfg.fg_fraction) for c in val_cases]
         self.val_x, self.val_y = self.net_arrays(
             np.concatenate([x for x, _ in val]) if val else None, np.concatenate([y for _, y in val]) if val else None
         )
         n_train = len(self.train_cases) * cfg.patches_per_volume
         self.log(
             f"segmentation: {len(self.train_cases)} training volume(s) ({n_train} patches of {self.patch} per epoch), "
-            f"{len(val_idx)} validation volume(s) ({0 if self.val_x is None else len(self.val_x)} fixed patches)"
+            f"{len(val_cases)} validation volume(s) ({0 if self.val_x is None else len(self.val_x)} fixed patches)"
         )
         self._set_steps(n_train, "patches per epoch; lower it or raise --patches-per-volume")
 
@@ -711,6 +717,7 @@ def run(args) -> int:
         dims=args.dims,
         n_class=args.n_class,
         width=args.width,
+        val_data=args.val_data,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

@@ -12,8 +12,8 @@ The command line is ``genesis-ext pretrain --data CUBES_OR_VOLUMES --out DIR``. 
   ``e * steps_per_epoch * batch_size + p``, and is deformed on the training device by ``genesis_pair`` with
   ``deform_seed`` at that index: the pair depends only on (seed, index), not on the process layout.
 * Validation pairs use ``val_seed`` with offsets 0..V*R-1 (V held-out cubes, each ``val_repeats`` = R times): the
-  same deformations every epoch. The loss is logged over
-  all pairs and per painting branch (none / in-painting / out-painting), with the same split of the baselines
+  same deformations every epoch. The loss is logged over all pairs and per deformation branch (out-painted,
+  in-painted, shuffled, Bézier-only, none: ``BRANCHES``), with the same split of the baselines
   (identity: the deformed input; mean: the targets' mean) in ``baselines.json``: out-painting hides about 2/3 of a
   cube, so its loss has a high floor and dominates the total.
 * ``accumulate=K`` splits each batch into K micro-batches (gradients summed, then divided by K). Under torchrun with W
@@ -72,12 +72,19 @@ PRESETS = {
 }
 
 
-# The painting branch of a pair: none, in-painting or out-painting (``sample_params`` ``paint`` / ``inpaint``).
-BRANCHES = ("none", "inpaint", "outpaint")
+# The deformation branch of a pair, one each, painting first: out-painted, in-painted, else shuffled (local shuffle,
+# with or without the Bézier map), else Bézier-only, else none (flips only).
+BRANCHES = ("outpaint", "inpaint", "shuffle", "bezier", "none")
 
 
 def _branches(params: dict) -> np.ndarray:
-    return np.where(~params["paint"], "none", np.where(params["inpaint"], "inpaint", "outpaint"))
+    """The branch of each pair of ``sample_params``."""
+    paint, inpaint, local, nonlinear = (
+        np.asarray(params[k], dtype=bool) for k in ("paint", "inpaint", "local", "nonlinear")
+    )
+    return np.select(
+        [paint & ~inpaint, paint & inpaint, local, nonlinear], ["outpaint", "inpaint", "shuffle", "bezier"], "none"
+    )
 
 
 @dataclass
@@ -340,10 +347,18 @@ class PretrainTrainer(Trainer):
     """Models Genesis pre-training on the Trainer loop: the U-Net restores ``genesis_pair``-deformed cubes (MSE).
     Override ``loss`` (or any stage) in a subclass and pass it to ``fit`` as in :func:`pretrain`."""
 
-    # the validation MSE of the pairs of one painting branch, and the training samples seen so far
+    # the validation MSE of the pairs of one deformation branch, and the training samples seen so far
     columns = (*(f"val_{b}" for b in BRANCHES), "samples")
     resume_keys = _RESUME_KEYS
-    title = "pre-training"
+
+    @property
+    def title(self) -> str:
+        """curve.png's title: the best validation loss against the constant-mean baseline, so far."""
+        if not self.base or not math.isfinite(self.best):
+            return "pre-training"
+        ratio = self.best / self.base["mean"]
+        where = "below" if ratio < 1 else "above"
+        return f"pre-training: best validation {ratio:.2f}x the constant-mean baseline ({where})"
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -375,7 +390,7 @@ class PretrainTrainer(Trainer):
         # each held-out cube val_repeats times, each time with its own deformation (pair j has offset j)
         items = self.val_items
         self.val_batches = [list(map(int, items[i : i + B])) for i in range(0, len(items), B)] * cfg.val_repeats
-        # the painting branch of each validation pair: out-painting hides ~2/3 of a cube, so its loss has a large floor
+        # the branch of each validation pair: out-painting hides ~2/3 of a cube, so its loss has a large floor
         n_val = len(items) * cfg.val_repeats
         params = sample_params(n_val, self.spatial, seed=cfg.val_seed, config=cfg.deform, with_blocks=False)
         self.branch = _branches(params)
@@ -441,7 +456,7 @@ class PretrainTrainer(Trainer):
         }
 
     def validate(self, epoch: int) -> dict:
-        """Validation MSE on the fixed pairs: over all pairs and per painting branch (``val_none``, ...)."""
+        """Validation MSE on the fixed pairs: over all pairs and per deformation branch (``val_outpaint``, ...)."""
         every = self.cfg.preview_every
         self._first = [] if (every and epoch % every == 0) else None
         self.model.eval()
