@@ -57,6 +57,26 @@ def box_union(spatial, boxes, n) -> np.ndarray:
     return mask
 
 
+def tiny_finetune_config(data, out, **changes):
+    """A fine-tuning config of the tests' tiny size (segmentation, 16^3 patches, batches of 2, one epoch of two
+    patches per volume, half the volumes held out), with ``changes``."""
+    from genesis_ext.train.finetune import FinetuneConfig
+
+    base = dict(
+        task="segmentation",
+        data=str(data),
+        out=str(out),
+        patch=(16, 16, 16),
+        epochs=1,
+        batch_size=2,
+        patches_per_volume=2,
+        val_patches_per_volume=2,
+        val_fraction=0.5,
+        progress=False,
+    )
+    return FinetuneConfig(**(base | changes))
+
+
 @pytest.fixture
 def rng():
     """A fresh, fixed-seed numpy Generator per test (tests stay independent of their order)."""

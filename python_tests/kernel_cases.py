@@ -209,3 +209,22 @@ def bit_mismatch(got: np.ndarray, want: np.ndarray, what: str) -> str | None:
         f"{what}: {int(differ.sum())} of {differ.size} values differ from the CPU kernel; first at {first}: got "
         f"{float(got[first])!r}, CPU {float(want[first])!r}; max finite |diff| {worst:.3g}"
     )
+
+
+def philox_inputs(n_random: int = 1000, seed: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """uint32 counters (n, 4) and keys (n, 2): the Random123 known-answer inputs, then ``n_random`` random pairs."""
+    rng = np.random.default_rng(seed)
+    n = len(PHILOX_KAT) + n_random
+    ctr = rng.integers(0, 2**32, size=(n, 4), dtype=np.uint64).astype(np.uint32)
+    key = rng.integers(0, 2**32, size=(n, 2), dtype=np.uint64).astype(np.uint32)
+    for j, (c, k, _) in enumerate(PHILOX_KAT):
+        ctr[j], key[j] = c, k
+    return ctr, key
+
+
+def assert_philox_outputs(got: np.ndarray, ctr: np.ndarray, key: np.ndarray) -> None:
+    """``got`` (n, 4) holds the known answers first, then the CPU core's outputs for every (counter, key)."""
+    for j, (_, _, expected) in enumerate(PHILOX_KAT):
+        assert tuple(int(v) for v in got[j]) == expected, j
+    want = np.array([genesis_ext._C.philox4x32_10(c.tolist(), k.tolist()) for c, k in zip(ctr, key)], dtype=np.uint32)
+    assert np.array_equal(got, want)

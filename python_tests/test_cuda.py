@@ -33,13 +33,14 @@ from kernel_cases import (
     NONFINITE_CASES,
     NONFINITE_OFFSETS,
     OFFICIAL,
-    PHILOX_KAT,
     SCRAMBLED,
     SPLIT_CHUNKS,
+    assert_philox_outputs,
     branch_covering_seed,
     case_input,
     case_seed_offsets,
     outputs,
+    philox_inputs,
 )
 
 torch = pytest.importorskip("torch")
@@ -579,22 +580,15 @@ def test_build_info_reports_the_devices(dev):
 def test_cuda_philox_known_answers_and_cpu_equality(dev):
     """_C.cuda_philox4x32_10 on the device: the three Random123 vectors and 1000 random (counter, key) pairs equal
     the CPU core (_C.philox4x32_10); the output buffer is poisoned so an unwritten word shows."""
-    rng = np.random.default_rng(4)
-    n = 3 + 1000
-    ctr = rng.integers(0, 2**32, size=(n, 4), dtype=np.uint64).astype(np.uint32)
-    key = rng.integers(0, 2**32, size=(n, 2), dtype=np.uint64).astype(np.uint32)
-    for j, (c, k, _) in enumerate(PHILOX_KAT):
-        ctr[j], key[j] = c, k
+    ctr, key = philox_inputs()
+    n = len(ctr)
     d_ctr, d_key = (torch.from_numpy(a.view(np.int32)).to(dev) for a in (ctr, key))
     d_out = torch.full((n, 4), int(np.uint32(0xDEADBEEF).view(np.int32)), dtype=torch.int32, device=dev)
     _C.cuda_philox4x32_10(
         d_ctr.data_ptr(), d_key.data_ptr(), d_out.data_ptr(), n, dev.index, torch.cuda.current_stream(dev).cuda_stream
     )
     got = d_out.cpu().numpy().view(np.uint32)  # a copy on the current stream: ordered after the kernel
-    for j, (_, _, expected) in enumerate(PHILOX_KAT):
-        assert tuple(int(v) for v in got[j]) == expected, j
-    want = np.array([_C.philox4x32_10(c.tolist(), k.tolist()) for c, k in zip(ctr, key)], dtype=np.uint32)
-    assert np.array_equal(got, want)
+    assert_philox_outputs(got, ctr, key)
 
 
 @pytest.mark.parametrize("op", ("local_shuffle", "genesis_pair"))

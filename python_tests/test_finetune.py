@@ -19,6 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 nib = pytest.importorskip("nibabel")
 
+from conftest import tiny_finetune_config  # noqa: E402
+
 from genesis_ext.cli import main as cli_main  # noqa: E402
 from genesis_ext.models import CheckpointError, GenesisClassifier, UNet3D, save_checkpoint  # noqa: E402
 from genesis_ext.train.finetune import (  # noqa: E402
@@ -165,19 +167,8 @@ def test_segmentation_from_our_and_published_checkpoints(seg_data, tmp_path, cap
 
 @pytest.mark.slow
 def test_segmentation_runs_are_seeded(seg_data, tmp_path):
-    cfg = dict(
-        task="segmentation",
-        data=str(seg_data),
-        patch=(16, 16, 16),
-        epochs=1,
-        batch_size=2,
-        patches_per_volume=2,
-        val_patches_per_volume=2,
-        val_fraction=0.5,
-        progress=False,
-    )
-    a = run_finetune(FinetuneConfig(out=str(tmp_path / "a"), **cfg), log=lambda *_: None)["final"]
-    b = run_finetune(FinetuneConfig(out=str(tmp_path / "b"), **cfg), log=lambda *_: None)["final"]
+    a = run_finetune(tiny_finetune_config(seg_data, tmp_path / "a"), log=lambda *_: None)["final"]
+    b = run_finetune(tiny_finetune_config(seg_data, tmp_path / "b"), log=lambda *_: None)["final"]
     assert a["train_loss"] == b["train_loss"] and a["val_dice"] == b["val_dice"]
 
 
@@ -186,22 +177,7 @@ def test_segmentation_other_n_class_loads_all_but_the_output_layer(seg_data, tmp
     ckpt = tmp_path / "two_class.pt"
     save_checkpoint(UNet3D(n_class=2), ckpt)
     lines = []
-    run_finetune(
-        FinetuneConfig(
-            task="segmentation",
-            data=str(seg_data),
-            out=str(tmp_path / "run"),
-            weights=str(ckpt),
-            patch=(16, 16, 16),
-            epochs=1,
-            batch_size=2,
-            patches_per_volume=2,
-            val_patches_per_volume=2,
-            val_fraction=0.5,
-            progress=False,
-        ),
-        log=lines.append,
-    )
+    run_finetune(tiny_finetune_config(seg_data, tmp_path / "run", weights=str(ckpt)), log=lines.append)
     assert any("except its output layer" in line and "n_class=2" in line for line in lines), lines
 
 
@@ -445,20 +421,8 @@ def _distance(run: Path, ckpt: Path) -> dict:
 
 
 def _finetune(data, out, weights, **kw):
-    base = dict(
-        task="segmentation",
-        data=str(data),
-        out=str(out),
-        weights=None if weights is None else str(weights),
-        patch=(16, 16, 16),
-        epochs=1,
-        batch_size=2,
-        patches_per_volume=2,
-        val_patches_per_volume=2,
-        val_fraction=0.5,
-        progress=False,
-    )
-    run_finetune(FinetuneConfig(**(base | kw)), log=lambda *_: None)
+    weights = None if weights is None else str(weights)
+    run_finetune(tiny_finetune_config(data, out, weights=weights, **kw), log=lambda *_: None)
     return Path(out)
 
 

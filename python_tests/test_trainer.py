@@ -12,6 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("nibabel")
 
+from conftest import tiny_finetune_config  # noqa: E402
+
 from genesis_ext import DeformConfig  # noqa: E402
 from genesis_ext.train import PretrainConfig, PretrainTrainer, pretrain, read_csv  # noqa: E402
 from genesis_ext.train.finetune import (  # noqa: E402
@@ -174,20 +176,10 @@ def test_a_subclass_changes_the_loss(cubes, tmp_path):
 
 def test_fine_tuning_resumes_exactly(seg_data, tmp_path):
     """Fine-tuning shares the loop's resume: 2 epochs, then 1 more from the checkpoint, equals 3 epochs in one go."""
-    cfg = dict(
-        task="segmentation",
-        data=str(seg_data),
-        patch=(16, 16, 16),
-        batch_size=2,
-        patches_per_volume=2,
-        val_patches_per_volume=2,
-        val_fraction=0.5,
-        progress=False,
-    )
     quiet = dict(log=lambda *_: None)
-    whole = run_finetune(FinetuneConfig(out=str(tmp_path / "whole"), epochs=3, **cfg), **quiet)
-    run_finetune(FinetuneConfig(out=str(tmp_path / "parts"), epochs=2, **cfg), **quiet)
-    parts = run_finetune(FinetuneConfig(out=str(tmp_path / "parts"), epochs=3, resume=True, **cfg), **quiet)
+    whole = run_finetune(tiny_finetune_config(seg_data, tmp_path / "whole", epochs=3), **quiet)
+    run_finetune(tiny_finetune_config(seg_data, tmp_path / "parts", epochs=2), **quiet)
+    parts = run_finetune(tiny_finetune_config(seg_data, tmp_path / "parts", epochs=3, resume=True), **quiet)
     keys = ("train_loss", "val_loss", "val_dice")
     assert [parts["final"][k] for k in keys] == [whole["final"][k] for k in keys]
     assert np.isfinite([whole["final"][k] for k in keys]).all()
