@@ -166,6 +166,14 @@ def main(argv=None) -> int:
         metavar=("X", "Y", "Z"),
         help="cube size of the pre-training part (default: 32 32 16)",
     )
+    parser.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        default=3,
+        help="3: pre-train the 3D U-Net on cubes (default); 2: Models Genesis 2D, UNet2D on axial patches "
+        "(the first two --train-cube sizes), into OUT/run2d",
+    )
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be >= 1")
@@ -227,20 +235,23 @@ def main(argv=None) -> int:
         f"fired: {fired_text}"
     )
     if args.train_minutes > 0:
-        return pretrain_demo(inputs, args.out, args.train_minutes, tuple(args.train_cube), args.seed)
+        return pretrain_demo(inputs, args.out, args.train_minutes, tuple(args.train_cube), args.seed, args.dims)
     return 0
 
 
 DEMO_WIDTH = 0.25  # a U-Net of 1/16 the published parameters: enough steps in minutes of CPU to beat the baselines
 
 
-def pretrain_demo(inputs, out: Path, minutes: float, cube, seed: int) -> int:
+def pretrain_demo(inputs, out: Path, minutes: float, cube, seed: int, dims: int = 3) -> int:
     """``genesis-ext extract`` of ``inputs`` into ``out/cubes``, then ``genesis-ext pretrain`` into ``out/run`` for
     about ``minutes`` (default preset, batch 4, 10 steps per epoch, 20% held out with 4 deformations each, a
-    preview every epoch)."""
+    preview every epoch). ``dims`` 2: axial patches of the first two sizes of ``cube`` into ``out/cubes2d`` and
+    ``out/run2d`` (Models Genesis 2D)."""
     from genesis_ext.cli import main as cli
 
-    cube_args = [str(c) for c in cube]
+    cube_args = [str(c) for c in cube[:dims]]
+    suffix = "" if dims == 3 else "2d"
+    cubes, run = out / f"cubes{suffix}", out / f"run{suffix}"
     # lung cubes (the published filter): on soft-tissue cubes a decreasing Bézier map is hard to tell from an
     # increasing one, and the network long predicts little more than the mean (README, "Pre-training")
     status = cli(
@@ -248,7 +259,9 @@ def pretrain_demo(inputs, out: Path, minutes: float, cube, seed: int) -> int:
             "extract",
             *map(str, inputs),
             "--out",
-            str(out / "cubes"),
+            str(cubes),
+            "--dims",
+            str(dims),
             "--filter",
             "official-lung",
             "--cube",
@@ -262,14 +275,16 @@ def pretrain_demo(inputs, out: Path, minutes: float, cube, seed: int) -> int:
     )
     if status != 0:
         return status
-    resume = ["--resume"] if (out / "run" / "checkpoints" / "last.pt").exists() else []  # a second demo continues
+    resume = ["--resume"] if (run / "checkpoints" / "last.pt").exists() else []  # a second demo continues
     status = cli(
         [
             "pretrain",
             "--data",
-            str(out / "cubes"),
+            str(cubes),
             "--out",
-            str(out / "run"),
+            str(run),
+            "--dims",
+            str(dims),
             "--batch-size",
             "4",
             "--steps-per-epoch",
@@ -288,7 +303,7 @@ def pretrain_demo(inputs, out: Path, minutes: float, cube, seed: int) -> int:
         ]
     )
     if status == 0:
-        print(learning_verdict(out / "run"))
+        print(learning_verdict(run))
     return status
 
 
