@@ -143,15 +143,7 @@ def curve_image(series: dict, lines: dict, title: str, xlabel: str = "step", yla
     image = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(image)
     draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
-    for k in range(6):
-        y = y_lo + (y_hi - y_lo) * k / 5
-        _, py = at(0, y)
-        draw.line([left - 4, py, left, py], fill=(0, 0, 0))
-        draw.text((4, py - 7), f"{y:.3g}", fill=(0, 0, 0), font=font)
-        x = x_hi * k / 5
-        px, _ = at(x, y_lo)
-        draw.line([px, h - bottom, px, h - bottom + 4], fill=(0, 0, 0))
-        draw.text((px - 12, h - bottom + 6), f"{x:.0f}", fill=(0, 0, 0), font=font)
+    _draw_ticks(draw, at, (x_hi, y_lo, y_hi), (left, h - bottom), font)
     draw.text((w // 2 - 30, h - 18), xlabel, fill=(0, 0, 0), font=font)
     draw.text((left, 8), f"{title}    ({ylabel})", fill=(0, 0, 0), font=font)
     legend = []
@@ -172,9 +164,26 @@ def curve_image(series: dict, lines: dict, title: str, xlabel: str = "step", yla
             legend.append((f"{name} {y:.3g}", colour, True))
         else:
             legend.append((f"{name} {y:.3g} (above the chart)", colour, True))
-    for k, (name, colour, dashed) in enumerate(legend):
-        y = top + 8 + 17 * k
-        x = w - right - 230
-        draw.line([x, y + 7, x + 24, y + 7], fill=colour, width=2 if not dashed else 1)
-        draw.text((x + 30, y), name, fill=(0, 0, 0), font=font)
+    _draw_legend(draw, legend, w - right - 230, top + 8, font)
     return np.asarray(image)
+
+
+def _draw_ticks(draw, at, ranges: tuple, corner: tuple, font) -> None:
+    """Six ticks with their values on each axis; ``at`` maps data to pixels, ``corner`` is the plot's lower left."""
+    (x_hi, y_lo, y_hi), (left, bottom) = ranges, corner
+    for k in range(6):
+        y = y_lo + (y_hi - y_lo) * k / 5
+        _, py = at(0, y)
+        draw.line([left - 4, py, left, py], fill=(0, 0, 0))
+        draw.text((4, py - 7), f"{y:.3g}", fill=(0, 0, 0), font=font)
+        px, _ = at(x_hi * k / 5, y_lo)
+        draw.line([px, bottom, px, bottom + 4], fill=(0, 0, 0))
+        draw.text((px - 12, bottom + 6), f"{x_hi * k / 5:.0f}", fill=(0, 0, 0), font=font)
+
+
+def _draw_legend(draw, legend: list, x: int, y: int, font) -> None:
+    """One row per (name, colour, dashed) entry from (x, y) down: a line sample and the name."""
+    for k, (name, colour, dashed) in enumerate(legend):
+        row = y + 17 * k
+        draw.line([x, row + 7, x + 24, row + 7], fill=colour, width=2 if not dashed else 1)
+        draw.text((x + 30, row), name, fill=(0, 0, 0), font=font)
