@@ -117,6 +117,9 @@ def ct_cubes() -> np.ndarray:
 
 # ---- small real-data sets for the training tests (pre-training cubes, segmentation and classification data)
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
+SHARED_DICOM = (  # a DICOM series of ../shared/data (48 slices of Lung-PET-CT-Dx)
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "lung-pet-ct-dx" / "Lung_Dx-A0001" / "3.000000-5mm-41315"
+)
 SAMPLE_VOLUMES = sorted(SAMPLE_DIR.glob("*.nii.gz"))
 TRAIN_CUBE = (16, 16, 16)  # the smallest the default DeformConfig and the U-Net both accept
 

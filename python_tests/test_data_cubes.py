@@ -3,10 +3,9 @@ rule, margins, reproducibility, windows and resampling."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import SAMPLE_DIR, SHARED_DICOM
 
 from genesis_ext.data import (
     CT_WINDOW,
@@ -24,9 +23,7 @@ from genesis_ext.data import (
 )
 from genesis_ext.data.cubes import BoxScorer, origin_bounds
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "sample"
-DICOM_DIR = REPO.parent / "shared" / "data" / "lung-pet-ct-dx" / "Lung_Dx-A0001" / "3.000000-5mm-41315"
+SAMPLE, DICOM_DIR = SAMPLE_DIR, SHARED_DICOM
 PUBLISHED_THRESHOLD = (-150.0 + 1000.0) / 2000.0  # the published script's HU_thred, in window units
 
 

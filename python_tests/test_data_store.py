@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE_DIR, SHARED_DICOM
 
 from genesis_ext import cli
 from genesis_ext.data import (
@@ -25,9 +26,8 @@ from genesis_ext.data import (
     save_published,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "sample"
-DICOM_DIR = REPO.parent / "shared" / "data" / "lung-pet-ct-dx" / "Lung_Dx-A0001" / "3.000000-5mm-41315"
+SAMPLE, DICOM_DIR = SAMPLE_DIR, SHARED_DICOM
+REPO = SAMPLE_DIR.parents[1]
 FOREGROUND = ExtractSettings(filter=Foreground(), count=8)
 
 

@@ -40,6 +40,12 @@ pytestmark = pytest.mark.skipif(len(VOLUMES) < 2, reason="data/sample/*.nii.gz (
 PATCH = ["32", "32", "16"]
 
 
+def _cls_args(data, out, *extra):
+    """genesis-ext finetune arguments of a classification run on 16^3 cubes, quiet, with ``extra``."""
+    return ["finetune", "--task", "classification", "--data", str(data), "--out", str(out), "--patch", "16", "16",
+            "16", *extra, "--quiet"]  # fmt: skip
+
+
 def _seg_args(data, out, *extra):
     return [
         "finetune",
@@ -229,28 +235,9 @@ def test_classification_cli(cls_data, tmp_path, capsys):
     out = tmp_path / "cls"
     weights = tmp_path / "unet.pt"
     save_checkpoint(UNet3D(), weights)  # a U-Net checkpoint: its encoder starts the classifier
-    args = [
-        "finetune",
-        "--task",
-        "classification",
-        "--data",
-        str(cls_data),
-        "--out",
-        str(out),
-        "--patch",
-        "16",
-        "16",
-        "16",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "4",
-        "--val-fraction",
-        "0.35",
-        "--weights",
-        str(weights),
-        "--quiet",
-    ]
+    args = _cls_args(
+        cls_data, out, "--epochs", "2", "--batch-size", "4", "--val-fraction", "0.35", "--weights", str(weights)
+    )
     assert cli_main(args) == 0
     text = capsys.readouterr().out
     assert "loaded the encoder of" in text and "val_auc=" in text
@@ -296,22 +283,7 @@ def test_wrong_architecture_weights(seg_data, cls_data, tmp_path, capsys):
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {"conv.weight": torch.zeros(3, 3)}}, other)
     _fails(
-        [
-            "finetune",
-            "--task",
-            "classification",
-            "--data",
-            str(cls_data),
-            "--out",
-            str(tmp_path / "c"),
-            "--patch",
-            "16",
-            "16",
-            "16",
-            "--weights",
-            str(other),
-            "--quiet",
-        ],
+        _cls_args(cls_data, tmp_path / "c", "--weights", str(other)),
         capsys,
         "does not fit the encoder",
     )
@@ -351,22 +323,7 @@ def test_batch_size_larger_than_data(seg_data, cls_data, tmp_path, capsys):
     # 1 training volume x 2 patches per epoch < batch 4
     _fails(_seg_args(seg_data, tmp_path / "a", "--batch-size", "4"), capsys, "--batch-size 4 is larger than the 2")
     _fails(
-        [
-            "finetune",
-            "--task",
-            "classification",
-            "--data",
-            str(cls_data),
-            "--out",
-            str(tmp_path / "b"),
-            "--patch",
-            "16",
-            "16",
-            "16",
-            "--batch-size",
-            "500",
-            "--quiet",
-        ],
+        _cls_args(cls_data, tmp_path / "b", "--batch-size", "500"),
         capsys,
         "--batch-size 500 is larger",
     )
