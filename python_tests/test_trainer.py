@@ -157,6 +157,27 @@ def test_bf16_and_channels_last_take_effect(cubes, tmp_path):
     assert dict(plain.model.named_parameters())[name].is_contiguous()
 
 
+def test_channels_last_takes_the_2d_format_for_models_genesis_2d(tmp_path):
+    """channels-last (on by default on CUDA) stores a 2-D network's 4-D convolution weights channels-last, not in the
+    3-D format, which 4-D tensors refuse."""
+    from genesis_ext.models import UNet2D
+
+    class TwoD(PretrainTrainer):
+        def setup(self):
+            self.steps = 0
+
+        def build_model(self):
+            return UNet2D(width=0.25)
+
+    trainer = TwoD(PretrainConfig(data=[tmp_path], out=tmp_path / "run", channels_last=True).resolved())
+    trainer.setup()
+    trainer._build()  # the model, in the run's memory format
+    weight = dict(trainer.model.named_parameters())["down_tr128.ops.0.conv1.weight"]
+    assert weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    out = trainer.forward(trainer.model, torch.rand(2, 1, 16, 16))
+    assert out.shape == (2, 1, 16, 16)
+
+
 # README "Your own training stage": the subclass that changes the loss (kept in step with the README).
 class L1Pretrainer(PretrainTrainer):
     """Models Genesis pre-training with an L1 restoration loss instead of MSE."""

@@ -149,8 +149,8 @@ class Trainer:
 
     def forward(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``module(x)`` in the run's memory format and precision."""
-        if self.channels_last and x.dim() == 5:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+        if self.channels_last and x.dim() in (4, 5):
+            x = x.contiguous(memory_format=_channels_last(x.dim()))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return module(x)
 
@@ -178,8 +178,10 @@ class Trainer:
     def _build(self) -> None:
         torch.manual_seed(self.cfg.seed)
         self.model = self.build_model().to(self.device)
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last_3d)
+        if self.channels_last:  # the format of the model's convolutions: 4-D weights for 2-D networks
+            ranks = {p.dim() for p in self.model.parameters() if p.dim() in (4, 5)}
+            if len(ranks) == 1:
+                self.model.to(memory_format=_channels_last(ranks.pop()))
         self.optimizer = self.build_optimizer(self.model)
         self.scheduler = self.build_scheduler(self.optimizer)
         self.epoch, self.best, self.bad_epochs, self.best_epoch = 0, math.inf, 0, None
@@ -365,6 +367,11 @@ class _LossReader:
                 t.tb.scalar("train/loss_step", value, self.epoch * t.steps + step)
         self.bar.set_postfix(loss=f"{values[-1]:.5f}")
         self.pending.clear()
+
+
+def _channels_last(rank: int) -> torch.memory_format:
+    """The channels-last memory format of tensors of ``rank`` (4: (N, C, H, W), 5: (N, C, X, Y, Z))."""
+    return torch.channels_last if rank == 4 else torch.channels_last_3d
 
 
 class _nullcontext:
