@@ -195,7 +195,7 @@ struct Plan {
 #undef GENESIS_PLAN_FLAG
   Paint paint;
   GENESIS_HD Paint early_paint() const { return blur ? NO_PAINT : paint; }
-  // Whether a per-voxel deformation (body PerVoxel) applies: the kernels' late stage.
+  // Whether a per-voxel deformation (a body with kPerVoxel) applies: the kernels' late stage.
   GENESIS_HD bool per_voxel() const {
     bool any = false;
 #define GENESIS_ANY_PER_VOXEL(gate_name, code, op, rate, word, body) any = any || (body::kPerVoxel && gate_name);

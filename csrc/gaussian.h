@@ -69,21 +69,14 @@ GENESIS_HD void box_muller(uint32_t w1, uint32_t w2, float& z_cos, float& z_sin)
   z_cos = float(radius * c), z_sin = float(radius * s);
 }
 
-// The standard normal value of element e of a sample (docs/randomness.md, purpose GAUSSIAN): Philox block e >> 2
-// holds two Box–Muller pairs (words 0, 1 and 2, 3); element e takes the cosine (even e) or sine (odd e) of the pair
-// of lane e & 3. gaussian_block gives all four values of a block.
+// The standard normal values of elements 4 block .. 4 block + 3 of a sample (docs/randomness.md, purpose GAUSSIAN):
+// Philox block `block` holds two Box–Muller pairs (words 0, 1 and 2, 3); element e takes the cosine (even e) or sine
+// (odd e) of the pair of lane e & 3.
 GENESIS_HD void gaussian_block(uint64_t seed, uint64_t sample, int64_t block, float z[4]) {
   const U32x4 r = stream_block(seed, sample, GAUSSIAN, uint32_t(block), 0);
   box_muller(r.v[0], r.v[1], z[0], z[1]);
   box_muller(r.v[2], r.v[3], z[2], z[3]);
 }
-GENESIS_HD float gaussian_value(uint64_t seed, uint64_t sample, int64_t e) {
-  const U32x4 r = stream_block(seed, sample, GAUSSIAN, uint32_t(e >> 2), 0);
-  float z[2];
-  box_muller(r.v[e & 2], r.v[(e & 2) + 1], z[0], z[1]);
-  return z[e & 1];
-}
-
 // A voxel value with Gaussian noise of standard deviation sigma added (float arithmetic, no contraction).
 GENESIS_HD float add_gaussian(float value, float sigma, float z) { return value + sigma * z; }
 

@@ -46,8 +46,8 @@ def __getattr__(name):
         value = _core()
     elif name == "__all__":
         value = sorted([*_exports(), "build_info"])
-    elif name in _exports():
-        value = getattr(import_module(f".{_exports()[name]}", __name__), name)
+    elif name in (exports := _exports()):
+        value = getattr(import_module(f".{exports[name]}", __name__), name)
     else:  # a submodule: genesis_ext.ops, genesis_ext.reference, ...
         try:
             value = import_module(f".{name}", __name__)

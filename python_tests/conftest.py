@@ -57,6 +57,25 @@ def box_union(spatial, boxes, n) -> np.ndarray:
     return mask
 
 
+def tiny_pretrain_config(data, out, **changes):
+    """A pre-training config of the tests' tiny size (batches of 2, one step per epoch, one epoch, 20% held out, no
+    logs beyond the CSV), with ``changes``."""
+    from genesis_ext.train import PretrainConfig
+
+    base = dict(
+        data=[data],
+        out=out,
+        batch_size=2,
+        steps_per_epoch=1,
+        epochs=1,
+        val_fraction=0.2,
+        progress=False,
+        tensorboard=False,
+        preview_every=0,
+    )
+    return PretrainConfig(**(base | changes))
+
+
 def tiny_finetune_config(data, out, **changes):
     """A fine-tuning config of the tests' tiny size (segmentation, 16^3 patches, batches of 2, one epoch of two
     patches per volume, half the volumes held out), with ``changes``."""

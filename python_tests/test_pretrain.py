@@ -17,6 +17,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import tiny_pretrain_config  # noqa: E402
+
 from genesis_ext.data import ExtractSettings, Foreground, run_extract  # noqa: E402
 from genesis_ext.models import CheckpointError, UNet3D, load_pretrained  # noqa: E402
 from genesis_ext.train import NonFiniteLossError, PretrainConfig, load_training_state, pretrain, read_csv  # noqa: E402
@@ -210,18 +212,7 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_micro_batches(cu
 
 
 def _cfg(data, out, **kw):
-    base = dict(
-        batch_size=2,
-        steps_per_epoch=1,
-        epochs=1,
-        threads=1,
-        progress=False,
-        tensorboard=False,
-        preview_every=0,
-        val_fraction=0.2,
-    )
-    base.update(kw)
-    return PretrainConfig(data=[data], out=out, **base)
+    return tiny_pretrain_config(data, out, **({"threads": 1} | kw))
 
 
 def test_bad_inputs(cubes, tmp_path):

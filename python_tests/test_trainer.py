@@ -12,13 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("nibabel")
 
-from conftest import tiny_finetune_config  # noqa: E402
+from conftest import tiny_finetune_config, tiny_pretrain_config  # noqa: E402
 
 from genesis_ext import DeformConfig  # noqa: E402
 from genesis_ext.train import PretrainConfig, PretrainTrainer, pretrain, read_csv  # noqa: E402
 from genesis_ext.train.finetune import (  # noqa: E402
     ClassificationTrainer,
-    FinetuneConfig,
     SegmentationTrainer,
     run_finetune,
 )
@@ -65,19 +64,7 @@ def _pretrainer(cubes, out):
 
 
 def _finetuner(task, data, out):
-    cfg = FinetuneConfig(
-        task=task,
-        data=str(data),
-        out=str(out),
-        patch=(16, 16, 16),
-        epochs=1,
-        batch_size=4,
-        patches_per_volume=4,
-        val_patches_per_volume=2,
-        val_fraction=0.5,
-        seed=3,
-        progress=False,
-    )
+    cfg = tiny_finetune_config(data, out, task=task, batch_size=4, patches_per_volume=4, seed=3)
     trainer_class = SegmentationTrainer if task == "segmentation" else ClassificationTrainer
     return _fixed_batch(trainer_class)(cfg, log=lambda *_: None)
 
@@ -101,33 +88,19 @@ def test_steps_on_a_fixed_batch_lower_its_loss_and_move_every_parameter(task, cu
     assert not unchanged, unchanged
 
 
-def _tiny(cubes, out, **kw):
-    base = dict(
-        data=[cubes],
-        out=out,
-        batch_size=2,
-        steps_per_epoch=1,
-        val_fraction=0.2,
-        progress=False,
-        tensorboard=False,
-        preview_every=0,
-    )
-    return PretrainConfig(**(base | kw))
-
-
 def test_resume_crosses_a_schedule_step_and_an_early_stopping_count(cubes, tmp_path):
     """lr 1e-30 keeps the weights (and the validation loss) as they are, so from epoch 2 on no epoch improves: with
     patience 2 the run stops early after epoch 3, and the lr halves after epoch 2. A run stopped after epoch 2 (one bad
     epoch counted) and resumed stops at the same epoch with the same rows. Fails when resume drops the bad-epoch count
     (the resumed run then trains to epoch 4) or the scheduler's state."""
     kw = dict(lr=1e-30, lr_step_epochs=2, lr_gamma=0.5, patience=2, epochs=6)
-    whole = pretrain(_tiny(cubes, tmp_path / "whole", **kw))
+    whole = pretrain(tiny_pretrain_config(cubes, tmp_path / "whole", **kw))
     assert whole.stopped == "early_stop" and whole.epochs == 3
     assert [r["bad_epochs"] for r in whole.history] == [0, 1, 2]
     assert [r["lr"] for r in whole.history] == pytest.approx([1e-30, 1e-30, 5e-31])
-    first = pretrain(_tiny(cubes, tmp_path / "parts", **(kw | dict(epochs=2))))
+    first = pretrain(tiny_pretrain_config(cubes, tmp_path / "parts", **(kw | dict(epochs=2))))
     assert first.stopped == "epochs" and first.epochs == 2
-    resumed = pretrain(_tiny(cubes, tmp_path / "parts", resume=True, **kw))
+    resumed = pretrain(tiny_pretrain_config(cubes, tmp_path / "parts", resume=True, **kw))
     assert resumed.stopped == "early_stop" and resumed.epochs == 3
     assert read_csv(tmp_path / "parts" / "metrics.csv") == [
         {**r, "seconds": p["seconds"]}
@@ -145,9 +118,9 @@ def test_bf16_and_channels_last_take_effect(cubes, tmp_path):
             seen.append(output.dtype)
             return super().loss(output, target)
 
-    plain = Watching(_tiny(cubes, tmp_path / "plain", epochs=1, amp="off").resolved())
+    plain = Watching(tiny_pretrain_config(cubes, tmp_path / "plain", epochs=1, amp="off").resolved())
     plain.fit()
-    fast = Watching(_tiny(cubes, tmp_path / "fast", epochs=1, amp="bf16", channels_last=True).resolved())
+    fast = Watching(tiny_pretrain_config(cubes, tmp_path / "fast", epochs=1, amp="bf16", channels_last=True).resolved())
     fast.fit()
     assert seen == [torch.float32, torch.bfloat16]
     name = "down_tr128.ops.0.conv1.weight"  # a convolution of 64 input channels (channels-last differs for > 1)
@@ -189,8 +162,8 @@ class L1Pretrainer(PretrainTrainer):
 def test_a_subclass_changes_the_loss(cubes, tmp_path):
     """Same weights, same first pair: the L1 run's first loss is the mean |error|, at most the root of the MSE run's
     mean squared error (Jensen) and not equal to it."""
-    mse = pretrain(_tiny(cubes, tmp_path / "mse", epochs=1))
-    l1 = pretrain(_tiny(cubes, tmp_path / "l1", epochs=1), trainer=L1Pretrainer)
+    mse = pretrain(tiny_pretrain_config(cubes, tmp_path / "mse", epochs=1))
+    l1 = pretrain(tiny_pretrain_config(cubes, tmp_path / "l1", epochs=1), trainer=L1Pretrainer)
     a, b = mse.history[0]["train_loss"], l1.history[0]["train_loss"]
     assert b != a and b <= math.sqrt(a) + 1e-6, (a, b)
 

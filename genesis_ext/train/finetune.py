@@ -28,6 +28,7 @@ validation Dice or AUC) and ``RUN/metrics.json``.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import sys
@@ -501,7 +502,7 @@ class FinetuneTrainer(Trainer):
         except ValueError as err:
             raise FinetuneError(f"--window: {err}") from None
 
-    @property
+    @functools.cached_property
     def width(self) -> float:
         """The network's width: cfg.width, else that of the --weights checkpoint, else 1 (the published network)."""
         if self.cfg.width is not None:

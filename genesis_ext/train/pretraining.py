@@ -51,7 +51,7 @@ from ..models import UNet2D, UNet3D, load_pretrained
 from ..ops import genesis_pair, sample_params
 from . import distributed
 from .logs import preview_image, save_png
-from .trainer import NonFiniteLossError, Trainer, _plain  # noqa: F401 (NonFiniteLossError: public here)
+from .trainer import NonFiniteLossError, Trainer  # noqa: F401 (NonFiniteLossError: public here)
 
 # Presets: the published settings, and the default (Adam: the published SGD at lr 1.0 is reported to collapse to a
 # constant output; see README "Pre-training" for the measured curves).
@@ -151,20 +151,6 @@ class PretrainConfig:
         if cfg.val_data is None and not 0.0 < cfg.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
         return cfg
-
-    def summary(self) -> dict:
-        """The settings as plain values (stored in checkpoints and ``config.json``)."""
-        d = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, DeformConfig):
-                v = dataclasses.asdict(v)
-            elif isinstance(v, os.PathLike):
-                v = os.fspath(v)
-            elif isinstance(v, (list, tuple)):
-                v = [os.fspath(x) if isinstance(x, os.PathLike) else x for x in v]
-            d[f.name] = v
-        return d
 
 
 @dataclass
@@ -345,7 +331,7 @@ def pretrain(config: PretrainConfig, trainer: Optional[type] = None) -> Pretrain
 
 class PretrainTrainer(Trainer):
     """Models Genesis pre-training on the Trainer loop: the U-Net restores ``genesis_pair``-deformed cubes (MSE).
-    Override ``loss`` (or any stage) in a subclass and pass it to ``fit`` as in :func:`pretrain`."""
+    Override ``loss`` (or any stage) in a subclass and pass the class to :func:`pretrain` (``trainer=``)."""
 
     # the validation MSE of the pairs of one deformation branch, and the training samples seen so far
     columns = (*(f"val_{b}" for b in BRANCHES), "samples")
@@ -430,9 +416,10 @@ class PretrainTrainer(Trainer):
         for s in range(self.steps):
             yield [(starts[s * cfg.accumulate + c], next(it)) for c in range(cfg.accumulate)]
 
-    def _cubes(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch of cubes as the network takes it, on the device (2-D: the slice of each (X, Y, 1) cube)."""
-        x = x.to(self.device, non_blocking=True)
+    def _cubes(self, x: torch.Tensor, device=None) -> torch.Tensor:
+        """A batch of cubes as the network takes it (2-D: the slice of each (X, Y, 1) cube), on ``device`` (default:
+        the training device)."""
+        x = x.to(self.device if device is None else device, non_blocking=True)
         return x[..., 0] if self.cfg.dims == 2 else x
 
     def make_batch(self, batch, epoch: int, step: int):
@@ -470,7 +457,7 @@ class PretrainTrainer(Trainer):
     def _baselines(self) -> dict:
         """Validation MSE of returning the deformed input (identity) and of returning the targets' mean (mean)."""
         loader = _loader(self.val_dataset, self.val_batches, self.cfg.workers, False)
-        cubes = (b.float()[..., 0] if self.cfg.dims == 2 else b.float() for b in loader)
+        cubes = (self._cubes(b.float(), "cpu") for b in loader)
         errors = pair_errors(cubes, self.cfg.val_seed, self.cfg.deform, spatial_dims=self.cfg.dims)
         ident, const = errors["identity"], mean_baseline(errors)
         return {
@@ -526,6 +513,3 @@ class PretrainTrainer(Trainer):
             f"epoch {row['epoch']}: train {row['train_loss']:.5f}  val {row['val_loss']:.5f} ({parts})  "
             f"best {row['best_val']:.5f}{'  *' if improved else ''}  ({row['seconds']:.1f} s)"
         )
-
-    def summary(self) -> dict:
-        return _plain(self.cfg.summary())

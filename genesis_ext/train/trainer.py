@@ -22,6 +22,7 @@ same thread count).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -322,7 +323,7 @@ class Trainer:
         for c, batch in enumerate(micro_batches):
             x, target = self.make_batch(batch, epoch, step)
             sync = self.dd.world == 1 or c == len(micro_batches) - 1
-            with self.net.no_sync() if not sync else _nullcontext():
+            with self.net.no_sync() if not sync else contextlib.nullcontext():
                 loss = self.loss(self.forward(self.fwd, x), target)
                 loss.backward()
             total, n = total + loss.detach(), n + x.shape[0]
@@ -372,14 +373,6 @@ class _LossReader:
 def _channels_last(rank: int) -> torch.memory_format:
     """The channels-last memory format of tensors of ``rank`` (4: (N, C, H, W), 5: (N, C, X, Y, Z))."""
     return torch.channels_last if rank == 4 else torch.channels_last_3d
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _fmt(v) -> str:
