@@ -102,33 +102,49 @@ def main(argv=None) -> int:
         save_png(image, args.out / "learning.png")
     for recipe in RECIPES:
         branch_plot([r for r in rows if r["recipe"] == recipe], base, recipe, args.out / f"branches_{recipe}.png")
+    report(rows, base, args)
+    return 0
+
+
+def report(rows: list, base: dict, args) -> None:
+    """Print README's tables: final and best MSE, the final MSE per branch, the window means and the settling check."""
+    runs = {recipe: [r for r in rows if r["recipe"] == recipe] for recipe in RECIPES}
+    per = args.window // args.eval_every
     print(
         f"| recipe | steps | final val MSE | best val MSE | best / mean baseline |  (identity {base['identity']:.4f}, "
         f"mean {base['mean']:.4f})"
     )
-    for recipe in RECIPES:
-        mine = [r for r in rows if r["recipe"] == recipe]
+    for recipe, mine in runs.items():
         best = min(r["val_loss"] for r in mine)
         print(
             f"| {recipe} | {mine[-1]['step']} | {mine[-1]['val_loss']:.4f} | {best:.4f} | {best / base['mean']:.3f} |"
         )
     print("final validation MSE per branch / that branch's constant-mean baseline (pairs):")
-    for recipe in RECIPES:
-        last = [r for r in rows if r["recipe"] == recipe][-1]
+    for recipe, mine in runs.items():
+        last = mine[-1]
         cells = [
             f"{b} {last[f'val_{b}'] / base[f'mean_{b}']:.3f}" for b in BRANCHES if last.get(f"val_{b}") is not None
         ]
         print(f"  {recipe}: " + ", ".join(cells))
+    print(f"mean validation MSE per window of {args.window} steps (ending at the step given):")
+    for recipe, mine in runs.items():
+        means = [(chunk[-1]["step"], sum(r["val_loss"] for r in chunk) / len(chunk)) for chunk in windows(mine, per)]
+        print(f"  {recipe}: " + ", ".join(f"{step}: {mean:.5f}" for step, mean in means))
     print(f"settling: mean validation MSE over the last {args.window} steps against the {args.window} before")
-    for recipe in RECIPES:
-        windows = settling([r for r in rows if r["recipe"] == recipe], args.window // args.eval_every)
-        if windows is None:
+    for recipe, mine in runs.items():
+        check = settling(mine, per)
+        if check is None:
             print(f"  {recipe}: too few evaluations")
             continue
-        a, b, change = windows
+        before, last, change = check
         verdict = "settled" if abs(change) <= SETTLED else "still moving"
-        print(f"  {recipe}: {a:.5f} -> {b:.5f} ({change:+.1%}): {verdict}")
-    return 0
+        print(f"  {recipe}: {before:.5f} -> {last:.5f} ({change:+.1%}): {verdict}")
+
+
+def windows(rows: list, per: int) -> list:
+    """``rows`` cut into consecutive windows of ``per``, the last one ending at the last row."""
+    per = max(1, per)
+    return [rows[max(0, end - per) : end] for end in range(len(rows), 0, -per)][::-1]
 
 
 def settling(rows: list, per: int) -> tuple[float, float, float] | None:
@@ -204,3 +220,5 @@ def test_settling_tells_a_flat_curve_from_a_falling_one():
     assert settling(falling, 10)[2] < -SETTLED
     assert settling(falling[:3], 10)[:2] == (falling[1]["val_loss"], falling[2]["val_loss"])
     assert settling(falling[:1], 10) is None
+    assert [len(w) for w in windows(falling, 15)] == [10, 15, 15]
+    assert [w[-1]["step"] for w in windows(falling, 15)] == [1000, 2500, 4000]
