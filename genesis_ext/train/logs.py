@@ -178,7 +178,9 @@ def _draw_ticks(draw, at, ranges: tuple, corner: tuple, font) -> None:
         draw.text((4, py - 7), f"{y:.3g}", fill=(0, 0, 0), font=font)
         px, _ = at(x_hi * k / 5, y_lo)
         draw.line([px, bottom, px, bottom + 4], fill=(0, 0, 0))
-        draw.text((px - 12, bottom + 6), f"{x_hi * k / 5:.0f}", fill=(0, 0, 0), font=font)
+        label = f"{x_hi * k / 5:.0f}"
+        width = draw.textlength(label, font=font)  # centred under its tick, and inside the image at the right end
+        draw.text((min(px - width / 2, draw.im.size[0] - width - 2), bottom + 6), label, fill=(0, 0, 0), font=font)
 
 
 def _draw_legend(draw, legend: list, x: int, y: int, font) -> None:
