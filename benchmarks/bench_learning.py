@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import multiprocessing
 import sys
@@ -109,35 +110,36 @@ def train_all(store: Path, args) -> list:
         return [train(recipe, store, args) for recipe in RECIPES]
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(args.jobs, len(RECIPES)), mp_context=spawn) as pool:
-        return list(pool.map(train_logged, RECIPES, [store] * len(RECIPES), [args] * len(RECIPES)))
+        return list(pool.map(functools.partial(train_logged, store=store, args=args), RECIPES))
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     store = cubes(args)
-    rows, series, base = [], {}, None
+    runs, base = {}, None
     for recipe, run in zip(RECIPES, train_all(store, args)):
-        history = read_csv(run / "metrics.csv")
-        rows += [{"recipe": recipe, **{k: r[k] for k in FIELDS if k in r}} for r in history]
-        series[f"{recipe}: validation"] = [(r["step"], r["val_loss"]) for r in history]
+        runs[recipe] = [
+            {"recipe": recipe, **{k: r[k] for k in FIELDS if k in r}} for r in read_csv(run / "metrics.csv")
+        ]
         base = json.loads((run / "baselines.json").read_text())  # the same validation pairs in both runs
     with open(args.out / "learning.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, FIELDS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(r for rows in runs.values() for r in rows)
+    series = {f"{recipe}: validation": [(r["step"], r["val_loss"]) for r in rows] for recipe, rows in runs.items()}
     image = curve_image(series, {"identity": base["identity"], "constant mean": base["mean"]}, "learning parity")
     if image is not None:
         save_png(image, args.out / "learning.png")
-    for recipe in RECIPES:
-        branch_plot([r for r in rows if r["recipe"] == recipe], base, recipe, args.out / f"branches_{recipe}.png")
-    report(rows, base, args)
+    for recipe, rows in runs.items():
+        branch_plot(rows, base, recipe, args.out / f"branches_{recipe}.png")
+    report(runs, base, args)
     return 0
 
 
-def report(rows: list, base: dict, args) -> None:
-    """Print README's tables: final and best MSE, the final MSE per branch, the window means and the settling check."""
-    runs = {recipe: [r for r in rows if r["recipe"] == recipe] for recipe in RECIPES}
+def report(runs: dict, base: dict, args) -> None:
+    """Print README's tables from ``runs`` (recipe -> its rows): final and best MSE, the final MSE per branch, the
+    window means and the settling check."""
     per = args.window // args.eval_every
     print(
         f"| recipe | steps | final val MSE | best val MSE | best / mean baseline |  (identity {base['identity']:.4f}, "
@@ -157,8 +159,7 @@ def report(rows: list, base: dict, args) -> None:
         print(f"  {recipe}: " + ", ".join(cells))
     print(f"mean validation MSE per window of {args.window} steps (ending at the step given):")
     for recipe, mine in runs.items():
-        means = [(chunk[-1]["step"], sum(r["val_loss"] for r in chunk) / len(chunk)) for chunk in windows(mine, per)]
-        print(f"  {recipe}: " + ", ".join(f"{step}: {mean:.5f}" for step, mean in means))
+        print(f"  {recipe}: " + ", ".join(f"{step}: {mean:.5f}" for step, mean in window_means(mine, per)))
     print(f"settling: mean validation MSE over the last {args.window} steps against the {args.window} before")
     for recipe, mine in runs.items():
         check = settling(mine, per)
@@ -170,10 +171,12 @@ def report(rows: list, base: dict, args) -> None:
         print(f"  {recipe}: {before:.5f} -> {last:.5f} ({change:+.1%}): {verdict}")
 
 
-def windows(rows: list, per: int) -> list:
-    """``rows`` cut into consecutive windows of ``per``, the last one ending at the last row."""
+def window_means(rows: list, per: int) -> list:
+    """(last step, mean validation MSE) of ``rows`` cut into consecutive windows of ``per`` evaluations, the last
+    window ending at the last row (the first may be shorter)."""
     per = max(1, per)
-    return [rows[max(0, end - per) : end] for end in range(len(rows), 0, -per)][::-1]
+    chunks = [rows[max(0, end - per) : end] for end in range(len(rows), 0, -per)][::-1]
+    return [(chunk[-1]["step"], sum(r["val_loss"] for r in chunk) / len(chunk)) for chunk in chunks]
 
 
 def settling(rows: list, per: int) -> tuple[float, float, float] | None:
@@ -185,11 +188,8 @@ def settling(rows: list, per: int) -> tuple[float, float, float] | None:
     """
     if len(rows) < 2:
         return None
-    per = max(1, min(per, len(rows) // 2))
-    last = [r["val_loss"] for r in rows[-per:]]
-    before = [r["val_loss"] for r in rows[-2 * per : -per]]
-    a, b = sum(before) / len(before), sum(last) / len(last)
-    return a, b, (b - a) / a
+    (_, before), (_, last) = window_means(rows, min(per, len(rows) // 2))[-2:]
+    return before, last, (last - before) / before
 
 
 def branch_plot(rows: list, base: dict, recipe: str, path: Path) -> None:
@@ -226,11 +226,14 @@ def test_smoke(tmp_path):
 
 
 def test_settling_tells_a_flat_curve_from_a_falling_one():
+    import pytest
+
     flat = [{"step": 100 * i, "val_loss": 0.007 * (1 + 0.02 * (-1) ** i)} for i in range(1, 41)]
     falling = [{"step": 100 * i, "val_loss": 0.01 - 0.0001 * i} for i in range(1, 41)]
     assert abs(settling(flat, 10)[2]) <= SETTLED
     assert settling(falling, 10)[2] < -SETTLED
     assert settling(falling[:3], 10)[:2] == (falling[1]["val_loss"], falling[2]["val_loss"])
     assert settling(falling[:1], 10) is None
-    assert [len(w) for w in windows(falling, 15)] == [10, 15, 15]
-    assert [w[-1]["step"] for w in windows(falling, 15)] == [1000, 2500, 4000]
+    means = window_means(falling, 15)
+    assert [step for step, _ in means] == [1000, 2500, 4000]
+    assert [mean for _, mean in means] == pytest.approx([0.01 - 0.0001 * 5.5, 0.01 - 0.0001 * 18, 0.01 - 0.0001 * 33])

@@ -143,7 +143,7 @@ def curve_image(series: dict, lines: dict, title: str, xlabel: str = "step", yla
     image = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(image)
     draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
-    _draw_ticks(draw, at, (x_hi, y_lo, y_hi), (left, h - bottom), font)
+    _draw_ticks(draw, at, (x_hi, y_lo, y_hi), (left, h - bottom, w), font)
     draw.text((w // 2 - 30, h - 18), xlabel, fill=(0, 0, 0), font=font)
     draw.text((left, 8), f"{title}    ({ylabel})", fill=(0, 0, 0), font=font)
     legend = []
@@ -168,9 +168,10 @@ def curve_image(series: dict, lines: dict, title: str, xlabel: str = "step", yla
     return np.asarray(image)
 
 
-def _draw_ticks(draw, at, ranges: tuple, corner: tuple, font) -> None:
-    """Six ticks with their values on each axis; ``at`` maps data to pixels, ``corner`` is the plot's lower left."""
-    (x_hi, y_lo, y_hi), (left, bottom) = ranges, corner
+def _draw_ticks(draw, at, ranges: tuple, frame: tuple, font) -> None:
+    """Six ticks with their values on each axis; ``at`` maps data to pixels, ``frame`` is the plot's left and bottom
+    edges and the image's width."""
+    (x_hi, y_lo, y_hi), (left, bottom, image_width) = ranges, frame
     for k in range(6):
         y = y_lo + (y_hi - y_lo) * k / 5
         _, py = at(0, y)
@@ -180,7 +181,7 @@ def _draw_ticks(draw, at, ranges: tuple, corner: tuple, font) -> None:
         draw.line([px, bottom, px, bottom + 4], fill=(0, 0, 0))
         label = f"{x_hi * k / 5:.0f}"
         width = draw.textlength(label, font=font)  # centred under its tick, and inside the image at the right end
-        draw.text((min(px - width / 2, draw.im.size[0] - width - 2), bottom + 6), label, fill=(0, 0, 0), font=font)
+        draw.text((min(px - width / 2, image_width - width - 2), bottom + 6), label, fill=(0, 0, 0), font=font)
 
 
 def _draw_legend(draw, legend: list, x: int, y: int, font) -> None:
