@@ -186,7 +186,8 @@ void deform_cpu(Op op, const float* in, float* out, float* target, int64_t batch
     s.perm.resize(max_block);
     s.reversed.resize(sh.s[2]);
     s.shuffled.resize(sh.s[2]);
-    if (may_blur(op, cfg)) s.blur_in.resize(std::max<int64_t>(sh.voxels(), sh.s[2] + 2 * kMaxBlurRadius));
+    // The slab of every line side by side, or one contiguous line (along the last spatial axis) with its edges.
+    if (may_blur(op, cfg)) s.blur_in.resize(std::max<int64_t>(sh.voxels(), sh.s[sh.ndim - 1] + 2 * kMaxBlurRadius));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t n = 0; n < batch; ++n)
       deform_sample(op, in + n * sample_size, out + n * sample_size,

@@ -670,6 +670,18 @@ def test_gaussian_blur_is_close_to_the_float64_blur(rng):
             assert np.abs(out[n] - exact).max() <= BLUR_TOL * np.abs(x[n]).max()
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 100), (2, 2, 3, 64), (1, 1, 1, 1, 100), (1, 1, 2, 1, 70)])
+def test_gaussian_blur_of_thin_samples_matches_the_reference(shape, rng):
+    """Samples whose last axis is much longer than the rest (a row of 100 in 2-D): the CPU's line buffer held the
+    last 3-D axis plus the edges, so a 2-D row overran it (heap corruption, exit 134). Bit for bit the reference."""
+    config = DeformConfig(blur_sigma_min=4.0, blur_sigma_max=5.0)  # radius 12 to 15: the widest edges
+    x = rng.random(shape, dtype=np.float32)
+    out = run("gaussian_blur", x, seed=0, config=config)
+    sigmas = genesis_ext.sample_params(shape[0], shape[2:], seed=0, config=config)["blur_sigma"]
+    for n, sigma in enumerate(sigmas):
+        assert np.array_equal(out[n], R.gaussian_blur(x[n], sigma))
+
+
 def test_gaussian_blur_spreads_nonfinite_values_within_its_radius():
     """A NaN voxel makes exactly the box of half-width `radius` around it NaN (one pass per axis); an Inf voxel
     makes its box non-finite; everything else is the reference's blur."""
