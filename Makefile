@@ -2,6 +2,8 @@
 #   make demo        install, then write demo_out/genesis_pairs.png from the bundled CT
 #   make test        install, then run the test suite (skip reasons listed at the end)
 #   make test-quick  install, then the suite without the tests marked slow (a first check in about 2 minutes)
+#   make test-sanitize  the kernel tests against modules built with AddressSanitizer and UndefinedBehaviorSanitizer,
+#                    in their own venv (build/venv-sanitize) so your install stays as it is; any report fails
 #   make bench       install, then time the kernels against the numpy reference
 #   make lint        the checks of CI: ruff check, ruff format --check, clang-format on csrc (tools: the [lint] extra)
 #   make format      rewrite the tree in that format
@@ -28,7 +30,7 @@ BUILD_ARGS = --no-build-isolation -Cbuild-dir=build/{wheel_tag} -Cbuild.verbose=
 
 CPP_SOURCES = $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.h csrc/cuda/*.cu csrc/cuda/*.cpp)
 
-.PHONY: install demo test test-quick bench lint format lint-tools
+.PHONY: install demo test test-quick test-sanitize bench lint format lint-tools
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_PIP_ARGS) "$(TORCH)"
@@ -44,6 +46,26 @@ test: install
 
 test-quick: install
 	$(PYTHON) -m pytest python_tests -q -rs -m "not slow"
+
+# The sanitizer run (unstripped, with line numbers in its reports): ASan needs its runtime first in the process (and libstdc++ beside it, or its __cxa_throw hook
+# finds nothing); Python's own allocations would flood the leak report, so leaks are not checked. pytest captures
+# sys.stdout/err only (--capture=sys): a report written to file descriptor 2 as the process aborts stays visible.
+SANITIZE_VENV = build/venv-sanitize
+SANITIZE_PY = $(SANITIZE_VENV)/bin/python
+SANITIZE_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1
+SANITIZE_TESTS = python_tests/test_ops.py python_tests/test_reference.py python_tests/test_statistics.py \
+	python_tests/test_bezier.py python_tests/test_deformation.py python_tests/test_transforms.py \
+	$(if $(HIP_CPU),python_tests/test_emulated.py)
+
+test-sanitize:
+	test -x $(SANITIZE_PY) || $(PYTHON) -m venv $(SANITIZE_VENV)
+	$(SANITIZE_PY) -c "import torch" 2>/dev/null || $(SANITIZE_PY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(SANITIZE_PY) -m pip install $(BUILD_REQUIRES)
+	GENESIS_CUDA=OFF $(SANITIZE_PY) -m pip install -e ".[test]" --no-build-isolation -Cbuild-dir=build/sanitize \
+		-Ccmake.build-type=RelWithDebInfo -Cinstall.strip=false -Ccmake.define.GENESIS_SANITIZE=ON \
+		$(if $(HIP_CPU),-Ccmake.define.GENESIS_HIP_CPU=$(abspath $(HIP_CPU))) $(PIP_ARGS)
+	$(SANITIZE_ENV) $(SANITIZE_PY) -m pytest $(SANITIZE_TESTS) -q -p no:cacheprovider -m "not slow" --capture=sys
 
 bench: install
 	$(PYTHON) -m pytest benchmarks -q --benchmark-only --benchmark-json=bench.json
