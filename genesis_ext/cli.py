@@ -28,7 +28,8 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         required=True,
-        help="output directory (a cube store; an existing one made with the same options is continued)",
+        help="output directory (a cube store; an existing one made with the same options is continued, and its "
+        "damaged or missing shards are extracted again)",
     )
     g = p.add_argument_group("cubes")
     g.add_argument(

@@ -103,13 +103,22 @@ def direct_scores(hu, origins, cube, filt, window=CT_WINDOW) -> np.ndarray:
     return np.array(out)
 
 
+# Candidate origins of the 512x512x48 lung CT, written out from the documented rule (origins in [margin,
+# size - cube - extra - margin], auto margins 100/512 of x and y and 30/256 of z, at most a quarter of the room):
+# x, y: 512 - 64 - 100 = 348; z: official-lung reads one extra slice, room 48 - 33 = 15, margin min(5, 15 // 4) = 3,
+# far side 48 - 33 - 3 = 12; without extra slices room 16, margin 4, far side 48 - 32 - 4 = 12.
+LUNG_ORIGINS = {"official-lung": ((100, 100, 3), (348, 348, 12)), "foreground": ((100, 100, 4), (348, 348, 12))}
+LUNG_ORIGINS["none"] = LUNG_ORIGINS["foreground"]
+
+
 @pytest.mark.parametrize("filt", [OfficialLung(), Foreground(), NoFilter()], ids=lambda f: f.name)
 def test_extract_keeps_first_passing_candidates(lung_ct, filt):
     """The published candidate loop: draw origins, keep those that pass, in draw order, up to the count."""
     count, cube = 32, (64, 64, 32)
+    assert lung_ct.shape == (512, 512, 48)
     got = extract_cubes(lung_ct, count=count, filter=filt, rng=5)
-    lo, hi, margins = origin_bounds(lung_ct.shape, cube, filt, "auto")
-    assert got.margins == margins == (100, 100, margins[2])
+    lo, hi = (np.array(b) for b in LUNG_ORIGINS[filt.name])
+    assert got.margins == tuple(lo)
     drawn = np.random.default_rng(5).integers(lo, hi + 1, size=(50 * count, 3))
     if isinstance(filt, NoFilter):
         expect, tried = drawn[:count], count
@@ -123,6 +132,24 @@ def test_extract_keeps_first_passing_candidates(lung_ct, filt):
     for cube_values, (x, y, z) in zip(got.cubes, got.origins):
         np.testing.assert_array_equal(cube_values, CT_WINDOW.apply(lung_ct[x : x + 64, y : y + 64, z : z + 32]))
     assert got.cubes.dtype == np.float32 and got.cubes.min() >= 0 and got.cubes.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "filt, shape, cube, margins, lo, hi",
+    [  # hi = shape - cube - extra - margin, by hand
+        (OfficialLung(), (40, 36, 30), (8, 8, 8), (5, 6, 7), (5, 6, 7), (27, 22, 14)),  # one extra slice in z
+        (NoFilter(), (40, 36, 30), (8, 8, 8), (5, 6, 7), (5, 6, 7), (27, 22, 15)),
+        (NoFilter(), (80, 80, 40), (16, 16, 8), "auto", (15, 15, 4), (49, 49, 28)),  # 100/512 * 80, 30/256 * 40
+    ],
+    ids=["official-lung", "none", "auto"],
+)
+def test_origins_span_exactly_the_room_inside_both_margins(filt, shape, cube, margins, lo, hi):
+    """Every origin lies in [margin, size - cube - extra - margin], and many draws reach both ends: the near and the
+    far margin are both kept, and no more."""
+    air = np.full(shape, -1000.0, np.float32)  # every candidate passes the lung rule
+    got = extract_cubes(air, cube=cube, count=2000, max_candidates=2000, filter=filt, margins=margins, rng=0)
+    assert len(got.origins) == 2000
+    assert tuple(got.origins.min(axis=0)) == lo and tuple(got.origins.max(axis=0)) == hi
 
 
 def test_reproducible_by_seed(aorta_ct):

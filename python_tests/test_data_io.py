@@ -193,10 +193,32 @@ def test_find_sources_walks_directories(tmp_path):
     assert len({s.key for s in sources}) == 2
 
 
+def test_find_sources_follows_symlinked_folders_once(tmp_path):
+    """A symlinked sub-folder (scans kept on another disk) is searched; links that loop back up the tree, or lead to
+    a folder walked already, are not followed again (no endless walk, no volume twice)."""
+    elsewhere = tmp_path / "elsewhere" / "scans"
+    elsewhere.mkdir(parents=True)
+    shutil.copy(SAMPLE / "aorta_ct.nii.gz", elsewhere / "a.nii.gz")
+    (elsewhere / "up").symlink_to(tmp_path / "elsewhere")  # a loop outside the input
+    root = tmp_path / "in"
+    (root / "real").mkdir(parents=True)
+    shutil.copy(SAMPLE / "pulmonary_ct.nii.gz", root / "real" / "p.nii.gz")
+    (root / "linked").symlink_to(elsewhere)
+    (root / "linked_twice").symlink_to(elsewhere)
+    (root / "alias").symlink_to(root / "real")  # inside the input: walked under its own name only
+    (root / "real" / "loop").symlink_to(root)
+    sources, problems = find_sources([root])
+    assert [s.key for s in sources] == ["linked/a.nii.gz", "real/p.nii.gz"] and not problems
+
+
 def _image_tree(root: Path) -> list[str]:
     """What discovery should find under ``root``, listed by a plain walk: every NIfTI/MetaImage/NRRD file, and each
     folder holding .dcm files as one source (data added to the folder changes the list, never the rule)."""
-    keys = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.name.endswith((".nii", ".nii.gz", ".mhd", ".mha", ".nrrd", ".nhdr"))}
+    keys = {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.name.endswith((".nii", ".nii.gz", ".mhd", ".mha", ".nrrd", ".nhdr"))
+    }
     keys |= {p.parent.relative_to(root).as_posix() for p in root.rglob("*.dcm")}
     return sorted(keys)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +60,12 @@ def test_published_layout_round_trip(tmp_path, rng):
     np.save(tmp_path / "flat.npy", cubes[0])
     with pytest.raises(ValueError, match="expected cubes"):
         load_published(tmp_path / "flat.npy")
+    np.save(tmp_path / "labels.npy", (cubes > 0.5).astype(np.uint8))
+    with pytest.raises(ValueError, match="labels.npy: expected float cubes in \\[0, 1\\], got dtype uint8"):
+        CubeStore(tmp_path / "labels.npy")
+    (tmp_path / "cut.npy").write_bytes(path.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=r"cut.npy: .* \(truncated or extended\); replace it with an intact copy"):
+        CubeStore(tmp_path / "cut.npy")
     store = CubeStore([path, tmp_path / "f64.npy"])
     assert len(store) == 10 and store.cube == (64, 64, 32)
     np.testing.assert_array_equal(store[7], cubes[2])
@@ -358,3 +366,260 @@ def test_extract_skips_the_real_label_masks_beside_the_scans(tmp_path):
         [folder], tmp_path / "t", settings, progress=False, include=["pulmonary_report/*"], exclude=["*artery*"]
     )
     assert (summary.volumes, summary.written, summary.excluded, summary.label_maps) == (1, 1, 3, 0)
+
+
+# ---- damaged stores: caught at open or first read, with the file and the fix; repaired by re-running extract
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> tuple[Path, Path]:
+    """(inputs, store): the two bundled CT crops and the store extracted from them (2 shards of 8 cubes); tests damage
+    copies of the store."""
+    root = tmp_path_factory.mktemp("pristine")
+    folder = root / "in"
+    folder.mkdir()
+    for name in ("pulmonary_ct.nii.gz", "aorta_ct.nii.gz"):
+        shutil.copy(SAMPLE / name, folder / name)
+    run_extract([folder], root / "store", FOREGROUND, jobs=1, progress=False)
+    return folder, root / "store"
+
+
+@pytest.fixture
+def store(pristine, tmp_path) -> Path:
+    """A copy of the pristine store, to damage."""
+    return Path(shutil.copytree(pristine[1], tmp_path / "store"))
+
+
+def first_shard(store: Path) -> Path:
+    return store / read_manifest(store)["volumes"][0]["shard"]
+
+
+def edit_manifest(store: Path, edit) -> None:
+    manifest = json.loads((store / "manifest.json").read_text())
+    edit(manifest)
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
+def truncate(store):
+    shard = first_shard(store)
+    shard.write_bytes(shard.read_bytes()[:-1000])
+
+
+def reshape(store):
+    shard = first_shard(store)
+    cubes = np.load(shard)
+    np.save(shard, cubes.reshape(len(cubes) * 2, 64, 64, 16))
+
+
+def count_by(delta):
+    def edit(manifest):
+        manifest["volumes"][0]["count"] += delta
+        manifest["count"] += delta  # the total stays consistent: only the shard tells
+
+    return lambda store: edit_manifest(store, edit)
+
+
+def retype(store):
+    shard = first_shard(store)
+    np.save(shard, np.load(shard).astype(np.float64))
+
+
+def remove(store):
+    first_shard(store).unlink()
+
+
+def flip_one_bit(store):
+    shard = first_shard(store)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+
+
+DAMAGE_AT_OPEN = {  # what the error says after the shard's path
+    "truncated": (
+        truncate,
+        r"4193432 bytes, but its header's \(8, 64, 64, 32\) float32 array needs 4194432 \(truncated",
+    ),
+    "reshaped": (reshape, r"holds cubes \(16, 64, 64, 16\), but the manifest says \(8, 64, 64, 32\)"),
+    "count+5": (count_by(5), r"holds cubes \(8, 64, 64, 32\), but the manifest says \(13, 64, 64, 32\)"),
+    "count-5": (count_by(-5), r"holds cubes \(8, 64, 64, 32\), but the manifest says \(3, 64, 64, 32\)"),
+    "missing": (remove, r"missing\n"),
+    "float64": (retype, r"holds float64 cubes, but the manifest says float32"),
+}
+
+
+def assert_names_shard_store_and_fix(message: str, store: Path) -> None:
+    assert str(first_shard(store)) in message and f"cube store {store}" in message, message
+    assert "re-running the `genesis-ext extract` command" in message, message
+
+
+@pytest.mark.parametrize("damage", DAMAGE_AT_OPEN, ids=str)
+def test_damaged_shard_fails_at_open(store, damage):
+    """A truncated, reshaped, retyped or missing shard, or a volume's count edited by +5 or -5 (never an IndexError or
+    dropped cubes mid-epoch): opening the store fails, naming the shard, the store and the fix."""
+    from genesis_ext.data.store import StoreError
+
+    apply, what = DAMAGE_AT_OPEN[damage]
+    apply(store)
+    with pytest.raises(StoreError, match=re.escape(f"{first_shard(store)}: ") + what) as info:
+        CubeStore(store)
+    assert_names_shard_store_and_fix(str(info.value), store)
+
+
+def test_manifest_total_count_edited_fails_at_open(store):
+    from genesis_ext.data.store import StoreError
+
+    edit_manifest(store, lambda m: m.update(count=m["count"] + 5))
+    with pytest.raises(StoreError, match=r"manifest.json: count is 21, but its volumes hold 16 cubes"):
+        CubeStore(store)
+
+
+def test_flipped_bit_fails_at_first_read_of_that_shard(store, monkeypatch):
+    """One flipped bit: the header is fine, so the store opens; the shard's checksum fails before its first cube is
+    read, the other shard reads, and each shard is hashed once per process, not at every item."""
+    from genesis_ext.data import store as store_module
+    from genesis_ext.data.store import StoreError
+
+    intact = CubeStore(store)
+    intact.max_open = 1  # every other read re-opens a shard: still hashed once
+    hashed = []
+    real = store_module.file_digest
+    monkeypatch.setattr(store_module, "file_digest", lambda path: hashed.append(path) or real(path))
+    for i in range(8):
+        intact[i], intact[8 + i]
+    assert sorted(hashed) == sorted(intact.files)
+    pickle.loads(pickle.dumps(intact))[0]  # as in a DataLoader worker: another process verifies for itself
+    assert len(hashed) == 3
+    flip_one_bit(store)
+    damaged = CubeStore(store)
+    first, second = damaged.offsets[0], damaged.offsets[1]
+    damaged[second]  # the other shard
+    with pytest.raises(StoreError, match="damaged") as info:
+        damaged[first]
+    assert_names_shard_store_and_fix(str(info.value), store)
+
+
+@pytest.mark.parametrize("damage", [*DAMAGE_AT_OPEN, "flipped bit"], ids=str)
+def test_extract_again_repairs_the_store(pristine, store, damage):
+    """Re-running extract with the same arguments verifies every shard it would keep, extracts the damaged one
+    again (the same cubes: they depend on seed and source only) and says so."""
+    folder, original = pristine
+    (DAMAGE_AT_OPEN[damage][0] if damage in DAMAGE_AT_OPEN else flip_one_bit)(store)
+    shard = first_shard(store)
+    summary = run_extract([folder], store, FOREGROUND, jobs=1, progress=False)
+    assert (summary.written, summary.kept) == (1, 1)
+    assert len(summary.repaired) == 1 and str(shard) in summary.repaired[0]
+    assert f"repaired {shard}" in "\n".join(summary.lines())
+    repaired, expected = CubeStore(store), CubeStore(original)
+    assert len(repaired) == len(expected) == 16
+    for i in range(16):
+        np.testing.assert_array_equal(repaired[i], expected[i])
+    assert read_manifest(store)["count"] == 16
+    assert not [p for p in store.rglob("*.tmp")]
+
+
+def test_a_damaged_volume_that_cannot_be_redone_leaves_the_store(pristine, store, tmp_path, monkeypatch):
+    """Its source is now unreadable: the volume is skipped with its reason and its record dropped, from the manifest
+    and from the journal of a run killed before writing it, so the store opens with the other volume's cubes instead
+    of pointing at a damaged shard."""
+    from genesis_ext.data.store import StoreWriter
+
+    folder = Path(shutil.copytree(pristine[0], tmp_path / "in"))  # same keys, so the same store continues
+    scan = folder / "aorta_ct.nii.gz"
+    scan.write_bytes(scan.read_bytes()[:1000])
+    killed = Path(shutil.copytree(store, tmp_path / "killed"))
+    for damaged in (store, killed):
+        truncate(damaged)  # the aorta shard
+    summary = run_extract([folder], store, FOREGROUND, jobs=1, progress=False)
+    assert summary.kept == 1 and "cannot read as NIfTI" in dict(summary.skipped)[str(scan)]
+    assert [r["key"] for r in read_manifest(store)["volumes"]] == ["pulmonary_ct.nii.gz"]
+    assert len(CubeStore(store)) == 8
+    real_flush, flushes = StoreWriter.flush, []
+    monkeypatch.setattr(
+        StoreWriter, "flush", lambda self: flushes.append(1) or (len(flushes) == 1 and real_flush(self))
+    )
+    run_extract([folder], killed, FOREGROUND, jobs=1, progress=False)  # no manifest written after the first
+    assert [r["key"] for r in read_manifest(killed)["volumes"]] == ["pulmonary_ct.nii.gz"]  # the journal's word
+
+
+def test_extract_again_rewrites_a_wrong_total_count(pristine, store):
+    edit_manifest(store, lambda m: m.update(count=m["count"] - 5))
+    summary = run_extract([pristine[0]], store, FOREGROUND, jobs=1, progress=False)
+    assert (summary.written, summary.kept) == (0, 2)
+    assert summary.repaired == [f"{store / 'manifest.json'}: count is 11, but its volumes hold 16 cubes (rewritten)"]
+    assert read_manifest(store)["count"] == len(CubeStore(store)) == 16
+
+
+def test_shard_checksums_are_the_sha256_of_the_files(pristine):
+    import hashlib
+
+    for r in read_manifest(pristine[1])["volumes"]:
+        assert r["sha256"] == hashlib.sha256((pristine[1] / r["shard"]).read_bytes()).hexdigest()
+
+
+def test_store_without_checksums_opens_and_is_redone_by_extract(pristine, store):
+    """A store written before checksums: opens with a warning that says its bytes cannot be checked, its shapes and
+    counts still are; extract re-extracts its shards (it cannot trust them) and adds the checksums."""
+    from genesis_ext.data.store import StoreError
+
+    edit_manifest(store, lambda m: [r.pop("sha256") for r in m["volumes"]])
+    with pytest.warns(UserWarning, match="2 of its 2 volumes have no shard checksum"):
+        old = CubeStore(store)
+    np.testing.assert_array_equal(old[3], CubeStore(pristine[1])[3])
+    summary = run_extract([pristine[0]], store, FOREGROUND, jobs=1, progress=False)
+    assert summary.written == 2 and all("no checksum" in line for line in summary.repaired)
+    assert all("sha256" in r for r in read_manifest(store)["volumes"])
+    edit_manifest(store, lambda m: [r.pop("sha256") for r in m["volumes"]])
+    truncate(store)
+    with pytest.raises(StoreError, match="truncated"):
+        CubeStore(store)
+
+
+def test_published_format_arrays_are_verified_and_repaired(pristine, tmp_path):
+    """--format published: every volume record of an array carries the array's checksum; a damaged array is caught
+    at first read and rebuilt by the next run."""
+    from genesis_ext.data.store import StoreError
+
+    folder = pristine[0]
+    out = tmp_path / "published"
+    run_extract([folder], out, FOREGROUND, jobs=1, fmt="published", progress=False)
+    flip_one_bit(out)
+    with pytest.raises(StoreError, match="damaged"):
+        CubeStore(out)[0]
+    summary = run_extract([folder], out, FOREGROUND, jobs=1, fmt="published", progress=False)
+    assert summary.written == 2 and len(summary.repaired) == 1
+    repaired, expected = CubeStore(out), CubeStore(pristine[1])
+    for i in range(16):
+        np.testing.assert_array_equal(repaired[i], expected[i])
+
+
+def test_published_format_manifest_edits_fail_at_open(pristine, tmp_path):
+    """The volumes of a published-layout array must cover its rows once each and agree on its checksum."""
+    from genesis_ext.data.store import StoreError
+
+    out = tmp_path / "published"
+    run_extract([pristine[0]], out, FOREGROUND, jobs=1, fmt="published", progress=False)
+    pristine_manifest = (out / "manifest.json").read_text()
+    edit_manifest(out, lambda m: m["volumes"][1].update(first_row=3))
+    with pytest.raises(StoreError, match=r"bat_8_s_64x64x32_0.npy: its manifest records .* do not cover its rows"):
+        CubeStore(out)
+    (out / "manifest.json").write_text(pristine_manifest)
+    edit_manifest(out, lambda m: m["volumes"][1].update(sha256="0" * 64))
+    with pytest.raises(StoreError, match=r"bat_8_s_64x64x32_0.npy: its manifest records give it different checksums"):
+        CubeStore(out)
+
+
+def test_missing_input_writes_nothing(inputs, tmp_path, capsys):
+    """A mistyped input fails before anything is created: no empty store, no touched files in an existing one."""
+    out = tmp_path / "new"
+    with pytest.raises(FileNotFoundError, match=f"input not found: {tmp_path / 'nope'}"):
+        run_extract([inputs, tmp_path / "nope"], out, FOREGROUND, jobs=1, progress=False)
+    assert not out.exists()
+    assert cli.main(["extract", str(tmp_path / "nope"), "--out", str(out), "--quiet"]) == 2
+    assert f"input not found: {tmp_path / 'nope'}" in capsys.readouterr().err and not out.exists()
+    existing = tmp_path / "existing"
+    run_extract([inputs], existing, FOREGROUND, jobs=1, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in existing.rglob("*")}
+    with pytest.raises(FileNotFoundError):
+        run_extract([inputs, tmp_path / "nope"], existing, FOREGROUND, jobs=1, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in existing.rglob("*")} == before

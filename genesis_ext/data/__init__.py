@@ -25,7 +25,7 @@ from .cubes import (
 from .datasets import CubeStoreDataset, VolumeCubeDataset
 from .intensity import CT_WINDOW, PercentileWindow, Window, resample
 from .io import ORIENTATION, Source, Volume, VolumeError, find_sources, load_volume
-from .store import CubeStore, load_published, read_manifest, save_published
+from .store import CubeStore, StoreError, load_published, read_manifest, save_published
 
 __all__ = [
     "CT_WINDOW",
@@ -40,6 +40,7 @@ __all__ = [
     "OfficialLung",
     "PercentileWindow",
     "Source",
+    "StoreError",
     "Summary",
     "TooSmallError",
     "Volume",

@@ -34,7 +34,7 @@ from .._util import progress_bar
 from .cubes import CUBE, CUBES_PER_VOLUME, OfficialLung, extract_cubes
 from .intensity import CT_WINDOW, resample
 from .io import Source, VolumeError, find_sources, label_map_reason, load_volume
-from .store import StoreWriter, published_name, save_npy, save_published
+from .store import HASH, StoreWriter, file_digest, published_name, save_npy, save_published
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -73,8 +73,10 @@ def volume_seed(seed: int, key: str) -> np.random.SeedSequence:
 
 @dataclass
 class Summary:
-    """What a run did: ``volumes`` found, ``written`` volumes with cubes, ``kept`` volumes already in the store,
-    ``skipped`` ``(source, reason)`` pairs, ``cubes`` written this run, ``wall`` seconds, ``jobs`` and ``executor``."""
+    """What a run did: ``volumes`` found, ``written`` volumes with cubes, ``kept`` volumes already in the store
+    (intact), ``skipped`` ``(source, reason)`` pairs, ``repaired`` what was found wrong in the store (damaged or
+    missing shards, extracted again; a wrong manifest count, rewritten), ``cubes`` written this run, ``wall`` seconds,
+    ``jobs`` and ``executor``."""
 
     volumes: int = 0
     written: int = 0
@@ -86,6 +88,7 @@ class Summary:
     executor: str = "thread"
     outputs: list = field(default_factory=list)
     excluded: int = 0
+    repaired: list = field(default_factory=list)
 
     @property
     def label_maps(self) -> int:
@@ -96,12 +99,17 @@ class Summary:
         head = (
             f"{self.volumes} volume(s): {self.written} written ({self.cubes} cubes)"
             + (f", {self.kept} already in the store" if self.kept else "")
+            + (f", {len(self.repaired)} store problem(s) repaired" if self.repaired else "")
             + f", {len(self.skipped)} skipped"
             + (f" ({self.label_maps} label map(s))" if self.label_maps else "")
             + (f", {self.excluded} excluded by --include/--exclude" if self.excluded else "")
             + f"; {self.wall:.2f} s with {self.jobs} {self.executor} worker(s)"
         )
-        return [head] + [f"  skipped {source}: {reason}" for source, reason in self.skipped]
+        return (
+            [head]
+            + [f"  repaired {problem}" for problem in self.repaired]
+            + [f"  skipped {source}: {reason}" for source, reason in self.skipped]
+        )
 
 
 def _init_worker() -> None:
@@ -148,7 +156,7 @@ def extract_source(source: Source, settings: ExtractSettings, shard: str) -> dic
                 f"no candidate passed the {settings.filter.name} filter "
                 f"({result.candidates} candidates, margins {result.margins})"
             )
-        save_npy(shard, result.cubes)
+        digest = save_npy(shard, result.cubes)
     except VolumeError as err:
         return {"key": source.key, "source": source.path, "reason": err.reason}
     except (ValueError, ImportError, OSError) as err:  # too small, no cube passes, missing SimpleITK, disk errors
@@ -168,6 +176,7 @@ def extract_source(source: Source, settings: ExtractSettings, shard: str) -> dic
         "candidates": result.candidates,
         "origins": result.origins.tolist(),
         "scores": [None if np.isnan(s) else round(float(s), 6) for s in result.scores],
+        HASH: digest,
     }
 
 
@@ -218,6 +227,10 @@ def run_extract(
     maps (segmentation masks beside the scans: by folder, name or content, see ``io.label_map_reason``) are skipped
     with their reason and counted (``Summary.label_maps``).
 
+    Every input must exist: a missing one is a FileNotFoundError raised before anything is created or written.
+    On an existing store, the shard of every source it already holds is verified (header, rows and checksum: one
+    full read) and extracted again when it fails; ``Summary.repaired`` says what was wrong.
+
     ``jobs``: parallel workers (default: all cores, at most one per volume). ``fmt="published"`` also writes one
     published-layout array per input (``bat_<count>_s_<X>x<Y>x<Z>_<subset>.npy``, subset from a ``subsetN`` input
     name, else the input's position) and points the manifest at those arrays instead of per-volume shards.
@@ -226,6 +239,12 @@ def run_extract(
         raise ValueError(f"fmt must be 'store' or 'published', not {fmt!r}")
     start = time.perf_counter()
     inputs = [Path(p) for p in inputs]
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:  # before the store is created: a mistyped path must not leave an empty store behind
+        raise FileNotFoundError(
+            f"input not found: {', '.join(missing)} (no such file or directory); nothing was written to {out}: "
+            "correct the path and run again"
+        )
     found, problems = find_sources(inputs)
     sources = [
         s
@@ -236,7 +255,7 @@ def run_extract(
     summary = Summary(
         executor=executor, volumes=len(sources), skipped=list(problems), excluded=len(found) - len(sources)
     )
-    todo = [s for s in sources if not writer.done(s.key)]
+    todo = _to_extract(writer, sources, progress)
     summary.kept = len(sources) - len(todo)
     summary.jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo) or 1))
 
@@ -275,10 +294,25 @@ def run_extract(
     finally:
         bar.close()
         writer.flush()
+    summary.repaired = list(writer.repaired)
     if fmt == "published":
         summary.outputs = _write_published(writer, inputs, sources, settings)
     summary.wall = time.perf_counter() - start
     return summary
+
+
+def _to_extract(writer: StoreWriter, sources, progress: bool) -> list:
+    """The sources whose cubes the store does not hold intact (verifying a held shard reads it whole)."""
+    held = sum(s.key in writer.records for s in sources)
+    bar = progress_bar(held, "verify", "vol", progress and held > 0)
+    todo = []
+    for s in sources:
+        if not writer.done(s.key):
+            todo.append(s)
+        if s.key in writer.records:
+            bar.update(1)
+    bar.close()
+    return todo
 
 
 def _write_published(writer: StoreWriter, inputs, sources, settings) -> list[Path]:
@@ -290,11 +324,12 @@ def _write_published(writer: StoreWriter, inputs, sources, settings) -> list[Pat
             continue
         cubes = np.concatenate([_read_rows(writer.root, r) for r in records])
         path = save_published(cubes, writer.root / published_name(settings.count, settings.cube, _subset_name(item, k)))
+        digest = file_digest(path)
         row = 0
         for r in records:
             if r["shard"] != path.name:
                 retired.append(writer.root / r["shard"])
-            r.update(shard=path.name, first_row=row)
+            r.update({"shard": path.name, "first_row": row, HASH: digest})
             row += r["count"]
         outputs.append(path)
     writer.flush()

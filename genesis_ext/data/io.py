@@ -261,7 +261,8 @@ def _load_dicom(directory: Path, series_uid: str | None) -> Volume:
 
 
 def find_sources(inputs) -> tuple[list[Source], list[tuple[str, str]]]:
-    """The volumes named by ``inputs`` (files and directories, searched recursively), sorted and deduplicated.
+    """The volumes named by ``inputs`` (files and directories, searched recursively, following symlinked folders,
+    each real folder once), sorted and deduplicated.
 
     Image files are found by suffix (NIfTI, MetaImage, NRRD); DICOM files by suffix or by their preamble, grouped into
     one source per series and directory. A source's key is its path relative to the directory it was found in (a file
@@ -302,9 +303,10 @@ def find_sources(inputs) -> tuple[list[Source], list[tuple[str, str]]]:
         else:
             found = 0
             base = item.resolve()
-            for root, dirs, files in os.walk(base):
-                dirs.sort()
+            walked = {_dir_id(base)}
+            for root, dirs, files in os.walk(base, followlinks=True):  # symlinked sub-folders hold sources too
                 root = Path(root)
+                dirs[:] = [d for d in sorted(dirs) if _enter(root / d, base, walked)]
                 has_dicom = False
                 for name in sorted(files):
                     f = root / name
@@ -329,6 +331,28 @@ def find_sources(inputs) -> tuple[list[Source], list[tuple[str, str]]]:
         seen.add(s.key)
         result.append(s)
     return result, problems
+
+
+def _dir_id(path: Path) -> tuple:
+    """The folder's identity (device, inode), whatever links lead to it."""
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def _enter(path: Path, base: Path, walked: set) -> bool:
+    """Whether the walk of ``base`` goes into its sub-folder ``path``: each real folder once (a link back up the
+    tree would loop, two links to one folder would give its volumes twice), and a symlinked folder only when it leads
+    out of ``base`` (one inside is walked under its own name, so its sources keep their keys)."""
+    try:
+        if path.is_symlink() and path.resolve(strict=True).is_relative_to(base):
+            return False
+        key = _dir_id(path)
+    except (OSError, RuntimeError):  # unreadable, dangling, or a loop of links
+        return False
+    if key in walked:
+        return False
+    walked.add(key)
+    return True
 
 
 # Label maps beside the scans (Decathlon's labelsTr/, TotalSegmentator's masks): by folder, by name, by content.
