@@ -143,3 +143,25 @@ def test_volume_dataset_falls_back_with_a_warning():
 def test_volume_dataset_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="no image files"):
         VolumeCubeDataset(tmp_path)
+
+
+def test_volume_dataset_refuses_label_maps(tmp_path):
+    """A mask among the inputs would give flat cubes of 0 and 1: refused by its folder or name at construction, and
+    by its content (a few integer values) on first load, as `genesis-ext extract` skips it."""
+    nib = pytest.importorskip("nibabel")
+    with pytest.raises(ValueError, match="a label map \\(in a folder named 'masks'\\)"):
+        VolumeCubeDataset(_mask_tree(tmp_path, nib))
+    organs = np.zeros((70, 70, 40), dtype=np.uint8)
+    organs[10:50, 10:50, 5:30] = 1
+    organs[30:60, 20:40, 10:20] = 2
+    nib.save(nib.Nifti1Image(organs, np.eye(4)), tmp_path / "abdomen.nii.gz")
+    ds = VolumeCubeDataset(tmp_path / "abdomen.nii.gz", filter="none", per_volume=1)
+    with pytest.raises(ValueError, match="abdomen.nii.gz: a label map \\(3 distinct integer values"):
+        ds[0]
+
+
+def _mask_tree(root: Path, nib) -> Path:
+    """root/case/masks/liver.nii.gz: a binary mask where the dataset organises by folder."""
+    (root / "case" / "masks").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), dtype=np.uint8), np.eye(4)), root / "case" / "masks" / "liver.nii.gz")
+    return root / "case"

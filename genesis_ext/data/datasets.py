@@ -27,7 +27,7 @@ from .cubes import (
     origin_bounds,
 )
 from .intensity import CT_WINDOW, resample
-from .io import Source, find_sources, load_volume
+from .io import Source, find_sources, label_map_reason, load_volume
 from .store import CubeStore
 
 
@@ -50,6 +50,13 @@ class _Transformed:
         if self.transform is None:
             return item
         return self.transform(item, self.epoch * len(self) + index) if self._with_index else self.transform(item)
+
+
+def _refuse_label_map(source: Source, data=None) -> None:
+    """A label map among the inputs would give flat cubes of its values: refused, as ``genesis-ext extract`` skips
+    it (io.label_map_reason)."""
+    if reason := label_map_reason(source.key, data):
+        raise ValueError(f"{source.path}: {reason}; pass the images only (their masks are for fine-tuning)")
 
 
 def _takes_two_arguments(fn) -> bool:
@@ -116,6 +123,8 @@ class VolumeCubeDataset(_Transformed):
             raise ValueError("; ".join(f"{item}: {reason}" for item, reason in problems))
         if not self.sources:
             raise ValueError("no volumes found")
+        for source in self.sources:  # by path here; by content when a volume is first loaded
+            _refuse_label_map(source)
         self.cube = tuple(int(c) for c in cube)
         self.per_volume, self.max_candidates, self.seed = int(per_volume), int(max_candidates), int(seed)
         self.filter = OfficialLung() if filter is None else make_filter(filter) if isinstance(filter, str) else filter
@@ -138,6 +147,7 @@ class VolumeCubeDataset(_Transformed):
         if entry is None:
             source: Source = self.sources[k]
             volume = load_volume(source.path, series_uid=source.series_uid)
+            _refuse_label_map(source, volume.data)
             if self.spacing is not None:
                 volume = resample(volume, self.spacing)
             lo, hi, _ = origin_bounds(volume.shape, self.cube, self.filter, self.margins)
