@@ -231,3 +231,19 @@ def test_resample(aorta_ct):
     np.testing.assert_allclose(coarse.data[10, 10, 7], v.data[20:22, 20:22, 7].mean(), rtol=1e-5)
     with pytest.raises(ValueError):
         resample(v, (1.0, 0.0, 1.0))
+
+
+LIVER_MASK = SHARED_DICOM.parents[2] / "abdomen-ct" / "masks" / "liver.nii.gz"  # a real organ mask, float64 {0, 1}
+
+
+def test_extract_cubes_refuses_a_label_map(aorta_ct):
+    """A segmentation passed as a volume would give flat cubes of 0 and 0.5: refused, as `genesis-ext extract`
+    skips it. The real liver mask of the abdominal CT when it is there, else a synthetic two-organ map."""
+    if LIVER_MASK.exists():
+        mask = load_volume(LIVER_MASK).data
+    else:
+        mask = np.zeros((80, 80, 40))
+        mask[20:60, 20:60, 5:30], mask[30:50, 10:30, 10:20] = 1, 2
+    with pytest.raises(ValueError, match="label map .* pass the scan, not its segmentation"):
+        extract_cubes(mask, filter="none", count=2, rng=0)
+    assert len(extract_cubes(aorta_ct, filter="none", count=2, rng=0).cubes) == 2  # the scan itself passes

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .intensity import CT_WINDOW, Window
+from .io import label_map_reason
 
 CUBE = (64, 64, 32)
 CUBES_PER_VOLUME = 32
@@ -217,11 +218,14 @@ def extract_cubes(
     the margins, keep those the filter accepts, in draw order, until ``count`` are kept. The cubes are windowed to
     [0, 1]. ``filter``: an :class:`OfficialLung` (default), :class:`Foreground` or :class:`NoFilter`, or a filter name.
     ``rng``: a seed or a ``numpy.random.Generator`` (same seed, same cubes). Fewer than ``count`` cubes (possibly none)
-    come back when too few candidates pass. Raises :class:`TooSmallError` when no cube fits.
+    come back when too few candidates pass. Raises :class:`TooSmallError` when no cube fits, ValueError for a label
+    map (a few integer values: its cubes would be flat, ``io.label_map_reason``).
     """
     data = np.asarray(data)
     if data.ndim != 3:
         raise ValueError(f"expected a 3D volume (x, y, z), got shape {data.shape}")
+    if reason := label_map_reason("", data):
+        raise ValueError(f"this volume is {reason}: pass the scan, not its segmentation")
     cube = tuple(int(c) for c in cube)
     if len(cube) != 3 or min(cube) < 1:
         raise ValueError(f"cube must be three positive sizes, got {cube}")
