@@ -72,9 +72,12 @@ def pipeline_cubes(volumes, count: int, rng: np.random.Generator, size=CUBE):
         slots = np.flatnonzero(picks == k)
         if not len(slots):
             continue
-        got = extract_cubes(
-            volume.data, cube=size, count=len(slots), filter=Foreground(), window=Window(*HU_WINDOW), rng=rng
-        )
+        try:
+            got = extract_cubes(
+                volume.data, cube=size, count=len(slots), filter=Foreground(), window=Window(*HU_WINDOW), rng=rng
+            )
+        except ValueError as err:  # a label map, a volume smaller than the cube: say which file
+            raise ValueError(f"{volume.source}: {err}") from err
         if len(got.cubes) < len(slots):
             raise ValueError(f"{volume.source}: only {len(got.cubes)} of {len(slots)} cubes pass the foreground filter")
         batch[slots, 0] = got.cubes
