@@ -17,6 +17,10 @@ import numpy as np
 MAX_PARTS = 8  # capacity for holes, windows and flips in the kernels' per-sample parameter record
 MAX_AXIS = 32767  # longest spatial axis the kernels take (the CUDA kernels keep block geometry in int16)
 MAX_BLOCKS = 1_000_000  # 100x the published num_blocks; bounds the work and the CUDA scratch per sample
+# Local shuffling may move each voxel at most this many times on average (num_blocks x mean block volume / voxels).
+# Every preset moves a 64x64x32, 32x32x16 or 160^3 cube's voxel at most 2.5 times; their worst shape, the smallest
+# 2-D image the shuffle takes (10x10: 10,000 one-voxel blocks), 100 times.
+MAX_SHUFFLE_COVERAGE = 256
 MIN_BLUR_SIGMA, MAX_BLUR_SIGMA = 0.1, 5.0  # voxels; the blur radius ceil(3 sigma) fits the kernels' 15
 
 
@@ -147,6 +151,11 @@ class DeformConfig:
         (NL 0.9, LS 0.5, painting 0.9); in- and out-painting are mutually exclusive (IP alone: every painted sample is
         in-painted; both: 0.2 / 0.8 as published). Flips and every size rule stay as published; ``changes`` then
         replace fields, e.g. ``preset("NL+LS", flip_compat=True)``. Names are case-insensitive and in any order."""
+        if not isinstance(name, str):  # str(None) is "None", which would select "none": flips only
+            raise TypeError(
+                f"DeformConfig.preset: name must be a str, one of {', '.join(PRESETS)}; got {name!r} "
+                "(the published recipe is DeformConfig() or preset('genesis'))"
+            )
         key = next((k for k in PRESETS if _parts(k) == _parts(name)), None)
         if key is None:
             raise ValueError(f"DeformConfig.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -194,6 +203,12 @@ class DeformConfig:
             hi = (self.cut_max_num * s) // self.cut_den
             return lo <= hi and s - hi >= 1 and s - (s - lo) - 2 * self.margin >= 0
         raise ValueError(f"unknown deformation {deformation!r}")
+
+    def shuffle_coverage(self, spatial) -> float:
+        """How many times local shuffling moves each voxel of a sample of shape ``spatial`` on average: num_blocks
+        times the mean block volume (sides uniform in 1 .. S // block_div, independent per axis) over the voxels."""
+        mean_volume = math.prod([(1 + s // self.block_div) / 2 for s in spatial])  # a list: dynamo traces it
+        return self.num_blocks * mean_volume / math.prod(spatial)
 
     def size_rules(self, op: str) -> tuple[str, ...]:
         """The size rules op needs with this config (min_axis_length): a single op's own; the pair's, those of every

@@ -163,7 +163,20 @@ def check_deformations(deformations: Sequence[PixelDeformation]) -> tuple[PixelD
     names = [d.name for d in deformations]
     if len(set(names)) != len(names):
         raise ValueError(f"genesis_ext: user deformation names must be unique (each names a stream), got {names}")
+    _check_streams(deformations)
     return deformations
+
+
+def _check_streams(deformations: tuple[PixelDeformation, ...]) -> None:
+    """Distinct names whose CRC-32 collide would share one random stream: the same gates and uniforms."""
+    seen: dict[int, str] = {}
+    for d in deformations:
+        other = seen.setdefault(d.stream, d.name)
+        if other != d.name:
+            raise ValueError(
+                f"genesis_ext: user deformations {other!r} and {d.name!r} have the same CRC-32 ({d.stream}), so "
+                "they would draw the same gates and uniforms: rename one of them"
+            )
 
 
 def pair_with(

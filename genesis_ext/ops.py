@@ -31,7 +31,7 @@ except ImportError:  # numpy-only installs
     torch = None
 
 from . import _C
-from .config import PAIR_STAGES, SINGLE_OPS, DeformConfig
+from .config import MAX_SHUFFLE_COVERAGE, PAIR_STAGES, SINGLE_OPS, DeformConfig
 from .deformation import PixelDeformation, check_deformations, pair_with
 
 
@@ -77,9 +77,18 @@ def _is_counter_tensor(value) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
-def _check_seed(seed: Any, offset: Any) -> None:
+def _check_last_index(offset: int, batch: int) -> None:
+    """Every sample's global index offset + n is below 2**63 (docs/randomness.md), as the reference requires."""
+    if offset + batch > _OFFSET_LIMIT:
+        raise ValueError(
+            f"genesis_ext: a batch of {batch} from offset {offset} reaches sample index {offset + batch - 1}; "
+            f"every index offset + n must be below 2**63: pass an offset of at most 2**63 - {batch}"
+        )
+
+
+def _check_seed(seed: Any, offset: Any, batch: int = 1) -> None:
     """seed and offset: ints in range, or one-element integer CPU tensors (their values are checked when the op
-    runs: reading them here would make torch.compile guard on them)."""
+    runs: reading them here would make torch.compile guard on them); the batch's last index is in range too."""
     for name, value, limit in (("seed", seed, _SEED_LIMIT), ("offset", offset, _OFFSET_LIMIT)):
         if _is_counter_tensor(value):
             if value.numel() != 1 or value.device.type != "cpu" or value.dtype not in (torch.int64, torch.int32):
@@ -95,6 +104,8 @@ def _check_seed(seed: Any, offset: Any) -> None:
             )
         if not 0 <= int(value) < limit:
             raise ValueError(f"genesis_ext: {name} must be in [0, 2**{limit.bit_length() - 1}), got {value}")
+    if not _is_counter_tensor(offset):
+        _check_last_index(int(offset), batch)
 
 
 def _check_layout(op: str, shape: tuple, spatial_dims: Any) -> None:
@@ -152,15 +163,31 @@ def _validate(
         raise ValueError(f"genesis_ext.{op}: every axis needs length >= 1, got shape {tuple(x.shape)}")
     if c * math.prod(spatial) >= 1 << 31:  # math, not numpy: dynamo would trace np.prod
         raise ValueError(f"genesis_ext.{op}: a sample must have fewer than 2**31 elements, got shape {tuple(x.shape)}")
-    for rule in config.size_rules(op):
+    rules = config.size_rules(op)
+    for rule in rules:
         need = config.min_axis_length(rule)
         if min(spatial) < need:
             raise ValueError(
                 f"genesis_ext.{op}: spatial size {tuple(spatial)} is too small for {rule} with this "
                 f"config: every spatial axis needs length >= {need}"
             )
-    _check_seed(seed, offset)
+    if "local" in rules:
+        _check_shuffle_work(op, config, spatial)
+    _check_seed(seed, offset, n)
     return config
+
+
+def _check_shuffle_work(op: str, config: DeformConfig, spatial: list[int]) -> None:
+    """Refuse a shuffle that would cost far more than the sample's voxels (108 s for one 64x64x32 cube with
+    num_blocks=1_000_000, block_div=1); the shape is host metadata, so this never waits for a GPU."""
+    coverage = config.shuffle_coverage(spatial)
+    if coverage > MAX_SHUFFLE_COVERAGE:
+        raise ValueError(
+            f"genesis_ext.{op}: with num_blocks={config.num_blocks} and block_div={config.block_div}, local "
+            f"shuffling would move each voxel of a {tuple(spatial)} sample {coverage:,.0f} times on average "
+            f"(num_blocks x mean block volume / voxels); the bound is {MAX_SHUFFLE_COVERAGE} (the published recipe: "
+            "1.9 at 64x64x32). Lower num_blocks or raise block_div"
+        )
 
 
 _FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -290,17 +317,18 @@ def _counter(seed, offset) -> "torch.Tensor":
     return torch.stack(parts)
 
 
-def _host_ints(seed, offset) -> tuple[int, int]:
-    """(seed, offset) as Python ints from ints or one-element tensors (the eager paths), checked: what _check_seed
-    could not read at trace time."""
+def _host_ints(seed, offset, batch: int) -> tuple[int, int]:
+    """(seed, offset) as Python ints from ints or one-element CPU tensors (the eager paths; reading a CPU tensor
+    never waits for a GPU), checked: what _check_seed could not read at trace time."""
     seed, offset = (int(v.reshape(()).item()) if _is_counter_tensor(v) else int(v) for v in (seed, offset))
     if not 0 <= offset < _OFFSET_LIMIT:
         raise ValueError(f"genesis_ext: offset must be in [0, 2**63), got {offset}")
+    _check_last_index(offset, batch)
     return seed % _SEED_LIMIT, offset
 
 
-def _counter_values(counter: "torch.Tensor") -> tuple[int, int]:
-    return _host_ints(*counter.tolist())
+def _counter_values(counter: "torch.Tensor", batch: int) -> tuple[int, int]:
+    return _host_ints(*counter.tolist(), batch)
 
 
 def _register_torch_op(name: str):
@@ -310,7 +338,7 @@ def _register_torch_op(name: str):
     result = "(Tensor, Tensor)" if with_target else "Tensor"
 
     def impl(x, counter, config):
-        return _run_torch(name, x, with_target, *_counter_values(counter), config)
+        return _run_torch(name, x, with_target, *_counter_values(counter, int(x.shape[0])), config)
 
     def fake(x, counter, config):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -331,10 +359,10 @@ def _apply(op: str, x, seed: int, offset: int, config: DeformConfig | None, spat
     vec = config.to_vector()
     dtype = x.dtype  # the kernels compute in float32; other float dtypes are converted there and back
     if isinstance(x, np.ndarray):
-        seed, offset = _host_ints(seed, offset)
+        seed, offset = _host_ints(seed, offset, x.shape[0])
         result = _run_numpy(op, np.ascontiguousarray(x, dtype=np.float32), op == "genesis_pair", seed, offset, vec)
     elif _is_cupy(x):
-        seed, offset = _host_ints(seed, offset)
+        seed, offset = _host_ints(seed, offset, x.shape[0])
         result = _run_cupy(op, x.astype("float32", copy=False), op == "genesis_pair", seed, offset, vec)
     else:
         result = _TORCH_OPS[op](x.float(), _counter(seed, offset), vec)
@@ -355,11 +383,13 @@ _CONTRACT = """
             array; results come back as the same type, dtype and device. Not modified. The kernels compute in
             float32: float64 input is rounded to float32 first, float16 and bfloat16 outputs are rounded from the
             float32 result.
-        seed: int in [0, 2**64). offset: global index of sample 0 (int in [0, 2**63)); sample n uses offset + n.
+        seed: int in [0, 2**64). offset: global index of sample 0 (int in [0, 2**63)); sample n uses offset + n,
+            which must be below 2**63 too (the last sample's index: offset + N <= 2**63).
             Either may be a one-element int64 CPU tensor instead (a seed tensor holds the int64 with the seed's
             bits): under torch.compile the op then receives it as a tensor and nothing recompiles as it advances.
         config: DeformConfig (default: the published recipe); supplies the size rules{extra}.
-    Raises TypeError (type, non-float dtype) or ValueError (ndim, empty batch, axes too small for the config, seeds);
+    Raises TypeError (type, non-float dtype) or ValueError (ndim, empty batch, axes too small for the config, a
+    local shuffle far costlier than the sample's voxels (``genesis_ext.config.MAX_SHUFFLE_COVERAGE``), seeds, indices);
     RuntimeError for CUDA data without usable CUDA kernels.
 """
 
@@ -444,7 +474,7 @@ def sample_params(
         raise ValueError(f"genesis_ext.sample_params: spatial_shape must be 2 or 3 positive lengths, got {spatial}")
     if int(batch) < 1:
         raise ValueError(f"genesis_ext.sample_params: batch must be >= 1, got {batch}")
-    _check_seed(seed, offset)
+    _check_seed(seed, offset, int(batch))
     params = _C.sample_params(int(batch), spatial, int(seed), int(offset), config.to_vector(), bool(with_blocks))
     params["index"] = np.arange(int(offset), int(offset) + int(batch), dtype=np.int64)
     return params

@@ -2,8 +2,9 @@
 ``GenesisDeform`` applies one deformation with a probability. Needs torch.
 
 Both keep the running global sample index, so consecutive batches get fresh deformations, and save it (with the
-seed) in their ``state_dict``: a resumed run continues the stream exactly. The index lives on the host (a Python int
-in the module's extra state, not a device buffer), so advancing it never synchronises with a GPU.
+seed) in their ``state_dict``: a resumed run continues the stream exactly. The index is a one-element int64 buffer
+that stays on the CPU whatever device the module is moved to: under ``torch.compile`` it reaches the op as a tensor,
+so advancing it recompiles nothing, and reading or advancing it never synchronises with a GPU.
 """
 
 from __future__ import annotations
@@ -35,26 +36,41 @@ class _Stream(nn.Module):
         ops._check_seed(seed, 0)
         self.config = DeformConfig() if config is None else config
         self.seed = int(seed)
-        self.next_index = 0
+        # a tensor, not a Python int: torch.compile would specialise on an int and recompile at every new value
+        self.register_buffer("next_index", torch.zeros((), dtype=torch.int64))
 
-    def _start(self, x: torch.Tensor, offset: int | None) -> int:
+    def _start(self, x, offset):
         """The global index of x's first sample: ``offset`` if given (nothing advances), else the running index,
         which a training-mode call then advances by the batch size (eval mode: fixed, e.g. validation pairs)."""
         if offset is not None:
-            return int(offset)
-        start = self.next_index
+            return offset
+        start = self.next_index.clone()
         if self.training:
-            self.next_index += int(x.shape[0])
+            self.next_index.add_(x.shape[0])
         return start
 
+    def _apply(self, fn, recurse=True):
+        """.to(device), .cuda(), ...: the index stays on the CPU, where the ops read it without a GPU sync."""
+        index = self.next_index
+        super()._apply(fn, recurse)
+        self.next_index = index
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        """Checkpoints saved while the index was a Python int carry it in the extra state."""
+        old = state_dict.get(prefix + "_extra_state", {})
+        if "next_index" in old:
+            state_dict.setdefault(prefix + "next_index", torch.tensor(old["next_index"], dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def get_extra_state(self) -> dict:
-        return {"seed": self.seed, "next_index": self.next_index}
+        return {"seed": self.seed}
 
     def set_extra_state(self, state: dict) -> None:
-        self.seed, self.next_index = int(state["seed"]), int(state["next_index"])
+        self.seed = int(state["seed"])
 
     def extra_repr(self) -> str:
-        return f"seed={self.seed}, next_index={self.next_index}"
+        return f"seed={self.seed}, next_index={int(self.next_index)}"
 
 
 class GenesisPair(_Stream):
@@ -74,7 +90,8 @@ class GenesisPair(_Stream):
         super().__init__(config, seed, spatial_dims)
         self.deformations = check_deformations(deformations)
 
-    def forward(self, x: torch.Tensor, offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, offset=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``offset``: an int or a one-element int64 CPU tensor, or None for the running index."""
         return ops.genesis_pair(
             x,
             seed=self.seed,
@@ -110,14 +127,17 @@ class GenesisDeform(_Stream):
             raise ValueError(f"GenesisDeform: prob must be a number in [0, 1], got {prob!r}")
         self.op, self.prob = op, float(prob)
 
-    def forward(self, x: torch.Tensor, offset: int | None = None) -> torch.Tensor:
+    def forward(self, x, offset=None):
+        """``x``: a torch tensor or a numpy array (the ops' contract); the result has its type."""
         start = self._start(x, offset)
         out = getattr(ops, self.op)(x, seed=self.seed, offset=start, config=self.config, spatial_dims=self.spatial_dims)
         if self.prob == 1.0:
             return out
-        coin = reference.uniform(_coins(self.seed, start, int(x.shape[0]), zlib.crc32(self.op.encode())))
-        keep = torch.from_numpy(coin >= self.prob).to(x.device, non_blocking=True)
-        return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, out)
+        coin = reference.uniform(_coins(self.seed, int(start), int(x.shape[0]), zlib.crc32(self.op.encode())))
+        keep = (coin >= self.prob).reshape(-1, *([1] * (x.ndim - 1)))
+        if isinstance(x, np.ndarray):
+            return np.where(keep, x, out)
+        return torch.where(torch.from_numpy(keep).to(x.device, non_blocking=True), x, out)
 
     def extra_repr(self) -> str:
         return f"op={self.op!r}, prob={self.prob}, " + super().extra_repr()

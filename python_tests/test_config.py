@@ -4,6 +4,7 @@ through, and the Python and C++ field lists cannot drift."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import hypothesis
 import numpy as np
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 import genesis_ext
 from genesis_ext import _C, DeformConfig
-from genesis_ext.config import MAX_BLOCKS
+from genesis_ext.config import MAX_BLOCKS, MAX_SHUFFLE_COVERAGE
 
 
 @pytest.mark.parametrize(
@@ -149,6 +150,11 @@ def _config_or_none(changes):
         return None
 
 
+def _refused_for_the_shape(error: ValueError) -> bool:
+    """The two refusals a valid config can meet on a given sample shape: a size rule, or the shuffle's work."""
+    return "is too small for" in str(error) or "local shuffling would move each voxel" in str(error)
+
+
 # hypothesis: any value in any field, including what a user can mistype or a sweep can produce
 _ANY = st.one_of(
     st.integers(-3, 12),
@@ -165,6 +171,7 @@ _ANY = st.one_of(
 @hypothesis.given(
     changes=st.dictionaries(st.sampled_from([f.name for f in dataclasses.fields(DeformConfig)]), _ANY, max_size=4)
 )
+@hypothesis.example(changes={"num_blocks": MAX_BLOCKS, "paint_rate": 0.0})  # a shuffle the batch is too small for
 def test_any_field_values_give_a_valid_config_or_a_clear_error(changes):
     """Either ValueError naming what is wrong, or a config the kernels run on (bounded work: the pair on a small batch
     finishes or raises the size-rule ValueError)."""
@@ -175,7 +182,7 @@ def test_any_field_values_give_a_valid_config_or_a_clear_error(changes):
     try:
         deformed, target = genesis_ext.genesis_pair(x, seed=3, config=config)
     except ValueError as e:
-        assert "is too small for" in str(e)
+        assert _refused_for_the_shape(e)
         hypothesis.event("batch too small for the config")
         return
     hypothesis.event("pair ran")
@@ -219,6 +226,45 @@ def test_presets_are_the_published_recipe_and_the_12_ablations():
     for bad in ("NL+XX", "all", "", "NL+NL+LS+OP+IP+FLIP"):
         with pytest.raises(ValueError, match="unknown preset .* choose one of genesis, none, NL"):
             DeformConfig.preset(bad)
+    for not_a_name in (None, 1, ("NL",)):  # str(None) == "None" once selected "none", the flips-only preset
+        with pytest.raises(TypeError, match=r"name must be a str, one of genesis, none, NL.*; got "):
+            DeformConfig.preset(not_a_name)
+
+
+SHAPES = [(64, 64, 32), (32, 32, 16), (160, 160, 160)]
+
+
+def test_no_preset_comes_near_the_shuffle_work_bound():
+    """Every preset at the published cube, the CPU-sized one and a large one moves each voxel at most 2.5 times on
+    average, their worst shape (the smallest 2-D image, 10x10) 100 times: far below MAX_SHUFFLE_COVERAGE (256)."""
+    torch = pytest.importorskip("torch")
+    cases = list(itertools.product(DeformConfig.presets(), SHAPES))
+    assert max(DeformConfig.preset(name).shuffle_coverage(shape) for name, shape in cases) < 2.5
+    assert DeformConfig().shuffle_coverage((10, 10)) == 100 < MAX_SHUFFLE_COVERAGE
+    for name, shape in cases:  # the ops agree (a meta tensor: shape metadata only)
+        genesis_ext.local_shuffle(torch.empty(1, 1, *shape, device="meta"), seed=0, config=DeformConfig.preset(name))
+
+
+def test_a_shuffle_far_beyond_the_cubes_voxels_is_refused_before_any_work():
+    """DeformConfig(num_blocks=1_000_000, block_div=1) is within every field's range and took 108 s for one
+    64x64x32 cube: the ops refuse it from the shape alone (a meta tensor has no data), naming the fields, the bound
+    and the fix; the pair only when the shuffle can fire."""
+    torch = pytest.importorskip("torch")
+    config = DeformConfig(num_blocks=1_000_000, block_div=1)
+    x = torch.empty(1, 1, 64, 64, 32, device="meta")
+    match = (
+        r"with num_blocks=1000000 and block_div=1, local shuffling would move each voxel of a \(64, 64, 32\) sample "
+        r"132,966 times on average .*the bound is 256 .*Lower num_blocks or raise block_div"
+    )
+    for op in ("local_shuffle", "genesis_pair"):
+        with pytest.raises(ValueError, match=match):
+            getattr(genesis_ext, op)(x, seed=0, config=config)
+    genesis_ext.genesis_pair(x, seed=0, config=config.replace(local_rate=0.0))
+    # 10x10 images take one-voxel blocks: num_blocks / 100 moves per voxel, so the bound falls at 25,600 blocks
+    image = np.random.default_rng(0).random((1, 1, 10, 10), dtype=np.float32)
+    genesis_ext.local_shuffle(image, seed=0, config=DeformConfig(num_blocks=25_600), spatial_dims=2)
+    with pytest.raises(ValueError, match=r"\(10, 10\) sample 257 times on average"):
+        genesis_ext.local_shuffle(image, seed=0, config=DeformConfig(num_blocks=25_700), spatial_dims=2)
 
 
 @pytest.mark.parametrize("name", list(ABLATION))
@@ -268,7 +314,7 @@ def test_typed_field_values_run_every_op_or_raise_clearly(data):
         try:
             out = getattr(genesis_ext, op)(x, seed=4, offset=9, config=config)
         except ValueError as e:
-            assert "is too small for" in str(e)
+            assert _refused_for_the_shape(e)
             hypothesis.event(f"{op}: batch too small")
             continue
         hypothesis.event(f"{op} ran")

@@ -173,3 +173,17 @@ def test_deformation_lists_are_checked(cubes):
         genesis_ext.genesis_pair(cubes, seed=0, deformations=[d, PixelDeformation("d", identity)])
     with pytest.raises(TypeError, match="deformations must be PixelDeformation objects, got function"):
         genesis_ext.genesis_pair(cubes, seed=0, deformations=[identity])
+
+
+def test_names_whose_crc32_collide_are_refused_where_they_meet():
+    """A deformation's stream is crc32 of its name: "plumless" and "buckeroo" (a known CRC-32 collision) would draw
+    the same gates and uniforms, so a pair or a module given both refuses, naming both."""
+    assert zlib.crc32(b"plumless") == zlib.crc32(b"buckeroo")
+    pair = [PixelDeformation("plumless", identity), PixelDeformation("buckeroo", identity)]
+    match = "user deformations 'plumless' and 'buckeroo' have the same CRC-32 .*rename one of them"
+    x = torch.rand(1, 1, 32, 32, 16)
+    with pytest.raises(ValueError, match=match):
+        genesis_ext.genesis_pair(x, seed=0, deformations=pair)
+    with pytest.raises(ValueError, match=match):
+        GenesisPair(seed=0, deformations=pair)
+    genesis_ext.genesis_pair(x, seed=0, deformations=pair[:1] + [PixelDeformation("plumles", identity)])

@@ -1,16 +1,24 @@
 """genesis_ext.monai in a real MONAI pipeline on the real CT of ../shared/data: LoadImaged -> EnsureChannelFirstd ->
-ScaleIntensityRanged -> RandSpatialCropSamplesd -> GenesisPaird -> monai.data.DataLoader(num_workers=2)."""
+ScaleIntensityRanged -> RandSpatialCropSamplesd -> GenesisPaird -> monai.data.DataLoader (0 and 2 workers); and the
+transforms' refusals of what would silently go wrong."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import monai
 import numpy as np
 import pytest
 import torch
-from monai.data import DataLoader, Dataset, MetaTensor
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandSpatialCropSamplesd, ScaleIntensityRanged
+from monai.data import DataLoader, Dataset, MetaTensor, list_data_collate
+from monai.data.utils import worker_init_fn
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    RandSpatialCropd,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRanged,
+)
 
 import genesis_ext
 from genesis_ext import DeformConfig
@@ -21,7 +29,7 @@ CTS = sorted(SHARED.glob("*/ct_cropped.nii.gz"))
 CONFIG = DeformConfig(gaussian_noise_rate=0.3)
 
 
-def pipeline(seed: int) -> Compose:
+def pipeline(state: int) -> Compose:
     return Compose(
         [
             LoadImaged(keys="image"),
@@ -30,23 +38,28 @@ def pipeline(seed: int) -> Compose:
             RandSpatialCropSamplesd(keys="image", roi_size=(32, 32, 16), num_samples=3, random_size=False),
             GenesisPaird(keys="image", config=CONFIG, seed=42),
         ]
-    ).set_random_state(seed)
+    ).set_random_state(state)
 
 
-def epochs(seed: int, n_epochs: int = 2) -> list[list[dict]]:
-    """Every batch of n_epochs epochs of the pipeline in a 2-worker MONAI DataLoader, its global seed set."""
-    monai.utils.set_determinism(seed=seed)
+def epochs(generator_seed: int, workers: int, state: int = 7, n_epochs: int = 2) -> list[list[dict]]:
+    """Every batch of n_epochs epochs of the pipeline (set_random_state(state)) in a MONAI DataLoader whose
+    generator is seeded with generator_seed."""
     loader = DataLoader(
-        Dataset([{"image": str(p)} for p in CTS] * 2, transform=pipeline(seed)), batch_size=3, num_workers=2
+        Dataset([{"image": str(p)} for p in CTS] * 2, transform=pipeline(state)),
+        batch_size=3,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(generator_seed),
     )
-    return [[{k: v for k, v in batch.items()} for batch in loader] for _ in range(n_epochs)]
+    return [[dict(batch) for batch in loader] for _ in range(n_epochs)]
 
 
 @pytest.fixture(scope="module")
 def runs():
+    """Per number of workers: two runs from one loader generator seed (with different set_random_state values, which
+    the loader overrides) and one from another generator seed."""
     if len(CTS) < 2:
         pytest.skip(f"the two real CT crops are not in {SHARED}")
-    return epochs(7), epochs(7), epochs(8)
+    return {workers: (epochs(7, workers), epochs(7, workers, state=99), epochs(8, workers)) for workers in (0, 2)}
 
 
 def _indices(run):
@@ -54,7 +67,7 @@ def _indices(run):
 
 
 def test_pairs_are_models_genesis_pairs_of_the_crops(runs):
-    batch = runs[0][0][0]
+    batch = runs[2][0][0][0]
     image, target = batch["image"], batch["image_target"]
     assert isinstance(image, MetaTensor) and image.shape == target.shape and image.shape[1:] == (1, 32, 32, 16)
     assert "filename_or_obj" in image.meta and image.meta["genesis_ext"]["seed"][0] == 42  # metadata kept
@@ -68,15 +81,35 @@ def test_pairs_are_models_genesis_pairs_of_the_crops(runs):
     assert 0.0 <= float(target.min()) <= float(target.max()) <= 1.0
 
 
-def test_reproducible_from_one_seed_and_distinct_across_workers_and_epochs(runs):
-    a, b, c = runs
-    for epoch_a, epoch_b in zip(a, b):  # same seed: the same pairs, bit for bit
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loaders_generator_reproduces_the_pipeline_and_workers_and_epochs_differ(runs, workers):
+    """MONAI's DataLoader re-seeds every Randomizable of the dataset from its generator (set_random_state before it
+    has no effect): one generator seed gives the same pairs bit for bit, another seed other deformations."""
+    a, b, c = runs[workers]
+    for epoch_a, epoch_b in zip(a, b):
         for x, y in zip(epoch_a, epoch_b):
             assert torch.equal(x["image"].as_tensor(), y["image"].as_tensor())
             assert torch.equal(x["image_target"].as_tensor(), y["image_target"].as_tensor())
     indices = _indices(a)
     assert len(indices) == 2 * 4 * 3 and len(set(indices)) == len(indices)  # no two samples share a deformation
-    assert set(_indices(c)).isdisjoint(indices)  # another seed: other deformations
+    assert set(_indices(c)).isdisjoint(indices)
+
+
+def test_set_random_state_reproduces_a_pipeline_applied_directly():
+    """Without MONAI's DataLoader nothing re-seeds the pipeline: its set_random_state fixes crops and deformations."""
+    volume = {"image": np.random.default_rng(0).random((1, 48, 40, 24), dtype=np.float32)}
+
+    def run(state):
+        crop = RandSpatialCropd(keys="image", roi_size=(32, 32, 16), random_size=False)
+        pairs = Compose([crop, GenesisPaird(keys="image", config=CONFIG, seed=5)]).set_random_state(state)
+        return [pairs(volume) for _ in range(3)]
+
+    a, b, c = run(7), run(7), run(8)
+    for x, y in zip(a, b):
+        assert torch.equal(x["image"].as_tensor(), y["image"].as_tensor())
+        assert torch.equal(x["image_target"].as_tensor(), y["image_target"].as_tensor())
+    index = [[int(x["image"].meta["genesis_ext"]["index"]) for x in run] for run in (a, c)]
+    assert len(set(index[0])) == 3 and set(index[0]).isdisjoint(index[1])
 
 
 def test_batch_variant_on_collated_batches_resumes():
@@ -91,9 +124,76 @@ def test_batch_variant_on_collated_batches_resumes():
     assert first["image"].meta["filename_or_obj"] == "batch" and first["image"].meta["genesis_ext"]["first_index"] == 0
 
 
-def test_refuses_batched_or_flat_inputs():
-    with pytest.raises(ValueError, match=r"must be a channel-first sample \(C, X, Y, Z\) or \(C, H, W\), got shape"):
+def _worker_indices(**loader_args) -> list[int]:
+    samples = [{"image": MetaTensor(torch.rand(1, 16, 16, 16))} for _ in range(4)]
+    dataset = Dataset(samples, transform=GenesisPaird(keys="image", seed=1).set_random_state(7))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, num_workers=2, collate_fn=list_data_collate, **loader_args
+    )
+    return [int(i) for batch in loader for i in batch["image"].meta["genesis_ext"]["index"]]
+
+
+def test_a_plain_torch_loader_with_workers_must_seed_them():
+    """torch's DataLoader copies the transform's state into every worker: they would all draw the same indices (the
+    two workers' batches were identical). Refused, with the fix; with MONAI's worker_init_fn the indices differ."""
+    with pytest.raises(RuntimeError, match="every worker would draw the same deformations: use monai.data.DataLoader"):
+        _worker_indices()
+    indices = _worker_indices(worker_init_fn=worker_init_fn)
+    assert len(set(indices)) == 4
+
+
+def test_every_key_of_a_sample_gets_one_deformation():
+    """Co-registered keys (an image and its channels) move together, as GenesisPaird promises: two keys holding the
+    same data come out identical, sample after sample (a deformation drawn per key would tell them apart)."""
+    x = np.random.default_rng(1).random((1, 32, 32, 16), dtype=np.float32)
+    transform = GenesisPaird(keys=("image", "twin"), config=CONFIG, seed=4).set_random_state(3)
+    for _ in range(4):
+        out = transform({"image": x, "twin": x.copy()})
+        assert not np.array_equal(out["image"].numpy(), x)
+        assert torch.equal(out["image"], out["twin"]) and torch.equal(out["image_target"], out["twin_target"])
+
+
+def test_batch_variant_gives_every_key_the_batchs_deformations():
+    """GenesisPairBatchd as GenesisPaird: all keys of a batch get samples start .. start + N - 1, and the stream
+    advances by N per call, not per key."""
+    x = torch.rand(4, 1, 32, 32, 16, generator=torch.Generator().manual_seed(2))
+    transform = GenesisPairBatchd(keys=("image", "twin"), config=CONFIG, seed=3)
+    for start in (0, 4):
+        out = transform({"image": x, "twin": x.clone()})
+        want = genesis_ext.genesis_pair(x, seed=3, offset=start, config=CONFIG)
+        for key in ("image", "twin"):
+            assert torch.equal(out[key], want[0]) and torch.equal(out[key + "_target"], want[1])
+    assert int(transform.pair.next_index) == 8
+
+
+@pytest.mark.parametrize("transform", [GenesisPaird, GenesisPairBatchd])
+def test_refuses_keys_and_suffixes_that_would_overwrite_or_deform_twice(transform):
+    with pytest.raises(ValueError, match="target_suffix must be a non-empty str, got '': .*overwrite the deformed"):
+        transform(keys="image", target_suffix="")
+    with pytest.raises(ValueError, match=r"keys \('image', 'label', 'image'\) list a key more than once"):
+        transform(keys=("image", "label", "image"))
+    with pytest.raises(ValueError, match="the target of 'image' would overwrite the input 'image_target'"):
+        transform(keys=("image", "image_target"))
+    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3, got 4"):
+        transform(keys="image", spatial_dims=4)
+
+
+def test_refuses_volumes_without_a_channel_axis_and_batches_in_the_per_sample_transform():
+    volume = torch.rand(32, 32, 16)  # (X, Y, Z): once taken for a 2-D image with 32 channels
+    with pytest.raises(
+        ValueError,
+        match=r"'image' has shape \(32, 32, 16\), with no channel axis: expected \(C, X, Y, Z\) \(spatial_dims=3; "
+        r"MONAI is channel-first\)\. Add the channel axis \(x\[None\], or EnsureChannelFirstd",
+    ):
+        GenesisPaird(keys="image")({"image": volume})
+    out = GenesisPaird(keys="image", spatial_dims=2)({"image": volume})  # said so: 32 channels of (32, 16) images
+    assert out["image"].shape == volume.shape
+    with pytest.raises(ValueError, match=r"'image' has shape \(2, 32, 32, 16\), with no channel axis: expected "):
+        GenesisPairBatchd(keys="image")({"image": volume[None].expand(2, -1, -1, -1)})
+    with pytest.raises(ValueError, match=r"'image' must be \(C, X, Y, Z\) \(spatial_dims=3\), got shape \(2, 1, "):
         GenesisPaird(keys="image")({"image": torch.rand(2, 1, 16, 16, 16)})
+    with pytest.raises(ValueError, match="share one deformation, so they need the same shape"):
+        GenesisPaird(keys=("image", "label"))({"image": torch.rand(1, 16, 16, 16), "label": torch.rand(1, 16, 16, 20)})
 
 
 def test_plain_torch_dataloader_recipe():

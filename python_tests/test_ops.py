@@ -698,3 +698,20 @@ def test_gaussian_blur_spreads_nonfinite_values_within_its_radius():
     corner = ~np.isfinite(out[0, 0]) & ~box
     assert corner[: 1 + r + 1, : 1 + r + 1, : 1 + r + 1].all() and corner.sum() == (1 + r + 1) ** 3
     assert np.array_equal(out, oracle_single("gaussian_blur", x, 2, 0, config), equal_nan=True)
+
+
+def test_a_batch_whose_indices_would_cross_2_63_is_refused_as_the_reference_refuses_it(rng):
+    """Every global index offset + n is below 2**63 (docs/randomness.md): the ops used to take a batch reaching past
+    it, which the reference refuses. Both now refuse it, for int and tensor offsets, and agree up to the last index."""
+    x = rng.random((3, 1, 24, 24, 16), dtype=np.float32)
+    offset = 2**63 - 2  # samples 2**63 - 2, 2**63 - 1, 2**63
+    match = rf"a batch of 3 from offset {offset} reaches sample index {2**63}; .* an offset of at most 2\*\*63 - 3"
+    for batch, off in [(x, offset), (torch.from_numpy(x), offset), (torch.from_numpy(x), torch.tensor(offset))]:
+        with pytest.raises(ValueError, match=match):
+            genesis_ext.genesis_pair(batch, seed=1, offset=off, spatial_dims=3)
+    with pytest.raises(ValueError, match=match):
+        genesis_ext.sample_params(3, (24, 24, 16), seed=1, offset=offset)
+    with pytest.raises(ValueError, match=r"sample index must be in \[0, 2\*\*63\)"):
+        R.genesis_pair_batch(x, seed=1, offset=offset)
+    deformed, target = run("genesis_pair", x[:2], seed=1, offset=offset)  # the last two indices: both agree
+    assert_pair_matches_oracle(deformed[1], target[1], x[1], 1, 2**63 - 1, DeformConfig())

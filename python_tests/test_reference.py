@@ -502,3 +502,18 @@ def test_genesis_pair_batch_independent_of_position():
     assert np.array_equal(xd2, xd[1:3]) and np.array_equal(y2, y[1:3])
     again = R.genesis_pair_batch(x, SEED, offset=10, config=DeformConfig())
     assert np.array_equal(again[0], xd)
+
+
+def test_sample_indices_stop_below_2_63_as_the_ops_do():
+    """The contract the ops share (docs/randomness.md): every index offset + n is below 2**63; a batch reaching it is
+    refused, at its first index beyond, by every entry point."""
+    x = np.zeros((3, 1, 12, 12, 12), dtype=np.float32)
+    config = DeformConfig(local_rate=0.0, paint_rate=0.0)
+    match = r"sample index must be in \[0, 2\*\*63\), got 9223372036854775808"
+    with pytest.raises(ValueError, match=match):
+        R.genesis_pair_batch(x, seed=1, offset=2**63 - 2, config=config)
+    with pytest.raises(ValueError, match=match):
+        R.sample_words(1, 2**63 - 2, 3, R.GATES, 0, 1)
+    with pytest.raises(ValueError, match=match):
+        R.derive_params(1, 2**63, (12, 12, 12), config)
+    assert R.sample_words(1, 2**63 - 2, 2, R.GATES, 0, 1).shape == (2, 1)  # up to 2**63 - 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import genesis_ext
-from genesis_ext import DeformConfig
+from genesis_ext import DeformConfig, GenesisPair
 
 torch = pytest.importorskip("torch")
 
@@ -90,6 +90,26 @@ def test_torch_compile_with_advancing_offsets_compiles_once(rng):
         if k == 0:
             graphs_after_first_step = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs_after_first_step  # compiled once: no recompiles
+
+
+def test_pair_module_compiles_once_over_20_steps():
+    """README: torch.compile(GenesisPair(...), fullgraph=True). Its running index is a tensor buffer, so advancing it
+    recompiles nothing (a Python int recompiled at every step and failed at dynamo's recompile limit): 20 training
+    steps under a recompile limit of 1, one graph, every pair and the index equal to the eager module's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(5)
+    compiled_pair, eager_pair = GenesisPair(seed=1234), GenesisPair(seed=1234)
+    compiled = torch.compile(compiled_pair, fullgraph=True)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for step in range(20):
+            x = torch.rand(2, 1, 24, 24, 16, generator=g)
+            (got_x, got_target), (want_x, want_target) = compiled(x), eager_pair(x)
+            assert torch.equal(got_x, want_x) and torch.equal(got_target, want_target), step
+    assert counters["stats"]["unique_graphs"] == 1
+    assert int(compiled_pair.next_index) == int(eager_pair.next_index) == 40
 
 
 def test_seed_and_offset_tensors_are_checked(rng):

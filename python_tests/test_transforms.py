@@ -32,7 +32,19 @@ def test_pair_module_continues_the_stream_and_resumes_exactly():
     for x in xs[3:]:
         a, b = pair(x), resumed(x)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert resumed.get_extra_state() == {"seed": 7, "next_index": 20}
+    assert resumed.get_extra_state() == {"seed": 7} and int(resumed.next_index) == 20
+    assert state["next_index"].dtype == torch.int64  # the running index is a tensor in the state_dict
+
+
+def test_running_index_stays_on_the_cpu_and_old_checkpoints_resume():
+    """Moving the module leaves the index on the CPU (the ops read it there, never from a GPU); a checkpoint from
+    when the index was a Python int in the extra state resumes at that index."""
+    pair = GenesisPair(seed=7).to("meta").half()
+    assert pair.next_index.device.type == "cpu" and pair.next_index.dtype == torch.int64
+    old = GenesisPair(seed=0)
+    old.load_state_dict({"_extra_state": {"seed": 7, "next_index": 12}})
+    x = batches(1)[0]
+    assert int(old.next_index) == 12 and torch.equal(old(x)[0], genesis_ext.genesis_pair(x, seed=7, offset=12)[0])
 
 
 def test_pair_module_eval_mode_and_explicit_offsets_do_not_advance():
@@ -43,8 +55,8 @@ def test_pair_module_eval_mode_and_explicit_offsets_do_not_advance():
     pair.train()
     explicit = pair(x, offset=100)
     assert torch.equal(explicit[0], genesis_ext.genesis_pair(x, seed=3, offset=100)[0])
-    assert pair.next_index == 0
-    assert torch.equal(pair(x)[0], first[0]) and pair.next_index == 4
+    assert int(pair.next_index) == 0
+    assert torch.equal(pair(x)[0], first[0]) and int(pair.next_index) == 4
 
 
 def test_deform_module_applies_its_op_with_probability_prob():
@@ -72,6 +84,17 @@ def test_deform_module_applies_its_op_with_probability_prob():
             ]
         ),
     )
+
+
+def test_deform_module_with_a_probability_on_numpy_batches():
+    """NumPy batches, the ops' other input type: the same samples fire as for torch, and a NumPy array comes back."""
+    xs = batches(3, size=8, seed=2)
+    noise, twin = GenesisDeform("gaussian_noise", seed=4, prob=0.5), GenesisDeform("gaussian_noise", seed=4, prob=0.5)
+    for x in xs:
+        out = noise(x.numpy())
+        assert isinstance(out, np.ndarray) and out.dtype == np.float32
+        assert np.array_equal(out, twin(x).numpy())
+    assert 0 < sum(np.array_equal(out[n], xs[-1][n].numpy()) for n in range(8)) < 8  # some samples fired, some not
 
 
 def test_modules_in_a_sequential_and_bad_arguments():
