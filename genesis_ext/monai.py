@@ -33,6 +33,8 @@ from monai.transforms import MapTransform, Randomizable
 
 from . import ops
 from .config import DeformConfig
+from .data.intensity import unit_range_problem
+from .data.io import label_map_reason
 from .deformation import check_deformations
 from .transforms import GenesisPair
 
@@ -105,6 +107,18 @@ def _check_layout(owner: str, key, shape: tuple, spatial_dims: int, batched: boo
     raise ValueError(f"{owner}: {key!r} must be {layout} (spatial_dims={spatial_dims}), got shape {shape}")
 
 
+def _check_values(owner: str, key, x: torch.Tensor) -> None:
+    """A host sample must be an image in [0, 1], not a label map or unwindowed HU (its pairs would be useless); a GPU
+    batch is not scanned, which would wait for the device."""
+    if x.device.type != "cpu":
+        return
+    values = x.detach().float().numpy()
+    if problem := label_map_reason("", values):
+        raise ValueError(f"{owner}: {key!r} is {problem}: list only image keys (masks are for fine-tuning)")
+    if problem := unit_range_problem(values):
+        raise ValueError(f"{owner}: {key!r}: {problem}")
+
+
 def _shared_shape(owner: str, shapes: dict) -> tuple:
     """The shape every key has: one deformation fits all keys only when they share it."""
     if len(set(shapes.values())) > 1:
@@ -158,6 +172,7 @@ class GenesisPaird(Randomizable, MapTransform):
         samples = {key: _as_tensor(d[key]) for key in self.key_iterator(d)}
         for key, x in samples.items():
             _check_layout("GenesisPaird", key, tuple(x.shape), self.spatial_dims, batched=False)
+            _check_values("GenesisPaird", key, x)
         if not samples:
             return d
         spatial = _shared_shape("GenesisPaird", {key: tuple(x.shape[1:]) for key, x in samples.items()})
@@ -201,6 +216,7 @@ class GenesisPairBatchd(MapTransform):
         batches = {key: _as_tensor(d[key]) for key in self.key_iterator(d)}
         for key, x in batches.items():
             _check_layout("GenesisPairBatchd", key, tuple(x.shape), self.pair.spatial_dims, batched=True)
+            _check_values("GenesisPairBatchd", key, x)
         if not batches:
             return d
         _shared_shape("GenesisPairBatchd", {key: (x.shape[0], *x.shape[2:]) for key, x in batches.items()})

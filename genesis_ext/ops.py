@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -410,6 +411,13 @@ for _stage in PAIR_STAGES.values():
         globals()[_name] = _single_op(_name, _doc)
 
 
+def _check_unit_range(x: np.ndarray) -> None:
+    from .data.intensity import IntensityWarning, unit_range_problem  # here: genesis_ext.data imports nibabel
+
+    if problem := unit_range_problem(x):
+        warnings.warn(f"genesis_ext.genesis_pair: {problem}", IntensityWarning, stacklevel=3)
+
+
 def genesis_pair(
     x,
     *,
@@ -429,7 +437,12 @@ def genesis_pair(
     of the single ops (``flip``, ``local_shuffle``, ...) applied where its gates fire.
     ``deformations``: user pixel-level deformations (``genesis_ext.PixelDeformation``), each after the built-in stage it
     names; the pair then runs in segments around them (genesis_ext.deformation).
+    A NumPy batch far outside [0, 1] (CT in HU, raw MR signal) gets an ``IntensityWarning`` naming the window to
+    apply: its pairs would be useless (the Bézier map and the painting assume [0, 1]), though the kernels deform any
+    float values exactly. Tensors are not scanned (no host pass, no sync); the MONAI transforms refuse such samples.
     """
+    if isinstance(x, np.ndarray):
+        _check_unit_range(x)
     if not deformations:
         return _apply("genesis_pair", x, seed, offset, config, spatial_dims)
     deformations = check_deformations(deformations)

@@ -219,3 +219,27 @@ def test_genesis_ext_itself_does_not_import_monai():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
         == "False"
     )
+
+
+ABDOMEN = SHARED.parent / "abdomen-ct"
+
+
+@pytest.mark.parametrize("transform", [GenesisPaird, GenesisPairBatchd])
+def test_refuses_unwindowed_ct_and_label_maps_on_the_host(transform):
+    """The real abdominal CT in HU (no ScaleIntensityRanged) and its liver mask listed as an image key: useless pairs
+    before (the deformed input clamped to [0, 1], flat mask cubes); now errors naming the key and the fix."""
+    if not (ABDOMEN / "ct.nii.gz").exists():
+        pytest.skip(f"{ABDOMEN} not present")
+    load = Compose([LoadImaged(keys=["image", "liver"]), EnsureChannelFirstd(keys=["image", "liver"])])
+    case = load({"image": str(ABDOMEN / "ct.nii.gz"), "liver": str(ABDOMEN / "masks" / "liver.nii.gz")})
+    crop = (slice(None), slice(50, 82), slice(40, 72), slice(80, 96))  # through the liver
+    hu, liver = case["image"][crop], case["liver"][crop]
+    batched = transform is GenesisPairBatchd
+    if batched:
+        hu, liver = hu[None], liver[None]
+    with pytest.raises(ValueError, match="'image'.*far outside \\[0, 1\\].*ScaleIntensityRanged"):
+        transform(keys="image", config=CONFIG)({"image": hu})
+    with pytest.raises(ValueError, match="'liver' is a label map .*list only image keys"):
+        transform(keys="liver", config=CONFIG)({"liver": liver})
+    windowed = ScaleIntensityRanged(keys="image", a_min=-1000, a_max=1000, b_min=0.0, b_max=1.0, clip=True)
+    transform(keys="image", config=CONFIG)(windowed({"image": hu}))  # the same crop, windowed, passes

@@ -7,6 +7,8 @@ equal the oracle bit for bit, except the Bézier map, which must be within 1e-5 
 from __future__ import annotations
 
 import multiprocessing as mp
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import genesis_ext
 from genesis_ext import DeformConfig
 from genesis_ext import reference as R
 from genesis_ext.config import PAIR_STAGES
+from genesis_ext.data.intensity import IntensityWarning
 
 from kernel_cases import ALL_OPS, EDGE, SCRAMBLED, SINGLE_OPS, outputs
 
@@ -715,3 +718,18 @@ def test_a_batch_whose_indices_would_cross_2_63_is_refused_as_the_reference_refu
         R.genesis_pair_batch(x, seed=1, offset=offset)
     deformed, target = run("genesis_pair", x[:2], seed=1, offset=offset)  # the last two indices: both agree
     assert_pair_matches_oracle(deformed[1], target[1], x[1], 1, 2**63 - 1, DeformConfig())
+
+
+def test_genesis_pair_warns_of_a_numpy_batch_in_hounsfield_units():
+    """Real CT cubes left in HU: the deformed input would be clamped to [0, 1] and the target left in HU. The warning
+    names the window; the same cubes windowed pass, and values a little outside [0, 1] stay the kernels' to carry."""
+    nib = pytest.importorskip("nibabel")
+    path = Path(__file__).resolve().parents[1] / "data" / "sample" / "aorta_ct.nii.gz"
+    hu = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)[None, None, 20:84, 20:84, 40:72].copy()
+    with pytest.warns(IntensityWarning, match="genesis_pair: intensities .* far outside \\[0, 1\\].*CT_WINDOW"):
+        genesis_ext.genesis_pair(hu, seed=0)
+    windowed = (np.clip(hu, -1000, 1000) + 1000) / 2000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IntensityWarning)
+        genesis_ext.genesis_pair(windowed, seed=0)
+        genesis_ext.genesis_pair(windowed * 2.5 - 0.75, seed=0)  # [-0.75, 1.75]: within the slack

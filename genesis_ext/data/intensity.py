@@ -45,6 +45,38 @@ class Window:
 CT_WINDOW = Window(-1000.0, 1000.0)
 
 
+class IntensityWarning(UserWarning):
+    """A batch far outside [0, 1] reached an op that deforms any float values (``genesis_ext.genesis_pair``)."""
+
+
+UNIT_SLACK = 1.0  # beyond [-1, 2] a sample is not an image scaled to [0, 1] (HU, raw MR signal, z-scores)
+
+
+def unit_range_problem(data) -> str | None:
+    """Why ``data`` (a NumPy array or a CPU tensor) cannot be a Models Genesis sample, whose intensities lie in
+    [0, 1] (the Bézier map and the painting values assume it), or None. Says which window to apply."""
+    values = np.asarray(data)
+    if values.size == 0 or (values.min() >= -UNIT_SLACK and values.max() <= 1.0 + UNIT_SLACK):
+        return None
+    finite = values[np.isfinite(values)]  # only now: NaN and Inf voxels are the ops' to carry, not a wrong range
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if lo >= -UNIT_SLACK and hi <= 1.0 + UNIT_SLACK:
+        return None
+    if lo < -100.0 or hi > 100.0:
+        fix = (
+            "CT in Hounsfield units? Window it first: genesis_ext.data.CT_WINDOW.apply(volume) (clip to "
+            "[-1000, 1000] HU, scale to [0, 1]), or MONAI's ScaleIntensityRanged(keys, a_min=-1000, a_max=1000, "
+            "b_min=0.0, b_max=1.0, clip=True)"
+        )
+    else:
+        fix = (
+            "scale it to [0, 1] first (MRI and other modalities without absolute units: "
+            "genesis_ext.data.PercentileWindow(), or MONAI's ScaleIntensityRangePercentilesd(keys, lower=0.5, "
+            "upper=99.5, b_min=0.0, b_max=1.0, clip=True))"
+        )
+    return f"intensities {lo:g} .. {hi:g} are far outside [0, 1], the range Models Genesis deforms; {fix}"
+
+
 @dataclass(frozen=True)
 class PercentileWindow:
     """A window from each volume's own ``p_lo``-th and ``p_hi``-th intensity percentiles (for non-CT modalities).
