@@ -11,6 +11,7 @@ import csv
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,12 @@ torch = pytest.importorskip("torch")
 nib = pytest.importorskip("nibabel")
 
 from conftest import tiny_finetune_config  # noqa: E402
+from test_models import flip_bit, offset_of  # noqa: E402
 
 from genesis_ext.cli import main as cli_main  # noqa: E402
 from genesis_ext.models import CheckpointError, GenesisClassifier, UNet3D, save_checkpoint  # noqa: E402
+from genesis_ext.models.weights import atomic_save, seal  # noqa: E402
+from genesis_ext.train import load_training_state  # noqa: E402
 from genesis_ext.train.finetune import (  # noqa: E402
     FinetuneConfig,
     FinetuneError,
@@ -270,7 +274,80 @@ def test_missing_and_corrupt_checkpoints(seg_data, tmp_path, capsys):
     truncated = tmp_path / "truncated.pt"
     save_checkpoint(UNet3D(), truncated)
     truncated.write_bytes(truncated.read_bytes()[:5000])
-    _fails(_seg_args(seg_data, tmp_path / "c", "--weights", str(truncated)), capsys, "not a readable")
+    _fails(_seg_args(seg_data, tmp_path / "c", "--weights", str(truncated)), capsys, "is damaged", "not a readable")
+
+
+def test_damaged_and_non_finite_weights(seg_data, cls_data, tmp_path, capsys):
+    """--weights with one bit flipped inside a tensor, or one NaN in a plain state_dict: refused with the file and the
+    tensor named, for both tasks."""
+    name = "down_tr64.ops.1.conv1.weight"
+    model = UNet3D(width=0.25)
+    flipped = tmp_path / "flipped.pt"
+    save_checkpoint(model, flipped)
+    flip_bit(flipped, offset_of(flipped, model.state_dict()[name]) + 40)
+    damaged = (f"{flipped} is damaged: tensor 'state_dict/{name}' does not match its SHA-256 checksum",)
+    _fails(_seg_args(seg_data, tmp_path / "a", "--weights", str(flipped)), capsys, *damaged)
+    _fails(_cls_args(cls_data, tmp_path / "b", "--weights", str(flipped)), capsys, *damaged)
+    state = model.state_dict()
+    state[name][0, 0, 1, 1, 1] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    _fails(_seg_args(seg_data, tmp_path / "c", "--weights", str(tmp_path / "nan.pt")), capsys, f"['{name}']", "NaN")
+
+
+def test_fine_tuning_resume_refuses_other_settings(seg_data, tmp_path):
+    """Resume with the volumes moved and another patch size: refused, each difference listed, until
+    resume_anyway=True; another width is refused even then (the checkpoint's shapes hold it)."""
+    quiet = dict(log=lambda *_: None)
+    run = tmp_path / "run"
+    run_finetune(tiny_finetune_config(seg_data, run, width=0.25), **quiet)
+    moved = tmp_path / "moved"
+    shutil.copytree(seg_data, moved)
+    resumed = dict(width=0.25, epochs=2, resume=True, patch=(16, 16, 8))
+    with pytest.raises(ValueError) as err:
+        run_finetune(tiny_finetune_config(moved, run, **resumed), **quiet)
+    for line in (
+        f"data: {str(seg_data)!r} recorded vs {str(moved)!r} now",
+        "patch: [16, 16, 16] recorded vs [16, 16, 8]",
+    ):
+        assert line in str(err.value), str(err.value)
+    with pytest.raises(ValueError, match=r"width: 0.25 recorded vs 0.5 now\n(.|\n)*cannot change width"):
+        run_finetune(tiny_finetune_config(seg_data, run, width=0.5, epochs=2, resume=True, resume_anyway=True), **quiet)
+    summary = run_finetune(tiny_finetune_config(moved, run, resume_anyway=True, **resumed), **quiet)
+    assert summary["epochs"] == 2 and [r["epoch"] for r in _log_rows(run)] == ["1", "2"]
+    with pytest.raises(FinetuneError, match="resume_anyway goes with resume"):
+        run_finetune(tiny_finetune_config(seg_data, tmp_path / "new", resume_anyway=True), **quiet)
+
+
+def test_fine_tuning_resume_compares_the_width_read_off_the_weights(seg_data, tmp_path):
+    """width None takes the --weights checkpoint's: the run records the width it built (0.25), and a resume that
+    would build another (1, without those weights) lists it."""
+    quiet = dict(log=lambda *_: None)
+    weights = tmp_path / "w.pt"
+    save_checkpoint(UNet3D(width=0.25), weights)
+    run_finetune(tiny_finetune_config(seg_data, tmp_path / "run", weights=str(weights)), **quiet)
+    with pytest.raises(ValueError, match=r"width: 0.25 recorded vs 1.0 now"):
+        run_finetune(tiny_finetune_config(seg_data, tmp_path / "run", epochs=2, resume=True), **quiet)
+    # checkpoints written before the width as built was recorded say None: the shapes decide
+    state = load_training_state(tmp_path / "run" / "last.pt")
+    atomic_save(seal({**state, "config": {**state["config"], "width": None}}), tmp_path / "run" / "last.pt")
+    resumed = dict(weights=str(weights), epochs=2, resume=True)
+    assert run_finetune(tiny_finetune_config(seg_data, tmp_path / "run", **resumed), **quiet)["epochs"] == 2
+
+
+def test_classification_resume_refuses_other_class_names(cls_data, tmp_path):
+    """The same number of classes under other names would train the head's outputs on other labels: refused."""
+    quiet = dict(log=lambda *_: None)
+    run = tmp_path / "run"
+    run_finetune(tiny_finetune_config(cls_data, run, task="classification", width=0.25, batch_size=4), **quiet)
+    names = {"high": "dense", "low": "airy"}  # sorted the other way round: the head's outputs would swap labels
+    rows = [line.split(",") for line in cls_data.read_text().splitlines()[1:]]
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text("path,label\n" + "".join(f"{cls_data.parent / p},{names[label]}\n" for p, label in rows))
+    cfg = tiny_finetune_config(
+        renamed, run, task="classification", width=0.25, batch_size=4, epochs=2, resume=True, resume_anyway=True
+    )
+    with pytest.raises(ValueError, match=r"classes: \['high', 'low'\] recorded vs \['airy', 'dense'\] now"):
+        run_finetune(cfg, **quiet)
 
 
 def test_wrong_architecture_weights(seg_data, cls_data, tmp_path, capsys):

@@ -381,14 +381,18 @@ def test_our_format_round_trip(tmp_path, trained_like, small_batch):
     optimizer = torch.optim.SGD(trained_like.parameters(), lr=0.1)
     save_checkpoint(torch.nn.DataParallel(trained_like), path, epoch=3, optimizer_state_dict=optimizer.state_dict())
     raw = torch.load(path, weights_only=True)
-    assert set(raw) == {"state_dict", "epoch", "optimizer_state_dict"} and raw["epoch"] == 3
+    assert set(raw) == {"state_dict", "epoch", "optimizer_state_dict", "integrity"} and raw["epoch"] == 3
     assert list(raw["state_dict"]) == [k for k, _ in expected_unet()]  # plain names, no wrapper prefix
+    # sealed: the format version and a SHA-256 per tensor, named by its path in the file
+    assert raw["integrity"]["format_version"] == 1
+    assert list(raw["integrity"]["sha256"]) == [f"state_dict/{k}" for k, _ in expected_unet()]
     assert not list(tmp_path.glob("*.tmp"))
     model = load_pretrained(UNet3D(), path)
     assert_same_state(model, trained_like)
     torch.testing.assert_close(model(small_batch), trained_like(small_batch))
-    with pytest.raises(ValueError, match="'state_dict' is the model's entry"):
-        save_checkpoint(model, path, state_dict={})
+    for entry in ("state_dict", "integrity"):
+        with pytest.raises(ValueError, match=f"'{entry}' is the checkpoint's own entry"):
+            save_checkpoint(model, path, **{entry: {}})
 
 
 @pytest.mark.parametrize("layout", ["bare", "model", "compiled", "into_wrapped"])
@@ -515,7 +519,7 @@ def test_corrupt_files(tmp_path, trained_like, kind):
         path.write_bytes(b"")
     else:
         path.write_text("not a checkpoint\n")
-    with pytest.raises(CheckpointError, match=r"is not a readable PyTorch checkpoint") as err:
+    with pytest.raises(CheckpointError, match=r"is damaged: it is not a readable PyTorch checkpoint") as err:
         load_pretrained(UNet3D(), path)
     assert str(path) in str(err.value)
 
@@ -542,6 +546,119 @@ def test_pickled_objects_are_refused_without_running_them(tmp_path, trained_like
     if obj == "payload":  # the payload is real: plain unpickling runs it
         pickle.loads(pickle.dumps(Payload(marker)))
         assert marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# integrity: damaged files are reported as damaged (naming the file and the tensor), non-finite weights refused
+
+
+def flip_bit(path, offset: int, bit: int = 3) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def offset_of(path, tensor) -> int:
+    """Where ``tensor``'s bytes lie in the file: inside its storage's record of torch.save's zip."""
+    offset = path.read_bytes().find(tensor.detach().numpy().tobytes())
+    assert offset > 0
+    return offset
+
+
+def damaged(path, match: str):
+    """The CheckpointError of loading the damaged ``path``: it names the file, says "damaged" and ``match``."""
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_pretrained(UNet3D(), path)
+    message = str(err.value)
+    assert str(path) in message and "damaged" in message
+    assert "arbitrary code" not in message and "refused" not in message
+    return message
+
+
+NAME = "down_tr512.ops.1.conv1.weight"  # the largest tensor (27 MB at width 1)
+
+
+def test_a_flipped_bit_in_a_tensor_is_damage_that_names_the_tensor(tmp_path, trained_like):
+    path = tmp_path / "ours.pt"
+    save_checkpoint(trained_like, path)
+    flip_bit(path, offset_of(path, trained_like.state_dict()[NAME]) + 1000)
+    damaged(path, f"tensor 'state_dict/{NAME}' does not match its SHA-256 checksum")
+
+
+@pytest.mark.parametrize("where", ["tensor", "pickle"])
+def test_4_kib_of_zeros_is_damage(tmp_path, trained_like, where):
+    path = tmp_path / "ours.pt"
+    save_checkpoint(trained_like, path)
+    data = bytearray(path.read_bytes())
+    start = offset_of(path, trained_like.state_dict()[NAME]) + 8192 if where == "tensor" else 0
+    data[start : start + 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+    damaged(path, f"tensor 'state_dict/{NAME}'" if where == "tensor" else "zip record archive/data.pkl fails")
+
+
+def test_a_flipped_bit_in_the_pickle_is_damage_not_malice(tmp_path, trained_like):
+    """One bit of 'OrderedDict' flipped makes a class torch.load refuses ('GLOBAL collections.OrderedDiCt'): the
+    zip's CRC-32 of the pickle says the file is damaged, not that it holds code."""
+    path = tmp_path / "ours.pt"
+    save_checkpoint(trained_like, path)
+    flip_bit(path, path.read_bytes().find(b"OrderedDict") + 9, bit=5)
+    damaged(path, "zip record archive/data.pkl fails its check.*Bad CRC-32")
+
+
+def test_a_flipped_bit_that_torch_reads_without_complaint_is_damage(tmp_path, trained_like):
+    """'cpu', the storages' recorded device, flipped to 'cpw': torch.load(map_location="cpu") ignores it, the CRC-32
+    of the pickle does not. The published layout, without our seal, too."""
+    path = tmp_path / "Genesis_Chest_CT.pt"
+    published_checkpoint(trained_like, path)
+    flip_bit(path, path.read_bytes().find(b"cpu") + 2, bit=1)
+    assert torch.load(path, map_location="cpu", weights_only=True)["epoch"] == 42  # torch itself reads it
+    damaged(path, "zip record Genesis_Chest_CT/data.pkl fails its check")
+
+
+def test_a_flipped_bit_in_a_tensor_of_a_file_without_our_seal_is_damage(tmp_path, trained_like):
+    """Files from elsewhere carry no seal, but torch.save's zip holds a CRC-32 per record: those are checked."""
+    path = tmp_path / "Genesis_Chest_CT.pt"
+    published_checkpoint(trained_like, path)
+    flip_bit(path, offset_of(path, trained_like.state_dict()[NAME]) + 1000)
+    damaged(path, r"zip record Genesis_Chest_CT/data/\d+ fails its check \(Bad CRC-32")
+
+
+@pytest.mark.parametrize("file", ["ours", "plain"])
+def test_one_nan_is_refused_and_named(tmp_path, trained_like, file):
+    path = tmp_path / f"{file}.pt"
+    model = copy.deepcopy(trained_like)
+    with torch.no_grad():
+        model.up_tr64.ops[1].conv1.bias[5] = float("nan")
+    if file == "ours":
+        save_checkpoint(model, path)
+    else:
+        torch.save(model.state_dict(), path)
+    match = rf"{path}: 1 tensor\(s\) hold NaN or Inf values \['up_tr64.ops.1.conv1.bias'\]"
+    with pytest.raises(CheckpointError, match=match):
+        load_pretrained(UNet3D(), path)
+
+
+def test_all_nan_weights_are_refused(tmp_path):
+    model = UNet3D(width=0.25)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    path = tmp_path / "nan.pt"
+    save_checkpoint(model, path)
+    count = len(list(model.parameters()))  # every parameter; the BatchNorm statistics stay finite
+    with pytest.raises(CheckpointError, match=rf"nan.pt: {count} tensor\(s\) hold NaN or Inf values \['down_tr64"):
+        load_pretrained(None, path)
+
+
+def test_a_newer_format_version_asks_for_an_upgrade(tmp_path, trained_like):
+    from genesis_ext.models.weights import seal
+
+    checkpoint = seal({"state_dict": trained_like.state_dict()})
+    checkpoint["integrity"]["format_version"] = 2
+    path = tmp_path / "newer.pt"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="format version 2, newer than this genesis_ext reads .1.: upgrade"):
+        load_pretrained(UNet3D(), path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ the U-Net at full width costs ~0.6 s per step on one CPU thread at this size."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +19,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import tiny_pretrain_config  # noqa: E402
+from test_models import flip_bit, offset_of  # noqa: E402
 
+from genesis_ext import DeformConfig  # noqa: E402
 from genesis_ext.data import ExtractSettings, Foreground, run_extract  # noqa: E402
-from genesis_ext.models import CheckpointError, UNet3D, load_pretrained  # noqa: E402
+from genesis_ext.models import CheckpointError, UNet3D, load_pretrained, save_checkpoint  # noqa: E402
+from genesis_ext.models.weights import atomic_save, seal  # noqa: E402
 from genesis_ext.train import NonFiniteLossError, PretrainConfig, load_training_state, pretrain, read_csv  # noqa: E402
 from genesis_ext.train.pretraining import _epoch_positions  # noqa: E402
 
@@ -229,13 +233,13 @@ def test_bad_inputs(cubes, tmp_path):
     bad = tmp_path / "r2" / "checkpoints" / "last.pt"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="is damaged: it is not a readable PyTorch checkpoint"):
         pretrain(_cfg(cubes, tmp_path / "r2", resume=True))
     # the CLI turns them into one-line messages and exit status 2
     rc, out, err = _run_cli(["--data", empty, "--out", tmp_path / "r3", "--quiet"])
     assert rc == 2 and "no training data" in err and "Traceback" not in err
     rc, out, err = _run_cli(["--data", cubes, "--out", tmp_path / "r2", "--quiet", "--resume"])
-    assert rc == 2 and "unreadable" in err and "Traceback" not in err
+    assert rc == 2 and "is damaged" in err and "Traceback" not in err
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cubes, tmp_path):
@@ -252,7 +256,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cubes, tmp_pat
     np.save(nan_cubes / "cubes.npy", np.full((count, *CUBE), np.nan, dtype=np.float32))
     # the loss is read every 2 steps: the error names the first bad step, not the step of the read
     with pytest.raises(NonFiniteLossError, match="non-finite training loss .* epoch 2, step 1/3.*last good checkpoint"):
-        pretrain(_cfg(nan_cubes, run, epochs=2, steps_per_epoch=3, log_every=2, resume=True))
+        pretrain(_cfg(nan_cubes, run, epochs=2, steps_per_epoch=3, log_every=2, resume=True, resume_anyway=True))
     assert (run / "checkpoints" / "last.pt").read_bytes() == good
     assert load_training_state(run / "checkpoints" / "last.pt")["epoch"] == 1
 
@@ -317,7 +321,11 @@ def test_presets_and_cli_verb():
     with pytest.raises(ValueError, match="unknown preset"):
         PretrainConfig(data=["x"], out="y", preset="nope").resolved()
     args = build_parser().parse_args(["pretrain", "--data", "d", "--out", "o", "--preset", "official", "--resume"])
-    assert args.preset == "official" and args.resume is True
+    assert args.preset == "official" and args.resume is True and args.resume_anyway is False
+    args = build_parser().parse_args(["pretrain", "--data", "d", "--out", "o", "--resume", "--resume-anyway"])
+    assert args.resume is True and args.resume_anyway is True
+    with pytest.raises(ValueError, match=r"resume_anyway \(--resume-anyway\) goes with resume \(--resume\)"):
+        PretrainConfig(data=["x"], out="y", resume_anyway=True).resolved()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -396,3 +404,117 @@ def test_a_narrow_network_pretrains_and_its_checkpoint_says_its_width(cubes, tmp
     rc, out, err = _run_cli(["--data", cubes, "--out", tmp_path / "cli", *TINY, "--epochs", "1", "--width", "0.25"])
     assert rc == 0, err
     assert load_pretrained(None, tmp_path / "cli" / "checkpoints" / "last.pt").width == 0.25
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Nothing silently wrong: a damaged or non-finite checkpoint, or a run resumed with other settings, is refused with a
+# message that names the file, the tensor or each differing setting, and the fix.
+
+# the command line of _cfg(..., width=0.25)
+SMALL = (
+    "--width 0.25 --batch-size 2 --steps-per-epoch 1 --val-fraction 0.2 --threads 1 --preview-every 0 "
+    "--no-tensorboard --quiet"
+).split()
+
+
+@pytest.fixture(scope="module")
+def small_run(cubes, tmp_path_factory) -> Path:
+    """A finished one-epoch run at width 0.25 (checkpoints/last.pt and best.pt); tests change only copies of it."""
+    run = tmp_path_factory.mktemp("small") / "run"
+    pretrain(_cfg(cubes, run, width=0.25))
+    return run
+
+
+def _copy(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    return to
+
+
+def _checkpoints(run: Path) -> dict:
+    return {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+
+
+def test_resume_and_init_refuse_a_damaged_checkpoint(cubes, small_run, tmp_path):
+    """One bit flipped inside a tensor's bytes: --resume and --init say "damaged" and name the file and the tensor
+    (the Python API and the command line, exit status 2 without a traceback)."""
+    run = _copy(small_run, tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    name = "down_tr128.ops.0.conv1.weight"
+    flip_bit(last, offset_of(last, load_training_state(last)["state_dict"][name]) + 100)
+    match = rf"last.pt is damaged: tensor 'state_dict/{name}' does not match .*--resume .*best.pt"
+    with pytest.raises(CheckpointError, match=match):
+        pretrain(_cfg(cubes, run, width=0.25, epochs=2, resume=True))
+    rc, out, err = _run_cli(["--data", cubes, "--out", run, *SMALL, "--epochs", "2", "--resume"])
+    assert rc == 2 and f"last.pt is damaged: tensor 'state_dict/{name}'" in err and "Traceback" not in err
+    rc, out, err = _run_cli(["--data", cubes, "--out", tmp_path / "init", *SMALL, "--init", last])
+    assert rc == 2 and f"last.pt is damaged: tensor 'state_dict/{name}'" in err and "Traceback" not in err
+
+
+def test_resume_and_init_refuse_non_finite_weights(cubes, small_run, tmp_path):
+    """One Inf in the weights of a checkpoint of ours (sealed with it: not damage) and an all-NaN network are refused,
+    naming the tensors. Inf in Adam's state is no reason to refuse: a healthy bf16 run wrote one (exp_avg_sq after a
+    huge gradient; test_bf16_compile_and_channels_last_train_like_fp32)."""
+    run = _copy(small_run, tmp_path / "run")
+    state = load_training_state(run / "checkpoints" / "last.pt")
+    state["state_dict"]["up_tr64.ops.1.conv1.bias"][3] = float("inf")
+    atomic_save(seal(state), run / "checkpoints" / "last.pt")
+    match = r"last.pt: 1 tensor\(s\) hold NaN or Inf values \['up_tr64.ops.1.conv1.bias'\]"
+    with pytest.raises(CheckpointError, match=match):
+        pretrain(_cfg(cubes, run, width=0.25, epochs=2, resume=True))
+    state = load_training_state(small_run / "checkpoints" / "last.pt")
+    state["optimizer"]["state"][0]["exp_avg_sq"][0] = float("inf")
+    atomic_save(seal(state), run / "checkpoints" / "last.pt")
+    assert pretrain(_cfg(cubes, run, width=0.25, epochs=2, resume=True)).epochs == 2
+    model = UNet3D(width=0.25)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    save_checkpoint(model, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=r"nan.pt: 64 tensor\(s\) hold NaN or Inf values"):
+        pretrain(_cfg(cubes, tmp_path / "init", width=0.25, init_weights=tmp_path / "nan.pt"))
+
+
+def test_resume_with_other_settings_is_refused_and_lists_them(cubes, small_run, tmp_path):
+    """Other --data and deformations: refused, each difference listed, nothing written; --resume-anyway continues
+    (the same cubes, moved). Another width: refused even with --resume-anyway."""
+    run = _copy(small_run, tmp_path / "run")
+    moved = _copy(cubes, tmp_path / "moved")
+    before = _checkpoints(run)
+    with pytest.raises(ValueError) as err:
+        pretrain(_cfg(moved, run, width=0.25, epochs=2, resume=True, deform=DeformConfig.preset("NL")))
+    message = str(err.value)
+    for line in (
+        f"data: [{str(cubes)!r}] recorded vs [{str(moved)!r}] now",
+        "deform.local_rate: 0.5 recorded vs 0.0 now",
+        "deform.paint_rate: 0.9 recorded vs 0.0 now",
+        "--resume-anyway (resume_anyway=True) to continue with the new data, deform.local_rate",
+    ):
+        assert line in message, message
+    match = r"width: 0.25 recorded vs 0.5 now\n(.|\n)*--resume-anyway cannot change width"
+    with pytest.raises(ValueError, match=match):
+        pretrain(_cfg(cubes, run, width=0.5, epochs=2, resume=True, resume_anyway=True))
+    assert _checkpoints(run) == before
+    result = pretrain(_cfg(moved, run, width=0.25, epochs=2, resume=True, resume_anyway=True))
+    assert result.epochs == 2 and [r["epoch"] for r in read_csv(run / "metrics.csv")] == [1, 2]
+    # the checkpoint now records the moved cubes; the same folder written another way is the same data
+    result = pretrain(_cfg(tmp_path / "run" / ".." / "moved", run, width=0.25, epochs=3, resume=True))
+    assert result.epochs == 3
+    # another batch size moves the sample offsets: accepted with --resume-anyway too
+    result = pretrain(_cfg(moved, run, width=0.25, epochs=4, batch_size=4, resume=True, resume_anyway=True))
+    assert result.epochs == 4
+
+
+def test_resume_with_other_settings_from_the_command_line(uninterrupted, cubes):
+    """The measured cases: --resume with other deformations continued and overwrote best.pt, another --width printed
+    torch's traceback. Now: exit status 2, each difference and the fix listed, the checkpoints untouched."""
+    before = _checkpoints(uninterrupted)
+    args = ["--data", cubes, "--out", uninterrupted, *TINY, "--resume", "--width", "0.25", "--deformations", "NL"]
+    rc, out, err = _run_cli(args)
+    assert rc == 2 and "Traceback" not in err, err
+    for line in ("width: 1.0 recorded vs 0.25 now", "deform.paint_rate: 0.9 recorded vs 0.0 now", "--resume-anyway"):
+        assert line in err, err
+    # --resume-anyway accepts the other deformations, not the other width
+    rc, out, err = _run_cli([*args, "--resume-anyway"])
+    assert rc == 2 and "width: 1.0 recorded vs 0.25 now" in err and "--resume-anyway cannot change width" in err, err
+    assert "deform.paint_rate" not in err, err
+    assert _checkpoints(uninterrupted) == before

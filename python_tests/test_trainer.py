@@ -179,6 +179,25 @@ def test_fine_tuning_resumes_exactly(seg_data, tmp_path):
     assert np.isfinite([whole["final"][k] for k in keys]).all()
 
 
+def test_resume_into_another_architecture_names_the_shapes(cubes, tmp_path):
+    """A checkpoint that does not fit the network the run builds (here a subclass builds a wider U-Net than the run
+    recorded; also: checkpoints whose settings predate --width) is the package's CheckpointError naming the file and
+    the expected and found shapes, not torch's RuntimeError."""
+    from genesis_ext.models import CheckpointError, UNet3D
+
+    class Wider(PretrainTrainer):
+        def build_model(self):
+            return UNet3D(width=0.5)
+
+    pretrain(tiny_pretrain_config(cubes, tmp_path / "run", width=0.25))
+    match = (
+        r"checkpoints/last.pt does not fit the UNet3D\(.*width=0.5\); nothing was loaded: .*"
+        r"'down_tr64.ops.0.conv1.weight': checkpoint \(8, 1, 3, 3, 3\) vs model \(16, 1, 3, 3, 3\)"
+    )
+    with pytest.raises(CheckpointError, match=match):
+        pretrain(tiny_pretrain_config(cubes, tmp_path / "run", width=0.25, epochs=2, resume=True), trainer=Wider)
+
+
 def test_models_genesis_2d_extract_pretrain_and_finetune(seg_data, cls_data, tmp_path, capsys):
     """Models Genesis 2D end to end on the sample CT, through the command line: axial 2-D patches cut with the same
     filter (extract --dims 2: cubes of one slice), pre-training of UNet2D on them with the same fused ops on

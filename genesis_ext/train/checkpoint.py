@@ -3,8 +3,9 @@
 A checkpoint of a ``Trainer`` run is ``{"state_dict": <model weights, plain key names>, "optimizer": ...,
 "scheduler": ..., "epoch": <epochs completed>, "best_val": ..., "bad_epochs": ..., "best_epoch": ..., "config":
 {...}, "format": FORMAT, ...}`` plus the task's entries (pre-training: ``sample_offset``, the global index of the next
-training sample; fine-tuning: ``task`` and the epoch's metrics). ``genesis_ext.models.load_pretrained`` loads its
-weights directly.
+training sample; fine-tuning: ``task`` and the epoch's metrics), sealed with its checksums
+(``genesis_ext.models.weights.seal``) and verified on every read (``read_checkpoint``).
+``genesis_ext.models.load_pretrained`` loads its weights directly.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from pathlib import Path
 
 from ..models import CheckpointError
-from ..models.weights import _read
+from ..models.weights import read_checkpoint
 
 FORMAT = "genesis_ext.train/1"
 _FORMATS = (FORMAT, "genesis_ext.pretrain/1")  # the earlier name, written by pre-training runs before the Trainer
@@ -22,10 +23,11 @@ _FORMATS = (FORMAT, "genesis_ext.pretrain/1")  # the earlier name, written by pr
 def load_training_state(path: str | os.PathLike) -> dict:
     """Read a training checkpoint (``checkpoints/last.pt`` of a pre-training run, ``last.pt`` of a fine-tuning run).
 
-    Raises ``FileNotFoundError`` for a missing file and ``CheckpointError`` for an unreadable one or one that is not a
-    training checkpoint (e.g. bare published weights, which can start a run through ``init_weights`` instead)."""
+    Raises ``FileNotFoundError`` for a missing file and ``CheckpointError`` for a damaged or non-finite one
+    (``read_checkpoint``) or one that is not a training checkpoint (e.g. bare published weights, which can start a run
+    through ``init_weights`` instead)."""
     path = Path(path)
-    state = _read(path, "cpu")
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") not in _FORMATS:
         raise CheckpointError(
             f"checkpoint {path} is not a genesis_ext training checkpoint (no format={FORMAT!r} entry); to start "

@@ -123,7 +123,15 @@ def _add_execution(g) -> None:
         const=True,
         default=False,
         metavar="CKPT",
-        help="continue from OUT/checkpoints/last.pt (or CKPT)",
+        help="continue from OUT/checkpoints/last.pt (or CKPT); refused, with each difference listed, when the "
+        "checkpoint was written with other settings (data, deformations, validation, seeds, batch, model, optimizer)",
+    )
+    g.add_argument(
+        "--resume-anyway",
+        action="store_true",
+        help="with --resume: continue although the data, deformation, validation, seed or batch settings differ from "
+        "the checkpoint's (e.g. data that moved); best.pt and early stopping then compare validation losses across "
+        "both. The width, dims, optimizer, lr, momentum and lr schedule must still match",
     )
     g.add_argument("--init", metavar="WEIGHTS", help="start from these weights (e.g. Genesis_Chest_CT.pt)")
     g.add_argument("--no-tensorboard", action="store_true")
@@ -173,6 +181,7 @@ def run_pretrain(args) -> int:
         preview_every=args.preview_every,
         log_every=args.log_every,
         resume=args.resume,
+        resume_anyway=args.resume_anyway,
         init_weights=args.init,
         tensorboard=not args.no_tensorboard,
         progress=not args.quiet,

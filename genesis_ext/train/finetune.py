@@ -412,6 +412,7 @@ class FinetuneConfig:
     patience: int | None = None  # early stop after this many epochs without a better validation score
     max_minutes: float | None = None
     resume: bool | str = False
+    resume_anyway: bool = False  # resume although the data, patch or validation settings differ (resume_keys)
     accumulate: int = 1
     amp: str = "off"
     compile: bool = False
@@ -447,6 +448,8 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise FileNotFoundError(f"genesis_ext: no checkpoint file at {cfg.weights}")
+    if cfg.resume_anyway and not cfg.resume:
+        raise FinetuneError("resume_anyway goes with resume: pass both, or neither")
 
 
 def run_finetune(cfg: FinetuneConfig, log=print, trainer: type | None = None) -> dict:
@@ -485,6 +488,21 @@ class FinetuneTrainer(Trainer):
     csv_name = "log.csv"
     checkpoint_dir = "."
     metric = "val_loss"  # the validation metric best.pt and early stopping follow (higher is better)
+    resume_keys = (
+        "data",
+        "val_data",
+        "seed",
+        "patch",
+        "window",
+        "batch_size",
+        "patches_per_volume",
+        "val_patches_per_volume",
+        "fg_fraction",
+        "val_fraction",
+        "threshold",
+    )
+    # the loop's and the network's (without torch, Trainer is a bare object and nothing trains)
+    state_keys = (*Trainer.state_keys, "task", "dims", "width", "n_class") if torch is not None else ()
 
     def __init__(self, cfg: FinetuneConfig, dd=None, log=print):
         try:
@@ -572,6 +590,17 @@ class FinetuneTrainer(Trainer):
     def summary_extra(self) -> dict:
         return {}
 
+    def summary(self) -> dict:
+        """The settings, with the network's width as built (``cfg.width`` None: the weights') and the task's
+        extras (classification: the class names)."""
+        return {**super().summary(), "width": self.width, **self.summary_extra()}
+
+    def check_resume(self, state: dict) -> None:
+        config = state.get("config", {})
+        if "width" in config and config["width"] is None:  # recorded before the width as built was: shapes decide
+            state = {**state, "config": {k: v for k, v in config.items() if k != "width"}}
+        super().check_resume(state)
+
     def epoch_line(self, row: dict, improved: bool) -> str:
         shown = [k for k in self.fields if k not in ("step", "lr", "best_val", "bad_epochs")]
         return " ".join(f"{k}={_fmt(row.get(k))}" for k in shown)
@@ -627,6 +656,7 @@ class ClassificationTrainer(FinetuneTrainer):
 
     columns = ("val_accuracy", "val_auc")
     metric = "val_auc"
+    state_keys = (*FinetuneTrainer.state_keys, "classes")  # the same names in the same order: the head's outputs
 
     def setup(self) -> None:
         cfg = self.cfg

@@ -21,8 +21,10 @@ The command line is ``genesis-ext pretrain --data CUBES_OR_VOLUMES --out DIR``. 
   each compute exactly what one process with ``accumulate=W*K`` computes (BatchNorm statistics are per micro-batch
   in both).
 * Checkpoints at every epoch end (``checkpoints/last.pt``) and for the best validation loss (``checkpoints/best.pt``),
-  written atomically. ``resume`` continues after the last completed epoch; on the CPU with the same thread count it
-  reproduces the uninterrupted run's losses exactly.
+  written atomically and sealed with checksums. ``resume`` continues after the last completed epoch; on the CPU with
+  the same thread count it reproduces the uninterrupted run's losses exactly. It refuses a checkpoint recorded with
+  other data, deformation, validation, seed, batch or model settings, listing each difference (``resume_anyway``
+  accepts other data, deformation, validation, seed and batch settings).
 * Logs: ``metrics.csv`` (one row per epoch), TensorBoard under ``tensorboard/``, previews
   ``previews/epoch_XXXX.png`` (mid-Z slices: deformed input | target | restoration) and ``preview.png`` (latest),
   ``curve.png`` (training and validation loss against the steps, with both baselines).
@@ -123,6 +125,7 @@ class PretrainConfig:
     log_every: int = 10  # steps between host reads of the loss (one GPU sync each)
     max_minutes: Optional[float] = None  # stop at the first epoch end after this much training time
     resume: bool | str | os.PathLike = False  # True: OUT/checkpoints/last.pt, or a path
+    resume_anyway: bool = False  # resume although the data/deformation/validation/batch settings differ (_RESUME_KEYS)
     init_weights: Optional[str | os.PathLike] = None  # start from these weights (e.g. the published checkpoint)
     cube: Sequence[int] = (64, 64, 32)  # for volume inputs
     per_volume: int = 32  # for volume inputs
@@ -150,6 +153,8 @@ class PretrainConfig:
             raise ValueError(f"dims must be 2 or 3, got {cfg.dims!r}")
         if cfg.val_data is None and not 0.0 < cfg.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
+        if cfg.resume_anyway and not cfg.resume:
+            raise ValueError("resume_anyway (--resume-anyway) goes with resume (--resume): pass both, or neither")
         return cfg
 
 
@@ -164,16 +169,21 @@ class PretrainResult:
     best_checkpoint: Path
 
 
-# Training state that must match for --resume to continue the same run.
+# Settings that must match for --resume to continue the same run; resume_anyway lets them differ.
 _RESUME_KEYS = (
-    "batch_size",
+    "data",
+    "val_data",
+    "val_fraction",
+    "val_repeats",
+    "cube",
+    "per_volume",
+    "volume_filter",
+    "deform",
     "seed",
     "deform_seed",
     "val_seed",
-    "optimizer",
+    "batch_size",
     "steps_per_epoch",
-    "val_fraction",
-    "val_repeats",
 )
 
 
@@ -336,6 +346,7 @@ class PretrainTrainer(Trainer):
     # the validation MSE of the pairs of one deformation branch, and the training samples seen so far
     columns = (*(f"val_{b}" for b in BRANCHES), "samples")
     resume_keys = _RESUME_KEYS
+    state_keys = (*Trainer.state_keys, "width", "dims")
 
     @property
     def title(self) -> str:
@@ -504,8 +515,13 @@ class PretrainTrainer(Trainer):
 
     def check_resume(self, state: dict) -> None:
         super().check_resume(state)
-        if int(state.get("sample_offset", -1)) != int(state["epoch"]) * self.samples_per_epoch:
-            raise ValueError("--resume: the checkpoint's sample offset does not match its epoch and batch settings")
+        offset = int(state.get("sample_offset", -1))
+        if not self.cfg.resume_anyway and offset != int(state["epoch"]) * self.samples_per_epoch:
+            raise ValueError(
+                f"--resume: {self.resume_path} says its next training sample is {offset}, not epoch {state['epoch']} x "
+                f"{self.samples_per_epoch} samples per epoch: another batch size or --steps-per-epoch than its run's; "
+                "pass those, or --resume-anyway"
+            )
 
     def epoch_line(self, row: dict, improved: bool) -> str:
         parts = ", ".join(f"{b} {row['val_' + b]:.5f}" for b in BRANCHES if row.get("val_" + b) is not None)

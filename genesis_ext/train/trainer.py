@@ -12,8 +12,12 @@ method: ``setup`` (data), ``build_model``, ``build_optimizer``, ``build_schedule
 
 The settings object (``cfg``) is the task's config dataclass; the loop reads these of its fields: ``out``, ``epochs``,
 ``seed``, ``device``, ``amp``, ``compile``, ``channels_last``, ``accumulate``, ``optimizer``, ``lr``, ``momentum``,
-``lr_step_epochs``, ``lr_gamma``, ``patience``, ``max_minutes``, ``resume``, ``log_every``, ``progress``,
-``tensorboard``.
+``lr_step_epochs``, ``lr_gamma``, ``patience``, ``max_minutes``, ``resume``, ``resume_anyway``, ``log_every``,
+``progress``, ``tensorboard``.
+
+Resume: every checkpoint records the run's settings (``summary``); a resumed run must have the same
+``state_keys`` and ``resume_keys``, and refuses with the list of differences otherwise (``resume_anyway`` lets
+``resume_keys`` differ, e.g. data that moved). Checkpoints are sealed with checksums and verified on every read.
 
 Determinism: the model is initialised after ``torch.manual_seed(cfg.seed)``, and each epoch's batches are a function of
 ``(seed, epoch)`` (``train_batches``), so a resumed run continues the uninterrupted run exactly (on the CPU with the
@@ -34,7 +38,7 @@ from typing import Iterable, Optional
 import torch
 
 from .._util import print_line, progress_bar
-from ..models.weights import atomic_save
+from ..models.weights import CheckpointError, atomic_save, load_state, seal
 from . import distributed
 from .checkpoint import FORMAT, load_training_state
 from .logs import CsvLog, TensorBoard, curve_image, read_csv, save_png
@@ -54,7 +58,12 @@ class Trainer:
     csv_name = "metrics.csv"  # one row per epoch, columns ``fields``
     checkpoint_dir = "checkpoints"  # last.pt (every epoch) and best.pt (best score), under out
     columns: tuple[str, ...] = ()  # the task's own CSV columns (e.g. validation metrics), after val_loss
-    resume_keys: tuple[str, ...] = ("seed", "optimizer")  # settings that must match the checkpoint's to resume
+    # Settings a resumed run must share with its checkpoint. resume_anyway lets resume_keys differ (e.g. data that
+    # moved); never state_keys, which the checkpoint's own state fixes: the optimizer's kind, lr and momentum and the
+    # schedule (loading its state would silently bring back the recorded ones), the model's shapes.
+    resume_keys: tuple[str, ...] = ("seed",)
+    state_keys: tuple[str, ...] = ("optimizer", "lr", "momentum", "lr_step_epochs", "lr_gamma")
+    path_keys: tuple[str, ...] = ("data", "val_data")  # settings that are paths: compared as absolute paths
     title = "training"  # curve.png's title
 
     def __init__(self, cfg, dd: Optional[distributed.Dist] = None):
@@ -125,15 +134,13 @@ class Trainer:
         return {}
 
     def check_resume(self, state: dict) -> None:
-        """Refuse a checkpoint that does not belong to this run (the base checks ``resume_keys``)."""
-        stored = state.get("config", {})
-        diff = [
-            f"{k}: {stored.get(k)!r} -> {getattr(self.cfg, k)!r}"
-            for k in self.resume_keys
-            if k in stored and stored[k] != getattr(self.cfg, k)
-        ]
-        if diff:
-            raise ValueError(f"--resume: the settings differ from the checkpoint's ({'; '.join(diff)})")
+        """Refuse a checkpoint that does not belong to this run: one whose recorded ``state_keys`` or (unless
+        ``cfg.resume_anyway``) ``resume_keys`` differ from this run's, each difference listed."""
+        recorded, now = state.get("config", {}), self.summary()
+        fixed = _differences(recorded, now, self.state_keys, self.path_keys)
+        free = _differences(recorded, now, self.resume_keys, self.path_keys)
+        if fixed or (free and not self.cfg.resume_anyway):
+            raise ValueError(_refusal(self.resume_path, fixed, [] if self.cfg.resume_anyway else free))
 
     def summary(self) -> dict:
         """The settings as plain values, for checkpoints and config.json."""
@@ -147,6 +154,11 @@ class Trainer:
     @property
     def best_path(self) -> Path:
         return self.out / self.checkpoint_dir / "best.pt"
+
+    @property
+    def resume_path(self) -> Path:
+        """The checkpoint ``cfg.resume`` names: True is ``last_path``."""
+        return self.last_path if self.cfg.resume is True else Path(self.cfg.resume)
 
     def forward(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``module(x)`` in the run's memory format and precision."""
@@ -192,7 +204,7 @@ class Trainer:
                 "or choose another --out"
             )
         if self.cfg.resume:
-            self._load(self.last_path if self.cfg.resume is True else Path(self.cfg.resume))
+            self._load(self.resume_path)
         self.net = self.model
         if self.dd.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -200,9 +212,17 @@ class Trainer:
         self.fwd = torch.compile(self.net) if self.cfg.compile else self.net
 
     def _load(self, path: Path) -> None:
-        state = load_training_state(path)
+        try:
+            state = load_training_state(path)
+        except CheckpointError as e:
+            if path != self.last_path or not self.best_path.is_file():
+                raise
+            raise CheckpointError(
+                f"{e}. To continue the run from its best checkpoint: --resume {self.best_path}"
+            ) from e
         self.check_resume(state)
-        self.model.load_state_dict(state["state_dict"])
+        fix = "resume with the run's own settings (--width, --dims, ...) or start a new run in another --out"
+        load_state(self.model, state["state_dict"], path, fix=fix)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -261,18 +281,20 @@ class Trainer:
         self._save_curve()
         self.on_epoch_end(row["epoch"], row)
         self.tb.flush()
-        state = {
-            "state_dict": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
-            "epoch": row["epoch"],
-            "best_val": self.best,
-            "bad_epochs": self.bad_epochs,
-            "best_epoch": self.best_epoch,
-            "config": self.summary(),
-            "format": FORMAT,
-            **self.checkpoint_extra(row["epoch"]),
-        }
+        state = seal(
+            {
+                "state_dict": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+                "epoch": row["epoch"],
+                "best_val": self.best,
+                "bad_epochs": self.bad_epochs,
+                "best_epoch": self.best_epoch,
+                "config": self.summary(),
+                "format": FORMAT,
+                **self.checkpoint_extra(row["epoch"]),
+            }
+        )
         if improved:
             atomic_save(state, self.best_path)
         atomic_save(state, self.last_path)
@@ -368,6 +390,56 @@ class _LossReader:
                 t.tb.scalar("train/loss_step", value, self.epoch * t.steps + step)
         self.bar.set_postfix(loss=f"{values[-1]:.5f}")
         self.pending.clear()
+
+
+def _differences(recorded: dict, now: dict, keys: tuple[str, ...], path_keys: tuple[str, ...]) -> list[tuple]:
+    """(field, recorded value, value now) for each of ``keys`` the checkpoint recorded with another value (settings it
+    did not record, from an older version, are skipped)."""
+    found = []
+    for key in keys:
+        if key in recorded:
+            before, after = recorded[key], now.get(key)
+            if key in path_keys:
+                before, after = _absolute(before), _absolute(after)
+            found += _field_differences(key, before, after)
+    return found
+
+
+def _field_differences(name: str, before, after) -> list[tuple]:
+    """The differing values; dicts (e.g. the deformation settings) field by field."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        shared = [k for k in before if k in after]
+        return [d for k in shared for d in _field_differences(f"{name}.{k}", before[k], after[k])]
+    return [] if before == after else [(name, before, after)]
+
+
+def _absolute(paths):
+    """A path setting (a path, a list of them or None) with absolute paths: the same files compare equal."""
+    if isinstance(paths, list):
+        return [os.path.abspath(p) for p in paths]
+    return None if paths is None else os.path.abspath(paths)
+
+
+def _refusal(path: Path, fixed: list[tuple], free: list[tuple]) -> str:
+    """Why --resume refuses ``path`` and what to do; ``fixed`` and ``free``: the differing state_keys and
+    resume_keys."""
+    lines = [f"--resume: {path} was written by a run with other settings; nothing was loaded or written:"]
+    lines += [f"  {name}: {before!r} recorded vs {after!r} now" for name, before, after in fixed + free]
+    lines.append(
+        "Pass the recorded values to continue that run, or start a new run in another --out (from these weights: "
+        "--init, or --weights for fine-tuning)."
+    )
+    if free:
+        lines.append(
+            f"Or pass --resume-anyway (resume_anyway=True) to continue with the new {', '.join(d[0] for d in free)}: "
+            "best.pt and early stopping then compare validation losses across both settings."
+        )
+    if fixed:
+        lines.append(
+            f"--resume-anyway cannot change {', '.join(d[0] for d in fixed)}: the checkpoint's own state (model "
+            "shapes, optimizer, lr schedule) holds the recorded values."
+        )
+    return "\n".join(lines)
 
 
 def _channels_last(rank: int) -> torch.memory_format:
