@@ -237,3 +237,83 @@ def test_models_genesis_2d_extract_pretrain_and_finetune(seg_data, cls_data, tmp
     for name in ("seg", "cls"):
         rows = read_csv(tmp_path / name / "log.csv")
         assert len(rows) == 1 and math.isfinite(rows[0]["val_loss"]), rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Breakages that left the suite green before these tests: deformation offsets reused every epoch, gradients zeroed
+# once per epoch, and a "learns" check against the identity baseline, which an untrained network beats.
+
+
+def test_every_training_sample_of_every_epoch_gets_its_own_deformation(cubes, tmp_path, monkeypatch):
+    """The pairs' sample indices over 3 epochs of 2 steps are exactly 0 .. 11, each once: no epoch reuses another's
+    deformations. Fails when the offset leaves out the epoch (every epoch trains on the same pairs)."""
+    import genesis_ext.train.pretraining as pretraining
+
+    used = []
+
+    def recording_pair(x, *, seed, offset, **kw):
+        if seed == cfg.deform_seed:  # the training pairs (validation's have their own seed)
+            used.extend(range(int(offset), int(offset) + len(x)))
+        return genesis_pair(x, seed=seed, offset=offset, **kw)
+
+    genesis_pair = pretraining.genesis_pair
+    monkeypatch.setattr(pretraining, "genesis_pair", recording_pair)
+    cfg = tiny_pretrain_config(cubes, tmp_path / "run", epochs=3, steps_per_epoch=2, batch_size=2)
+    pretrain(cfg)
+    assert sorted(used) == list(range(12))
+
+
+def test_each_step_applies_the_gradient_of_its_own_batch(cubes, tmp_path):
+    """With lr 1e-30 the weights stay put, so the gradient the optimizer sees at every step must equal a fresh
+    backward pass of that step's batch alone. Fails when the gradients are zeroed once per epoch, not every step
+    (from the second step on they carry the earlier steps' gradients)."""
+
+    class Recording(PretrainTrainer):
+        batches, grads = [], []
+
+        def make_batch(self, batch, epoch, step):
+            x, target = super().make_batch(batch, epoch, step)
+            self.batches.append((x.clone(), target.clone()))
+            return x, target
+
+        def build_optimizer(self, model):
+            optimizer = super().build_optimizer(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer.register_step_pre_hook(lambda *_: self.grads.append([p.grad.clone() for p in params]))
+            return optimizer
+
+    cfg = tiny_pretrain_config(cubes, tmp_path / "run", optimizer="sgd", lr=1e-30, momentum=0.0, steps_per_epoch=3)
+    trainer = Recording(cfg.resolved())
+    trainer.fit()
+    assert len(trainer.batches) == len(trainer.grads) == 3
+    model = trainer.model.train()
+    for (x, target), seen in zip(trainer.batches, trainer.grads):
+        model.zero_grad()
+        trainer.loss(model(x), target).backward()
+        fresh = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(seen, fresh))
+
+
+@pytest.mark.slow
+def test_pretraining_goes_below_the_constant_mean_baseline(cubes, tmp_path):
+    """80 steps on two 16^3 cubes, validated on fixed in-painted pairs of the same cubes: the validation loss ends
+    below half the constant-mean baseline (the loss of predicting the targets' mean, which a network ignoring its
+    input reaches), deterministically. Measured: 0.32x. In-painting alone, as the paper's IP ablation: with every
+    deformation, 80 steps at this size still sit at 1.05x the baseline. Fails without the optimizer step (2.5x)."""
+    import json
+
+    cfg = tiny_pretrain_config(
+        cubes,
+        tmp_path / "run",
+        deform=DeformConfig.preset("IP"),
+        val_data=[cubes],
+        val_repeats=4,
+        steps_per_epoch=10,
+        epochs=8,
+        width=0.25,
+        threads=1,
+    )
+    pretrain(cfg)
+    base = json.loads((tmp_path / "run" / "baselines.json").read_text())
+    final = read_csv(tmp_path / "run" / "metrics.csv")[-1]["val_loss"]
+    assert final < 0.5 * base["mean"], (final, base["mean"])
