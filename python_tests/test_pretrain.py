@@ -89,7 +89,7 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
 
 
 @pytest.mark.slow
-def test_run_writes_logs_checkpoints_previews_and_learns(uninterrupted):
+def test_run_writes_logs_checkpoints_and_previews(uninterrupted):
     run = uninterrupted
     rows = read_csv(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -113,7 +113,7 @@ def test_run_writes_logs_checkpoints_previews_and_learns(uninterrupted):
 
     base = json.loads((run / "baselines.json").read_text())
     assert base["identity"] > base["mean"] > 0
-    assert min(r["val_loss"] for r in rows) < base["identity"]  # a few steps already beat the identity output
+    assert min(r["val_loss"] for r in rows) < base["identity"]  # a sanity check only: even untrained weights beat it
     # the per-branch losses split the total by the painting branch of each fixed validation pair
     from genesis_ext import sample_params
     from genesis_ext.train.pretraining import BRANCHES, _branches
