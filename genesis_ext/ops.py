@@ -187,7 +187,7 @@ def _check_shuffle_work(op: str, config: DeformConfig, spatial: list[int]) -> No
             f"genesis_ext.{op}: with num_blocks={config.num_blocks} and block_div={config.block_div}, local "
             f"shuffling would move each voxel of a {tuple(spatial)} sample {coverage:,.0f} times on average "
             f"(num_blocks x mean block volume / voxels); the bound is {MAX_SHUFFLE_COVERAGE} (the published recipe: "
-            "1.9 at 64x64x32). Lower num_blocks or raise block_div"
+            f"{DeformConfig().shuffle_coverage(spatial):.1f} at this size). Lower num_blocks or raise block_div"
         )
 
 
