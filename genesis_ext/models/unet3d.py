@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 BATCHNORM_MODES = ("batch_stats", "standard")
+# the output layer's activation: sigmoid probabilities (published) or logits ("none": softmax segmentation, whose loss
+# and inference apply the softmax themselves)
+ACTIVATIONS = ("sigmoid", "none")
 
 
 class _BatchStats:
@@ -231,7 +234,8 @@ class GenesisEncoder(nn.Module):
 
 class UNet3D(GenesisEncoder):
     """Models Genesis 3D U-Net; ``forward`` returns sigmoid probabilities ``(N, n_class, X, Y, Z)``, like the published
-    model (its regression target for pre-training and its output for segmentation fine-tuning).
+    model (its regression target for pre-training and its output for segmentation fine-tuning), or with
+    ``activation="none"`` the logits (softmax segmentation).
 
     ``batchnorm="batch_stats"`` (default) is the published behaviour, which the published weights need: batch
     statistics in training and eval mode (see ``BatchStatsBatchNorm3d``). ``"standard"`` is torch's BatchNorm3d (running
@@ -240,10 +244,20 @@ class UNet3D(GenesisEncoder):
     default, 1, is the published network.
     """
 
-    def __init__(self, in_channels: int = 1, n_class: int = 1, batchnorm: str = "batch_stats", width: float = 1.0):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        n_class: int = 1,
+        batchnorm: str = "batch_stats",
+        width: float = 1.0,
+        activation: str = "sigmoid",
+    ):
         super().__init__(in_channels, batchnorm, width)
         _check_channels("UNet3D", "n_class", n_class)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"genesis_ext.{self._owner}: activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.n_class = n_class
+        self.activation = activation
         c, d = self.channels, self.spatial_dims
         self.up_tr256 = UpTransition(c[3], c[2], c[2], batchnorm, d)
         self.up_tr128 = UpTransition(c[2], c[1], c[1], batchnorm, d)
@@ -255,12 +269,14 @@ class UNet3D(GenesisEncoder):
         skip64, skip128, skip256, out = self._encode_with_skips(x)
         out = self.up_tr256(out, skip256)
         out = self.up_tr128(out, skip128)
-        out = self.up_tr64(out, skip64)
-        return torch.sigmoid(self.out_tr(out))
+        out = self.out_tr(self.up_tr64(out, skip64))
+        return torch.sigmoid(out) if self.activation == "sigmoid" else out
 
     def extra_repr(self) -> str:
         return (
-            f"in_channels={self.in_channels}, n_class={self.n_class}, batchnorm={self.batchnorm!r}" + self._width_repr()
+            f"in_channels={self.in_channels}, n_class={self.n_class}, batchnorm={self.batchnorm!r}"
+            + ("" if self.activation == "sigmoid" else f", activation={self.activation!r}")
+            + self._width_repr()
         )
 
 
