@@ -3,6 +3,8 @@
     genesis-ext extract INPUT... --out DIR      real CT (NIfTI, DICOM, MetaImage, NRRD) -> a cube store
     genesis-ext pretrain --data DATA --out DIR  pre-train the 3D U-Net (checkpoints, logs, previews in DIR)
     genesis-ext finetune --task segmentation|classification --data DATA --out DIR [--weights W]
+    genesis-ext evaluate --pred PRED --ref REF [--labels liver=1,spleen=2] [--out CSV]  Dice, HD95 per class
+    genesis-ext predict --weights CKPT INPUT... --out DIR  segment CT volumes: label maps on each input's grid
 
 A verb is a ``(help, add_arguments, run)`` entry in :data:`VERBS`; ``run(args)`` returns the exit status.
 """
@@ -219,10 +221,16 @@ def _train_cli():
     return cli
 
 
-def _finetune():
-    from .train import finetune  # imports without torch; its run says what to install when torch is missing
+def _evaluate():
+    from .evaluation import evaluate  # numpy and scipy only
 
-    return finetune
+    return evaluate
+
+
+def _predict():
+    from .inference import predict  # imports without torch; predicting needs it
+
+    return predict
 
 
 VERBS = {
@@ -235,7 +243,17 @@ VERBS = {
     "finetune": (
         "fine-tune on a segmentation or classification task (published or our weights)",
         lambda p: _train_cli().add_finetune_arguments(p),
-        lambda args: _finetune().run(args),
+        lambda args: _train_cli().run_finetune(args),
+    ),
+    "evaluate": (
+        "score predicted label maps against references: Dice and HD95 per class",
+        lambda p: _evaluate().add_arguments(p),
+        lambda args: _evaluate().run(args),
+    ),
+    "predict": (
+        "segment CT volumes with a fine-tuned checkpoint (label maps on each input's own grid)",
+        lambda p: _predict().add_arguments(p),
+        lambda args: _predict().run(args),
     ),
 }
 

@@ -1,6 +1,7 @@
 """The Models Genesis networks (3D U-Net, its 2-D twin, encoder, classifier) and their weights. Needs torch."""
 
 from .classifier import GenesisClassifier, GenesisClassifier2D
+from .record import ModelRecord
 from .unet3d import (
     BATCHNORM_MODES,
     BatchStatsBatchNorm2d,
@@ -21,6 +22,7 @@ __all__ = [
     "GenesisClassifier2D",
     "GenesisEncoder",
     "GenesisEncoder2D",
+    "ModelRecord",
     "UNet2D",
     "UNet3D",
     "load_pretrained",

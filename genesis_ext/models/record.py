@@ -1,0 +1,177 @@
+"""``ModelRecord``: what prediction needs to rebuild a fine-tuned network and prepare its input.
+
+Every fine-tuning checkpoint stores one under ``"model_record"`` as a plain dict (``record.to_dict()``), so that
+``genesis-ext predict`` needs nothing but the checkpoint: the network's shape (``dims``, ``in_channels``, ``width``,
+``batchnorm``, ``activation``, the classes in ``labels``) and its input (``patch``, intensity ``window``, ``spacing``).
+
+``ModelRecord.from_dict(d, source=path)`` validates every field and raises ``CheckpointError`` naming the file and the
+field that is missing or wrong; constructing a record with a wrong value raises ``ValueError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from .unet3d import BATCHNORM_MODES, UNet2D, UNet3D
+from .weights import CheckpointError
+
+TASKS = ("segmentation", "classification")
+ACTIVATIONS = ("sigmoid", "softmax")  # sigmoid: one independent channel per class; softmax: background + classes
+LABEL_MAX = 255  # label maps are written as uint8
+
+
+def _is_int(value) -> bool:  # NumPy's integers too; never bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+
+def _numbers(name: str, value, count: int) -> tuple:
+    if not isinstance(value, (list, tuple, np.ndarray)) or len(value) != count or not all(_is_number(v) for v in value):
+        raise ValueError(f"field '{name}' must be {count} finite numbers, got {value!r}")
+    return tuple(value)
+
+
+def _check_labels(labels, task: str) -> dict:
+    """Class name -> label value, in channel order: distinct ints, 1..255 for segmentation (0 is background)."""
+    low = 1 if task == "segmentation" else 0
+    ok = isinstance(labels, dict) and labels and all(isinstance(k, str) and _is_int(v) for k, v in labels.items())
+    if not ok or not all(low <= v <= LABEL_MAX for v in labels.values()) or len(set(labels.values())) < len(labels):
+        raise ValueError(
+            f"field 'labels' must map class names to distinct integer values in {low}..{LABEL_MAX} ({task}), "
+            f"got {labels!r}"
+        )
+    return {name: int(value) for name, value in labels.items()}
+
+
+def _check_patch(patch, dims: int) -> tuple:
+    """X, Y, Z voxels, each spanned axis a multiple of 8 (the U-Net's three 2x poolings); 2-D patches are (X, Y, 1)."""
+    patch = _numbers("patch", patch, 3)
+    spanned = patch[:dims]
+    if not all(_is_int(p) and p >= 8 and p % 8 == 0 for p in spanned) or (dims == 2 and patch[2] != 1):
+        shape = "[X, Y, Z]" if dims == 3 else "[X, Y, 1]"
+        raise ValueError(
+            f"field 'patch' must be {shape} with X, Y{', Z' if dims == 3 else ''} multiples of 8, got {list(patch)}"
+        )
+    return tuple(int(p) for p in patch)
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"field '{name}' must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A fine-tuned network and its input, as stored in its checkpoint (see the module docstring)."""
+
+    task: str
+    dims: int
+    in_channels: int
+    width: float
+    batchnorm: str
+    labels: dict
+    activation: str
+    patch: tuple
+    window: tuple
+    spacing: tuple | None = None
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # frozen: normalise once, here, to plain Python values (torch.load(weights_only))
+        _check_choice("task", self.task, TASKS)
+        if not _is_int(self.dims) or self.dims not in (2, 3):
+            raise ValueError(f"field 'dims' must be 2 or 3, got {self.dims!r}")
+        if not _is_int(self.in_channels) or self.in_channels < 1:
+            raise ValueError(f"field 'in_channels' must be a positive integer, got {self.in_channels!r}")
+        if not _is_number(self.width) or not 0 < self.width <= 64:
+            raise ValueError(f"field 'width' must be a number in (0, 64], got {self.width!r}")
+        set_(self, "dims", int(self.dims))
+        set_(self, "in_channels", int(self.in_channels))
+        set_(self, "width", float(self.width))
+        _check_choice("batchnorm", self.batchnorm, BATCHNORM_MODES)
+        set_(self, "labels", _check_labels(self.labels, self.task))
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        set_(self, "patch", _check_patch(self.patch, self.dims))
+        lo, hi = _numbers("window", self.window, 2)
+        if not hi > lo:
+            raise ValueError(f"field 'window' must be [lo, hi] with lo < hi, got {list(self.window)}")
+        set_(self, "window", (float(lo), float(hi)))
+        if self.spacing is not None:
+            spacing = _numbers("spacing", self.spacing, 3)
+            if min(spacing) <= 0:
+                raise ValueError(f"field 'spacing' must be three positive numbers (mm) or null, got {list(spacing)}")
+            set_(self, "spacing", tuple(float(s) for s in spacing))
+
+    @property
+    def n_outputs(self) -> int:
+        """The network's output channels: one per class (sigmoid), or background + one per class (softmax)."""
+        return len(self.labels) + (self.activation == "softmax")
+
+    def build_model(self) -> UNet3D:
+        """The untrained segmentation U-Net this record describes (UNet2D for ``dims == 2``); softmax records give
+        logits (``activation="none"``): ``probabilities`` applies the softmax."""
+        if self.task != "segmentation":
+            raise ValueError(f"build_model builds segmentation networks; this record's task is {self.task!r}")
+        network = UNet3D if self.dims == 3 else UNet2D
+        activation = "sigmoid" if self.activation == "sigmoid" else "none"
+        return network(self.in_channels, self.n_outputs, self.batchnorm, self.width, activation)
+
+    def probabilities(self, output: torch.Tensor) -> torch.Tensor:
+        """The network's output ``(N, n_outputs, ...)`` as probabilities: sigmoid networks give them already;
+        softmax over the channels of the logits."""
+        return torch.softmax(output, dim=1) if self.activation == "softmax" else output
+
+    def label_map(self, probs):
+        """``(n_outputs, X, Y, Z)`` probabilities (NumPy or torch) -> uint8 label map of the same kind. Softmax: the
+        most probable channel, channel k > 0 giving the k-th class's value. Sigmoid: each voxel whose largest class
+        probability is >= 0.5 gets that class's value, the others 0."""
+        p = torch.as_tensor(probs)
+        values = torch.tensor([0, *self.labels.values()], dtype=torch.uint8, device=p.device)
+        if self.activation == "softmax":
+            index = p.argmax(0)
+        else:
+            best, channel = p.max(0)
+            index = torch.where(best >= 0.5, channel + 1, 0)
+        labels = values[index]
+        return labels.cpu().numpy() if isinstance(probs, np.ndarray) else labels
+
+    def class_probabilities(self, probs):
+        """The classes' channels of ``(n_outputs, ...)`` probabilities, in ``labels`` order (softmax: without the
+        background channel)."""
+        return probs[1:] if self.activation == "softmax" else probs
+
+    def to_dict(self) -> dict:
+        """Plain values only (lists, not tuples), as ``torch.load(weights_only=True)`` reads them back."""
+        d = asdict(self)
+        for name in ("patch", "window", "spacing"):
+            d[name] = None if d[name] is None else list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d, source="") -> ModelRecord:
+        """The record stored in a checkpoint, validated; ``CheckpointError`` naming ``source`` (the file) and the
+        field for anything missing, unknown or wrong."""
+        where = f"genesis_ext: {source}: its model record" if source else "genesis_ext: model record"
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where} is not a dict (got {type(d).__name__})")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in d]
+        unknown = [n for n in d if n not in names]
+        if missing:
+            raise CheckpointError(f"{where} has no field {', '.join(repr(n) for n in missing)}")
+        if unknown:  # a field this version does not know could change what the network expects
+            raise CheckpointError(
+                f"{where} has unknown field(s) {', '.join(repr(n) for n in unknown)}: written by a newer genesis-ext? "
+                "Upgrade genesis-ext to use it"
+            )
+        try:
+            return cls(**d)
+        except ValueError as err:
+            raise CheckpointError(f"{where} is invalid: {err}") from None
