@@ -24,19 +24,13 @@ from conftest import tiny_finetune_config  # noqa: E402
 from test_models import flip_bit, offset_of  # noqa: E402
 
 from genesis_ext.cli import main as cli_main  # noqa: E402
+from genesis_ext.data.labelled import segmentation_pairs  # noqa: E402
+from genesis_ext.evaluation.metrics import dice_iou, multiclass_auc, roc_auc  # noqa: E402
 from genesis_ext.models import CheckpointError, GenesisClassifier, UNet3D, save_checkpoint  # noqa: E402
 from genesis_ext.models.weights import atomic_save, seal  # noqa: E402
 from genesis_ext.train import load_training_state  # noqa: E402
-from genesis_ext.train.finetune import (  # noqa: E402
-    FinetuneConfig,
-    FinetuneError,
-    dice_iou,
-    dice_loss,
-    multiclass_auc,
-    roc_auc,
-    run_finetune,
-    segmentation_pairs,
-)
+from genesis_ext.train.finetuning import FinetuneConfig, FinetuneError, finetune  # noqa: E402
+from genesis_ext.train.losses import dice_loss  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 VOLUMES = sorted(SAMPLE.glob("*.nii.gz"))
@@ -66,8 +60,6 @@ def _seg_args(data, out, *extra):
         "--batch-size",
         "2",
         "--patches-per-volume",
-        "2",
-        "--val-patches-per-volume",
         "2",
         "--val-fraction",
         "0.5",
@@ -138,9 +130,9 @@ def test_segmentation_from_scratch_cli(seg_data, tmp_path, capsys):
     rows = _log_rows(out)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     for r in rows:
-        for k in ("train_loss", "val_loss", "val_dice", "val_iou"):
+        for k in ("train_loss", "val_loss", "val_dice", "val_dice_foreground"):
             assert math.isfinite(float(r[k])), r
-        assert 0.0 <= float(r["val_dice"]) <= 1.0 and 0.0 <= float(r["val_iou"]) <= float(r["val_dice"]) + 1e-12
+        assert 0.0 <= float(r["val_dice"]) <= 1.0 and r["val_dice"] == r["val_dice_foreground"]
         assert 0.0 <= float(r["train_loss"]) <= 1.0
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["final"]["epoch"] == 2 and summary["weights"] is None
@@ -148,7 +140,7 @@ def test_segmentation_from_scratch_cli(seg_data, tmp_path, capsys):
     from genesis_ext.models import load_pretrained
 
     for name in ("last.pt", "best.pt"):
-        load_pretrained(UNet3D(), out / name)
+        load_pretrained(UNet3D(batchnorm="standard"), out / name)
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
 
 
@@ -177,8 +169,8 @@ def test_segmentation_from_our_and_published_checkpoints(seg_data, tmp_path, cap
 
 @pytest.mark.slow
 def test_segmentation_runs_are_seeded(seg_data, tmp_path):
-    a = run_finetune(tiny_finetune_config(seg_data, tmp_path / "a"), log=lambda *_: None)["final"]
-    b = run_finetune(tiny_finetune_config(seg_data, tmp_path / "b"), log=lambda *_: None)["final"]
+    a = finetune(tiny_finetune_config(seg_data, tmp_path / "a"), log=lambda *_: None)["final"]
+    b = finetune(tiny_finetune_config(seg_data, tmp_path / "b"), log=lambda *_: None)["final"]
     assert a["train_loss"] == b["train_loss"] and a["val_dice"] == b["val_dice"]
 
 
@@ -187,42 +179,44 @@ def test_segmentation_other_n_class_loads_all_but_the_output_layer(seg_data, tmp
     ckpt = tmp_path / "two_class.pt"
     save_checkpoint(UNet3D(n_class=2), ckpt)
     lines = []
-    run_finetune(tiny_finetune_config(seg_data, tmp_path / "run", weights=str(ckpt)), log=lines.append)
-    assert any("except its output layer" in line and "n_class=2" in line for line in lines), lines
+    finetune(tiny_finetune_config(seg_data, tmp_path / "run", weights=str(ckpt)), log=lines.append)
+    assert any("except its output layer (this task has 1 outputs)" in line for line in lines), lines
 
 
-def test_segmentation_two_classes(tmp_path):
-    """Label values 1 (lung, HU < -400) and 2 (bone / contrast, HU > 300): two output channels."""
+def test_segmentation_two_classes(seg_data, tmp_path):
+    """Label values 1 (lung, HU < -400) and 2 (bone / contrast, HU > 300): softmax over three output channels
+    (background first), a Dice per class in the log."""
     root = tmp_path / "multi"
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
-    for f in VOLUMES:
+    for f in sorted((seg_data / "images").iterdir()):
         img = nib.load(str(f))
         hu = np.asarray(img.dataobj)
         label = np.where(hu < -400, 1, np.where(hu > 300, 2, 0)).astype(np.uint8)
         nib.save(img, str(root / "images" / f.name))
         nib.save(nib.Nifti1Image(label, img.affine), str(root / "labels" / f.name))
-    summary = run_finetune(
+    summary = finetune(
         FinetuneConfig(
             task="segmentation",
             data=str(root),
             out=str(tmp_path / "run"),
-            n_class=2,
+            labels="lung,dense",
             patch=(16, 16, 16),
             epochs=1,
             batch_size=2,
             patches_per_volume=3,
-            val_patches_per_volume=3,
             val_fraction=0.5,
             progress=False,
         ),
         log=lambda *_: None,
     )
-    assert 0.0 <= summary["final"]["val_dice"] <= 1.0
-    assert (
-        torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]["out_tr.final_conv.weight"].shape[0]
-        == 2
-    )
+    final = summary["final"]
+    assert 0.0 <= final["val_dice"] <= 1.0
+    assert final["val_dice"] == pytest.approx((final["val_dice_lung"] + final["val_dice_dense"]) / 2)
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert checkpoint["state_dict"]["out_tr.final_conv.weight"].shape[0] == 3
+    assert checkpoint["model_record"]["labels"] == {"lung": 1, "dense": 2}
+    assert checkpoint["model_record"]["activation"] == "softmax"
 
 
 def test_segmentation_csv_pairs(seg_data, tmp_path):
@@ -299,23 +293,23 @@ def test_fine_tuning_resume_refuses_other_settings(seg_data, tmp_path):
     resume_anyway=True; another width is refused even then (the checkpoint's shapes hold it)."""
     quiet = dict(log=lambda *_: None)
     run = tmp_path / "run"
-    run_finetune(tiny_finetune_config(seg_data, run, width=0.25), **quiet)
+    finetune(tiny_finetune_config(seg_data, run, width=0.25), **quiet)
     moved = tmp_path / "moved"
     shutil.copytree(seg_data, moved)
     resumed = dict(width=0.25, epochs=2, resume=True, patch=(16, 16, 8))
     with pytest.raises(ValueError) as err:
-        run_finetune(tiny_finetune_config(moved, run, **resumed), **quiet)
+        finetune(tiny_finetune_config(moved, run, **resumed), **quiet)
     for line in (
         f"data: {str(seg_data)!r} recorded vs {str(moved)!r} now",
         "patch: [16, 16, 16] recorded vs [16, 16, 8]",
     ):
         assert line in str(err.value), str(err.value)
     with pytest.raises(ValueError, match=r"width: 0.25 recorded vs 0.5 now\n(.|\n)*cannot change width"):
-        run_finetune(tiny_finetune_config(seg_data, run, width=0.5, epochs=2, resume=True, resume_anyway=True), **quiet)
-    summary = run_finetune(tiny_finetune_config(moved, run, resume_anyway=True, **resumed), **quiet)
+        finetune(tiny_finetune_config(seg_data, run, width=0.5, epochs=2, resume=True, resume_anyway=True), **quiet)
+    summary = finetune(tiny_finetune_config(moved, run, resume_anyway=True, **resumed), **quiet)
     assert summary["epochs"] == 2 and [r["epoch"] for r in _log_rows(run)] == ["1", "2"]
     with pytest.raises(FinetuneError, match="resume_anyway goes with resume"):
-        run_finetune(tiny_finetune_config(seg_data, tmp_path / "new", resume_anyway=True), **quiet)
+        finetune(tiny_finetune_config(seg_data, tmp_path / "new", resume_anyway=True), **quiet)
 
 
 def test_fine_tuning_resume_compares_the_width_read_off_the_weights(seg_data, tmp_path):
@@ -324,21 +318,21 @@ def test_fine_tuning_resume_compares_the_width_read_off_the_weights(seg_data, tm
     quiet = dict(log=lambda *_: None)
     weights = tmp_path / "w.pt"
     save_checkpoint(UNet3D(width=0.25), weights)
-    run_finetune(tiny_finetune_config(seg_data, tmp_path / "run", weights=str(weights)), **quiet)
+    finetune(tiny_finetune_config(seg_data, tmp_path / "run", weights=str(weights)), **quiet)
     with pytest.raises(ValueError, match=r"width: 0.25 recorded vs 1.0 now"):
-        run_finetune(tiny_finetune_config(seg_data, tmp_path / "run", epochs=2, resume=True), **quiet)
+        finetune(tiny_finetune_config(seg_data, tmp_path / "run", epochs=2, resume=True), **quiet)
     # checkpoints written before the width as built was recorded say None: the shapes decide
     state = load_training_state(tmp_path / "run" / "last.pt")
     atomic_save(seal({**state, "config": {**state["config"], "width": None}}), tmp_path / "run" / "last.pt")
     resumed = dict(weights=str(weights), epochs=2, resume=True)
-    assert run_finetune(tiny_finetune_config(seg_data, tmp_path / "run", **resumed), **quiet)["epochs"] == 2
+    assert finetune(tiny_finetune_config(seg_data, tmp_path / "run", **resumed), **quiet)["epochs"] == 2
 
 
 def test_classification_resume_refuses_other_class_names(cls_data, tmp_path):
     """The same number of classes under other names would train the head's outputs on other labels: refused."""
     quiet = dict(log=lambda *_: None)
     run = tmp_path / "run"
-    run_finetune(tiny_finetune_config(cls_data, run, task="classification", width=0.25, batch_size=4), **quiet)
+    finetune(tiny_finetune_config(cls_data, run, task="classification", width=0.25, batch_size=4), **quiet)
     names = {"high": "dense", "low": "airy"}  # sorted the other way round: the head's outputs would swap labels
     rows = [line.split(",") for line in cls_data.read_text().splitlines()[1:]]
     renamed = tmp_path / "renamed.csv"
@@ -347,7 +341,7 @@ def test_classification_resume_refuses_other_class_names(cls_data, tmp_path):
         renamed, run, task="classification", width=0.25, batch_size=4, epochs=2, resume=True, resume_anyway=True
     )
     with pytest.raises(ValueError, match=r"classes: \['high', 'low'\] recorded vs \['airy', 'dense'\] now"):
-        run_finetune(cfg, **quiet)
+        finetune(cfg, **quiet)
 
 
 def test_wrong_architecture_weights(seg_data, cls_data, tmp_path, capsys):
@@ -416,7 +410,7 @@ def test_bad_options(seg_data, tmp_path, capsys):
     for sub in ("images", "labels"):
         (one / sub / VOLUMES[0].name).write_bytes((seg_data / sub / VOLUMES[0].name).read_bytes())
     with pytest.raises(FinetuneError, match="at least 2"):
-        run_finetune(
+        finetune(
             FinetuneConfig(
                 task="segmentation",
                 data=str(one),
@@ -456,7 +450,7 @@ def _distance(run: Path, ckpt: Path) -> dict:
 
 def _finetune(data, out, weights, **kw):
     weights = None if weights is None else str(weights)
-    run_finetune(tiny_finetune_config(data, out, weights=weights, **kw), log=lambda *_: None)
+    finetune(tiny_finetune_config(data, out, weights=weights, **kw), log=lambda *_: None)
     return Path(out)
 
 
@@ -480,16 +474,17 @@ def test_weights_modes_load_what_they_say(seg_data, cls_data, tmp_path):
     assert loaded(encoder) == sorted(k for k in whole if k.startswith("down_tr"))
 
 
-def test_each_class_of_a_label_map_gets_its_own_mask(tmp_path):
-    """n_class 2: channel k is label == k + 1, so the two masks of a real two-class label differ."""
+def test_each_class_of_a_label_map_gets_its_own_index(tmp_path):
+    """Classes lung=1, dense=2: the target's class k is label == value of the k-th class."""
     from genesis_ext.data import Window
-    from genesis_ext.train.finetune import load_seg_case
+    from genesis_ext.data.labelled import LabelledPair, load_seg_case
 
     f = VOLUMES[0]
     img = nib.load(str(f))
     hu = np.asarray(img.dataobj)
     label = np.where(hu < -400, 1, np.where(hu > 300, 2, 0)).astype(np.uint8)
     nib.save(nib.Nifti1Image(label, img.affine), str(tmp_path / "label.nii.gz"))
-    case = load_seg_case(f, tmp_path / "label.nii.gz", 2, Window(-1000.0, 1000.0))
-    assert case.label.shape[0] == 2 and case.label[0].any() and case.label[1].any()
-    assert np.array_equal(case.label[0], label == 1) and np.array_equal(case.label[1], label == 2)
+    pair = LabelledPair("case", f, tmp_path / "label.nii.gz")
+    case = load_seg_case(pair, {"dense": 2, "lung": 1}, Window(-1000.0, 1000.0))
+    assert np.array_equal(case.target == 1, label == 2) and np.array_equal(case.target == 2, label == 1)
+    assert (case.target == 1).any() and (case.target == 2).any()

@@ -16,11 +16,7 @@ from conftest import tiny_finetune_config, tiny_pretrain_config  # noqa: E402
 
 from genesis_ext import DeformConfig  # noqa: E402
 from genesis_ext.train import PretrainConfig, PretrainTrainer, pretrain, read_csv  # noqa: E402
-from genesis_ext.train.finetune import (  # noqa: E402
-    ClassificationTrainer,
-    SegmentationTrainer,
-    run_finetune,
-)
+from genesis_ext.train.finetuning import ClassificationTrainer, SegmentationTrainer, finetune  # noqa: E402
 
 STEPS = 8
 
@@ -171,9 +167,9 @@ def test_a_subclass_changes_the_loss(cubes, tmp_path):
 def test_fine_tuning_resumes_exactly(seg_data, tmp_path):
     """Fine-tuning shares the loop's resume: 2 epochs, then 1 more from the checkpoint, equals 3 epochs in one go."""
     quiet = dict(log=lambda *_: None)
-    whole = run_finetune(tiny_finetune_config(seg_data, tmp_path / "whole", epochs=3), **quiet)
-    run_finetune(tiny_finetune_config(seg_data, tmp_path / "parts", epochs=2), **quiet)
-    parts = run_finetune(tiny_finetune_config(seg_data, tmp_path / "parts", epochs=3, resume=True), **quiet)
+    whole = finetune(tiny_finetune_config(seg_data, tmp_path / "whole", epochs=3), **quiet)
+    finetune(tiny_finetune_config(seg_data, tmp_path / "parts", epochs=2), **quiet)
+    parts = finetune(tiny_finetune_config(seg_data, tmp_path / "parts", epochs=3, resume=True), **quiet)
     keys = ("train_loss", "val_loss", "val_dice")
     assert [parts["final"][k] for k in keys] == [whole["final"][k] for k in keys]
     assert np.isfinite([whole["final"][k] for k in keys]).all()
@@ -222,7 +218,7 @@ def test_models_genesis_2d_extract_pretrain_and_finetune(seg_data, cls_data, tmp
     common = ["--dims", "2", "--patch", "16", "16", "--weights", str(weights), "--epochs", "1", "--batch-size", "2",
               "--val-fraction", "0.5", "--quiet"]  # fmt: skip
     seg, cls = tmp_path / "seg", tmp_path / "cls"
-    seg_args = ["--patches-per-volume", "4", "--val-patches-per-volume", "2"]
+    seg_args = ["--patches-per-volume", "4"]
     assert (
         main(["finetune", "--task", "segmentation", "--data", str(seg_data), "--out", str(seg), *common, *seg_args])
         == 0

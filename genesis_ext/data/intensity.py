@@ -104,33 +104,52 @@ class PercentileWindow:
         return {"kind": "percentile", "p_lo": self.p_lo, "p_hi": self.p_hi}
 
 
+def _grid(volume: Volume, spacing):
+    """The target spacing, the scale (old / new spacing) and, per axis, the old-grid coordinate of each new voxel
+    centre (centre-aligned: new voxel j sits at old coordinate (j + 0.5) / scale - 0.5; voxel centres keep the same
+    extent)."""
+    target = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    if target.shape != (3,) or not np.all(target > 0):
+        raise ValueError(f"spacing must be three positive numbers (mm), got {spacing}")
+    scale = np.asarray(volume.spacing, dtype=np.float64) / target
+    shape = np.maximum(1, np.round(np.asarray(volume.shape) * scale).astype(int))
+    coords = [(np.arange(int(n)) + 0.5) / s - 0.5 for n, s in zip(shape, scale)]
+    return target, scale, coords
+
+
+def _moved(volume: Volume, data: np.ndarray, target, scale, coords) -> Volume:
+    """``data`` on the new grid, with the affine that keeps voxel -> patient positions correct."""
+    offsets = np.array([c[0] for c in coords])
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.affine[:3, :3] @ offsets + volume.affine[:3, 3]
+    affine[:3, :3] = volume.affine[:3, :3] / scale
+    return Volume(np.ascontiguousarray(data), tuple(float(s) for s in target), affine, volume.source)
+
+
 def resample(volume: Volume, spacing) -> Volume:
     """``volume`` linearly resampled to ``spacing`` (mm per axis, (x, y, z)); voxel centres keep the same extent.
 
     Separable linear interpolation (trilinear), float32, edge values held. The affine is updated so voxel → patient
     positions stay correct. Published Models Genesis does not resample (it uses native spacing)."""
-    target = np.asarray(spacing, dtype=np.float64).reshape(-1)
-    if target.shape != (3,) or not np.all(target > 0):
-        raise ValueError(f"spacing must be three positive numbers (mm), got {spacing}")
-    old = np.asarray(volume.spacing, dtype=np.float64)
+    target, scale, coords = _grid(volume, spacing)
     data = volume.data
-    scale = old / target
-    shape = np.maximum(1, np.round(np.asarray(data.shape) * scale).astype(int))
-    offsets = np.zeros(3)
-    for axis in range(3):
-        n_old, n_new = data.shape[axis], int(shape[axis])
-        # centre-aligned: new voxel j sits at old coordinate (j + 0.5) / scale - 0.5
-        coord = (np.arange(n_new) + 0.5) / scale[axis] - 0.5
-        offsets[axis] = coord[0]
+    for axis, coord in enumerate(coords):
+        n_old = data.shape[axis]
         coord = np.clip(coord, 0.0, n_old - 1)
         i0 = np.floor(coord).astype(np.intp)
         i1 = np.minimum(i0 + 1, n_old - 1)
-        w = (coord - i0).astype(np.float32)
         bshape = [1, 1, 1]
-        bshape[axis] = n_new
-        w = w.reshape(bshape)
+        bshape[axis] = len(coord)
+        w = (coord - i0).astype(np.float32).reshape(bshape)
         data = np.take(data, i0, axis=axis) * (1.0 - w) + np.take(data, i1, axis=axis) * w
-    affine = volume.affine.copy()
-    affine[:3, 3] = volume.affine[:3, :3] @ offsets + volume.affine[:3, 3]
-    affine[:3, :3] = volume.affine[:3, :3] / scale
-    return Volume(np.ascontiguousarray(data, dtype=np.float32), tuple(float(s) for s in target), affine, volume.source)
+    return _moved(volume, data.astype(np.float32), target, scale, coords)
+
+
+def resample_nearest(volume: Volume, spacing) -> Volume:
+    """``volume`` resampled to ``spacing`` by nearest neighbour, on the same grid as :func:`resample` gives: for label
+    maps, whose values must stay labels. Keeps the dtype."""
+    target, scale, coords = _grid(volume, spacing)
+    data = volume.data
+    for axis, coord in enumerate(coords):
+        data = np.take(data, np.clip(np.rint(coord), 0, data.shape[axis] - 1).astype(np.intp), axis=axis)
+    return _moved(volume, data, target, scale, coords)

@@ -237,6 +237,13 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     return obj
 
 
+def read_weights(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict[str, torch.Tensor], Any]:
+    """The verified state_dict of the checkpoint at ``path`` (plain key names) and the whole checkpoint, read once
+    (:func:`read_checkpoint`'s checks and errors)."""
+    checkpoint = read_checkpoint(path, map_location)
+    return _state_dict_of(checkpoint, Path(path)), checkpoint
+
+
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The state_dict inside a loaded checkpoint, with wrapper prefixes removed."""
     state = obj

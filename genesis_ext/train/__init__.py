@@ -1,10 +1,18 @@
-"""Models Genesis pre-training (``genesis-ext pretrain``): see :mod:`genesis_ext.train.pretraining`. Needs torch.
+"""Training: Models Genesis pre-training (:mod:`~genesis_ext.train.pretraining`, ``genesis-ext pretrain``) and
+fine-tuning (:mod:`~genesis_ext.train.finetuning`, ``genesis-ext finetune``) on one loop (:mod:`~.trainer`), with the
+segmentation losses (:mod:`~.losses`). Needs torch.
 
 Names are imported lazily, so ``genesis_ext.train.cli`` (the argument parser) does not import torch."""
 
 from importlib import import_module
 
 _NAMES = {
+    "ClassificationTrainer": "finetuning",
+    "FinetuneConfig": "finetuning",
+    "FinetuneError": "finetuning",
+    "SegmentationTrainer": "finetuning",
+    "finetune": "finetuning",
+    "LOSSES": "losses",
     "PRESETS": "pretraining",
     "NonFiniteLossError": "trainer",
     "PretrainTrainer": "pretraining",

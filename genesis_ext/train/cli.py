@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
 from ..config import PRESETS, DeformConfig
 
@@ -133,61 +137,69 @@ def _add_execution(g) -> None:
         "the checkpoint's (e.g. data that moved); best.pt and early stopping then compare validation losses across "
         "both. The width, dims, optimizer, lr, momentum and lr schedule must still match",
     )
-    g.add_argument("--init", metavar="WEIGHTS", help="start from these weights (e.g. Genesis_Chest_CT.pt)")
-    g.add_argument("--no-tensorboard", action="store_true")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument(
+        "--init", dest="init_weights", metavar="WEIGHTS", help="start from these weights (e.g. Genesis_Chest_CT.pt)"
+    )
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
+    _add_trainer(g, "PretrainTrainer")
+    g.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+
+
+def _add_trainer(g, base: str) -> None:
+    g.add_argument(
+        "--trainer",
+        metavar="MODULE:CLASS",
+        help=f"a subclass of {base} that changes a stage (e.g. the loss): an importable module or a .py file, then "
+        "the class name (e.g. my_trainers.py:L1Pretrainer)",
+    )
+
+
+def config_from_args(cls, args, **values):
+    """The config dataclass ``cls`` from parsed arguments: every field with an argument of its name (argparse ``dest``),
+    then ``values`` (conversions)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**({k: v for k, v in vars(args).items() if k in names} | values))
+
+
+def load_trainer(spec: str | None, base: type) -> type | None:
+    """The class ``MODULE:CLASS`` names (MODULE importable, or a .py file), checked to be a subclass of ``base``."""
+    if spec is None:
+        return None
+    module_name, _, class_name = spec.rpartition(":")
+    if not module_name or not class_name:
+        raise ValueError(f"--trainer {spec!r}: give MODULE:CLASS (e.g. my_trainers.py:L1Pretrainer)")
+    try:
+        if module_name.endswith(".py"):
+            loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            if loader is None or not Path(module_name).is_file():
+                raise FileNotFoundError(f"no file {module_name}")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except (ImportError, FileNotFoundError) as err:
+        raise ValueError(f"--trainer {spec!r}: cannot import {module_name} ({err})") from err
+    found = getattr(module, class_name, None)
+    if not (isinstance(found, type) and issubclass(found, base)):
+        raise ValueError(f"--trainer {spec!r}: {module_name} has no subclass of {base.__name__} named {class_name}")
+    return found
 
 
 def run_pretrain(args) -> int:
+    """The ``genesis-ext pretrain`` verb."""
     try:
         from ..models import CheckpointError
-        from .pretraining import NonFiniteLossError, PretrainConfig, pretrain
+        from .pretraining import NonFiniteLossError, PretrainConfig, PretrainTrainer, pretrain
     except ImportError as e:
         if e.name != "torch":
             raise
         print(f"genesis-ext pretrain {TORCH_MISSING}", file=sys.stderr)
         return 2
-
-    cfg = PretrainConfig(
-        data=args.data,
-        out=args.out,
-        preset=args.preset,
-        deform=DeformConfig.preset(args.deformations),
-        dims=args.dims,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        lr_step_epochs=args.lr_step_epochs,
-        patience=args.patience,
-        accumulate=args.accumulate,
-        val_fraction=args.val_fraction,
-        val_data=args.val_data,
-        val_repeats=args.val_repeats,
-        seed=args.seed,
-        deform_seed=args.deform_seed,
-        val_seed=args.val_seed,
-        cube=tuple(args.cube),
-        per_volume=args.per_volume,
-        workers=args.workers,
-        device=args.device,
-        amp=args.amp,
-        compile=args.compile,
-        width=args.width,
-        threads=args.threads,
-        max_minutes=args.max_minutes,
-        preview_every=args.preview_every,
-        log_every=args.log_every,
-        resume=args.resume,
-        resume_anyway=args.resume_anyway,
-        init_weights=args.init,
-        tensorboard=not args.no_tensorboard,
-        progress=not args.quiet,
-    )
     try:
-        result = pretrain(cfg)
+        cfg = config_from_args(
+            PretrainConfig, args, deform=DeformConfig.preset(args.deformations), cube=tuple(args.cube)
+        )
+        result = pretrain(cfg, trainer=load_trainer(args.trainer, PretrainTrainer))
     except NonFiniteLossError as e:
         print(f"genesis-ext pretrain: {e}", file=sys.stderr)
         return 3
@@ -203,7 +215,8 @@ def run_pretrain(args) -> int:
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     _add_finetune_inputs(p)
-    _add_finetune_training(p)
+    _add_finetune_segmentation(p.add_argument_group("segmentation"))
+    _add_finetune_training(p.add_argument_group("training"))
 
 
 def _add_finetune_inputs(p) -> None:
@@ -211,27 +224,26 @@ def _add_finetune_inputs(p) -> None:
         "--task",
         choices=TASKS,
         required=True,
-        help="segmentation (U-Net, soft Dice) or classification (encoder + published head, cross-entropy)",
+        help="segmentation (U-Net; whole-volume validation) or classification (encoder + published head)",
     )
     p.add_argument(
         "--data",
         required=True,
-        help="segmentation: a directory with images/ and labels/ (matched by file name) or a CSV with an "
-        "image,label header; classification: a CSV with a path,label header (.npy cubes in [0, 1] or "
-        "volume files in HU). Paths in a CSV are relative to it",
+        help="segmentation: a directory with images/ and labels/ (label maps, or a folder of masks per case), a "
+        "CSV with an image,label header (or image and one mask column per class), or a MONAI/Decathlon "
+        "dataset.json; classification: a CSV with a path,label header (.npy cubes in [0, 1] or volumes). Paths in "
+        "a CSV or JSON are relative to it",
     )
     p.add_argument("--out", required=True, help="run directory: log.csv, last.pt, best.pt, metrics.json")
     p.add_argument(
         "--weights",
-        default=None,
-        help="published Genesis_Chest_CT.pt or a checkpoint of ours (default: "
-        "from scratch); classification loads the encoder only",
+        help="pre-trained weights (published Genesis_Chest_CT.pt or genesis-ext pretrain's) or a fine-tuned "
+        "checkpoint (default: from scratch); classification loads the encoder only",
     )
     p.add_argument(
         "--patch",
         nargs="+",
         type=positive_int,
-        default=None,
         metavar="N",
         help="patch (segmentation) or cube (classification) size, multiples of 8: X Y Z (default: 64 64 32), or "
         "X Y with --dims 2 (default: 64 64)",
@@ -244,54 +256,16 @@ def _add_finetune_inputs(p) -> None:
         help="2: Models Genesis 2D (UNet2D on axial patches, e.g. weights from pretrain --dims 2); default 3",
     )
     p.add_argument(
-        "--n-class",
-        type=positive_int,
-        default=1,
-        help="segmentation: output channels; 1: label > 0.5 is foreground; >1: channel k is label == k+1 (default 1)",
-    )
-    p.add_argument(
         "--width",
         type=float,
-        default=None,
         help="U-Net channel multiplier (default: the --weights checkpoint's, else 1, the published network)",
     )
-
-
-def _add_finetune_training(p) -> None:
-    p.add_argument("--epochs", type=positive_int, default=10, help="default 10")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="default 4")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam (default) or sgd (momentum 0.9)")
     p.add_argument(
-        "--patches-per-volume",
-        type=positive_int,
-        default=16,
-        help="segmentation: random training patches per training volume per epoch (default 16)",
-    )
-    p.add_argument(
-        "--val-patches-per-volume",
-        type=positive_int,
-        default=16,
-        help="segmentation: fixed validation patches per validation volume (default 16)",
-    )
-    p.add_argument(
-        "--fg-fraction",
-        type=float,
-        default=0.5,
-        help="segmentation: share of patches centred on a foreground voxel (default 0.5)",
-    )
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.2,
-        help="share of volumes (segmentation) or cubes (classification, stratified) held out for "
-        "validation, seeded (default 0.2; 0: no validation)",
-    )
-    p.add_argument(
-        "--val-data",
-        default=None,
-        help="segmentation: separate validation volumes (a directory or CSV like --data); then every --data "
-        "volume trains",
+        "--batchnorm",
+        choices=("running", "batch_stats"),
+        default="running",
+        help="running: BatchNorm evaluates with running statistics (default); batch_stats: with each batch's own, "
+        "as the published network does",
     )
     p.add_argument(
         "--window",
@@ -301,6 +275,109 @@ def _add_finetune_training(p) -> None:
         metavar=("LO", "HI"),
         help="intensity window of the images in their units, mapped to [0, 1] (default: -1000 1000 HU)",
     )
-    p.add_argument("--device", default="auto", help="auto (cuda if available, default), cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, patches, batches and initialisation")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_finetune_segmentation(g) -> None:
+    g.add_argument(
+        "--labels",
+        help="the classes: liver,spleen (label-map values 1, 2; or the masks of those names) or liver=1,spleen=6 "
+        "(default: the dataset.json's labels, the mask names, else one class: label > 0.5)",
+    )
+    g.add_argument(
+        "--loss",
+        choices=("dice", "dice_ce"),
+        help="dice: sigmoid and soft Dice, as published (default for one class); dice_ce: softmax, Dice + "
+        "cross-entropy, as nnU-Net (default for several)",
+    )
+    g.add_argument(
+        "--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"), help="mm (default: the training images' median)"
+    )
+    g.add_argument(
+        "--patches-per-volume",
+        type=positive_int,
+        default=16,
+        help="random training patches per training volume (or labelled slab) and epoch (default 16)",
+    )
+    g.add_argument(
+        "--fg-fraction", type=float, default=0.5, help="share of patches centred on a foreground voxel (default 0.5)"
+    )
+    g.add_argument(
+        "--val-data",
+        help="separate validation volumes (a directory, CSV or dataset.json like --data); then every --data "
+        "volume trains",
+    )
+    g.add_argument(
+        "--overlap", type=float, default=0.5, help="validation sliding window: overlap of windows (default 0.5)"
+    )
+    g.add_argument(
+        "--label-budget",
+        type=float,
+        help="keep this share (<= 1) or count (> 1) of the training cases (or slabs) labelled; seeded",
+    )
+    g.add_argument(
+        "--budget-unit",
+        choices=("cases", "slabs"),
+        default="cases",
+        help="what --label-budget counts: cases (default) or axial slabs as thick as the patch",
+    )
+
+
+def _add_finetune_training(g) -> None:
+    g.add_argument("--epochs", type=positive_int, default=10, help="default 10")
+    g.add_argument("--batch-size", type=positive_int, default=4, help="default 4")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam (default) or sgd (momentum 0.9)")
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of volumes (segmentation) or cubes (classification, stratified) held out for validation, "
+        "seeded (default 0.2; 0: no validation)",
+    )
+    g.add_argument("--device", default="auto", help="auto (cuda if available, default), cpu, cuda, cuda:N")
+    g.add_argument("--amp", choices=["auto", "bf16", "off"], default="off", help="bf16 autocast (auto: on CUDA)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the split, patches, batches and initialisation")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CKPT",
+        help="continue from OUT/last.pt (or CKPT); refused when it was written with other settings",
+    )
+    g.add_argument("--resume-anyway", action="store_true", help="with --resume: although the data settings differ")
+    _add_trainer(g, "the task's trainer (SegmentationTrainer or ClassificationTrainer)")
+    g.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
+
+
+def run_finetune(args) -> int:
+    """The ``genesis-ext finetune`` verb."""
+    try:
+        from .finetuning import ClassificationTrainer, FinetuneConfig, NonFiniteLossError, SegmentationTrainer, finetune
+    except ImportError as e:
+        if e.name != "torch":
+            raise
+        print(f"genesis-ext finetune {TORCH_MISSING}", file=sys.stderr)
+        return 2
+    base = SegmentationTrainer if args.task == "segmentation" else ClassificationTrainer
+    try:
+        cfg = config_from_args(
+            FinetuneConfig,
+            args,
+            patch=None if args.patch is None else tuple(args.patch),
+            spacing=None if args.spacing is None else tuple(args.spacing),
+            window=tuple(args.window),
+        )
+        summary = finetune(cfg, trainer=load_trainer(args.trainer, base))
+    except NonFiniteLossError as err:
+        print(f"genesis-ext finetune: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as err:  # FinetuneError, LabelledDataError, CheckpointError, VolumeError
+        print(f"genesis-ext finetune: {err}", file=sys.stderr)
+        return 2
+    final = summary["final"]
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if k.startswith("val_") and isinstance(v, float))
+    print(f"finished {summary['epochs']} epoch(s): {metrics or 'no validation data'}")
+    print(f"log: {summary['log']}")
+    print(f"checkpoints: {summary['checkpoint']}, {summary['best_checkpoint']} (epoch {summary['best_epoch']})")
+    return 0

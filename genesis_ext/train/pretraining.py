@@ -313,6 +313,8 @@ def _loader(dataset, batches: list, workers: int, pin: bool):
 def pretrain(config: PretrainConfig, trainer: Optional[type] = None) -> PretrainResult:
     """Run (or resume) pre-training; see the module docstring. Rank 0 of a torchrun job logs and checkpoints.
     ``trainer``: a subclass of :class:`PretrainTrainer` that changes a stage (the loss, the optimizer, ...)."""
+    if trainer is not None and not (isinstance(trainer, type) and issubclass(trainer, PretrainTrainer)):
+        raise ValueError(f"trainer {trainer!r} is not a subclass of PretrainTrainer")
     cfg = config.resolved()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
