@@ -1,0 +1,110 @@
+"""The whole workflow through the command line, at a tiny size: extract -> pretrain -> finetune -> predict -> evaluate,
+on the bundled sample CT and (when present) the shared abdominal CT with its organ masks. Each verb reads what the one
+before it wrote, as a user's shell session would; the README shows the same commands."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nib = pytest.importorskip("nibabel")
+pytest.importorskip("scipy")
+
+from conftest import REPO  # noqa: E402
+
+from genesis_ext.cli import main  # noqa: E402
+
+SAMPLE = REPO / "data" / "sample"
+ABDOMEN = REPO.parent / "shared" / "data" / "abdomen-ct"
+TINY_PRETRAIN = ["--width", "0.125", "--batch-size", "2", "--steps-per-epoch", "2", "--epochs", "1", "--quiet",
+                 "--no-tensorboard", "--preview-every", "0"]  # fmt: skip
+TINY_FINETUNE = ["--patch", "32", "32", "16", "--epochs", "1", "--batch-size", "2", "--patches-per-volume", "2",
+                 "--quiet"]  # fmt: skip
+
+
+def _pretrained(tmp_path: Path) -> Path:
+    """genesis-ext extract + pretrain on the bundled CT: the weights the fine-tuning starts from."""
+    store, run = tmp_path / "cubes", tmp_path / "pretrain"
+    extract = ["extract", *map(str, sorted(SAMPLE.glob("*.nii.gz"))), "--out", str(store), "--cube", "32", "32", "16",
+               "--per-volume", "6", "--filter", "foreground", "--quiet"]  # fmt: skip
+    assert main(extract) == 0
+    assert main(["pretrain", "--data", str(store), "--out", str(run), *TINY_PRETRAIN]) == 0
+    return run / "checkpoints" / "last.pt"
+
+
+def _evaluate(pred: Path, ref: Path, out: Path, *labels: str) -> list[dict]:
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(out), *labels, "--quiet"]) == 0
+    with open(out, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _same_grid(prediction: Path, image: Path) -> np.ndarray:
+    """The prediction's array, after checking that it lies on the image's own grid (shape and affine)."""
+    pred, img = nib.load(str(prediction)), nib.load(str(image))
+    assert pred.shape == img.shape and np.allclose(pred.affine, img.affine, atol=1e-4)
+    return np.asarray(pred.dataobj)
+
+
+def test_workflow_on_the_bundled_ct(seg_data, tmp_path, capsys):
+    """The two sample crops with their lung masks, named in a Decathlon dataset.json: fine-tuned from our own
+    pre-trained weights, then one crop segmented and scored."""
+    weights = _pretrained(tmp_path)
+    cases = sorted(p.name for p in (seg_data / "images").iterdir())
+    spec = {
+        "labels": {"0": "background", "1": "lung"},
+        "training": [{"image": f"images/{c}", "label": f"labels/{c}"} for c in cases],
+    }
+    (seg_data / "dataset.json").write_text(json.dumps(spec))
+    run = tmp_path / "finetune"
+    finetune = ["finetune", "--task", "segmentation", "--data", str(seg_data / "dataset.json"), "--out", str(run),
+                "--weights", str(weights), "--val-fraction", "0.5", *TINY_FINETUNE]  # fmt: skip
+    assert main(finetune) == 0
+    assert "val_dice=" in capsys.readouterr().out
+    predicted = tmp_path / "predicted"
+    image = seg_data / "images" / cases[0]
+    assert main(["predict", "--weights", str(run / "best.pt"), str(image), "--out", str(predicted), "--quiet"]) == 0
+    labels = _same_grid(predicted / cases[0], image)
+    assert set(np.unique(labels)) <= {0, 1}
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / cases[0]).write_bytes((seg_data / "labels" / cases[0]).read_bytes())
+    (row,) = _evaluate(predicted, refs, tmp_path / "scores.csv", "--labels", "lung")
+    assert row["label"] == "lung" and 0.0 <= float(row["dice"]) <= 1.0
+
+
+@pytest.mark.skipif(not (ABDOMEN / "ct.nii.gz").is_file(), reason="the shared abdominal CT is not present")
+def test_workflow_on_the_abdominal_ct(tmp_path):
+    """Liver and spleen as one softmax task from a folder of masks per case, the whole abdominal CT predicted on its
+    own grid and scored per class."""
+    weights = _pretrained(tmp_path)
+    data = tmp_path / "abdomen"
+    (data / "images").mkdir(parents=True)
+    (data / "labels" / "case").mkdir(parents=True)
+    (data / "images" / "case.nii.gz").symlink_to(ABDOMEN / "ct.nii.gz")
+    for organ in ("liver", "spleen"):
+        (data / "labels" / "case" / f"{organ}.nii.gz").symlink_to(ABDOMEN / "masks" / f"{organ}.nii.gz")
+    run = tmp_path / "finetune"
+    finetune = ["finetune", "--task", "segmentation", "--data", str(data), "--out", str(run), "--weights",
+                str(weights), "--labels", "liver,spleen", "--val-fraction", "0", *TINY_FINETUNE]  # fmt: skip
+    assert main(finetune) == 0
+    record = torch.load(run / "last.pt", weights_only=True)["model_record"]
+    assert record["labels"] == {"liver": 1, "spleen": 2} and record["activation"] == "softmax"
+    predicted = tmp_path / "predicted"
+    image = ABDOMEN / "ct.nii.gz"
+    assert main(["predict", "--weights", str(run / "last.pt"), str(image), "--out", str(predicted), "--quiet"]) == 0
+    labels = _same_grid(predicted / "ct.nii.gz", image)
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    reference = np.zeros(labels.shape, dtype=np.uint8)
+    for value, organ in enumerate(("liver", "spleen"), start=1):
+        reference[np.asarray(nib.load(str(ABDOMEN / "masks" / f"{organ}.nii.gz")).dataobj) > 0.5] = value
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    nib.save(nib.Nifti1Image(reference, nib.load(str(image)).affine), str(refs / "ct.nii.gz"))
+    rows = _evaluate(predicted, refs, tmp_path / "scores.csv", "--labels", "liver,spleen")
+    assert [r["label"] for r in rows] == ["liver", "spleen"]
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
