@@ -1,4 +1,4 @@
-"""Fine-tuning (genesis_ext.train.finetune, ``genesis-ext finetune``) on real chest CT with simple real labels.
+"""Fine-tuning (genesis_ext.train.finetuning, ``genesis-ext finetune``) on real chest CT with simple real labels.
 
 Segmentation: lung masks by thresholding (HU < -400; the sample crops lie inside the body) of the two sample CT crops;
 classification: cubes cut from them, labelled by whether their mean HU is below -300 (a real, if trivial, label).

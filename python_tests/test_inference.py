@@ -414,6 +414,26 @@ def test_refuses_existing_predictions_naming_them(case):
     assert [p.name for p in out.iterdir()] == ["scan_probabilities.nii.gz"]
 
 
+def test_label_maps_found_in_a_folder_are_skipped_with_a_warning(case, tmp_path):
+    """A folder like the shared abdominal CT's (the scan, and masks/ beside it): the masks are not segmented; named
+    on its own, a mask is predicted like any volume; a folder that holds label maps only is refused."""
+    source, weights, out = case
+    folder = tmp_path / "study"
+    (folder / "masks").mkdir(parents=True)
+    (folder / "scan.nii.gz").write_bytes(source.read_bytes())
+    write_nifti(folder / "masks" / "liver.nii.gz", np.zeros((16, 16, 16), np.uint8), np.eye(4))
+    with pytest.warns(UserWarning, match=r"liver.nii.gz: skipped, a label map \(in a folder named 'masks'\)"):
+        written = predict(weights, [folder], out, progress=False)
+    assert [p.name for p in written] == ["scan.nii.gz"]
+    assert [p.name for p in predict(weights, [folder / "masks" / "liver.nii.gz"], out, progress=False)] == [
+        "liver.nii.gz"
+    ]
+    (folder / "scan.nii.gz").unlink()
+    with pytest.raises(PredictError, match="no images to predict, only label maps"), pytest.warns(UserWarning):
+        predict(weights, [folder], tmp_path / "other", progress=False)
+    assert not (tmp_path / "other").exists()
+
+
 def test_refuses_inputs_that_do_not_exist(case):
     source, weights, out = case
     with pytest.raises(PredictError, match="missing.nii.gz: no such file or directory"):

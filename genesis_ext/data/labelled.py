@@ -105,8 +105,9 @@ def segmentation_pairs(data, labels: dict | None = None) -> tuple[list[LabelledP
 
 
 def _classes(pairs: list[LabelledPair], labels: dict | None, data: Path) -> dict[str, int]:
-    """The classes: given, or the masks' names, or the published binary foreground."""
-    masks = [sorted(p.labels) for p in pairs if isinstance(p.labels, dict)]
+    """The classes: given (with masks, their values name the output's labels), or the masks' names (values 1, 2,
+    ... in their order: a folder's sorted names, a CSV's columns), or the published binary foreground."""
+    masks = [list(p.labels) for p in pairs if isinstance(p.labels, dict)]
     if not masks:
         return labels or dict(FOREGROUND)
     if len(masks) != len(pairs):
@@ -116,7 +117,7 @@ def _classes(pairs: list[LabelledPair], labels: dict | None, data: Path) -> dict
         missing = sorted(set(names or masks[0]) - set(pair.labels))
         if missing:
             raise LabelledDataError(f"--data {data}: case {pair.name} has no mask for {missing}")
-    return {n: k for k, n in enumerate(names or masks[0], start=1)}
+    return dict(labels) if labels else {n: k for k, n in enumerate(masks[0], start=1)}
 
 
 def _directory_pairs(data: Path) -> list[LabelledPair]:

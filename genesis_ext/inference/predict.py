@@ -24,6 +24,7 @@ import gzip
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ from ..data.io import (
     VolumeError,
     dicom_series,
     find_sources,
+    label_map_reason,
     load_volume,
     sitk_module,
 )
@@ -194,13 +196,24 @@ def _cases(inputs) -> list[tuple[str, Source]]:
     sources, problems = find_sources([str(i) for i in inputs])
     if problems:
         raise PredictError("; ".join(f"{item}: {reason}" for item, reason in problems))
-    cases = [(case_name(s), s) for s in sources]
+    cases = [(case_name(s), s) for s in sources if not _found_label_map(s)]
+    if not cases:
+        raise PredictError(f"{', '.join(map(str, inputs))}: no images to predict, only label maps")
     names: dict[str, str] = {}
     for name, source in cases:
         if name in names:
             raise PredictError(f"{names[name]} and {source.path} would both be written as '{name}'; predict them apart")
         names[name] = source.path
     return cases
+
+
+def _found_label_map(source: Source) -> bool:
+    """A label map found inside a folder (e.g. ``masks/liver.nii.gz`` beside the scan) is skipped, with a warning;
+    a file named on its own is always predicted."""
+    reason = None if Path(source.path) == Path(source.input) else label_map_reason(source.key)
+    if reason:
+        warnings.warn(f"{source.path}: skipped, {reason}", stacklevel=3)
+    return reason is not None
 
 
 def _outputs(out: Path, case: str) -> tuple[Path, Path]:
