@@ -560,3 +560,21 @@ def test_predict_on_real_abdominal_ct(tmp_path):
     source, out = nib.load(str(ABDOMEN_CT)), nib.load(str(path))
     assert out.shape == source.shape and np.array_equal(out.affine, source.affine)
     assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= {0, 1, 2}
+
+
+# ---- on a GPU (skipped without one)
+
+
+@pytest.mark.cuda
+def test_predict_on_cuda_agrees_with_the_cpu(tmp_path, rng):
+    """The same checkpoint on CUDA (bf16 autocast) and on the CPU (float32): the label maps agree on all but a few
+    voxels near the decision boundary, and the probabilities within bf16's precision."""
+    from genesis_ext.data.io import Volume
+
+    record = make_record(labels={"liver": 1, "spleen": 2}, activation="softmax")
+    weights = write_checkpoint(tmp_path / "w.pt", record, tiny_unet(n_class=3, activation="none"))
+    volume = Volume(random_hu(rng, (40, 36, 24)), (1.0, 1.0, 1.0), np.eye(4))
+    cpu = predict_volume(load_predictor(weights, "cpu"), volume)
+    gpu = predict_volume(load_predictor(weights, "cuda"), volume)
+    assert np.mean(cpu[0] == gpu[0]) > 0.99
+    assert np.abs(cpu[1] - gpu[1]).max() < 0.05
