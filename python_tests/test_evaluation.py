@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from genesis_ext.cli import main
-from genesis_ext.data.labelled import LabelledDataError, parse_labels
 from genesis_ext.evaluation import EvaluationError, dice, evaluate_predictions, hd95, per_class_scores
 
 nib = pytest.importorskip("nibabel")
@@ -324,15 +323,6 @@ def test_the_csv_is_not_written_on_error_nor_replaced_without_overwrite(tmp_path
     assert out.read_text() == "keep me\n"
     evaluate_predictions(pred, ref, LABELS, out_csv=out, overwrite=True)
     assert len(read_csv(out)) == 4
-
-
-def test_parse_labels():
-    assert parse_labels("liver=1,spleen=2") == {"liver": 1, "spleen": 2}
-    assert parse_labels("liver, spleen") == {"liver": 1, "spleen": 2}
-    assert parse_labels("aorta=7") == {"aorta": 7}
-    for bad in ("liver=1,spleen", "liver=x", "liver=0", "a=1,b=1", "liver,liver", "liver,,spleen"):
-        with pytest.raises(LabelledDataError):
-            parse_labels(bad)
 
 
 def test_importing_evaluation_loads_no_torch():

@@ -488,3 +488,288 @@ def test_each_class_of_a_label_map_gets_its_own_index(tmp_path):
     case = load_seg_case(pair, {"dense": 2, "lung": 1}, Window(-1000.0, 1000.0))
     assert np.array_equal(case.target == 1, label == 2) and np.array_equal(case.target == 2, label == 1)
     assert (case.target == 1).any() and (case.target == 2).any()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The data forms, --weights of another task or shape, --trainer, label budgets, the model record and BatchNorm in
+# validation, on the tiny configs (width 0.25: a run takes about a second).
+QUIET = dict(log=lambda *_: None)
+
+
+def _lung_and_dense(seg_data, root: Path, dense_value: int = 2) -> list[tuple[Path, Path]]:
+    """seg_data's images with label maps lung (HU < -400) = 1, dense (HU > 300) = ``dense_value``, in root/images
+    and root/labels: the (image, label) files."""
+    files = []
+    for f in sorted((seg_data / "images").iterdir()):
+        img = nib.load(str(f))
+        hu = np.asarray(img.dataobj)
+        label = np.where(hu < -400, 1, np.where(hu > 300, dense_value, 0)).astype(np.uint8)
+        files.append((root / "images" / f.name, root / "labels" / f.name))
+        files[-1][0].parent.mkdir(parents=True, exist_ok=True)
+        files[-1][1].parent.mkdir(parents=True, exist_ok=True)
+        nib.save(img, str(files[-1][0]))
+        nib.save(nib.Nifti1Image(label, img.affine), str(files[-1][1]))
+    return files
+
+
+def test_fine_tuning_from_a_decathlon_dataset_json_records_its_classes(seg_data, tmp_path):
+    files = _lung_and_dense(seg_data, tmp_path / "data", dense_value=4)  # non-consecutive values
+    spec = {
+        "name": "lungs",
+        "labels": {"0": "background", "1": "lung", "4": "dense"},
+        "training": [{"image": f"./images/{i.name}", "label": f"./labels/{k.name}"} for i, k in files],
+    }
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps(spec))
+    cfg = tiny_finetune_config(tmp_path / "data" / "dataset.json", tmp_path / "run", width=0.25)
+    summary = finetune(cfg, **QUIET)
+    assert summary["labels"] == {"lung": 1, "dense": 4}
+    assert set(summary["final"]) >= {"val_dice", "val_dice_lung", "val_dice_dense"}
+    record = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model_record"]
+    assert record["labels"] == {"lung": 1, "dense": 4} and list(record["labels"]) == ["lung", "dense"]
+    assert record["activation"] == "softmax"  # two classes: dice_ce
+
+
+def test_labels_missing_a_value_of_a_label_map_exit_2_naming_the_file(seg_data, tmp_path, capsys):
+    files = _lung_and_dense(seg_data, tmp_path / "data")
+    _fails(
+        _seg_args(tmp_path / "data", tmp_path / "a", "--labels", "lung"),  # dense (2) is in the maps
+        capsys,
+        "holds label values [2] outside the classes {'lung': 1}",
+        "--labels",
+    )
+    err = _fails(_seg_args(tmp_path / "data", tmp_path / "b", "--labels", "lung=1,dense=3"), capsys, "[2]")
+    assert any(str(label) in err for _, label in files), err
+    assert not (tmp_path / "a" / "last.pt").exists() and not (tmp_path / "b" / "last.pt").exists()
+
+
+def test_weights_of_a_classification_checkpoint_are_refused_for_segmentation(seg_data, cls_data, tmp_path, capsys):
+    """A classifier fine-tuned here (its model record says task classification) given to a segmentation run."""
+    finetune(tiny_finetune_config(cls_data, tmp_path / "cls", task="classification", width=0.25, batch_size=4), **QUIET)
+    ckpt = tmp_path / "cls" / "last.pt"
+    assert torch.load(ckpt, weights_only=True)["model_record"]["task"] == "classification"
+    _fails(
+        _seg_args(seg_data, tmp_path / "seg", "--weights", str(ckpt)),
+        capsys,
+        f"--weights {ckpt} is a classification checkpoint; this run fine-tunes segmentation",
+    )
+    assert not (tmp_path / "seg" / "last.pt").exists()
+
+
+def test_a_fine_tuned_segmentation_checkpoint_starts_a_classification(seg_data, cls_data, tmp_path):
+    """The other way round is a usable start: a segmentation U-Net's encoder is the classifier's."""
+    finetune(tiny_finetune_config(seg_data, tmp_path / "seg", width=0.25), **QUIET)
+    lines = []
+    weights = str(tmp_path / "seg" / "last.pt")
+    cfg = tiny_finetune_config(cls_data, tmp_path / "cls", task="classification", batch_size=4, weights=weights)
+    finetune(cfg, log=lines.append)
+    assert f"loaded the encoder of {weights}; the classification head is freshly initialised" in lines
+
+
+def test_weights_of_another_input_or_dimensionality_are_refused(seg_data, tmp_path, capsys):
+    from genesis_ext.models import UNet2D
+
+    two_channel, flat, deep = tmp_path / "two_channel.pt", tmp_path / "unet2d.pt", tmp_path / "unet3d.pt"
+    save_checkpoint(UNet3D(in_channels=2, width=0.25), two_channel)
+    save_checkpoint(UNet2D(width=0.25), flat)
+    save_checkpoint(UNet3D(width=0.25), deep)
+    fix = "pass weights of this network: the same --dims, input channels and --width, or none"
+    _fails(
+        _seg_args(seg_data, tmp_path / "a", "--weights", str(two_channel)),
+        capsys,
+        f"checkpoint {two_channel} does not fit the UNet3D",
+        "'down_tr64.ops.0.conv1.weight': checkpoint (8, 2, 3, 3, 3) vs model (8, 1, 3, 3, 3)",
+        fix,
+    )
+    _fails(
+        _seg_args(seg_data, tmp_path / "b", "--weights", str(flat)),
+        capsys,
+        f"checkpoint {flat} does not fit the UNet3D",
+        "'down_tr64.ops.0.conv1.weight': checkpoint (8, 1, 3, 3) vs model (8, 1, 3, 3, 3)",
+        "shape mismatch",
+        fix,
+    )
+    _fails(
+        _seg_args(seg_data, tmp_path / "c", "--weights", str(deep), "--dims", "2", "--patch", "16", "16"),
+        capsys,
+        f"checkpoint {deep} does not fit the UNet2D",
+        "'down_tr64.ops.0.conv1.weight': checkpoint (8, 1, 3, 3, 3) vs model (8, 1, 3, 3)",
+        fix,
+    )
+
+
+# --trainer: the README's example, written to a file as a user would
+MY_TRAINERS = """
+import torch
+
+from genesis_ext.train import PretrainTrainer
+from genesis_ext.train.finetuning import ClassificationTrainer, SegmentationTrainer
+
+
+class L1Pretrainer(PretrainTrainer):
+    def loss(self, output, target):
+        return torch.nn.functional.l1_loss(output.float(), target)
+
+
+class LoggingSegmentation(SegmentationTrainer):
+    def setup(self):
+        super().setup()
+        self.log(f"LoggingSegmentation: {len(self.train_cases)} training case(s)")
+
+
+class LoggingClassification(ClassificationTrainer):
+    pass
+
+
+NOT_A_CLASS = 3
+"""
+
+
+def _pretrain_loss(cubes, out: Path, *extra) -> float:
+    """The training loss of one step of pre-training (batch 2, width 0.25, seeded) through the command line."""
+    args = ["pretrain", "--data", str(cubes), "--out", str(out), "--width", "0.25", "--batch-size", "2",
+            "--steps-per-epoch", "1", "--epochs", "1", "--val-fraction", "0.2", "--preview-every", "0",
+            "--no-tensorboard", "--quiet", *extra]  # fmt: skip
+    assert cli_main(args) == 0
+    with open(out / "metrics.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    return float(row["train_loss"])
+
+
+def test_pretrain_trainer_from_a_file_changes_the_loss(cubes, tmp_path, capsys):
+    """The same first step (seed, batch, initial network) under MSE and under the file's L1: the residuals d lie in
+    [-1, 1] (sigmoid outputs, targets in [0, 1]), so mean d^2 < mean |d| <= sqrt(mean d^2), and only an L1 loss
+    of those residuals lands there."""
+    (tmp_path / "my_trainers.py").write_text(MY_TRAINERS)
+    mse = _pretrain_loss(cubes, tmp_path / "mse")
+    l1 = _pretrain_loss(cubes, tmp_path / "l1", "--trainer", f"{tmp_path / 'my_trainers.py'}:L1Pretrainer")
+    assert mse < l1 <= math.sqrt(mse) * (1 + 1e-6), (mse, l1)
+
+
+def test_finetune_trainer_from_a_file_is_used(seg_data, tmp_path, capsys):
+    (tmp_path / "my_trainers.py").write_text(MY_TRAINERS)
+    args = _seg_args(seg_data, tmp_path / "run", "--width", "0.25", "--trainer",
+                     f"{tmp_path / 'my_trainers.py'}:LoggingSegmentation")  # fmt: skip
+    assert cli_main(args) == 0
+    assert "LoggingSegmentation: 1 training case(s)" in capsys.readouterr().out
+    assert (tmp_path / "run" / "last.pt").exists()
+
+
+def test_bad_trainer_specs_exit_2(seg_data, cls_data, tmp_path, capsys):
+    from genesis_ext.train.cli import load_trainer
+    from genesis_ext.train.finetuning import SegmentationTrainer
+
+    mine = tmp_path / "my_trainers.py"
+    mine.write_text(MY_TRAINERS)
+    for spec, needles in (
+        (str(mine), ["give MODULE:CLASS"]),
+        (f"{mine}:", ["give MODULE:CLASS"]),
+        (f"{tmp_path / 'nope.py'}:L1Pretrainer", ["cannot import", f"no file {tmp_path / 'nope.py'}"]),
+        ("no_such_module_for_genesis:Trainer", ["cannot import no_such_module_for_genesis"]),
+        (f"{mine}:Missing", [f"{mine} has no class named Missing"]),
+        (f"{mine}:NOT_A_CLASS", ["has no class named NOT_A_CLASS"]),
+        (f"{mine}:L1Pretrainer", ["L1Pretrainer is a subclass of PretrainTrainer, not of SegmentationTrainer"]),
+        (f"{mine}:LoggingClassification", ["is a subclass of ClassificationTrainer, not of SegmentationTrainer"]),
+    ):
+        _fails(_seg_args(seg_data, tmp_path / "run", "--trainer", spec), capsys, f"--trainer {spec!r}", *needles)
+    _fails(
+        _cls_args(cls_data, tmp_path / "run", "--trainer", f"{mine}:LoggingSegmentation"),
+        capsys,
+        "is a subclass of SegmentationTrainer, not of ClassificationTrainer",
+    )
+    pretrain_args = ["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--quiet"]
+    _fails([*pretrain_args, "--trainer", f"{mine}:LoggingSegmentation"], capsys, "not of PretrainTrainer")
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+    # an importable module names its class the same way
+    assert load_trainer("genesis_ext.train.finetuning:SegmentationTrainer", SegmentationTrainer) is SegmentationTrainer
+    with pytest.raises(FinetuneError, match="is not a subclass of SegmentationTrainer"):
+        finetune(tiny_finetune_config(seg_data, tmp_path / "api"), trainer=object, **QUIET)
+
+
+def test_label_budget_of_slabs_trains_on_the_slabs_kept(seg_data, tmp_path):
+    """The training case is 32 slices deep; slabs as thick as the patch (16): two. A budget of 0.5 keeps one slab, 1
+    (all of them) keeps both, touching: the whole case as one piece."""
+    from genesis_ext.train.finetuning import SegmentationTrainer
+
+    lines = []
+    summary = finetune(
+        tiny_finetune_config(seg_data, tmp_path / "run", width=0.25, label_budget=0.5, budget_unit="slabs"),
+        log=lines.append,
+    )
+    assert summary["epochs"] == 1
+    assert any("1 training case(s) or slab(s) (2 patches of (16, 16, 16) per epoch)" in line for line in lines), lines
+    for budget, depths in ((0.5, [16]), (1.0, [32]), (2, [32])):
+        cfg = tiny_finetune_config(seg_data, tmp_path / f"b{budget}", label_budget=budget, budget_unit="slabs")
+        trainer = SegmentationTrainer(cfg, **QUIET)
+        trainer.setup()
+        assert [c.image.shape[2] for c in trainer.train_cases] == depths, budget
+        assert all(c.image.shape[2] == c.target.shape[2] for c in trainer.train_cases)
+    with pytest.raises(FinetuneError, match="has 2 slabs"):
+        SegmentationTrainer(tiny_finetune_config(seg_data, tmp_path / "c", label_budget=3, budget_unit="slabs"),
+                            **QUIET).setup()  # fmt: skip
+
+
+def _record(run: Path):
+    from genesis_ext.models import ModelRecord
+
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    record = ModelRecord.from_dict(checkpoint["model_record"], source=run / "last.pt")
+    assert record.to_dict() == checkpoint["model_record"]  # round trip
+    model = record.build_model()
+    model.load_state_dict(checkpoint["state_dict"])  # strictly: the record describes the network saved
+    best = torch.load(run / "best.pt", weights_only=True)["model_record"]
+    assert best == checkpoint["model_record"]
+    return record, model
+
+
+def test_the_model_record_describes_the_run(seg_data, tmp_path):
+    two = tmp_path / "two"
+    _lung_and_dense(seg_data, two)
+    finetune(tiny_finetune_config(two, tmp_path / "softmax", width=0.25, labels="lung,dense", window=(-500, 700)),
+             **QUIET)  # fmt: skip
+    record, model = _record(tmp_path / "softmax")
+    assert (record.task, record.dims, record.in_channels, record.width) == ("segmentation", 3, 1, 0.25)
+    assert record.labels == {"lung": 1, "dense": 2} and record.activation == "softmax" and record.n_outputs == 3
+    assert record.batchnorm == "standard"  # --batchnorm running, the default
+    assert record.patch == (16, 16, 16) and record.window == (-500.0, 700.0)
+    assert record.spacing == (1.5, 1.5, 1.5)  # the sample crops' spacing, no --spacing given
+    assert model.out_tr.final_conv.out_channels == 3
+    finetune(tiny_finetune_config(seg_data, tmp_path / "sigmoid", width=0.25, batchnorm="batch_stats",
+                                  spacing=(2.0, 2.0, 3.0)), **QUIET)  # fmt: skip
+    record, model = _record(tmp_path / "sigmoid")
+    assert record.labels == {"foreground": 1} and record.activation == "sigmoid" and record.n_outputs == 1
+    assert record.batchnorm == "batch_stats" and record.spacing == (2.0, 2.0, 3.0) and record.window == (-1000, 1000)
+    finetune(tiny_finetune_config(seg_data, tmp_path / "flat", width=0.25, dims=2, patch=(16, 16)), **QUIET)
+    record, _ = _record(tmp_path / "flat")
+    assert record.dims == 2 and record.patch == (16, 16, 1)
+
+
+@pytest.mark.parametrize("batchnorm", ["running", "batch_stats"])
+def test_validation_uses_running_batchnorm_statistics_by_default(batchnorm, seg_data, tmp_path):
+    """With "running" (the default) the eval network is torch's BatchNorm: a patch's output does not depend on the
+    patches beside it, nor the whole-volume probabilities of validation on the sliding window's batch size. With
+    "batch_stats" (published) both do."""
+    from genesis_ext.models.unet3d import BatchStatsBatchNorm3d
+    from genesis_ext.train.finetuning import SegmentationTrainer
+
+    changes = {} if batchnorm == "running" else {"batchnorm": "batch_stats"}
+    cfg = tiny_finetune_config(seg_data, tmp_path / "run", width=0.25, **changes)
+    assert cfg.batchnorm == "running" or changes
+    trainer = SegmentationTrainer(cfg, **QUIET)
+    trainer.fit()
+    norms = [m for m in trainer.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 14
+    expected = torch.nn.BatchNorm3d if batchnorm == "running" else BatchStatsBatchNorm3d
+    assert all(type(m) is expected for m in norms)
+    model = trainer.model.eval()
+    x = torch.from_numpy(np.random.default_rng(0).random((3, 1, 16, 16, 16), dtype=np.float32))
+    with torch.no_grad():
+        alone, together = model(x[:1]), model(x)[:1]
+    image = trainer.val_cases[0].image
+    trainer.cfg.batch_size = 1
+    one = trainer.predict_probabilities(image)
+    trainer.cfg.batch_size = 4
+    four = trainer.predict_probabilities(image)
+    independent = torch.allclose(alone, together, atol=1e-5) and torch.allclose(one, four, atol=1e-5)
+    assert independent == (batchnorm == "running"), float((alone - together).abs().max())
+    if batchnorm == "batch_stats":
+        assert not torch.allclose(alone, together, atol=1e-3) and not torch.allclose(one, four, atol=1e-3)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -165,8 +164,14 @@ def _dataset_json_pairs(data: Path, labels: dict | None) -> tuple[list[LabelledP
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LabelledDataError(f"{data}: cannot read as JSON ({err})") from err
     entries = spec.get("training") if isinstance(spec, dict) else None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and "image" in e and "label" in e for e in entries):
-        raise LabelledDataError(f'{data}: a dataset.json needs "training": [{{"image": ..., "label": ...}}, ...]')
+    ok = isinstance(entries, list) and all(
+        isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(e.get("label"), str) for e in entries
+    )
+    if not ok:
+        raise LabelledDataError(
+            f'{data}: a dataset.json needs "training": [{{"image": PATH, "label": PATH}}, ...] (one image file '
+            "and one label map per case)"
+        )
     pairs = [
         LabelledPair(_strip_suffix(Path(e["image"]).name), data.parent / e["image"], data.parent / e["label"])
         for e in entries
@@ -182,7 +187,15 @@ def _json_labels(found, data: Path) -> dict[str, int] | None:
         pairs = [(v, int(k)) if str(k).isdigit() else (k, int(v)) for k, v in found.items()]
     except (AttributeError, TypeError, ValueError):
         raise LabelledDataError(f'{data}: "labels" must map values to names (or names to values)') from None
-    return {str(name): value for name, value in sorted(pairs, key=lambda p: p[1]) if value != 0}
+    classes = [(str(name), value) for name, value in sorted(pairs, key=lambda p: p[1]) if value != 0]
+    if not classes:  # background only: the published binary task
+        return None
+    try:
+        if len({name for name, _ in classes}) != len(classes):
+            raise LabelledDataError(f"labels {found}: a class name appears twice")
+        return check_labels(dict(classes))
+    except LabelledDataError as err:
+        raise LabelledDataError(f'{data}: its "labels": {err}') from None
 
 
 def read_table(path: Path, columns: tuple[str, ...]) -> tuple[list[dict], list[str]]:
@@ -292,7 +305,7 @@ def _masks_target(image: Volume, masks: dict[str, Path], image_path: Path) -> np
         inside = mask.data > 0.5
         overlap = int(np.count_nonzero(inside & (target > 0)))
         if overlap:
-            other = list(masks)[int(np.bincount(target[inside]).argmax(initial=0)) - 1]
+            other = list(masks)[int(np.bincount(target[inside & (target > 0)]).argmax()) - 1]  # the most overlapped
             raise LabelledDataError(
                 f"{path}: the mask of {name!r} overlaps that of {other!r} at {overlap} voxels; classes must be "
                 "disjoint (one label per voxel)"
@@ -342,10 +355,10 @@ BUDGET_UNITS = ("cases", "slabs")
 
 
 def apply_budget(cases: list[SegCase], budget, unit: str, depth: int, rng: np.random.Generator) -> list[SegCase]:
-    """The labelled part of the training ``cases`` that a label budget allows: ``budget`` a fraction in (0, 1] or a
-    count (>= 1), of whole cases (``unit`` "cases") or of axial slabs ``depth`` slices thick (``unit`` "slabs", every
-    case cut into slabs; the last slab of a case takes its remainder). A seeded choice, at least one item; kept
-    slabs that touch stay one piece, so patches can span them."""
+    """The labelled part of the training ``cases`` that a label budget allows: ``budget`` a count (an int >= 1) or a
+    share (a float in (0, 1]), of whole cases (``unit`` "cases") or of axial slabs ``depth`` slices thick (``unit``
+    "slabs", every case cut into slabs; the last slab of a case takes its remainder). A seeded choice, at least one
+    item; kept slabs that touch stay one piece, so patches can span them."""
     if unit not in BUDGET_UNITS:
         raise LabelledDataError(f"--budget-unit must be one of {BUDGET_UNITS}, got {unit!r}")
     if unit == "cases":
@@ -367,14 +380,25 @@ def _slabs(total: int, depth: int) -> list[tuple[int, int]]:
     return [(s, s + depth if k < len(starts) - 1 else total) for k, s in enumerate(starts)]
 
 
-def _budget_count(budget, total: int, unit: str) -> int:
-    budget = float(budget)
-    if not math.isfinite(budget) or budget <= 0:
-        raise LabelledDataError(f"--label-budget must be a fraction in (0, 1] or a count >= 1, got {budget}")
-    n = max(1, round(budget * total)) if budget <= 1 else int(budget)
-    if budget > 1 and (budget != int(budget) or n > total):
-        raise LabelledDataError(f"--label-budget {budget:g}: the training data has {total} {unit}; give at most that")
-    return n
+def parse_budget(text: str) -> int | float:
+    """``--label-budget``: a whole number is a count ("1", "3"); a decimal or a percentage is a share ("0.25",
+    "25%", "1.0": all)."""
+    text = str(text).strip()
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else int(text) if text.isdigit() else float(text)
+    except ValueError:
+        raise LabelledDataError(f"--label-budget {text!r}: give a count (2) or a share (0.25 or 25%)") from None
+
+
+def _budget_count(budget: int | float, total: int, unit: str) -> int:
+    """How many of ``total`` items a budget keeps: an int is a count, a float a share (rounded, at least one)."""
+    if isinstance(budget, (int, np.integer)) and not isinstance(budget, bool):
+        if not 1 <= budget <= total:
+            raise LabelledDataError(f"--label-budget {budget}: the training data has {total} {unit}; give 1 to {total}")
+        return int(budget)
+    if not (isinstance(budget, float) and 0 < budget <= 1):
+        raise LabelledDataError(f"--label-budget must be a count (2) or a share in (0, 1] (0.25 or 25%), got {budget}")
+    return max(1, round(budget * total))
 
 
 # -------------------------------------------------------------------------------------------------------- splits
@@ -469,6 +493,7 @@ __all__ = [
     "LabelledPair",
     "SegCase",
     "apply_budget",
+    "parse_budget",
     "check_labels",
     "load_classification",
     "load_seg_case",

@@ -177,11 +177,16 @@ def load_trainer(spec: str | None, base: type) -> type | None:
             loader.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-    except (ImportError, FileNotFoundError) as err:
-        raise ValueError(f"--trainer {spec!r}: cannot import {module_name} ({err})") from err
+    except Exception as err:  # whatever the user's module raises on import (ImportError, SyntaxError, ...)
+        raise ValueError(f"--trainer {spec!r}: cannot import {module_name} ({type(err).__name__}: {err})") from err
     found = getattr(module, class_name, None)
-    if not (isinstance(found, type) and issubclass(found, base)):
-        raise ValueError(f"--trainer {spec!r}: {module_name} has no subclass of {base.__name__} named {class_name}")
+    if not isinstance(found, type):
+        raise ValueError(f"--trainer {spec!r}: {module_name} has no class named {class_name}")
+    if not issubclass(found, base):
+        raise ValueError(
+            f"--trainer {spec!r}: {class_name} is a subclass of {found.__mro__[1].__name__}, not of {base.__name__}; "
+            f"give a subclass of {base.__name__} here"
+        )
     return found
 
 
@@ -311,8 +316,8 @@ def _add_finetune_segmentation(g) -> None:
     )
     g.add_argument(
         "--label-budget",
-        type=float,
-        help="keep this share (<= 1) or count (> 1) of the training cases (or slabs) labelled; seeded",
+        help="keep this many (a count: 2) or this share (0.25 or 25%%) of the training cases (or slabs) labelled; "
+        "seeded",
     )
     g.add_argument(
         "--budget-unit",
@@ -353,6 +358,7 @@ def _add_finetune_training(g) -> None:
 def run_finetune(args) -> int:
     """The ``genesis-ext finetune`` verb."""
     try:
+        from ..data.labelled import parse_budget
         from .finetuning import ClassificationTrainer, FinetuneConfig, NonFiniteLossError, SegmentationTrainer, finetune
     except ImportError as e:
         if e.name != "torch":
@@ -367,6 +373,7 @@ def run_finetune(args) -> int:
             patch=None if args.patch is None else tuple(args.patch),
             spacing=None if args.spacing is None else tuple(args.spacing),
             window=tuple(args.window),
+            label_budget=None if args.label_budget is None else parse_budget(args.label_budget),
         )
         summary = finetune(cfg, trainer=load_trainer(args.trainer, base))
     except NonFiniteLossError as err:

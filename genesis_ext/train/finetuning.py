@@ -41,6 +41,7 @@ from ..data.intensity import Window
 from ..data.labelled import (
     LabelledDataError,
     apply_budget,
+    check_labels,
     load_classification,
     load_seg_case,
     parse_labels,
@@ -87,7 +88,7 @@ class FinetuneConfig:
     val_fraction: float = 0.2
     val_data: str | None = None  # segmentation: separate validation volumes (a directory, CSV or dataset.json)
     overlap: float = 0.5  # of the validation sliding window
-    label_budget: float | None = None  # a fraction (<= 1) or a count of labelled training cases or slabs
+    label_budget: int | float | None = None  # a count (int) or a share (float <= 1) of training cases or slabs
     budget_unit: str = "cases"  # "cases" or "slabs" (axial slabs as thick as the patch)
     window: tuple = (-1000.0, 1000.0)
     device: str = "auto"
@@ -158,7 +159,7 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--loss must be one of {tuple(LOSSES)}, got {cfg.loss!r}")
     if cfg.batchnorm not in BATCHNORM:
         raise FinetuneError(f"--batchnorm must be one of {tuple(BATCHNORM)}, got {cfg.batchnorm!r}")
-    if cfg.spacing is not None and (len(cfg.spacing) != 3 or min(cfg.spacing) <= 0):
+    if cfg.spacing is not None and (len(cfg.spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in cfg.spacing)):
         raise FinetuneError(f"--spacing must be three positive numbers (mm), got {cfg.spacing}")
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise FileNotFoundError(f"genesis_ext: no checkpoint file at {cfg.weights}")
@@ -241,7 +242,7 @@ class FinetuneTrainer(Trainer):
             return model
         state, checkpoint = self.initial
         record = checkpoint.get("model_record") if isinstance(checkpoint, dict) else None
-        if isinstance(record, dict) and record.get("task") not in (None, self.cfg.task):
+        if isinstance(record, dict) and record.get("task") == "classification" != self.cfg.task:  # no decoder
             raise FinetuneError(
                 f"--weights {self.cfg.weights} is a {record.get('task')} checkpoint; this run fine-tunes "
                 f"{self.cfg.task} (pass pre-trained weights or a checkpoint of this task)"
@@ -317,8 +318,8 @@ class SegmentationTrainer(FinetuneTrainer):
     def setup(self) -> None:
         cfg = self.cfg
         try:
-            pairs, self.classes = segmentation_pairs(cfg.data, parse_labels(cfg.labels) if isinstance(cfg.labels, str)
-                                                     else cfg.labels)  # fmt: skip
+            labels = parse_labels(cfg.labels) if isinstance(cfg.labels, str) else cfg.labels
+            pairs, self.classes = segmentation_pairs(cfg.data, None if labels is None else check_labels(labels))
             if cfg.val_data is None:
                 train_idx, val_idx = split_indices(len(pairs), cfg.val_fraction, np.random.default_rng(cfg.seed))
                 train_pairs, val_pairs = [pairs[i] for i in train_idx], [pairs[i] for i in val_idx]
