@@ -773,3 +773,16 @@ def test_validation_uses_running_batchnorm_statistics_by_default(batchnorm, seg_
     assert independent == (batchnorm == "running"), float((alone - together).abs().max())
     if batchnorm == "batch_stats":
         assert not torch.allclose(alone, together, atol=1e-3) and not torch.allclose(one, four, atol=1e-3)
+
+
+def test_weights_are_read_once(seg_data, tmp_path, monkeypatch):
+    """--weights is read and verified once per run (the width, the task check and the load all use that read)."""
+    from genesis_ext.models import weights as weights_module
+
+    path = tmp_path / "w.pt"
+    save_checkpoint(UNet3D(width=0.25), path)
+    reads = []
+    real = weights_module.read_checkpoint
+    monkeypatch.setattr(weights_module, "read_checkpoint", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    finetune(tiny_finetune_config(seg_data, tmp_path / "run", weights=str(path)), **QUIET)
+    assert reads == [str(path)]
