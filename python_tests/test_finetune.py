@@ -686,8 +686,9 @@ def test_bad_trainer_specs_exit_2(seg_data, cls_data, tmp_path, capsys):
 
 
 def test_label_budget_of_slabs_trains_on_the_slabs_kept(seg_data, tmp_path):
-    """The training case is 32 slices deep; slabs as thick as the patch (16): two. A budget of 0.5 keeps one slab, 1
-    (all of them) keeps both, touching: the whole case as one piece."""
+    """The training case is 32 slices deep. Slabs of 16 slices: a budget of 0.5 keeps one, 1.0 or 2 both (the case
+    as it is); slabs of 4 (--slab-depth): a budget of 3 keeps 12 slices labelled. The images stay whole."""
+    from genesis_ext.data.labelled import IGNORE
     from genesis_ext.train.finetuning import SegmentationTrainer
 
     lines = []
@@ -696,16 +697,35 @@ def test_label_budget_of_slabs_trains_on_the_slabs_kept(seg_data, tmp_path):
         log=lines.append,
     )
     assert summary["epochs"] == 1
-    assert any("1 training case(s) or slab(s) (2 patches of (16, 16, 16) per epoch)" in line for line in lines), lines
-    for budget, depths in ((0.5, [16]), (1.0, [32]), (2, [32])):
-        cfg = tiny_finetune_config(seg_data, tmp_path / f"b{budget}", label_budget=budget, budget_unit="slabs")
+    assert any("1 training case(s), 16 labelled slice(s) (2 patches of (16, 16, 16) per epoch)" in x for x in lines)
+    for budget, depth, labelled in ((0.5, None, 16), (1.0, None, 32), (2, None, 32), (3, 4, 12)):
+        cfg = tiny_finetune_config(seg_data, tmp_path / f"b{budget}", label_budget=budget, budget_unit="slabs",
+                                   slab_depth=depth)  # fmt: skip
         trainer = SegmentationTrainer(cfg, **QUIET)
         trainer.setup()
-        assert [c.image.shape[2] for c in trainer.train_cases] == depths, budget
-        assert all(c.image.shape[2] == c.target.shape[2] for c in trainer.train_cases)
+        (case,) = trainer.train_cases
+        assert case.image.shape[2] == 32 and int((case.target != IGNORE).all(axis=(0, 1)).sum()) == labelled, budget
     with pytest.raises(FinetuneError, match="has 2 slabs"):
         SegmentationTrainer(tiny_finetune_config(seg_data, tmp_path / "c", label_budget=3, budget_unit="slabs"),
                             **QUIET).setup()  # fmt: skip
+
+
+@pytest.mark.parametrize("loss", ["dice", "dice_ce"])
+def test_losses_leave_unlabelled_voxels_out(loss):
+    """A target whose second half is IGNORE gives the loss of the first half alone, whatever the output there."""
+    from genesis_ext.data.labelled import IGNORE
+    from genesis_ext.train.losses import LOSSES
+
+    fn = LOSSES[loss]
+    gen = torch.Generator().manual_seed(0)
+    channels = 2 if loss == "dice" else 3
+    output = torch.rand(2, channels, 6, 5, 8, generator=gen)
+    target = torch.randint(0, 3, (2, 6, 5, 8), generator=gen)
+    target[..., 4:] = IGNORE
+    expected = fn(output[..., :4], target[..., :4])
+    assert float(fn(output, target)) == pytest.approx(float(expected), rel=1e-6)
+    output[..., 4:] = torch.rand(2, channels, 6, 5, 4, generator=gen) * 10
+    assert float(fn(output, target)) == pytest.approx(float(expected), rel=1e-6)
 
 
 def _record(run: Path):

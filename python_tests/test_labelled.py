@@ -20,6 +20,7 @@ from genesis_ext.data.intensity import resample_nearest  # noqa: E402
 from genesis_ext.data.io import Volume, load_volume  # noqa: E402
 from genesis_ext.data.labelled import (  # noqa: E402
     FOREGROUND,
+    IGNORE,
     LabelledDataError,
     LabelledPair,
     SegCase,
@@ -28,6 +29,7 @@ from genesis_ext.data.labelled import (  # noqa: E402
     load_seg_case,
     parse_budget,
     parse_labels,
+    sample_patches,
     segmentation_pairs,
     split_indices,
 )
@@ -364,9 +366,9 @@ def _case(name: str, depth: int) -> SegCase:
     return SegCase(name, image, target, (1.0, 1.0, 1.0), np.argwhere(target).astype(np.int32))
 
 
-def _pieces(cases) -> list[tuple[str, int, int]]:
-    """(case name, first slice, end) of each kept piece, read off its image (which holds the slice index)."""
-    return [(c.name.split("[")[0], int(c.image[0, 0, 0]), int(c.image[0, 0, -1]) + 1) for c in cases]
+def _labelled_slices(cases) -> list[tuple[str, list[int]]]:
+    """(case name, the slices that keep labels) of each case a budget kept, read off its target."""
+    return [(c.name, [int(z) for z in np.flatnonzero((c.target != IGNORE).all(axis=(0, 1)))]) for c in cases]
 
 
 def test_budget_of_cases(rng):
@@ -399,38 +401,50 @@ def test_parse_budget_tells_counts_from_shares():
 
 
 def test_budget_of_slabs_by_hand(rng):
-    """A case 40 slices deep in slabs of 16: [0, 16) and [16, 40) (the last slab takes the remainder, so no slab is
-    thinner than the patch); a case of 10 slices: one slab [0, 10)."""
+    """A case 40 slices deep in slabs of 16: [0, 16) and [16, 40) (the last slab takes the remainder); a case of 10
+    slices: one slab [0, 10). The slices of the slabs not chosen become IGNORE, the image stays whole, the foreground
+    centres lie on labelled slices only, and a case without a chosen slab is left out."""
     deep, thin = _case("deep", 40), _case("thin", 10)
     seen = set()
     for seed in range(30):
-        (piece,) = apply_budget([deep, thin], 0.01, "slabs", 16, np.random.default_rng(seed))  # one slab of three
-        lo, hi = _pieces([piece])[0][1:]
-        seen.add(_pieces([piece])[0])
-        assert piece.name.endswith(f"[z{lo}:{hi}]") and piece.target.shape[2] == hi - lo
-        assert np.array_equal(piece.fg, np.argwhere(piece.target))  # the slab's own foreground
+        (kept,) = apply_budget([deep, thin], 0.01, "slabs", 16, np.random.default_rng(seed))  # one slab of three
+        name, z = _labelled_slices([kept])[0]
+        seen.add((name, z[0], z[-1] + 1))
+        original = deep if name == "deep" else thin
+        assert np.array_equal(kept.image, original.image)  # context kept
+        assert np.array_equal(kept.target[..., z], original.target[..., z])
+        assert set(kept.fg[:, 2].tolist()) == set(z)  # foreground centres on labelled slices only
+        if name == "deep":  # part of a case: its labelled slices recorded (a whole case: None, all of them)
+            assert kept.labelled_z.tolist() == z
+        else:
+            assert kept is thin
     assert seen == {("deep", 0, 16), ("deep", 16, 40), ("thin", 0, 10)}
-    # every slab kept: touching slabs are one piece, the whole case
-    assert _pieces(apply_budget([deep, thin], 1.0, "slabs", 16, rng)) == [("deep", 0, 40), ("thin", 0, 10)]
+    every = apply_budget([deep, thin], 1.0, "slabs", 16, rng)  # every slab: the cases themselves
+    assert every[0] is deep and every[1] is thin
     with pytest.raises(LabelledDataError, match="has 3 slabs"):
         apply_budget([deep, thin], 4, "slabs", 16, rng)
 
 
-def test_budget_of_slabs_is_seeded_and_merges_touching_slabs():
+def test_budget_of_slabs_is_seeded():
     case = _case("c", 64)  # slabs [0, 16), [16, 32), [32, 48), [48, 64)
     layouts = set()
     for seed in range(40):
-        pieces = _pieces(apply_budget([case], 2, "slabs", 16, np.random.default_rng(seed)))
-        again = _pieces(apply_budget([case], 2, "slabs", 16, np.random.default_rng(seed)))
-        assert pieces == again  # seeded
-        slices = [z for _, lo, hi in pieces for z in range(lo, hi)]
-        assert len(slices) == 32 and len(set(slices)) == 32  # two whole slabs, no slice twice
-        assert all(lo % 16 == 0 and hi % 16 == 0 for _, lo, hi in pieces)
-        assert all(a[2] < b[1] for a, b in zip(pieces, pieces[1:]))  # in order; pieces that touch were merged
-        layouts.add(tuple(pieces))
-    adjacent = {(("c", 0, 32),), (("c", 16, 48),), (("c", 32, 64),)}
-    assert adjacent & layouts and layouts - adjacent  # both happen among the seeds: merged and apart
+        kept = _labelled_slices(apply_budget([case], 2, "slabs", 16, np.random.default_rng(seed)))
+        assert kept == _labelled_slices(apply_budget([case], 2, "slabs", 16, np.random.default_rng(seed)))  # seeded
+        ((name, z),) = kept
+        assert len(z) == 32 and all(z[k] // 16 == z[k + 1] // 16 or z[k + 1] % 16 == 0 for k in range(31))
+        layouts.add(tuple(z[::16]))
     assert len(layouts) == 6  # all C(4, 2) choices
+
+
+def test_patches_of_a_budgeted_case_centre_on_labelled_slices():
+    """With labels on slices 16..31 of 64 only, every patch (foreground-centred or not) has its centre slice there,
+    so no patch is wholly unlabelled."""
+    case = _case("c", 64).keep_slices(np.arange(16, 32))
+    x, y = sample_patches(case, (4, 4, 8), 200, np.random.default_rng(0), fg_fraction=0.5)
+    centres = x[:, 0, 0, 0, 4]  # the image holds the slice index
+    assert set(centres.tolist()) <= set(range(16, 32)) and len(set(centres.tolist())) > 8
+    assert (y[:, :, :, 4] != IGNORE).all()
 
 
 # ----------------------------------------------------------------------------------------------------------- classes

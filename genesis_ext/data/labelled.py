@@ -30,6 +30,7 @@ from .intensity import resample, resample_nearest
 from .io import Volume, VolumeError, _strip_suffix, load_volume
 
 FOREGROUND = {"foreground": 1}  # the published binary task: label > 0.5
+IGNORE = 255  # target value of unlabelled voxels (outside a label budget): no loss there
 _MAX_FG_CENTRES = 200_000  # patch centres kept per case: bounded memory on large volumes
 _AFFINE_TOLERANCE = 1e-2  # mm: an image and its labels must share their voxel-to-patient map within this
 
@@ -223,19 +224,23 @@ def read_table(path: Path, columns: tuple[str, ...]) -> tuple[list[dict], list[s
 @dataclass
 class SegCase:
     """One segmentation case on the network's grid: ``image`` (x, y, z) float32 in [0, 1]; ``target`` (x, y, z) uint8
-    class indices (0 background, k the k-th class); ``spacing`` in mm; ``fg``: (n, 3) int32 foreground voxels,
-    patch centres (at most ``_MAX_FG_CENTRES``, evenly spaced)."""
+    class indices (0 background, k the k-th class, ``IGNORE`` unlabelled); ``spacing`` in mm; ``fg``: (n, 3) int32
+    labelled foreground voxels, patch centres (at most ``_MAX_FG_CENTRES``, evenly spaced); ``labelled_z``: the
+    axial slices that hold labels (None: all of them)."""
 
     name: str
     image: np.ndarray
     target: np.ndarray
     spacing: tuple
     fg: np.ndarray
+    labelled_z: np.ndarray | None = None
 
-    def slab(self, lo: int, hi: int) -> "SegCase":
-        """The axial slab z in [lo, hi)."""
-        image, target = self.image[..., lo:hi], self.target[..., lo:hi]
-        return replace(self, name=f"{self.name}[z{lo}:{hi}]", image=image, target=target, fg=_centres(target))
+    def keep_slices(self, z: np.ndarray) -> "SegCase":
+        """The case with labels only on the axial slices ``z``: the others become ``IGNORE`` (the image stays whole,
+        so patches keep their context)."""
+        target = np.full_like(self.target, IGNORE)
+        target[..., z] = self.target[..., z]
+        return replace(self, target=target, fg=_centres(target), labelled_z=np.sort(np.asarray(z, dtype=np.int64)))
 
 
 def load_seg_case(pair: LabelledPair, classes: dict[str, int], window, spacing=None) -> SegCase:
@@ -315,7 +320,7 @@ def _masks_target(image: Volume, masks: dict[str, Path], image_path: Path) -> np
 
 
 def _centres(target: np.ndarray) -> np.ndarray:
-    flat = np.flatnonzero(target)
+    flat = np.flatnonzero((target > 0) & (target != IGNORE))
     if flat.size > _MAX_FG_CENTRES:
         flat = flat[np.linspace(0, flat.size - 1, _MAX_FG_CENTRES).astype(np.int64)]
     return np.stack(np.unravel_index(flat, target.shape), axis=1).astype(np.int32)
@@ -329,8 +334,9 @@ def training_spacing(pairs: list[LabelledPair]) -> tuple:
 
 def sample_patches(case: SegCase, patch, count: int, rng: np.random.Generator, fg_fraction: float = 0.5):
     """``count`` random (image (1, *patch) float32, target (*patch) uint8) pairs from ``case``; a patch is centred on
-    a random foreground voxel with probability ``fg_fraction``. A case smaller than the patch is zero-padded
-    (image 0 is the window's low end; target background)."""
+    a random labelled foreground voxel with probability ``fg_fraction``, else placed at random (with a label budget:
+    centred on a labelled slice along z). A case smaller than the patch is zero-padded (image 0 is the window's low
+    end; target background)."""
     image, target = _pad_to(case.image, patch), _pad_to(case.target, patch)
     shape, p = np.array(image.shape), np.array(patch)
     xs, ys = [], []
@@ -339,6 +345,9 @@ def sample_patches(case: SegCase, patch, count: int, rng: np.random.Generator, f
             lo = np.clip(case.fg[rng.integers(len(case.fg))] - p // 2, 0, shape - p)
         else:
             lo = np.array([rng.integers(0, s - q + 1) for s, q in zip(shape, p)])
+            if case.labelled_z is not None:
+                z = case.labelled_z[rng.integers(len(case.labelled_z))]
+                lo[2] = np.clip(z - p[2] // 2, 0, shape[2] - p[2])
         sl = tuple(slice(a, a + q) for a, q in zip(lo, p))
         xs.append(image[sl][None])
         ys.append(target[sl])
@@ -355,24 +364,23 @@ BUDGET_UNITS = ("cases", "slabs")
 
 
 def apply_budget(cases: list[SegCase], budget, unit: str, depth: int, rng: np.random.Generator) -> list[SegCase]:
-    """The labelled part of the training ``cases`` that a label budget allows: ``budget`` a count (an int >= 1) or a
-    share (a float in (0, 1]), of whole cases (``unit`` "cases") or of axial slabs ``depth`` slices thick (``unit``
-    "slabs", every case cut into slabs; the last slab of a case takes its remainder). A seeded choice, at least one
-    item; kept slabs that touch stay one piece, so patches can span them."""
+    """The training ``cases`` with labels only where a label budget allows: ``budget`` a count (an int >= 1) or a
+    share (a float in (0, 1]), of whole cases (``unit`` "cases": the others are left out) or of axial slabs ``depth``
+    slices thick (``unit`` "slabs": every case cut into slabs, the last taking the case's remainder; the slices of the
+    slabs not chosen become ``IGNORE``, the image stays whole, and cases without a chosen slab are left out). A seeded
+    choice, at least one item."""
     if unit not in BUDGET_UNITS:
         raise LabelledDataError(f"--budget-unit must be one of {BUDGET_UNITS}, got {unit!r}")
     if unit == "cases":
         chosen = rng.choice(len(cases), size=_budget_count(budget, len(cases), unit), replace=False)
         return [cases[i] for i in sorted(chosen.tolist())]
     items = [(i, lo, hi) for i, c in enumerate(cases) for lo, hi in _slabs(c.image.shape[2], depth)]
-    chosen = sorted(rng.choice(len(items), size=_budget_count(budget, len(items), unit), replace=False).tolist())
-    runs: list[list[int]] = []  # [case, lo, hi] of touching kept slabs
-    for i, lo, hi in (items[k] for k in chosen):
-        if runs and runs[-1][0] == i and runs[-1][2] == lo:
-            runs[-1][2] = hi
-        else:
-            runs.append([i, lo, hi])
-    return [cases[i].slab(lo, hi) for i, lo, hi in runs]
+    chosen = rng.choice(len(items), size=_budget_count(budget, len(items), unit), replace=False)
+    kept: dict[int, list[int]] = {}
+    for i, lo, hi in (items[k] for k in sorted(chosen.tolist())):
+        kept.setdefault(i, []).extend(range(lo, hi))
+    return [cases[i] if len(z) == cases[i].image.shape[2] else cases[i].keep_slices(np.array(z)) for i, z in
+            kept.items()]  # fmt: skip
 
 
 def _slabs(total: int, depth: int) -> list[tuple[int, int]]:
@@ -489,6 +497,7 @@ def _fit_cube(arr: np.ndarray, patch) -> np.ndarray:
 __all__ = [
     "BUDGET_UNITS",
     "FOREGROUND",
+    "IGNORE",
     "LabelledDataError",
     "LabelledPair",
     "SegCase",

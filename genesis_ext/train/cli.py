@@ -323,7 +323,11 @@ def _add_finetune_segmentation(g) -> None:
         "--budget-unit",
         choices=("cases", "slabs"),
         default="cases",
-        help="what --label-budget counts: cases (default) or axial slabs as thick as the patch",
+        help="what --label-budget counts: cases (default) or axial slabs (the slices of the others stay in the images "
+        "but out of the loss)",
+    )
+    g.add_argument(
+        "--slab-depth", type=positive_int, help="--budget-unit slabs: slices per slab (default: the patch's depth)"
     )
 
 

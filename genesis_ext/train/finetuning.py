@@ -89,7 +89,8 @@ class FinetuneConfig:
     val_data: str | None = None  # segmentation: separate validation volumes (a directory, CSV or dataset.json)
     overlap: float = 0.5  # of the validation sliding window
     label_budget: int | float | None = None  # a count (int) or a share (float <= 1) of training cases or slabs
-    budget_unit: str = "cases"  # "cases" or "slabs" (axial slabs as thick as the patch)
+    budget_unit: str = "cases"  # "cases" or "slabs" (axial slabs; unlabelled slices are left out of the loss)
+    slab_depth: int | None = None  # slices per slab (default: the patch's depth)
     window: tuple = (-1000.0, 1000.0)
     device: str = "auto"
     seed: int = 0
@@ -159,6 +160,8 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--loss must be one of {tuple(LOSSES)}, got {cfg.loss!r}")
     if cfg.batchnorm not in BATCHNORM:
         raise FinetuneError(f"--batchnorm must be one of {tuple(BATCHNORM)}, got {cfg.batchnorm!r}")
+    if cfg.slab_depth is not None and cfg.slab_depth < 1:
+        raise FinetuneError(f"--slab-depth must be >= 1, got {cfg.slab_depth}")
     if cfg.spacing is not None and (len(cfg.spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in cfg.spacing)):
         raise FinetuneError(f"--spacing must be three positive numbers (mm), got {cfg.spacing}")
     if cfg.weights is not None and not Path(cfg.weights).is_file():
@@ -205,7 +208,7 @@ class FinetuneTrainer(Trainer):
     checkpoint_dir = "."
     metric = "val_loss"  # the validation metric best.pt and early stopping follow (higher is better)
     resume_keys = ("data", "val_data", "seed", "patch", "window", "batch_size", "patches_per_volume", "fg_fraction",
-                   "val_fraction", "overlap", "label_budget", "budget_unit", "spacing")  # fmt: skip
+                   "val_fraction", "overlap", "label_budget", "budget_unit", "slab_depth", "spacing")  # fmt: skip
     state_keys = (*Trainer.state_keys, "task", "dims", "width", "labels", "loss", "batchnorm")
 
     def __init__(self, cfg: FinetuneConfig, dd=None, log=print):
@@ -331,17 +334,18 @@ class SegmentationTrainer(FinetuneTrainer):
             self.val_cases = [load(p) for p in val_pairs]
             if cfg.label_budget is not None:
                 rng = np.random.default_rng([cfg.seed, 4])
-                cases = apply_budget(cases, cfg.label_budget, cfg.budget_unit, self.patch[2], rng)
+                cases = apply_budget(cases, cfg.label_budget, cfg.budget_unit, cfg.slab_depth or self.patch[2], rng)
         except LabelledDataError as err:
             raise FinetuneError(str(err)) from None
         self.train_cases = cases
         self.loss_fn = LOSSES[cfg.loss or ("dice" if len(self.classes) == 1 else "dice_ce")]
         self.columns = ("val_dice", *(f"val_dice_{name}" for name in self.classes))
         n_train = len(cases) * cfg.patches_per_volume
+        labelled = sum(c.image.shape[2] if c.labelled_z is None else len(c.labelled_z) for c in cases)
         self.log(
             f"segmentation of {list(self.classes)} ({self.loss_fn.name} loss) at {self.spacing} mm: {len(cases)} "
-            f"training case(s) or slab(s) ({n_train} patches of {self.patch} per epoch), {len(self.val_cases)} "
-            f"whole validation volume(s)"
+            f"training case(s), {labelled} labelled slice(s) ({n_train} patches of {self.patch} per epoch), "
+            f"{len(self.val_cases)} whole validation volume(s)"
         )
         self._set_steps(n_train, "patches per epoch; lower it or raise --patches-per-volume")
 

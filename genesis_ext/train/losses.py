@@ -6,8 +6,8 @@
   the foreground classes, each class's Dice over the whole batch ("batch Dice", smooth 1e-5) and averaged.
 
 A loss takes the network's output and the target as class indices ``(N, *spatial)`` (0 background, k the k-th
-class) and returns a scalar. ``probabilities`` turns an output into per-channel probabilities. A new loss is one entry
-of :data:`LOSSES`.
+class, ``IGNORE`` unlabelled: left out of the loss) and returns a scalar. ``probabilities`` turns an output into
+per-channel probabilities. A new loss is one entry of :data:`LOSSES`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from ..data.labelled import IGNORE
 
 
 def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -36,23 +38,31 @@ def one_hot(target: torch.Tensor, channels: int, background: bool) -> torch.Tens
     return (target.unsqueeze(1).long() == classes).float()
 
 
+def _labelled(target: torch.Tensor) -> torch.Tensor:
+    """(N, 1, *spatial) float: 1 where the target holds a label, 0 where it is IGNORE."""
+    return (target != IGNORE).unsqueeze(1).float()
+
+
 def _published_dice(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return dice_loss(output.float(), one_hot(target, output.shape[1], background=False))
+    mask = _labelled(target)
+    return dice_loss(output.float() * mask, one_hot(target, output.shape[1], background=False))
 
 
 def foreground_dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
     """1 - the mean over foreground classes of each class's soft Dice over the whole batch; ``probs`` (N, 1 + K, ...)
     softmax probabilities, background first."""
     y = one_hot(target, probs.shape[1] - 1, background=False)
-    p = probs[:, 1:]
+    p = probs[:, 1:] * _labelled(target)
     dims = (0, *range(2, p.dim()))
     dice = (2.0 * (p * y).sum(dims) + smooth) / (p.sum(dims) + y.sum(dims) + smooth)
     return 1.0 - dice.mean()
 
 
 def _dice_ce(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    logits = output.float()
-    return F.cross_entropy(logits, target.long()) + foreground_dice_loss(torch.softmax(logits, dim=1), target)
+    logits, target = output.float(), target.long()
+    labelled = (target != IGNORE).sum().clamp_min(1)  # the mean over labelled voxels (none: 0, not NaN)
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum") / labelled
+    return ce + foreground_dice_loss(torch.softmax(logits, dim=1), target)
 
 
 @dataclass(frozen=True)
