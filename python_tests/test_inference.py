@@ -578,3 +578,12 @@ def test_predict_on_cuda_agrees_with_the_cpu(tmp_path, rng):
     gpu = predict_volume(load_predictor(weights, "cuda"), volume)
     assert np.mean(cpu[0] == gpu[0]) > 0.99
     assert np.abs(cpu[1] - gpu[1]).max() < 0.05
+
+
+def test_amp_is_bf16_on_cuda_by_default_and_as_asked(case):
+    """auto: bf16 only on CUDA (so a CPU prediction is float32, as fine-tuning's validation is by default); bf16 and
+    off as asked; anything else refused."""
+    _, weights, _ = case
+    assert [load_predictor(weights, "cpu", amp).amp for amp in ("auto", "bf16", "off")] == [False, True, False]
+    with pytest.raises(PredictError, match="amp must be one of"):
+        load_predictor(weights, "cpu", "fp8")

@@ -83,11 +83,7 @@ class Predictor:
     model: torch.nn.Module
     record: ModelRecord
     device: torch.device
-
-    @property
-    def amp(self) -> bool:
-        """bf16 autocast: on CUDA only (on CPUs it is slower and less exact)."""
-        return self.device.type == "cuda"
+    amp: bool = False  # bf16 autocast
 
     def forward(self, x):
         torch = _torch()
@@ -96,10 +92,14 @@ class Predictor:
         return self.record.probabilities(out.float())
 
 
-def load_predictor(weights, device="auto") -> Predictor:
+AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 on CUDA (on CPUs it is slower and less exact)
+
+
+def load_predictor(weights, device="auto", amp="auto") -> Predictor:
     """The network of the fine-tuning checkpoint ``weights``, rebuilt from its model record, loaded strictly, in eval
-    mode on ``device`` ("auto": a GPU where torch has CUDA, else the CPU). Raises FileNotFoundError for a missing file
-    and CheckpointError for a damaged one, one without a model record, or one that is not a segmentation's."""
+    mode on ``device`` ("auto": a GPU where torch has CUDA, else the CPU), with bf16 autocast as ``amp`` says ("auto":
+    on CUDA; match fine-tuning's ``--amp`` to reproduce its validation exactly). Raises FileNotFoundError for a missing
+    file and CheckpointError for a damaged one, one without a model record, or one that is not a segmentation's."""
     _torch()
     from ..models.record import ModelRecord
     from ..models.weights import CheckpointError, load_state, read_checkpoint
@@ -119,7 +119,10 @@ def load_predictor(weights, device="auto") -> Predictor:
     mismatch = "its model record does not describe its weights: use the checkpoint as genesis-ext finetune wrote it"
     load_state(model, checkpoint.get("state_dict", checkpoint.get("model")), path, fix=mismatch)
     target = resolve_device(device)
-    return Predictor(model.eval().to(target), record, target)
+    if amp not in AMP_MODES:
+        raise PredictError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    bf16 = amp == "bf16" or (amp == "auto" and target.type == "cuda")
+    return Predictor(model.eval().to(target), record, target, bf16)
 
 
 def _needs_resampling(spacing, target) -> bool:
@@ -304,6 +307,7 @@ def predict(
     mirror=False,
     probabilities=False,
     device="auto",
+    amp="auto",
     overwrite=False,
     progress=True,
 ) -> list[Path]:
@@ -315,7 +319,7 @@ def predict(
     out = Path(out)
     cases = _cases(inputs)
     _refuse_existing(out, cases, overwrite)
-    predictor = load_predictor(weights, device)
+    predictor = load_predictor(weights, device, amp)
     for _, source in cases:
         _check_3d(source)
     written = []
@@ -368,6 +372,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also write <case>_probabilities.nii.gz: float32 (x, y, z, classes), one channel per class",
     )
     p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one, else the CPU), cpu, cuda:0, ...")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto", help="bf16 autocast (auto: on CUDA, default)")
     p.add_argument("--overwrite", action="store_true", help="replace predictions already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -384,6 +389,7 @@ def run(args) -> int:
             mirror=args.mirror,
             probabilities=args.probabilities,
             device=args.device,
+            amp=args.amp,
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
