@@ -115,6 +115,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--slab-depth", type=int, default=4, help="slices per labelled slab (default 4)")
     p.add_argument("--batchnorm", choices=("running", "batch_stats"), default="running")
     p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES)
+    p.add_argument("--starts", nargs="+", default=list(STARTS), choices=STARTS, help="default: both")
     p.add_argument("--sources", nargs=2, type=Path, metavar=("CT", "MASK"), help="one other task (cut along z)")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the real data's folder")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
@@ -299,7 +300,7 @@ def run_job(job: Job, args, settings: dict) -> list[dict]:
     evaluation = evaluate_predictions(prediction, job.data.reference, job.data.classes)
     seconds = time.perf_counter() - t0
     base = {"task": job.data.task, "budget_slabs": job.budget, "budget_fraction": job.budget / job.data.slabs,
-            "start": job.start, "seed": job.seed, **settings}  # fmt: skip
+            "start": job.start, "seed": job.seed, **_of_start(settings, job.start)}  # fmt: skip
     return curve_rows(read_csv(run / "log.csv"), base, job.data.classes) + final_rows(
         evaluation.summary, base, args.steps, seconds
     )
@@ -329,23 +330,32 @@ def final_rows(summary: dict, base: dict, steps: int, seconds: float) -> list[di
 
 # ------------------------------------------------------------------------------------------------------ the table
 def run_settings(args) -> dict:
+    """The settings every row records: the run's, and the pre-trained weights' name and SHA-256 prefix (blank in the
+    scratch rows, which do not use them)."""
     from genesis_ext.models.weights import read_weights
 
     first = read_weights(args.weights)[0]["down_tr64.ops.0.conv1.weight"]
     digest = hashlib.sha256(args.weights.read_bytes()).hexdigest()[:12]
-    return {"width": int(first.shape[0]) / 32, "patch": "x".join(map(str, args.patch)), "steps": args.steps,
-            "batchnorm": args.batchnorm, "weights": args.weights.name, "weights_sha256": digest}  # fmt: skip
+    return {"width": int(first.shape[0]) / 32, "patch": "x".join(map(str, args.patch)), "slab_depth": args.slab_depth,
+            "steps": args.steps, "batchnorm": args.batchnorm, "weights": args.weights.name,
+            "weights_sha256": digest}  # fmt: skip
+
+
+def _of_start(settings: dict, start: str) -> dict:
+    return settings if start == "pretrained" else {**settings, "weights": "", "weights_sha256": ""}
 
 
 def read_rows(path: Path, settings: dict) -> list[dict]:
-    """The rows already in the CSV (none when absent); refuses rows of other settings."""
+    """The rows already in the CSV (none when absent); refuses rows of other settings (scratch rows: other than the
+    weights, which they do not use)."""
     if not path.exists():
         return []
     rows = render.read_rows(path)
     for row in rows:
-        other = {k: row[k] for k in settings if str(row[k]) != str(settings[k])}
+        expected = _of_start(settings, row["start"])
+        other = {k: row[k] for k in expected if str(row[k]) != str(expected[k])}
         if other:
-            raise SystemExit(f"{path} holds runs of other settings {other} (now {settings}); choose another --out")
+            raise SystemExit(f"{path} holds runs of other settings {other} (now {expected}); choose another --out")
     return rows
 
 
@@ -412,7 +422,7 @@ def main(argv=None) -> int:
         data = prepare(task, args.out, args.slab_depth)
         counts = budgets(args.budgets, data.slabs)
         print("  budgets: " + ", ".join(f"{c} slab(s) = {c / data.slabs:.0%} of the training part" for c in counts))
-        jobs += [Job(data, c, start, seed) for c in counts for seed in args.seeds for start in STARTS]
+        jobs += [Job(data, c, start, seed) for c in counts for seed in args.seeds for start in args.starts]
     todo = [job for job in jobs if job.key not in done]
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already in {csv_path}", flush=True)
     run_all(todo, args, settings, rows, csv_path)
