@@ -806,3 +806,25 @@ def test_weights_are_read_once(seg_data, tmp_path, monkeypatch):
     monkeypatch.setattr(weights_module, "read_checkpoint", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
     finetune(tiny_finetune_config(seg_data, tmp_path / "run", weights=str(path)), **QUIET)
     assert reads == [str(path)]
+
+
+@pytest.mark.parametrize("verb", ["finetune", "pretrain"])
+def test_every_option_of_a_verb_sets_its_config_field(verb):
+    """Configs are built from the parsed arguments by field name: an option without a field would be dropped
+    silently, a field without an option cannot be set from the command line (only these few, on purpose)."""
+    import argparse
+    import dataclasses
+
+    from genesis_ext.train import cli
+    from genesis_ext.train.pretraining import PretrainConfig
+
+    add, config, converted, python_only = {
+        "finetune": (cli.add_finetune_arguments, FinetuneConfig, {"trainer"}, {"channels_last", "lr_gamma"}),
+        "pretrain": (cli.add_pretrain_arguments, PretrainConfig, {"trainer", "deformations"},
+                     {"channels_last", "lr_gamma", "deform", "volume_filter"}),
+    }[verb]  # fmt: skip
+    parser = argparse.ArgumentParser()
+    add(parser)
+    options = {a.dest for a in parser._actions if a.dest != "help"}
+    fields = {f.name for f in dataclasses.fields(config)}
+    assert options - fields == converted and fields - options == python_only

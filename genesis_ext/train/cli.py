@@ -343,8 +343,16 @@ def _add_finetune_training(g) -> None:
         help="share of volumes (segmentation) or cubes (classification, stratified) held out for validation, "
         "seeded (default 0.2; 0: no validation)",
     )
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum / Adam beta1 (default 0.9)")
+    g.add_argument("--lr-step-epochs", type=positive_int, help="halve the lr every this many epochs (default: never)")
+    g.add_argument("--patience", type=positive_int, help="early stop after this many epochs without a better score")
+    g.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per step (default 1)")
+    g.add_argument("--max-minutes", type=float, help="stop at the first epoch end after this much time")
     g.add_argument("--device", default="auto", help="auto (cuda if available, default), cpu, cuda, cuda:N")
     g.add_argument("--amp", choices=["auto", "bf16", "off"], default="off", help="bf16 autocast (auto: on CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--log-every", type=positive_int, default=10, help="steps between host reads of the loss")
+    g.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
     g.add_argument("--seed", type=int, default=0, help="seed of the split, patches, batches and initialisation")
     g.add_argument(
         "--resume",
