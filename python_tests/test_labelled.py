@@ -482,3 +482,19 @@ def test_split_indices():
     for n, fraction, needle in ((1, 0.2, "at least 2"), (4, 1.0, r"\[0, 1\)"), (4, -0.1, r"\[0, 1\)")):
         with pytest.raises(LabelledDataError, match=needle):
             split_indices(n, fraction, np.random.default_rng(0))
+
+
+def test_training_spacing_reads_nifti_headers_only(tmp_path, monkeypatch):
+    """The median spacing of the images, as load_volume gives it (reoriented to LPS), without reading their voxels."""
+    from genesis_ext.data import labelled
+
+    pairs = []
+    for k, zooms in enumerate(((1.0, 2.0, 3.0), (1.0, 2.0, 5.0), (1.5, 2.0, 3.0))):
+        affine = np.diag([-zooms[0], zooms[1], zooms[2], 1.0])[[1, 0, 2, 3]]  # x and y swapped in the file
+        image = tmp_path / f"c{k}.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), affine), str(image))
+        pairs.append(LabelledPair(f"c{k}", image, image))
+    expected = tuple(np.median([load_volume(p.image).spacing for p in pairs], axis=0))
+    assert expected == (2.0, 1.0, 3.0)  # reoriented: the file's second axis is x
+    monkeypatch.setattr(labelled, "load_volume", None)  # no loading allowed
+    assert labelled.training_spacing(pairs) == expected

@@ -160,14 +160,35 @@ def _load_nibabel(path: Path) -> Volume:
         raise
     except Exception as err:  # nibabel raises many types for truncated or corrupt files (EOFError, zlib.error, ...)
         raise VolumeError(path, f"cannot read as NIfTI ({type(err).__name__}: {err})") from err
-    affine = img.affine
+    transform, lps = _nifti_lps(path, img.affine, shape)
+    data = _positive_strides(ornt.apply_orientation(data, transform))
+    return Volume(data, _spacing(lps), lps, str(path))
+
+
+def _nifti_lps(path: Path, affine: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """The reorientation of a NIfTI array to ``ORIENTATION`` and the voxel-to-LPS affine after it."""
+    from nibabel import orientations as ornt
+
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise VolumeError(path, "has an invalid (singular) affine")
     transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(ORIENTATION))
-    data = _positive_strides(ornt.apply_orientation(data, transform))
     ras = affine @ ornt.inv_ornt_aff(transform, shape)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras  # nibabel's world is RAS+, ours LPS+
-    return Volume(data, _spacing(lps), lps, str(path))
+    return transform, np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras  # nibabel's world is RAS+, ours LPS+
+
+
+def read_spacing(path) -> tuple:
+    """The voxel spacing (mm along x, y, z) ``load_volume`` would give, from the header alone for NIfTI (no voxels
+    read); other formats are loaded."""
+    path = Path(path)
+    if not _suffix_in(path, NIFTI_SUFFIXES):
+        return load_volume(path).spacing
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as err:  # as _load_nibabel: many types for damaged files
+        raise VolumeError(path, f"cannot read as NIfTI ({type(err).__name__}: {err})") from err
+    return _spacing(_nifti_lps(path, img.affine, img.shape[:3])[1])
 
 
 def _positive_strides(data: np.ndarray) -> np.ndarray:

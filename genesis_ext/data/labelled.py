@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .intensity import resample, resample_nearest
-from .io import Volume, VolumeError, _strip_suffix, load_volume
+from .io import Volume, VolumeError, _strip_suffix, load_volume, read_spacing
 
 FOREGROUND = {"foreground": 1}  # the published binary task: label > 0.5
 IGNORE = 255  # target value of unlabelled voxels (outside a label budget): no loss there
@@ -327,8 +327,12 @@ def _centres(target: np.ndarray) -> np.ndarray:
 
 
 def training_spacing(pairs: list[LabelledPair]) -> tuple:
-    """The median spacing of the images (nnU-Net's choice of a target spacing), read from their headers."""
-    spacings = np.array([_load(p.image).spacing for p in pairs], dtype=np.float64)
+    """The median spacing of the images (nnU-Net's choice of a target spacing), from their headers where the format
+    allows (NIfTI: no voxels read)."""
+    try:
+        spacings = np.array([read_spacing(p.image) for p in pairs], dtype=np.float64)
+    except VolumeError as err:
+        raise LabelledDataError(str(err)) from err
     return tuple(float(s) for s in np.median(spacings, axis=0))
 
 
