@@ -587,3 +587,10 @@ def test_amp_is_bf16_on_cuda_by_default_and_as_asked(case):
     assert [load_predictor(weights, "cpu", amp).amp for amp in ("auto", "bf16", "off")] == [False, True, False]
     with pytest.raises(PredictError, match="amp must be one of"):
         load_predictor(weights, "cpu", "fp8")
+
+
+def test_a_batch_statistics_checkpoint_is_predicted_with_a_warning(tmp_path):
+    """The published BatchNorm normalises each batch of windows with its own statistics: said, not hidden."""
+    weights = write_checkpoint(tmp_path / "w.pt", make_record(batchnorm="batch_stats"))
+    with pytest.warns(UserWarning, match="depend on which windows share a batch"):
+        load_predictor(weights, "cpu")

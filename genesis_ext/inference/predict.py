@@ -118,6 +118,12 @@ def load_predictor(weights, device="auto", amp="auto") -> Predictor:
     model = record.build_model()
     mismatch = "its model record does not describe its weights: use the checkpoint as genesis-ext finetune wrote it"
     load_state(model, checkpoint.get("state_dict", checkpoint.get("model")), path, fix=mismatch)
+    if record.batchnorm == "batch_stats":
+        warnings.warn(
+            f"{path} normalises with each batch's statistics (published BatchNorm): its predictions depend on which "
+            "windows share a batch (--batch-size); fine-tune with --batchnorm running for predictions that do not",
+            stacklevel=2,
+        )
     target = resolve_device(device)
     if amp not in AMP_MODES:
         raise PredictError(f"amp must be one of {AMP_MODES}, got {amp!r}")
