@@ -14,7 +14,7 @@ _NAMES = {
     "finetune": "finetuning",
     "LOSSES": "losses",
     "PRESETS": "pretraining",
-    "NonFiniteLossError": "trainer",
+    "NonFiniteLossError": "errors",
     "PretrainTrainer": "pretraining",
     "Trainer": "trainer",
     "PretrainConfig": "pretraining",

@@ -8,8 +8,10 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Callable
 
 from ..config import PRESETS, DeformConfig
+from .errors import NonFiniteLossError
 
 
 def positive_int(text: str) -> int:
@@ -190,32 +192,40 @@ def load_trainer(spec: str | None, base: type) -> type | None:
     return found
 
 
+def _run_verb(verb: str, work: Callable[[], int]) -> int:
+    """``work()`` (which imports torch) as the ``genesis-ext VERB`` exit status: 2 with the message on stderr for bad
+    input or a missing torch, 3 for a non-finite loss."""
+    try:
+        return work()
+    except ImportError as err:
+        if err.name != "torch":
+            raise
+        print(f"genesis-ext {verb} {TORCH_MISSING}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"genesis-ext {verb}: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError, VolumeError, FinetuneError, LabelledDataError
+        print(f"genesis-ext {verb}: {err}", file=sys.stderr)
+        return 2
+
+
 def run_pretrain(args) -> int:
     """The ``genesis-ext pretrain`` verb."""
-    try:
-        from ..models import CheckpointError
-        from .pretraining import NonFiniteLossError, PretrainConfig, PretrainTrainer, pretrain
-    except ImportError as e:
-        if e.name != "torch":
-            raise
-        print(f"genesis-ext pretrain {TORCH_MISSING}", file=sys.stderr)
-        return 2
-    try:
-        cfg = config_from_args(
-            PretrainConfig, args, deform=DeformConfig.preset(args.deformations), cube=tuple(args.cube)
-        )
+
+    def work() -> int:
+        from .pretraining import PretrainConfig, PretrainTrainer, pretrain
+
+        deform = DeformConfig.preset(args.deformations)
+        cfg = config_from_args(PretrainConfig, args, deform=deform, cube=tuple(args.cube))
         result = pretrain(cfg, trainer=load_trainer(args.trainer, PretrainTrainer))
-    except NonFiniteLossError as e:
-        print(f"genesis-ext pretrain: {e}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"genesis-ext pretrain: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"best validation loss {result.best_val:.5f} (identity baseline {result.baselines.get('identity', 0):.5f}, "
-        f"mean baseline {result.baselines.get('mean', 0):.5f}); checkpoint {result.last_checkpoint}"
-    )
-    return 0
+        print(
+            f"best validation loss {result.best_val:.5f} (identity baseline {result.baselines.get('identity', 0):.5f}, "
+            f"mean baseline {result.baselines.get('mean', 0):.5f}); checkpoint {result.last_checkpoint}"
+        )
+        return 0
+
+    return _run_verb("pretrain", work)
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
@@ -369,16 +379,11 @@ def _add_finetune_training(g) -> None:
 
 def run_finetune(args) -> int:
     """The ``genesis-ext finetune`` verb."""
-    try:
+
+    def work() -> int:
         from ..data.labelled import parse_budget
-        from .finetuning import ClassificationTrainer, FinetuneConfig, NonFiniteLossError, SegmentationTrainer, finetune
-    except ImportError as e:
-        if e.name != "torch":
-            raise
-        print(f"genesis-ext finetune {TORCH_MISSING}", file=sys.stderr)
-        return 2
-    base = SegmentationTrainer if args.task == "segmentation" else ClassificationTrainer
-    try:
+        from .finetuning import ClassificationTrainer, FinetuneConfig, SegmentationTrainer, finetune
+
         cfg = config_from_args(
             FinetuneConfig,
             args,
@@ -387,16 +392,13 @@ def run_finetune(args) -> int:
             window=tuple(args.window),
             label_budget=None if args.label_budget is None else parse_budget(args.label_budget),
         )
+        base = SegmentationTrainer if args.task == "segmentation" else ClassificationTrainer
         summary = finetune(cfg, trainer=load_trainer(args.trainer, base))
-    except NonFiniteLossError as err:
-        print(f"genesis-ext finetune: {err}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError) as err:  # FinetuneError, LabelledDataError, CheckpointError, VolumeError
-        print(f"genesis-ext finetune: {err}", file=sys.stderr)
-        return 2
-    final = summary["final"]
-    metrics = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if k.startswith("val_") and isinstance(v, float))
-    print(f"finished {summary['epochs']} epoch(s): {metrics or 'no validation data'}")
-    print(f"log: {summary['log']}")
-    print(f"checkpoints: {summary['checkpoint']}, {summary['best_checkpoint']} (epoch {summary['best_epoch']})")
-    return 0
+        final = summary["final"]
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if k.startswith("val_") and isinstance(v, float))
+        print(f"finished {summary['epochs']} epoch(s): {metrics or 'no validation data'}")
+        print(f"log: {summary['log']}")
+        print(f"checkpoints: {summary['checkpoint']}, {summary['best_checkpoint']} (epoch {summary['best_epoch']})")
+        return 0
+
+    return _run_verb("finetune", work)

@@ -41,11 +41,8 @@ from .._util import print_line, progress_bar
 from ..models.weights import CheckpointError, atomic_save, load_state, seal
 from . import distributed
 from .checkpoint import FORMAT, load_training_state
+from .errors import NonFiniteLossError
 from .logs import CsvLog, TensorBoard, curve_image, read_csv, save_png
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped before applying that step."""
 
 
 def _silent(*args, **kwargs) -> None:
