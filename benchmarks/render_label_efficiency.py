@@ -96,7 +96,7 @@ def table_row(rows: list[dict], final: dict, task: str, budget: int) -> str:
 def settings_line(rows: list[dict]) -> str:
     values = {k: sorted({str(r[k]) for r in rows} - {""}) for k in SETTINGS}  # scratch rows: no weights
     seeds = sorted({r["seed"] for r in rows})
-    text = ", ".join(f"{k} {'/'.join(v)}" for k, v in values.items())
+    text = ", ".join(f"{k} {'/'.join(v)}" for k, v in values.items() if v)
     return f"Settings: {text}; seeds {', '.join(map(str, seeds))}."
 
 
