@@ -134,7 +134,8 @@ def plot(rows: list[dict]) -> np.ndarray | None:
             for start in STARTS
         }  # fmt: skip
         xlabel = "labelled share of the training part (%)"
-        image = curve_image(series, {}, f"{task}: final mean Dice", xlabel=xlabel, ylabel="mean over seeds")
+        image = curve_image(series, {}, f"{task}: final mean Dice", xlabel=xlabel, ylabel="mean over seeds",
+                            y_range=(0.0, 1.0))  # fmt: skip
         if image is None:
             return None
         panels.append(image)

@@ -114,11 +114,14 @@ def save_png(image: np.ndarray, path: Path) -> bool:
 _COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
 
 
-def curve_image(series: dict, lines: dict, title: str, xlabel: str = "step", ylabel: str = "MSE") -> np.ndarray | None:
+def curve_image(
+    series: dict, lines: dict, title: str, xlabel: str = "step", ylabel: str = "MSE", y_range: tuple | None = None
+) -> np.ndarray | None:
     """An RGB uint8 line plot: ``series`` name -> [(x, y), ...] as solid lines, ``lines`` name -> y as dashed
     horizontal lines (the baselines), a legend and labelled axes. A line far above the curves (over twice their
     highest value, like the identity baseline) is left off the axes and its value given in the legend, so it does
-    not flatten them. None without Pillow."""
+    not flatten them. ``y_range``: fixed (low, high) of the y axis (e.g. (0, 1) for a Dice), else fitted to the data.
+    None without Pillow."""
     try:
         from PIL import Image, ImageDraw, ImageFont
     except ImportError:
@@ -135,7 +138,7 @@ def curve_image(series: dict, lines: dict, title: str, xlabel: str = "step", yla
     x_hi = max([x for x, _ in points], default=1) or 1
     y_lo, y_hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
     pad = (y_hi - y_lo) * 0.05 or max(abs(y_hi), 1e-6) * 0.05
-    y_lo, y_hi = y_lo - pad, y_hi + pad
+    y_lo, y_hi = y_range or (y_lo - pad, y_hi + pad)
 
     def at(x, y):
         return left + (w - left - right) * x / x_hi, top + (h - top - bottom) * (y_hi - y) / (y_hi - y_lo)
