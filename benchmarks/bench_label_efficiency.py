@@ -22,16 +22,16 @@ Budgets: axial slabs of ``--slab-depth`` slices of the training part (``Finetune
 "slabs": sparse labels; the slices of the other slabs stay in the image as context, out of the loss); ``--budgets``
 counts or shares of the part's slabs (counts a task does not have are dropped). For every task, budget,
 seed and start (``scratch``; ``pretrained``: ``--weights``, whose U-Net width both starts use) one run of ``--steps``
-Adam steps (lr 1e-3, batch 4, ``--patch``). No model selection: the test part is passed as validation data only to
-log the Dice curve every ``--eval-every`` steps (one epoch), and the final score is ``last.pt`` through the user
-path: ``genesis_ext.inference.predict`` on the test image, then ``genesis_ext.evaluation.evaluate_predictions``
-against the test label map: Dice and HD95 per class and their mean. The final Dice must equal the last logged one
-(the same sliding window); a warning says when it does not.
+Adam steps (lr 1e-3 with ``--lr-schedule``, default poly, batch 4, ``--patch``). No model selection: the test part is
+passed as validation data only to log the Dice curve every ``--eval-every`` steps (one epoch), and the final score is
+``last.pt`` through the user path: ``genesis_ext.inference.predict`` on the test image, then
+``genesis_ext.evaluation.evaluate_predictions`` against the test label map: Dice and HD95 per class and their mean. The
+final Dice must equal the last logged one (the same sliding window); a warning says when it does not.
 
-``OUT/label_efficiency.csv``: one row per run, class (and ``mean``) and evaluation step; the final rows carry HD95
-and the whole run's seconds (training, predict, evaluate), the curve rows the seconds up to their evaluation.
-A run whose rows are in the CSV is skipped, so an interrupted benchmark continues where it stopped; the CSV is
-rewritten whole (temporary file, then rename) after every run.
+``OUT/label_efficiency.csv``: one row per run, class (and ``mean``) and evaluation step; the final rows carry HD95 and
+the whole run's seconds (training, predict, evaluate), the curve rows the seconds up to their evaluation. A run whose
+rows are in the CSV is skipped, so an interrupted benchmark continues where it stopped; the CSV is rewritten whole
+(temporary file, then rename) after every run.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def parse(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--slab-depth", type=int, default=4, help="slices per labelled slab (default 4)")
     p.add_argument("--batchnorm", choices=("running", "batch_stats"), default="running")
+    p.add_argument("--lr-schedule", choices=("poly", "constant"), default="poly", help="default poly (nnU-Net's)")
     p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES)
     p.add_argument("--starts", nargs="+", default=list(STARTS), choices=STARTS, help="default: both")
     p.add_argument("--sources", nargs=2, type=Path, metavar=("CT", "MASK"), help="one other task (cut along z)")
@@ -268,6 +269,7 @@ def config(job: Job, args, width: float):
         patch=tuple(args.patch),
         labels=dict(job.data.classes),
         batchnorm=args.batchnorm,
+        lr_schedule=args.lr_schedule,
         epochs=args.steps // args.eval_every,
         batch_size=BATCH,
         lr=LR,
@@ -337,8 +339,8 @@ def run_settings(args) -> dict:
     first = read_weights(args.weights)[0]["down_tr64.ops.0.conv1.weight"]
     digest = hashlib.sha256(args.weights.read_bytes()).hexdigest()[:12]
     return {"width": int(first.shape[0]) / 32, "patch": "x".join(map(str, args.patch)), "slab_depth": args.slab_depth,
-            "steps": args.steps, "batchnorm": args.batchnorm, "weights": args.weights.name,
-            "weights_sha256": digest}  # fmt: skip
+            "steps": args.steps, "lr_schedule": args.lr_schedule, "batchnorm": args.batchnorm,
+            "weights": args.weights.name, "weights_sha256": digest}  # fmt: skip
 
 
 def _of_start(settings: dict, start: str) -> dict:

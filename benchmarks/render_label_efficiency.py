@@ -25,10 +25,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("task", "class", "budget_slabs", "budget_fraction", "start", "seed", "step", "dice", "hd95_mm", "final",
-          "seconds", "width", "patch", "slab_depth", "steps", "batchnorm", "weights", "weights_sha256")  # fmt: skip
+          "seconds", "width", "patch", "slab_depth", "steps", "lr_schedule", "batchnorm", "weights",
+          "weights_sha256")  # fmt: skip
 TYPES = {"budget_slabs": int, "seed": int, "step": int, "steps": int, "slab_depth": int, "budget_fraction": float,
          "dice": float, "hd95_mm": float, "seconds": float, "width": float, "final": lambda v: v == "True"}  # fmt: skip
-SETTINGS = ("width", "patch", "slab_depth", "steps", "batchnorm", "weights", "weights_sha256")
+SETTINGS = ("width", "patch", "slab_depth", "steps", "lr_schedule", "batchnorm", "weights", "weights_sha256")
 STARTS = ("scratch", "pretrained")
 TARGET_SHARE = 0.9  # D = this x the task's best seed-mean final Dice
 
@@ -178,7 +179,8 @@ def test_table_numbers_come_from_the_csv(tmp_path):
     computed by hand."""
     base = dict.fromkeys(FIELDS, "")
     base.update(task="t", budget_slabs=1, budget_fraction=0.5, hd95_mm="nan", seconds=1, width=0.25, patch="32x32x16",
-                slab_depth=4, steps=20, batchnorm="running", weights="w.pt", weights_sha256="abc")  # fmt: skip
+                slab_depth=4, steps=20, lr_schedule="poly", batchnorm="running", weights="w.pt",
+                weights_sha256="abc")  # fmt: skip
     dice = {  # (start, seed): (step 10, step 20 = final)
         ("scratch", 0): (0.5, 0.5),
         ("scratch", 1): (0.6, 0.7),

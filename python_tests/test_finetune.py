@@ -828,3 +828,20 @@ def test_every_option_of_a_verb_sets_its_config_field(verb):
     options = {a.dest for a in parser._actions if a.dest != "help"}
     fields = {f.name for f in dataclasses.fields(config)}
     assert options - fields == converted and fields - options == python_only
+
+
+def test_fine_tuning_decays_the_lr_as_nnunet_by_default(seg_data, tmp_path):
+    """poly: epoch e (from 0) trains at lr x (1 - e / epochs)^0.9, so the last weights settle; --lr-step-epochs
+    alone means the step schedule, and constant keeps the lr."""
+    width = dict(width=0.25)
+    runs = {
+        "poly": ({}, [1e-3 * (1 - e / 3) ** 0.9 for e in range(3)]),
+        "step": ({"lr_step_epochs": 2}, [1e-3, 1e-3, 5e-4]),
+        "constant": ({"lr_schedule": "constant"}, [1e-3] * 3),
+    }
+    for name, (changes, expected) in runs.items():
+        out = tmp_path / name
+        finetune(tiny_finetune_config(seg_data, out, epochs=3, val_fraction=0.0, **width, **changes), **QUIET)
+        assert [float(r["lr"]) for r in _log_rows(out)] == pytest.approx(expected), name
+    with pytest.raises(FinetuneError, match="--lr-schedule step needs --lr-step-epochs"):
+        finetune(tiny_finetune_config(seg_data, tmp_path / "bad", lr_schedule="step"), **QUIET)

@@ -354,7 +354,13 @@ def _add_finetune_training(g) -> None:
         "seeded (default 0.2; 0: no validation)",
     )
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum / Adam beta1 (default 0.9)")
-    g.add_argument("--lr-step-epochs", type=positive_int, help="halve the lr every this many epochs (default: never)")
+    g.add_argument(
+        "--lr-schedule",
+        choices=("poly", "step", "constant"),
+        help="poly: lr x (1 - epoch/epochs)^0.9 as nnU-Net (default); step: halve it every --lr-step-epochs (the "
+        "default when that is given); constant",
+    )
+    g.add_argument("--lr-step-epochs", type=positive_int, help="halve the lr every this many epochs")
     g.add_argument("--patience", type=positive_int, help="early stop after this many epochs without a better score")
     g.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per step (default 1)")
     g.add_argument("--max-minutes", type=float, help="stop at the first epoch end after this much time")

@@ -96,6 +96,9 @@ class FinetuneConfig:
     seed: int = 0
     progress: bool = True
     # the Trainer's loop settings (genesis_ext.train.trainer): off by default
+    lr_schedule: str | None = (
+        None  # "poly" (nnU-Net's), "step" or "constant"; None: step with lr_step_epochs, else poly
+    )
     lr_step_epochs: int | None = None
     lr_gamma: float = 0.5
     patience: int | None = None
@@ -168,9 +171,14 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise FileNotFoundError(f"genesis_ext: no checkpoint file at {cfg.weights}")
     if cfg.resume_anyway and not cfg.resume:
         raise FinetuneError("resume_anyway goes with resume: pass both, or neither")
+    if cfg.lr_schedule not in (None, *LR_SCHEDULES):
+        raise FinetuneError(f"--lr-schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+    if cfg.lr_schedule == "step" and not cfg.lr_step_epochs:
+        raise FinetuneError("--lr-schedule step needs --lr-step-epochs")
 
 
 BATCHNORM = {"running": "standard", "batch_stats": "batch_stats"}  # --batchnorm -> the models' batchnorm mode
+LR_SCHEDULES = ("poly", "step", "constant")
 
 
 def _check_patch(patch, dims: int) -> tuple[int, int, int]:
@@ -209,7 +217,7 @@ class FinetuneTrainer(Trainer):
     metric = "val_loss"  # the validation metric best.pt and early stopping follow (higher is better)
     resume_keys = ("data", "val_data", "seed", "patch", "window", "batch_size", "patches_per_volume", "fg_fraction",
                    "val_fraction", "overlap", "label_budget", "budget_unit", "slab_depth", "spacing")  # fmt: skip
-    state_keys = (*Trainer.state_keys, "task", "dims", "width", "labels", "loss", "batchnorm")
+    state_keys = (*Trainer.state_keys, "lr_schedule", "task", "dims", "width", "labels", "loss", "batchnorm")
 
     def __init__(self, cfg: FinetuneConfig, dd=None, log=print):
         try:
@@ -255,6 +263,18 @@ class FinetuneTrainer(Trainer):
 
     def load_weights(self, model, state: dict) -> None:
         raise NotImplementedError
+
+    def build_scheduler(self, optimizer):
+        """``cfg.lr_schedule``: "poly", nnU-Net's lr x (1 - epoch / epochs)^0.9, so the last weights settle (the
+        default); "step" (``lr_step_epochs``, ``lr_gamma``); "constant"."""
+        if self.schedule == "poly":
+            epochs = self.cfg.epochs
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 - min(e, epochs - 1) / epochs) ** 0.9)
+        return super().build_scheduler(optimizer) if self.schedule == "step" else None
+
+    @property
+    def schedule(self) -> str:
+        return self.cfg.lr_schedule or ("step" if self.cfg.lr_step_epochs else "poly")
 
     def _set_steps(self, n_train: int, unit: str) -> None:
         if self.cfg.batch_size > n_train:
