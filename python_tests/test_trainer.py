@@ -165,10 +165,12 @@ def test_a_subclass_changes_the_loss(cubes, tmp_path):
 
 
 def test_fine_tuning_resumes_exactly(seg_data, tmp_path):
-    """Fine-tuning shares the loop's resume: 2 epochs, then 1 more from the checkpoint, equals 3 epochs in one go."""
+    """Fine-tuning shares the loop's resume: a 3-epoch run stopped by its time limit after epoch 1, then resumed, equals
+    3 epochs in one go, the poly lr schedule (a function of the epoch and of the run's 3 epochs) included."""
     quiet = dict(log=lambda *_: None)
     whole = finetune(tiny_finetune_config(seg_data, tmp_path / "whole", epochs=3), **quiet)
-    finetune(tiny_finetune_config(seg_data, tmp_path / "parts", epochs=2), **quiet)
+    stopped = finetune(tiny_finetune_config(seg_data, tmp_path / "parts", epochs=3, max_minutes=0), **quiet)
+    assert stopped["epochs"] == 1
     parts = finetune(tiny_finetune_config(seg_data, tmp_path / "parts", epochs=3, resume=True), **quiet)
     keys = ("train_loss", "val_loss", "val_dice")
     assert [parts["final"][k] for k in keys] == [whole["final"][k] for k in keys]
