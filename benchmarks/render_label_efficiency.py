@@ -107,8 +107,10 @@ def markdown(rows: list[dict]) -> str:
     if not rows:
         return "\n".join([*lines, "No runs.", ""])
     final = finals(rows)
+    done = {start: sum(r["final"] and r["class"] == "mean" and r["start"] == start for r in rows) for start in STARTS}
     lines += [
         settings_line(rows),
+        f"Runs finished: {', '.join(f'{start} {n}' for start, n in done.items())}.",
         "",
         "Final mean Dice of last.pt on the test part (mean ± sd over seeds); difference paired by seed; steps to D: "
         "first logged step at which the seed-mean test Dice reaches D = 0.9 x the task's best final Dice. Made by "
