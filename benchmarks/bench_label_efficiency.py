@@ -15,10 +15,9 @@ training part and a disjoint test part, both written as NIfTI under ``OUT/data/<
 label map per case for one class, a folder of masks per case for several). The abdominal tasks are cut along z at the
 slice that maximises the smallest share, over the task's classes, of a class's voxels on either side, each part at least
 a patch deep (a thinner test part would be predicted through padding never seen in training: the liver's best-balanced
-cut left 10 slices and its Dice swung by 0.6 between evaluations). The aorta is cut head / feet in the middle: both
-parts hold the descending aorta beside the spine (a left / right cut leaves the ascending aorta on one side and the
-descending on the other). The pulmonary artery lies in one z range, so it is cut left / right in the middle, each side
-holding one of its branches.
+cut left 10 slices). The aorta is cut head / feet in the middle: both parts hold the descending aorta beside the spine
+(a left / right cut leaves the ascending aorta on one side and the descending on the other). The pulmonary artery lies
+in one z range, so it is cut left / right in the middle, each side holding one of its branches.
 
 Budgets: axial slabs of ``--slab-depth`` slices of the training part (``FinetuneConfig.label_budget``, ``budget_unit``
 "slabs": sparse labels; the slices of the other slabs stay in the image as context, out of the loss); ``--budgets``

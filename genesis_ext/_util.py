@@ -1,12 +1,23 @@
 """Helpers with one job each, used across the package: atomic file writes, progress bars and lines printed beside
-them."""
+them, the verbs' count arguments and the message for a missing torch."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import uuid
 from pathlib import Path
 from typing import IO, Callable
+
+TORCH_MISSING = "needs PyTorch, which is not installed: pip install 'genesis-ext[train]'"
+
+
+def positive_int(text: str) -> int:
+    """argparse type of the verbs' counts and sizes."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], text: bool = False) -> Path:

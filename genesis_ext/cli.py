@@ -16,7 +16,7 @@ import os
 import sys
 
 from . import __version__
-from .train.cli import positive_int
+from ._util import positive_int
 
 
 def _add_extract(p: argparse.ArgumentParser) -> None:

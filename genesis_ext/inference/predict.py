@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._util import atomic_write, progress_bar
+from .._util import TORCH_MISSING, atomic_write, positive_int, progress_bar
 from ..data.intensity import Window, resample
 from ..data.io import (
     DICOM_SUFFIXES,
@@ -47,7 +47,9 @@ from ..data.io import (
     load_volume,
     sitk_module,
 )
-from ..train.cli import TORCH_MISSING, positive_int
+from ..data.io import (
+    _check_3d as _check_3d_shape,
+)
 
 if TYPE_CHECKING:  # imported where used: the module imports without torch
     import torch
@@ -273,8 +275,7 @@ def _check_3d(source: Source) -> None:
         return
     while len(shape) > 3 and shape[-1] == 1:  # (x, y, z, 1): 3-D stored as 4-D, as load_volume reads it
         shape = shape[:-1]
-    if len(shape) != 3 or min(shape) < 2:
-        raise VolumeError(source.path, f"is not a 3D volume (shape {shape}); need one with at least 2 voxels per axis")
+    _check_3d_shape(source.path, shape)
 
 
 def _on_input_grid(array: np.ndarray, source: Source, volume: Volume) -> tuple[np.ndarray, np.ndarray]:

@@ -10,21 +10,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .._util import TORCH_MISSING, positive_int
 from ..config import PRESETS, DeformConfig
 from .errors import NonFiniteLossError
 
-
-def positive_int(text: str) -> int:
-    """argparse type of the verbs' counts and sizes."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 TASKS = ("segmentation", "classification")
-DEFAULT_PATCH = (64, 64, 32)
-TORCH_MISSING = "needs PyTorch, which is not installed: pip install 'genesis-ext[train]'"
 
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.cubes import CUBE
 from ..data.intensity import Window
 from ..data.labelled import (
     LabelledDataError,
@@ -54,7 +55,6 @@ from ..evaluation.metrics import dice, multiclass_auc
 from ..inference.sliding_window import sliding_window
 from ..models.record import ModelRecord
 from ..models.weights import load_state, read_weights
-from .cli import DEFAULT_PATCH, TASKS
 from .losses import LOSSES
 from .trainer import NonFiniteLossError, Trainer
 
@@ -118,7 +118,7 @@ def finetune(cfg: FinetuneConfig, trainer: type | None = None, log=print) -> dic
     subclass of the task's trainer (:class:`SegmentationTrainer`, :class:`ClassificationTrainer`) that changes a
     stage."""
     _check_config(cfg)
-    task_trainer = SegmentationTrainer if cfg.task == "segmentation" else ClassificationTrainer
+    task_trainer = TRAINERS[cfg.task]
     if trainer is not None and not (isinstance(trainer, type) and issubclass(trainer, task_trainer)):
         raise FinetuneError(f"--trainer {trainer!r} is not a subclass of {task_trainer.__name__} (the {cfg.task} one)")
     run = (trainer or task_trainer)(cfg, log=log)
@@ -142,8 +142,8 @@ def finetune(cfg: FinetuneConfig, trainer: type | None = None, log=print) -> dic
 
 
 def _check_config(cfg: FinetuneConfig) -> None:
-    if cfg.task not in TASKS:
-        raise FinetuneError(f"--task must be one of {TASKS}, got {cfg.task!r}")
+    if cfg.task not in TRAINERS:
+        raise FinetuneError(f"--task must be one of {tuple(TRAINERS)}, got {cfg.task!r}")
     if cfg.task != "segmentation":
         for name in ("val_data", "labels", "loss", "label_budget"):
             if getattr(cfg, name) is not None:
@@ -184,7 +184,7 @@ LR_SCHEDULES = ("poly", "step", "constant")
 def _check_patch(patch, dims: int) -> tuple[int, int, int]:
     """The patch as three sizes: X Y Z (3-D), or X Y 1 (2-D: axial patches of one slice)."""
     if patch is None:
-        return DEFAULT_PATCH if dims == 3 else (*DEFAULT_PATCH[:2], 1)
+        return CUBE if dims == 3 else (*CUBE[:2], 1)
     patch = tuple(int(p) for p in patch)
     if dims == 2 and len(patch) == 3 and patch[2] == 1:
         patch = patch[:2]
@@ -414,9 +414,11 @@ class SegmentationTrainer(FinetuneTrainer):
     def predict_probabilities(self, image: np.ndarray) -> torch.Tensor:
         """Whole-volume class probabilities (C, x, y, z) of a normalised image, by the sliding window of predict."""
 
+        record = self.record()
+
         def forward(x):
-            out = self.forward(self.model, self.net_input(x))
-            return self.loss_fn.probabilities(out if self.cfg.dims == 3 else out[..., None])
+            out = self.forward(self.model, self.net_input(x)).float()
+            return record.probabilities(out if self.cfg.dims == 3 else out[..., None])
 
         volume = torch.from_numpy(np.ascontiguousarray(image))[None].to(self.device)
         return sliding_window(forward, volume, self.patch, overlap=self.cfg.overlap, batch_size=self.cfg.batch_size)
@@ -430,10 +432,10 @@ class SegmentationTrainer(FinetuneTrainer):
         self.model.eval()
         scores, losses = [], []
         for case in self.val_cases:
-            probs = self.predict_probabilities(case.image)
+            probs = self.predict_probabilities(case.image).cpu()  # one copy to the host per volume
             target = torch.from_numpy(case.target.astype(np.int64))
-            losses.append(float(self.loss_fn.soft_dice(probs[None].cpu(), target[None])))
-            predicted = record.label_map(probs.cpu().numpy())
+            losses.append(float(self.loss_fn.soft_dice(probs[None], target[None])))
+            predicted = record.label_map(probs.numpy())
             values = list(self.classes.values())
             scores.append([dice(predicted == v, case.target == k) for k, v in enumerate(values, start=1)])
         self.model.train()
@@ -526,6 +528,7 @@ class ClassificationTrainer(FinetuneTrainer):
         return {"classes": list(self.classes)}
 
 
+TRAINERS = {"segmentation": SegmentationTrainer, "classification": ClassificationTrainer}  # --task
 _WEIGHTS_FIX = "pass weights of this network: the same --dims, input channels and --width, or none"
 
 

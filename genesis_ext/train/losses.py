@@ -6,8 +6,8 @@
   the foreground classes, each class's Dice over the whole batch ("batch Dice", smooth 1e-5) and averaged.
 
 A loss takes the network's output and the target as class indices ``(N, *spatial)`` (0 background, k the k-th
-class, ``IGNORE`` unlabelled: left out of the loss) and returns a scalar. ``probabilities`` turns an output into
-per-channel probabilities. A new loss is one entry of :data:`LOSSES`.
+class, ``IGNORE`` unlabelled: left out of the loss) and returns a scalar (the record of a trained model,
+``genesis_ext.models.ModelRecord``, turns its outputs into probabilities). A new loss is one entry of :data:`LOSSES`.
 """
 
 from __future__ import annotations
@@ -78,9 +78,6 @@ class SegmentationLoss:
 
     def outputs(self, n_classes: int) -> int:
         return n_classes + (self.activation == "softmax")
-
-    def probabilities(self, output: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(output.float(), dim=1) if self.activation == "softmax" else output.float()
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.fn(output, target)
