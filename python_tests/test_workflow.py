@@ -51,30 +51,36 @@ def _same_grid(prediction: Path, image: Path) -> np.ndarray:
 
 
 def test_workflow_on_the_bundled_ct(seg_data, tmp_path, capsys):
-    """The two sample crops with their lung masks, named in a Decathlon dataset.json: fine-tuned from our own
-    pre-trained weights, then one crop segmented and scored."""
+    """One sample crop with its lung mask trains (a Decathlon dataset.json), from our own pre-trained weights; the other
+    crop, held out, is segmented and scored. The lung (HU < -400) is learnable in 60 steps, so the held-out Dice must
+    be high (0.94 measured), and evaluate's Dice must be the one counted here from the files."""
     weights = _pretrained(tmp_path)
-    cases = sorted(p.name for p in (seg_data / "images").iterdir())
-    spec = {
-        "labels": {"0": "background", "1": "lung"},
-        "training": [{"image": f"images/{c}", "label": f"labels/{c}"} for c in cases],
-    }
-    (seg_data / "dataset.json").write_text(json.dumps(spec))
+    train, held_out = sorted(p.name for p in (seg_data / "images").iterdir())
+
+    def dataset(case: str) -> Path:
+        entry = {"image": str(seg_data / "images" / case), "label": str(seg_data / "labels" / case)}
+        path = tmp_path / f"{case}.json"
+        path.write_text(json.dumps({"labels": {"0": "background", "1": "lung"}, "training": [entry]}))
+        return path
+
     run = tmp_path / "finetune"
-    finetune = ["finetune", "--task", "segmentation", "--data", str(seg_data / "dataset.json"), "--out", str(run),
-                "--weights", str(weights), "--val-fraction", "0.5", *TINY_FINETUNE]  # fmt: skip
+    finetune = ["finetune", "--task", "segmentation", "--data", str(dataset(train)), "--val-data",
+                str(dataset(held_out)), "--out", str(run), "--weights", str(weights), "--patch", "32", "32", "16",
+                "--epochs", "15", "--batch-size", "4", "--patches-per-volume", "16", "--lr", "3e-3",
+                "--quiet"]  # fmt: skip
     assert main(finetune) == 0
     assert "val_dice=" in capsys.readouterr().out
-    predicted = tmp_path / "predicted"
-    image = seg_data / "images" / cases[0]
-    assert main(["predict", "--weights", str(run / "best.pt"), str(image), "--out", str(predicted), "--quiet"]) == 0
-    labels = _same_grid(predicted / cases[0], image)
-    assert set(np.unique(labels)) <= {0, 1}
+    predicted, image = tmp_path / "predicted", seg_data / "images" / held_out
+    assert main(["predict", "--weights", str(run / "last.pt"), str(image), "--out", str(predicted), "--quiet"]) == 0
+    labels = _same_grid(predicted / held_out, image)
     refs = tmp_path / "refs"
     refs.mkdir()
-    (refs / cases[0]).write_bytes((seg_data / "labels" / cases[0]).read_bytes())
+    (refs / held_out).write_bytes((seg_data / "labels" / held_out).read_bytes())
     (row,) = _evaluate(predicted, refs, tmp_path / "scores.csv", "--labels", "lung")
-    assert row["label"] == "lung" and 0.0 <= float(row["dice"]) <= 1.0
+    reference = np.asarray(nib.load(str(refs / held_out)).dataobj) > 0
+    counted = 2 * np.sum((labels == 1) & reference) / (np.sum(labels == 1) + np.sum(reference))
+    assert row["label"] == "lung" and float(row["dice"]) == pytest.approx(counted) and counted > 0.8
+    assert set(np.unique(labels)) == {0, 1}
 
 
 @pytest.mark.skipif(not (ABDOMEN / "ct.nii.gz").is_file(), reason="the shared abdominal CT is not present")
