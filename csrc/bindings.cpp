@@ -163,6 +163,11 @@ PYBIND11_MODULE(GENESIS_MODULE, m) {
   GENESIS_OPS(GENESIS_OP_ENTRY)
 #undef GENESIS_OP_ENTRY
   m.attr("OPS") = ops;
+  py::dict purposes;
+#define GENESIS_PURPOSE_ENTRY(name, value) purposes[#name] = int(genesis::name);
+  GENESIS_PURPOSES(GENESIS_PURPOSE_ENTRY)
+#undef GENESIS_PURPOSE_ENTRY
+  m.attr("PURPOSES") = purposes;  // docs/randomness.md: name -> the counter's purpose word
 #ifdef GENESIS_WITH_CUDA
   m.def(
       "cuda_philox4x32_10",

@@ -57,6 +57,6 @@
 
 // Per-sample values drawn uniformly in [lo, hi] (config fields) from word 0 of their own stream (docs/randomness.md
 // purpose), reported by sample_params under their names: (name, lo, hi, purpose).
-#define GENESIS_UNIFORM_DRAWS(X)                \
-  X(noise_std, noise_std_min, noise_std_max, 8) \
-  X(blur_sigma, blur_sigma_min, blur_sigma_max, 11)
+#define GENESIS_UNIFORM_DRAWS(X)                        \
+  X(noise_std, noise_std_min, noise_std_max, NOISE_STD) \
+  X(blur_sigma, blur_sigma_min, blur_sigma_max, BLUR_SIGMA)

@@ -33,19 +33,26 @@ GENESIS_HD U32x4 philox4x32_10(U32x4 ctr, uint32_t k0, uint32_t k1) {
   return ctr;
 }
 
-// Purposes of docs/randomness.md: one per kind of random quantity.
-enum Purpose : uint32_t {
-  GATES = 1,
-  FLIP = 2,
-  BEZIER = 3,
-  BLOCK = 4,
-  INPAINT = 5,
-  OUTPAINT = 6,
-  NOISE = 7,
-  GAUSSIAN = 9,
-  DEFORM_PROB = 10,  // drawn in Python (genesis_ext.transforms)
-  USER = 12          // drawn in Python (genesis_ext.deformation)
-};  // 8 and 11: per-sample draws of deformations.h (GENESIS_UNIFORM_DRAWS)
+// Purposes of docs/randomness.md: one stream family per kind of random quantity (name, value), exported to Python
+// as _C.PURPOSES and checked against genesis_ext.streams.Purpose at import. DEFORM_PROB and USER are drawn in Python
+// (GenesisDeform's coin, the user deformations); NOISE_STD and BLUR_SIGMA by GENESIS_UNIFORM_DRAWS.
+#define GENESIS_PURPOSES(X) \
+  X(GATES, 1)               \
+  X(FLIP, 2)                \
+  X(BEZIER, 3)              \
+  X(BLOCK, 4)               \
+  X(INPAINT, 5)             \
+  X(OUTPAINT, 6)            \
+  X(NOISE, 7)               \
+  X(NOISE_STD, 8)           \
+  X(GAUSSIAN, 9)            \
+  X(DEFORM_PROB, 10)        \
+  X(BLUR_SIGMA, 11)         \
+  X(USER, 12)
+
+#define GENESIS_PURPOSE_VALUE(name, value) name = value,
+enum Purpose : uint32_t { GENESIS_PURPOSES(GENESIS_PURPOSE_VALUE) };
+#undef GENESIS_PURPOSE_VALUE
 
 // Philox counter block number `call` of stream (seed, sample, purpose, major): words 4*call .. 4*call+3.
 GENESIS_HD U32x4 stream_block(uint64_t seed, uint64_t sample, uint32_t purpose, uint32_t major, uint32_t call) {

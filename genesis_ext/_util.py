@@ -1,13 +1,14 @@
 """Helpers with one job each, used across the package: atomic file writes, progress bars and lines printed beside
-them, the verbs' count arguments and the message for a missing torch."""
+them, the verbs' count arguments, the message for a missing torch and deprecated aliases of renamed names."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import uuid
+import warnings
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
 TORCH_MISSING = "needs PyTorch, which is not installed: pip install 'genesis-ext[train]'"
 
@@ -18,6 +19,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def deprecated_aliases(module: str, aliases: dict[str, tuple[str, Callable[[], Any]]]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` serving old names for one release: ``aliases`` maps each old name to (its new
+    name, a function returning the object), and reading an old name warns with ``DeprecationWarning``."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in aliases:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        new, get = aliases[name]
+        warnings.warn(f"{module}.{name} is deprecated, use {new}", DeprecationWarning, stacklevel=2)
+        return get()
+
+    return __getattr__
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], text: bool = False) -> Path:

@@ -7,7 +7,7 @@
 ``fn(x, u)`` gets the samples whose gate fired (``x``: (n, C, *spatial), the batch's type, dtype and device) and
 their uniforms ``u`` ((n, uniforms) float32 on the same device, multiples of 2**-24 in [0, 1)); it returns the
 deformed samples (same shape, dtype and device) and must not modify ``x``. The gate and the uniforms of sample i are
-words of the counter-based stream (seed, i, USER_PURPOSE, crc32(name)) (docs/randomness.md): a pure function of the
+words of the counter-based stream (seed, i, Purpose.USER, crc32(name)) (docs/randomness.md): a pure function of the
 seed, the global sample index and the name, so they do not depend on the batch split or the device. Take every
 random choice from ``u`` and the result is reproducible too.
 
@@ -31,13 +31,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import reference
+from ._util import deprecated_aliases
 from .config import PAIR_STAGES, DeformConfig
+from .streams import Purpose, sample_words, uniform
 
-USER_PURPOSE = 12  # docs/randomness.md: a user deformation's stream, major = crc32 of its name
 MAX_UNIFORMS = 1024
 
 PAIR_ORDER = tuple(PAIR_STAGES)  # the fused pair's built-in stages, in order
+__getattr__ = deprecated_aliases(__name__, {"USER_PURPOSE": ("genesis_ext.streams.Purpose.USER", lambda: Purpose.USER)})
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ class PixelDeformation:
 
     def draws(self, seed: int, offset: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Gates (n,) bool and uniforms (n, uniforms) float32 of samples offset .. offset + n - 1."""
-        words = reference.sample_words(seed, offset, n, USER_PURPOSE, self.stream, 1 + self.uniforms)
-        return reference.uniform(words[:, 0]) < self.rate, reference.uniform(words[:, 1:]).astype(np.float32)
+        words = sample_words(seed, offset, n, Purpose.USER, self.stream, 1 + self.uniforms)
+        return uniform(words[:, 0]) < self.rate, uniform(words[:, 1:]).astype(np.float32)
 
     def apply(self, x, seed: int, offset: int):
         """x (our own intermediate batch) with this deformation applied, in place, to the samples whose gate fired."""

@@ -34,11 +34,13 @@ except ImportError:  # numpy-only installs
 from . import _C
 from .config import MAX_SHUFFLE_COVERAGE, PAIR_STAGES, SINGLE_OPS, DeformConfig
 from .deformation import PixelDeformation, check_deformations, pair_with
+from .streams import Purpose
 
 
 def _check_core_declarations() -> None:
     """DeformConfig and the compiled core (csrc/deformations.h) declare the same fields, in the same order and of
-    the same types (the kernels read the config vector by position), and the same single ops."""
+    the same types (the kernels read the config vector by position), the same single ops, and the same random
+    streams' purposes (streams.Purpose, csrc/philox.h)."""
     ctype = {float: "double", int: "int32_t", bool: "bool"}
     python = tuple((f.name, ctype[f.metadata.get("type", bool)]) for f in dataclasses.fields(DeformConfig))
     core = tuple(tuple(f) for f in _C.CONFIG_FIELDS)
@@ -53,6 +55,12 @@ def _check_core_declarations() -> None:
         raise ImportError(
             f"genesis_ext: config.PAIR_STAGES declares the single ops {sorted(SINGLE_OPS)}, the compiled core "
             f"{sorted(core_ops)}: rebuild the extension or align genesis_ext/config.py and csrc/deformations.h"
+        )
+    python_purposes = {p.name: int(p) for p in Purpose}
+    if python_purposes != dict(_C.PURPOSES):
+        raise ImportError(
+            f"genesis_ext: streams.Purpose {python_purposes} differs from the compiled core's purposes "
+            f"{dict(_C.PURPOSES)}: rebuild the extension or align genesis_ext/streams.py and csrc/philox.h"
         )
 
 

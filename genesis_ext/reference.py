@@ -1,9 +1,10 @@
 """Plain-numpy reference ("oracle") of the Models Genesis deformations.
 
-Written from shared/spec/models_genesis.md (semantics) and docs/randomness.md (every random draw). Everything here is
-a pure function of ``(seed, sample index, config)``: the kernels must reproduce it exactly (the Bézier map within the
-contract's tolerance). One sample is ``(C, *spatial)`` with 2 or 3 spatial axes. Faithful and readable first; the
-local shuffle is deliberately the plain sequential loop of the published code (this is also the CPU baseline).
+Written from the Models Genesis paper and its published code (semantics) and docs/randomness.md (every random draw,
+taken from genesis_ext.streams). Everything here is a pure function of ``(seed, sample index, config)``: the kernels
+must reproduce it exactly (the Bézier map within the contract's tolerance). One sample is ``(C, *spatial)`` with 2 or
+3 spatial axes. Faithful and readable first; the local shuffle is deliberately the plain sequential loop of the
+published code (this is also the CPU baseline).
 """
 
 from __future__ import annotations
@@ -12,112 +13,23 @@ import math
 
 import numpy as np
 
+from ._util import deprecated_aliases
 from .config import PAIR_STAGES, DeformConfig
+from .streams import (  # noqa: F401 (re-exported: the reference replays every draw through them)
+    Purpose,
+    philox4x32_10,
+    randint,
+    sample_words,
+    stream_blocks,
+    uniform,
+    word,
+    words,
+)
 
-# Purposes of docs/randomness.md: one Philox stream family per kind of random quantity.
-GATES, FLIP, BEZIER, BLOCK, INPAINT, OUTPAINT, NOISE, NOISE_STD, GAUSSIAN = 1, 2, 3, 4, 5, 6, 7, 8, 9
-BLUR_SIGMA = 11  # 10 is GenesisDeform's coin (genesis_ext.transforms)
-
-_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-_W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
-_MASK32 = np.uint64(0xFFFFFFFF)
-_SHIFT32 = np.uint64(32)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Philox4x32-10 and the stream
-
-
-def philox4x32_10(ctr, key):
-    """Philox4x32-10 (Salmon et al., SC'11): uint32 counters ``(..., 4)`` and keys ``(..., 2)`` (broadcastable)
-    -> uint32 ``(..., 4)``. Vectorised with exact 64-bit products."""
-    ctr = np.asarray(ctr, dtype=np.uint32).astype(np.uint64)
-    key = np.asarray(key, dtype=np.uint32).astype(np.uint64)
-    c0, c1, c2, c3 = ctr[..., 0], ctr[..., 1], ctr[..., 2], ctr[..., 3]
-    k0, k1 = key[..., 0], key[..., 1]
-    for rnd in range(10):
-        if rnd > 0:  # the key is bumped between rounds
-            k0 = (k0 + _W0) & _MASK32
-            k1 = (k1 + _W1) & _MASK32
-        p0 = _M0 * c0  # (hi0, lo0)
-        p1 = _M1 * c2  # (hi1, lo1)
-        c0, c1, c2, c3 = (p1 >> _SHIFT32) ^ c1 ^ k0, p1 & _MASK32, (p0 >> _SHIFT32) ^ c3 ^ k1, p0 & _MASK32
-    return np.stack(np.broadcast_arrays(c0, c1, c2, c3), axis=-1).astype(np.uint32)
-
-
-def _check_seed_index(seed: int, index: int) -> None:
-    if not 0 <= int(seed) < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    if not 0 <= int(index) < 2**63:
-        raise ValueError(f"sample index must be in [0, 2**63), got {index}")
-
-
-def _stream_blocks(seed: int, index: int, purpose: int, major, call):
-    """Philox blocks of streams (seed, index, purpose, major): call c holds words 4c .. 4c+3. Shape (..., 4)."""
-    _check_seed_index(seed, index)
-    seed, index = int(seed), int(index)
-    major = np.asarray(major, dtype=np.uint64)
-    call = np.asarray(call, dtype=np.uint64)
-    if np.any(call >= 2**24) or np.any(major >= 2**32):
-        raise ValueError("word index must be < 2**26 and major < 2**32")
-    major, call = np.broadcast_arrays(major, call)
-    ctr = np.empty(major.shape + (4,), dtype=np.uint64)
-    ctr[..., 0] = index & 0xFFFFFFFF
-    ctr[..., 1] = index >> 32
-    ctr[..., 2] = np.uint64(purpose) | (call << np.uint64(8))
-    ctr[..., 3] = major
-    return philox4x32_10(ctr, [seed & 0xFFFFFFFF, seed >> 32])
-
-
-def sample_words(seed: int, offset: int, n: int, purpose: int, major: int, n_words: int) -> np.ndarray:
-    """Words 0 .. n_words-1 of the streams (seed, i, purpose, major) of samples i = offset .. offset + n - 1:
-    (n, n_words) uint32, one vectorised Philox call."""
-    _check_seed_index(seed, offset)
-    _check_seed_index(seed, int(offset) + max(int(n) - 1, 0))
-    index = np.arange(int(n), dtype=np.uint64) + np.uint64(int(offset))
-    n_calls = (int(n_words) + 3) // 4
-    ctr = np.empty((int(n), n_calls, 4), dtype=np.uint64)
-    ctr[..., 0] = (index & _MASK32)[:, None]
-    ctr[..., 1] = (index >> _SHIFT32)[:, None]
-    ctr[..., 2] = np.uint64(purpose) | (np.arange(n_calls, dtype=np.uint64) << np.uint64(8))
-    ctr[..., 3] = np.uint64(major)
-    blocks = philox4x32_10(ctr, [int(seed) & 0xFFFFFFFF, int(seed) >> 32])
-    return blocks.reshape(int(n), 4 * n_calls)[:, : int(n_words)]
-
-
-def word(seed: int, index: int, purpose: int, major, w):
-    """Word ``w`` of stream ``(seed, index, purpose, major)``: ``philox4x32_10(ctr, key)[w & 3]`` with
-    ``key = (seed mod 2^32, seed >> 32)`` and ``ctr = (index mod 2^32, index >> 32, purpose | (w >> 2) << 8, major)``.
-    Vectorised over ``major`` and ``w`` (broadcast); returns uint32."""
-    major = np.asarray(major, dtype=np.uint64)
-    w = np.asarray(w, dtype=np.uint64)
-    major, w = np.broadcast_arrays(major, w)
-    block = _stream_blocks(seed, index, purpose, major, w >> np.uint64(2))
-    return np.take_along_axis(block, (w & np.uint64(3)).astype(np.intp)[..., None], axis=-1)[..., 0][()]
-
-
-def _words(seed: int, index: int, purpose: int, major, n_words: int):
-    """Words 0 .. n_words-1 of the streams ``major`` (array): shape ``major.shape + (n_words,)``, uint32."""
-    major = np.asarray(major, dtype=np.uint64)
-    n_calls = (n_words + 3) // 4
-    blocks = _stream_blocks(seed, index, purpose, major[..., None], np.arange(n_calls, dtype=np.uint64))
-    return blocks.reshape(major.shape + (4 * n_calls,))[..., :n_words]
-
-
-def uniform(u32):
-    """``(u32 >> 8) * 2^-24`` as float64: a value in [0, 1), exact in float32 and float64."""
-    return (np.asarray(u32, dtype=np.uint32) >> np.uint32(8)).astype(np.float64) * 2.0**-24
-
-
-def randint(u32, a, b):
-    """Integer in [a, b] (inclusive): ``a + ((u32 * (b - a + 1)) >> 32)`` with a 64-bit product. Returns int64."""
-    a = np.asarray(a, dtype=np.int64)
-    b = np.asarray(b, dtype=np.int64)
-    span = b - a + 1
-    if np.any(span < 1) or np.any(span > 2**32):
-        raise ValueError(f"randint needs 1 <= b - a + 1 <= 2**32, got a={a}, b={b}")
-    u = np.asarray(u32, dtype=np.uint32).astype(np.uint64)
-    return (a + ((u * span.astype(np.uint64)) >> _SHIFT32).astype(np.int64))[()]
+# the purposes were module constants here (reference.GATES, ...): now genesis_ext.streams.Purpose
+__getattr__ = deprecated_aliases(
+    __name__, {p.name: (f"genesis_ext.streams.Purpose.{p.name}", lambda p=p: p) for p in Purpose}
+)
 
 
 def _gate(u32, rate: float) -> bool:
@@ -149,19 +61,19 @@ def derive_params(seed: int, index: int, spatial_shape, config: DeformConfig | N
         raise ValueError(f"spatial_shape must have 2 or 3 positive axes, got {spatial_shape}")
     p: dict = {}
 
-    g = _words(seed, index, GATES, 0, 6)
+    g = words(seed, index, Purpose.GATES, 0, 6)
     p["nonlinear"] = _gate(g[0], config.nonlinear_rate)
     p["local"] = _gate(g[1], config.local_rate)
     p["paint"] = _gate(g[2], config.paint_rate)
     p["inpaint"] = _gate(g[3], config.inpaint_rate)
     p["gaussian"] = _gate(g[4], config.gaussian_noise_rate)
-    u = uniform(word(seed, index, NOISE_STD, 0, 0))
+    u = uniform(word(seed, index, Purpose.NOISE_STD, 0, 0))
     p["noise_std"] = np.float32(config.noise_std_min + (config.noise_std_max - config.noise_std_min) * u)
     p["blur"] = _gate(g[5], config.blur_rate)
-    u = uniform(word(seed, index, BLUR_SIGMA, 0, 0))
+    u = uniform(word(seed, index, Purpose.BLUR_SIGMA, 0, 0))
     p["blur_sigma"] = np.float32(config.blur_sigma_min + (config.blur_sigma_max - config.blur_sigma_min) * u)
 
-    f = _words(seed, index, FLIP, 0, 2 * max(config.max_flips, 1))
+    f = words(seed, index, Purpose.FLIP, 0, 2 * max(config.max_flips, 1))
     flip = np.zeros(ndim, dtype=bool)
     for k in range(config.max_flips):
         if not _gate(f[2 * k], config.flip_rate):
@@ -174,7 +86,7 @@ def derive_params(seed: int, index: int, spatial_shape, config: DeformConfig | N
             flip[axis] = not flip[axis]
     p["flip"] = flip
 
-    b = _words(seed, index, BEZIER, 0, 5)
+    b = words(seed, index, Purpose.BEZIER, 0, 5)
     p["bezier"] = uniform(b[:4])
     p["increasing"] = _gate(b[4], 0.5)
 
@@ -183,7 +95,7 @@ def derive_params(seed: int, index: int, spatial_shape, config: DeformConfig | N
         p["n_holes"], p["holes"] = _painting_boxes(
             seed,
             index,
-            INPAINT,
+            Purpose.INPAINT,
             shape,
             config.max_holes,
             config.hole_continue,
@@ -201,7 +113,7 @@ def derive_params(seed: int, index: int, spatial_shape, config: DeformConfig | N
         p["n_windows"], p["windows"] = _painting_boxes(
             seed,
             index,
-            OUTPAINT,
+            Purpose.OUTPAINT,
             shape,
             config.max_windows,
             config.window_continue,
@@ -227,7 +139,7 @@ def _painting_boxes(seed, index, purpose, shape, count, rate, first_always, lo, 
     ``uniform < rate``, else stop; skipped for k = 0 if ``first_always``), 8k+1+a (size) and 8k+4+a (origin
     ``randint(margin, S - size - margin)``) of stream (purpose, major 0). Returns (n, int32 (count, 2, ndim))."""
     boxes = np.zeros((count, 2, len(shape)), dtype=np.int32)
-    w = _words(seed, index, purpose, 0, 8 * max(count, 1))
+    w = words(seed, index, purpose, 0, 8 * max(count, 1))
     n = 0
     while n < count and ((first_always and n == 0) or _gate(w[8 * n], rate)):
         for a, s in enumerate(shape):
@@ -242,7 +154,7 @@ def _painting_boxes(seed, index, purpose, shape, count, rate, first_always, lo, 
 def _shuffle_blocks(seed, index, shape, num_blocks, block_div):
     """Geometry of all local-shuffle blocks at once: block b uses words a (size ``randint(1, S // block_div)``) and
     3+a (origin ``randint(0, S - size)``) of stream (BLOCK, major b). Returns int32 (num_blocks, 2, ndim)."""
-    w = _words(seed, index, BLOCK, np.arange(num_blocks), 6)
+    w = words(seed, index, Purpose.BLOCK, np.arange(num_blocks), 6)
     blocks = np.empty((num_blocks, 2, len(shape)), dtype=np.int32)
     for a, s in enumerate(shape):
         size = randint(w[:, a], 1, s // block_div)
@@ -253,7 +165,8 @@ def _shuffle_blocks(seed, index, shape, num_blocks, block_div):
 
 def block_permutations(seed: int, index: int, blocks) -> list:
     """Fisher–Yates permutation of every block (docs/randomness.md): block b of n voxels starts from the identity and,
-    for t, k in enumerate(n-1 .. 1), swaps perm[k] and perm[j], j = randint(word(seed, index, BLOCK, b, 6 + t), 0, k).
+    for t, k in enumerate(n-1 .. 1), swaps perm[k] and perm[j], j = randint(word(seed, index,
+    BLOCK, b, 6 + t), 0, k).
     Returns a list of int64 arrays; the voxel at block-local position p receives local position perm[p].
 
     The per-block loops run side by side over all blocks (step t of every block at once); each block's result is
@@ -269,16 +182,16 @@ def block_permutations(seed: int, index: int, blocks) -> list:
     counts = np.where(n >= 2, last_call, 0)  # calls 1 .. last_call
     rows = np.repeat(np.arange(nb), counts)
     calls = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + 1
-    words = np.zeros((nb, int(last_call.max()) + 1, 4), dtype=np.uint32)
-    words[rows, calls] = _stream_blocks(seed, index, BLOCK, rows, calls)
-    words = words.reshape(nb, -1)
+    drawn = np.zeros((nb, int(last_call.max()) + 1, 4), dtype=np.uint32)
+    drawn[rows, calls] = stream_blocks(seed, index, Purpose.BLOCK, rows, calls)
+    drawn = drawn.reshape(nb, -1)
 
     perm = np.tile(np.arange(n_max, dtype=np.int64), (nb, 1))
     for t in range(n_max - 1):
         k = n - 1 - t
         r = np.nonzero(k >= 1)[0]
         k = k[r]
-        j = randint(words[r, 6 + t], 0, k)
+        j = randint(drawn[r, 6 + t], 0, k)
         perm_k, perm_j = perm[r, k], perm[r, j]
         perm[r, k] = perm_j
         perm[r, j] = perm_k
@@ -290,7 +203,9 @@ def noise(seed: int, index: int, shape) -> np.ndarray:
     is ``uniform(word(seed, index, NOISE, e >> 2, e & 3))``. float32 in [0, 1)."""
     shape = tuple(int(s) for s in shape)
     size = int(np.prod(shape))
-    blocks = _stream_blocks(seed, index, NOISE, np.arange((size + 3) // 4), 0)  # word w of major m is element 4m + w
+    blocks = stream_blocks(
+        seed, index, Purpose.NOISE, np.arange((size + 3) // 4), 0
+    )  # word w of major m is element 4m + w
     return uniform(blocks.reshape(-1)[:size]).astype(np.float32).reshape(shape)
 
 
@@ -348,7 +263,7 @@ def gaussian(seed: int, index: int, shape) -> np.ndarray:
     shape = tuple(int(s) for s in shape)
     size = int(np.prod(shape))
     e = np.arange(size, dtype=np.int64)
-    blocks = _stream_blocks(seed, index, GAUSSIAN, e >> 2, 0)
+    blocks = stream_blocks(seed, index, Purpose.GAUSSIAN, e >> 2, 0)
     pair = (e & 2).astype(np.intp)
     u1 = uniform(np.take_along_axis(blocks, pair[:, None], axis=1)[:, 0])
     u2 = uniform(np.take_along_axis(blocks, pair[:, None] + 1, axis=1)[:, 0])

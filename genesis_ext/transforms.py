@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ops, reference
+from . import ops
 from .config import DeformConfig
 from .deformation import PixelDeformation, check_deformations
-
-_PROB_PURPOSE = 10  # docs/randomness.md: the GenesisDeform gate of sample i, major = crc32 of the op's name
+from .streams import Purpose, sample_words, uniform
 
 
 class _Stream(nn.Module):
@@ -133,7 +132,7 @@ class GenesisDeform(_Stream):
         out = getattr(ops, self.op)(x, seed=self.seed, offset=start, config=self.config, spatial_dims=self.spatial_dims)
         if self.prob == 1.0:
             return out
-        coin = reference.uniform(_coins(self.seed, int(start), int(x.shape[0]), zlib.crc32(self.op.encode())))
+        coin = uniform(_coins(self.seed, int(start), int(x.shape[0]), zlib.crc32(self.op.encode())))
         keep = (coin >= self.prob).reshape(-1, *([1] * (x.ndim - 1)))
         if isinstance(x, np.ndarray):
             return np.where(keep, x, out)
@@ -144,5 +143,5 @@ class GenesisDeform(_Stream):
 
 
 def _coins(seed: int, start: int, n: int, major: int) -> np.ndarray:
-    """Word 0 of stream (seed, i, _PROB_PURPOSE, major) for each global index i = start .. start + n - 1."""
-    return reference.sample_words(seed, start, n, _PROB_PURPOSE, major, 1)[:, 0]
+    """Word 0 of stream (seed, i, DEFORM_PROB, major) for each global index i = start .. start + n - 1."""
+    return sample_words(seed, start, n, Purpose.DEFORM_PROB, major, 1)[:, 0]

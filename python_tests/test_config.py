@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
+from pathlib import Path
 
 import hypothesis
 import numpy as np
@@ -14,6 +16,9 @@ from hypothesis import strategies as st
 import genesis_ext
 from genesis_ext import _C, DeformConfig
 from genesis_ext.config import MAX_BLOCKS, MAX_SHUFFLE_COVERAGE
+from genesis_ext.streams import Purpose
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -111,6 +116,25 @@ def test_python_and_core_declare_the_same_fields():
     config = DeformConfig(max_holes=8, hole_continue=1.0, max_windows=1, margin=0, hole_div_min=4, hole_div_max=4)
     p = genesis_ext.sample_params(1, (40, 40, 40), seed=1, config=config, with_blocks=False)
     assert p["n_holes"][0] == 8 and (p["holes"][0, :, 1] == 10).all()  # 8 holes of 40 // 4 = 10 voxels per axis
+
+
+def test_one_registry_of_random_streams(monkeypatch):
+    """The purposes of docs/randomness.md's table, streams.Purpose and the compiled core's GENESIS_PURPOSES
+    (csrc/philox.h) are one list; genesis_ext refuses to import when Python and C++ differ."""
+    rows = re.findall(r"^\| ([A-Z_]+) \| (\d+) \|", (REPO / "docs" / "randomness.md").read_text(), re.M)
+    documented = {name: int(value) for name, value in rows}
+    assert documented == {p.name: int(p) for p in Purpose} == dict(_C.PURPOSES)
+    monkeypatch.setattr(_C, "PURPOSES", {**_C.PURPOSES, "USER": 13})
+    with pytest.raises(ImportError, match="streams.Purpose .* differs from the compiled core's purposes"):
+        genesis_ext.ops._check_core_declarations()
+
+
+def test_renamed_names_still_import_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="USER_PURPOSE is deprecated, use genesis_ext.streams.Purpose.USER"):
+        from genesis_ext.deformation import USER_PURPOSE
+    assert USER_PURPOSE == Purpose.USER == 12
+    with pytest.raises(AttributeError, match="has no attribute 'NO_SUCH_NAME'"):
+        genesis_ext.deformation.NO_SUCH_NAME
 
 
 @pytest.mark.parametrize("deformation", ["local", "inpaint", "outpaint"])

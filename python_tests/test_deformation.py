@@ -12,7 +12,7 @@ import pytest
 import genesis_ext
 from genesis_ext import DeformConfig, GenesisPair, PixelDeformation
 from genesis_ext import reference as R
-from genesis_ext.deformation import PAIR_ORDER, USER_PURPOSE
+from genesis_ext.deformation import PAIR_ORDER
 
 torch = pytest.importorskip("torch")
 
@@ -70,7 +70,7 @@ def test_deformation_runs_where_it_says(cubes):
 
 def test_gates_and_uniforms_are_the_named_stream_of_each_sample(cubes):
     """fn sees only the samples whose gate fired, with their own uniforms: words 0 and 1.. of stream
-    (seed, i, USER_PURPOSE, crc32(name)). The result does not depend on how the batch is split."""
+    (seed, i, USER = 12, crc32(name)) of docs/randomness.md. The result does not depend on how the batch is split."""
     seen = []
 
     def record(x, u):
@@ -79,7 +79,7 @@ def test_gates_and_uniforms_are_the_named_stream_of_each_sample(cubes):
 
     shift = PixelDeformation("shift", record, rate=0.6, uniforms=3)
     whole, _ = genesis_ext.genesis_pair(cubes, seed=9, offset=40, deformations=[shift])
-    words = R.sample_words(9, 40, len(cubes), USER_PURPOSE, zlib.crc32(b"shift"), 4)
+    words = R.sample_words(9, 40, len(cubes), 12, zlib.crc32(b"shift"), 4)
     gate = R.uniform(words[:, 0]) < 0.6
     assert 0 < gate.sum() < len(cubes)
     assert np.array_equal(seen[-1].numpy(), R.uniform(words[gate, 1:]).astype(np.float32))  # after the probe call

@@ -1,6 +1,6 @@
-"""Tests of genesis_ext.reference against shared/spec/models_genesis.md and docs/randomness.md.
+"""Tests of genesis_ext.reference against the Models Genesis paper, its published code and docs/randomness.md.
 
-Expected values come from the spec (known-answer vectors, the published rates and measured figures, the written
+Expected values come from those (known-answer vectors, the published rates and measured figures, the written
 word layout and loops), never from the module itself.
 """
 
@@ -25,6 +25,7 @@ except Exception:  # the package may need its compiled _C: load the pure-numpy m
     R = importlib.import_module(f"{_alias}.reference")
 
 DeformConfig = R.DeformConfig
+P = R.Purpose  # genesis_ext.streams.Purpose, re-exported by the reference
 # Random123's Philox known answers, the file kernel_cases reads too (this module must not need the compiled core)
 PHILOX_KAT = [
     tuple([int(w, 16) for w in v[part]] for part in ("counter", "key", "output"))
@@ -65,22 +66,22 @@ def test_word_layout(seed, index):
     # key = (seed mod 2^32, seed >> 32); ctr = (i mod 2^32, i >> 32, purpose | (w >> 2) << 8, major); word = out[w & 3]
     key = [seed % 2**32, seed >> 32]
     for purpose, major, w in [
-        (R.GATES, 0, 3),
-        (R.FLIP, 0, 5),
-        (R.BLOCK, 9999, 6),
-        (R.BLOCK, 4, 113),
-        (R.NOISE, 2**31, 2),
+        (P.GATES, 0, 3),
+        (P.FLIP, 0, 5),
+        (P.BLOCK, 9999, 6),
+        (P.BLOCK, 4, 113),
+        (P.NOISE, 2**31, 2),
     ]:
         ctr = [index % 2**32, index >> 32, purpose | ((w >> 2) << 8), major]
         assert int(R.word(seed, index, purpose, major, w)) == int(R.philox4x32_10(ctr, key)[w & 3])
     majors, ws = np.arange(5), np.array([0, 1, 2, 7, 30])
-    got = R.word(seed, index, R.BLOCK, majors, ws)
+    got = R.word(seed, index, P.BLOCK, majors, ws)
     assert got.dtype == np.uint32 and got.shape == (5,)
-    assert [int(g) for g in got] == [int(R.word(seed, index, R.BLOCK, int(m), int(w))) for m, w in zip(majors, ws)]
+    assert [int(g) for g in got] == [int(R.word(seed, index, P.BLOCK, int(m), int(w))) for m, w in zip(majors, ws)]
 
 
 def test_purpose_constants():
-    assert (R.GATES, R.FLIP, R.BEZIER, R.BLOCK, R.INPAINT, R.OUTPAINT, R.NOISE) == (1, 2, 3, 4, 5, 6, 7)
+    assert (P.GATES, P.FLIP, P.BEZIER, P.BLOCK, P.INPAINT, P.OUTPAINT, P.NOISE) == (1, 2, 3, 4, 5, 6, 7)
 
 
 def test_uniform_exact_formula():
@@ -125,40 +126,40 @@ def spec_params(seed, index, shape, cfg):
         return a + ((u * (b - a + 1)) >> 32)
 
     p = {
-        "nonlinear": U(w(R.GATES, 0)) < cfg.nonlinear_rate,
-        "local": U(w(R.GATES, 1)) < cfg.local_rate,
-        "paint": U(w(R.GATES, 2)) < cfg.paint_rate,
-        "inpaint": U(w(R.GATES, 3)) < cfg.inpaint_rate,
+        "nonlinear": U(w(P.GATES, 0)) < cfg.nonlinear_rate,
+        "local": U(w(P.GATES, 1)) < cfg.local_rate,
+        "paint": U(w(P.GATES, 2)) < cfg.paint_rate,
+        "inpaint": U(w(P.GATES, 3)) < cfg.inpaint_rate,
     }
     flip = [False] * len(shape)
     k = 0
-    while k < cfg.max_flips and U(w(R.FLIP, 2 * k)) < cfg.flip_rate:
-        draw = w(R.FLIP, 2 * k + 1)
+    while k < cfg.max_flips and U(w(P.FLIP, 2 * k)) < cfg.flip_rate:
+        draw = w(P.FLIP, 2 * k + 1)
         axis = rint(draw, 0, 2) - 1 if cfg.flip_compat else rint(draw, 0, len(shape) - 1)
         if axis >= 0:
             flip[axis] = not flip[axis]
         k += 1
     p["flip"] = flip
-    p["bezier"] = [U(w(R.BEZIER, j)) for j in range(4)]
-    p["increasing"] = U(w(R.BEZIER, 4)) < 0.5
+    p["bezier"] = [U(w(P.BEZIER, j)) for j in range(4)]
+    p["increasing"] = U(w(P.BEZIER, 4)) < 0.5
     holes = []
-    while len(holes) < cfg.max_holes and U(w(R.INPAINT, 8 * len(holes))) < cfg.hole_continue:
+    while len(holes) < cfg.max_holes and U(w(P.INPAINT, 8 * len(holes))) < cfg.hole_continue:
         k = len(holes)
         size = [
-            rint(w(R.INPAINT, 8 * k + 1 + a), s // cfg.hole_div_min, s // cfg.hole_div_max) for a, s in enumerate(shape)
+            rint(w(P.INPAINT, 8 * k + 1 + a), s // cfg.hole_div_min, s // cfg.hole_div_max) for a, s in enumerate(shape)
         ]
-        origin = [rint(w(R.INPAINT, 8 * k + 4 + a), cfg.margin, s - size[a] - cfg.margin) for a, s in enumerate(shape)]
+        origin = [rint(w(P.INPAINT, 8 * k + 4 + a), cfg.margin, s - size[a] - cfg.margin) for a, s in enumerate(shape)]
         holes.append((origin, size))
     p["holes"] = holes
     windows = []
-    while len(windows) < cfg.max_windows and (not windows or U(w(R.OUTPAINT, 8 * len(windows))) < cfg.window_continue):
+    while len(windows) < cfg.max_windows and (not windows or U(w(P.OUTPAINT, 8 * len(windows))) < cfg.window_continue):
         k = len(windows)
         size = [
             s
-            - rint(w(R.OUTPAINT, 8 * k + 1 + a), cfg.cut_min_num * s // cfg.cut_den, cfg.cut_max_num * s // cfg.cut_den)
+            - rint(w(P.OUTPAINT, 8 * k + 1 + a), cfg.cut_min_num * s // cfg.cut_den, cfg.cut_max_num * s // cfg.cut_den)
             for a, s in enumerate(shape)
         ]
-        origin = [rint(w(R.OUTPAINT, 8 * k + 4 + a), cfg.margin, s - size[a] - cfg.margin) for a, s in enumerate(shape)]
+        origin = [rint(w(P.OUTPAINT, 8 * k + 4 + a), cfg.margin, s - size[a] - cfg.margin) for a, s in enumerate(shape)]
         windows.append((origin, size))
     p["windows"] = windows
     return p
@@ -182,7 +183,7 @@ def test_derive_params_matches_written_layout(shape, compat):
         blocks = got["blocks"]
         assert blocks.shape == (cfg.num_blocks, 2, len(shape)) and blocks.dtype == np.int32
         for b in (0, 1, 4321, cfg.num_blocks - 1):
-            words = [int(R.word(SEED, index, R.BLOCK, b, k)) for k in range(6)]
+            words = [int(R.word(SEED, index, P.BLOCK, b, k)) for k in range(6)]
             size = [1 + ((words[a] * (s // cfg.block_div)) >> 32) for a, s in enumerate(shape)]
             origin = [(words[3 + a] * (s - size[a] + 1)) >> 32 for a, s in enumerate(shape)]
             assert blocks[b].tolist() == [origin, size]
@@ -263,7 +264,7 @@ def test_block_permutations_follow_the_written_loop():
         n = int(np.prod(p["blocks"][b, 1]))
         perm = list(range(n))
         for t, k in enumerate(range(n - 1, 0, -1)):
-            j = (int(R.word(SEED, 3, R.BLOCK, int(b), 6 + t)) * (k + 1)) >> 32
+            j = (int(R.word(SEED, 3, P.BLOCK, int(b), 6 + t)) * (k + 1)) >> 32
             perm[k], perm[j] = perm[j], perm[k]
         assert list(perms[b]) == perm
     assert all(sorted(q.tolist()) == list(range(len(q))) for q in perms)
@@ -386,7 +387,7 @@ def test_noise_values():
     assert z.dtype == np.float32 and z.shape == shape
     flat = z.reshape(-1)
     for e in (0, 1, 2, 3, 4, 5, 211, 419):  # element e = c * voxels + spatial index
-        assert flat[e] == ((int(R.word(SEED, 9, R.NOISE, e >> 2, e & 3)) >> 8) * 2.0**-24)
+        assert flat[e] == ((int(R.word(SEED, 9, P.NOISE, e >> 2, e & 3)) >> 8) * 2.0**-24)
     big = R.noise(SEED, 10, (2, *SHAPE))
     assert big.min() >= 0.0 and big.max() < 1.0
     assert abs(big.mean() - 0.5) < 0.005 and abs(big.var() - 1 / 12) < 0.002
@@ -513,7 +514,7 @@ def test_sample_indices_stop_below_2_63_as_the_ops_do():
     with pytest.raises(ValueError, match=match):
         R.genesis_pair_batch(x, seed=1, offset=2**63 - 2, config=config)
     with pytest.raises(ValueError, match=match):
-        R.sample_words(1, 2**63 - 2, 3, R.GATES, 0, 1)
+        R.sample_words(1, 2**63 - 2, 3, P.GATES, 0, 1)
     with pytest.raises(ValueError, match=match):
         R.derive_params(1, 2**63, (12, 12, 12), config)
-    assert R.sample_words(1, 2**63 - 2, 2, R.GATES, 0, 1).shape == (2, 1)  # up to 2**63 - 1
+    assert R.sample_words(1, 2**63 - 2, 2, P.GATES, 0, 1).shape == (2, 1)  # up to 2**63 - 1
