@@ -1,5 +1,5 @@
 """Restoration MSE of a pre-training checkpoint on its run's held-out cubes, per painting branch, against the
-identity and mean baselines: the table in README "Pre-training".
+identity and mean baselines: the table in docs/training.md.
 
     python benchmarks/eval_pretrain.py RUN_DIR [--checkpoint best|last|PATH] [--repeats 12] [--data PATH ...]
 
@@ -24,9 +24,9 @@ from genesis_ext.models import load_pretrained
 from genesis_ext.train.pretraining import (
     BRANCHES,
     PretrainConfig,
-    _branches,
     _dataset,
     _Split,
+    branches,
     mean_baseline,
     pair_errors,
 )
@@ -65,7 +65,7 @@ def evaluate(
     errors = {key: np.concatenate([r[key] for r in runs]) for key in ("model", "identity", "sum", "sumsq")}
     errors["voxels"] = runs[0]["voxels"]
     branch = [
-        _branches(sample_params(len(cubes), cubes.shape[2:], seed=seed + k, config=deform, with_blocks=False))
+        branches(sample_params(len(cubes), cubes.shape[2:], seed=seed + k, config=deform, with_blocks=False), seed + k)
         for k in range(repeats)
     ]
     return {

@@ -240,7 +240,9 @@ class Stage:
     - ``gate``: its gate's key in ``sample_params`` (flip: None, it draws per-axis flips instead);
     - ``size_rules``: the size rules (``DeformConfig.min_axis_length``) it needs;
     - ``ops``: its single ops, ``genesis_ext.<name>``, with their docstrings (painting: ``inpaint`` and
-      ``outpaint``, whose size rules have their names and count where their rate is above 0).
+      ``outpaint``, whose size rules have their names and count where their rate is above 0);
+    - ``choose``: for a stage of two ops, the ``sample_params`` key that picks the first where it is set (else the
+      second), read by ``genesis_ext.applied``.
 
     genesis_ext.ops makes the single ops from ``ops``, and checks them against the compiled core's op list
     (csrc/deformations.h); the reference pair, the user deformations' positions and the tests follow PAIR_STAGES."""
@@ -249,6 +251,7 @@ class Stage:
     gate: str | None
     size_rules: tuple[str, ...]
     ops: dict[str, str]
+    choose: str | None = None
 
 
 # The pair's stages in its order (csrc/deformations.h GENESIS_GATED between flip and painting).
@@ -322,6 +325,7 @@ PAIR_STAGES = {
     ``max_windows`` inner windows becomes uniform noise in [0, 1) (independent per voxel and channel); the windows keep
     their content.""",
         },
+        choose="inpaint",
     ),
 }
 SINGLE_OPS = tuple(name for stage in PAIR_STAGES.values() for name in stage.ops)  # genesis_ext.<name>, pair order

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from genesis_ext.applied import applied, deformation_names
 from genesis_ext.data import Foreground, Window, extract_cubes, load_volume
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -35,7 +36,7 @@ CUBE = (64, 64, 32)
 HU_WINDOW = (-1000.0, 1000.0)
 SCALE = 3  # pixels per voxel in the figure
 DEMO_WIDTH = 0.25  # a U-Net of 1/16 the published parameters: enough steps in minutes of CPU to beat the baselines
-DEMO_STEPS = 550  # about 3 minutes on the 2-core CPU with one thread (README, "Demo")
+DEMO_STEPS = 550  # about 3 minutes on the 2-core CPU with one thread (docs/install.md, the demo)
 DEMO_EPOCH_STEPS = 10
 
 
@@ -86,24 +87,6 @@ def pipeline_cubes(volumes, count: int, rng: np.random.Generator, size=CUBE):
     return batch, where
 
 
-def fired(params: dict, n: int) -> list[str]:
-    """Names of the deformations that sample ``n`` of a ``genesis_pair`` call got (in the order they are applied)."""
-    parts = []
-    axes = [name for name, f in zip("XYZ", params["flip"][n]) if f]
-    if axes:
-        parts.append("flip " + "".join(axes))
-    if params["local"][n]:
-        parts.append("shuffle")
-    if params["nonlinear"][n]:
-        parts.append("Bezier " + ("increasing" if params["increasing"][n] else "decreasing"))
-    if params["paint"][n]:
-        if params["inpaint"][n]:
-            parts.append(f"in-paint ({params['n_holes'][n]} holes)")
-        else:
-            parts.append(f"out-paint ({params['n_windows'][n]} windows)")
-    return parts or ["none (identity)"]
-
-
 def _font(size: int):
     from PIL import ImageFont
 
@@ -123,12 +106,12 @@ def _tile(cube: np.ndarray):
 
 
 def render(original, deformed, target, captions: list[str], title: str):
-    """PNG grid: a header, then per sample a caption line over three tiles (original, input, target)."""
+    """PNG grid: a header, then per sample a caption of two lines over three tiles (original, input, target)."""
     from PIL import Image, ImageDraw
 
     head_font, font = _font(16), _font(14)
     tile_w, tile_h = CUBE[0] * SCALE, CUBE[1] * SCALE
-    gap, cap_h, head_h = 8, 24, 56
+    gap, cap_h, head_h = 8, 40, 56
     width = 3 * tile_w + 4 * gap
     height = head_h + len(captions) * (cap_h + tile_h + gap)
     sheet = Image.new("RGB", (width, height), "white")
@@ -211,14 +194,14 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     deformed, target = genesis_pair(batch, seed=args.seed)
     ms = (time.perf_counter() - start) * 1e3
-    params = sample_params(args.count, CUBE, seed=args.seed, with_blocks=False)
+    records = applied(sample_params(args.count, CUBE, seed=args.seed, with_blocks=False), args.seed)
 
     captions = []
     for n, (k, origin) in enumerate(where):
         at = ",".join(map(str, origin))
-        caption = f"{n}: {Path(inputs[k]).name.split('.')[0]} @({at})  " + ", ".join(fired(params, n))
+        caption = f"{n}: {Path(inputs[k]).name.split('.')[0]} @({at})\n" + records[n].caption()
         mid = CUBE[2] // 2
-        deformed_at_all = params["local"][n] or params["nonlinear"][n] or params["paint"][n]
+        deformed_at_all = any(name != "flip" for name in records[n].fired)
         if deformed_at_all and np.array_equal(deformed[n, ..., mid], target[n, ..., mid], equal_nan=True):
             caption += " - not in this slice"
         captions.append(caption)
@@ -227,17 +210,8 @@ def main(argv=None) -> int:
     path = args.out / "genesis_pairs.png"
     render(batch, deformed, target, captions, title).save(path)
 
-    counts = {
-        name: int(np.sum(m))
-        for name, m in (
-            ("flip", params["flip"].any(axis=1)),
-            ("shuffle", params["local"]),
-            ("Bezier", params["nonlinear"]),
-            ("in-paint", params["paint"] & params["inpaint"]),
-            ("out-paint", params["paint"] & ~params["inpaint"]),
-        )
-    }
-    fired_text = ", ".join(f"{name} {c}/{args.count}" for name, c in counts.items())
+    counts = {name: sum(name in r for r in records) for name in ("flip", *deformation_names())}
+    fired_text = ", ".join(f"{name} {c}/{args.count}" for name, c in counts.items() if c)
     print(f"wrote {path}")
     print(
         f"{args.count} cubes {'x'.join(map(str, CUBE))} from {len(volumes)} volume(s) in {ms:.1f} ms "
@@ -261,7 +235,7 @@ def pretrain_demo(inputs, out: Path, steps: int, cube, seed: int, dims: int = 3)
     suffix = "" if dims == 3 else "2d"
     cubes, run = out / f"cubes{suffix}", out / f"run{suffix}"
     # lung cubes (the published filter): on soft-tissue cubes a decreasing Bézier map is hard to tell from an
-    # increasing one, and the network long predicts little more than the mean (README, "Pre-training")
+    # increasing one, and the network long predicts little more than the mean (docs/training.md)
     status = cli(
         [
             "extract",

@@ -32,6 +32,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
 from . import ops
+from .applied import applied, deformation_names
 from .config import DeformConfig
 from .data.intensity import unit_range_problem
 from .data.io import label_map_reason
@@ -42,20 +43,10 @@ _INDEX_LIMIT = 2**62  # sample indices drawn from R: far from the 2**63 offset l
 _SPATIAL = {2: "H, W", 3: "X, Y, Z"}
 
 
-def _applied(seed: int, index: int, spatial, config: DeformConfig) -> dict:
-    """What the pair did to one sample: fixed keys and sizes, so MONAI's collation stacks them."""
+def _applied(seed: int, index: int, spatial, config: DeformConfig, deformations) -> dict:
+    """What the pair did to one sample (genesis_ext.applied): fixed keys and sizes, so MONAI's collation stacks them."""
     p = ops.sample_params(1, spatial, seed=seed, offset=index, config=config, with_blocks=False)
-    painted = bool(p["paint"][0])
-    return {
-        "seed": seed,
-        "index": index,
-        "nonlinear": bool(p["nonlinear"][0]),
-        "local": bool(p["local"][0]),
-        "gaussian": bool(p["gaussian"][0]),
-        "inpaint": painted and bool(p["inpaint"][0]),
-        "outpaint": painted and not p["inpaint"][0],
-        "flip": p["flip"][0].tolist(),
-    }
+    return applied(p, seed, deformations)[0].as_dict(deformation_names(deformations))
 
 
 def _wrap(result: torch.Tensor, like, record: dict):
@@ -176,7 +167,7 @@ class GenesisPaird(Randomizable, MapTransform):
         if not samples:
             return d
         spatial = _shared_shape("GenesisPaird", {key: tuple(x.shape[1:]) for key, x in samples.items()})
-        record = _applied(self.seed, self.index, spatial, self.config)
+        record = _applied(self.seed, self.index, spatial, self.config, self.deformations)
         for key, x in samples.items():
             deformed, target = ops.genesis_pair(
                 x[None],

@@ -116,9 +116,9 @@ def test_run_writes_logs_checkpoints_and_previews(uninterrupted):
     assert min(r["val_loss"] for r in rows) < base["identity"]  # a sanity check only: even untrained weights beat it
     # the per-branch losses split the total by the painting branch of each fixed validation pair
     from genesis_ext import sample_params
-    from genesis_ext.train.pretraining import BRANCHES, _branches
+    from genesis_ext.train.pretraining import BRANCHES, branches
 
-    branch = _branches(sample_params(4, CUBE, seed=2, with_blocks=False))
+    branch = branches(sample_params(4, CUBE, seed=2, with_blocks=False), 2)
     counts = {b: int((branch == b).sum()) for b in BRANCHES}
     assert sum(counts.values()) == 4 and max(counts.values()) < 4  # 4 validation cubes, more than one branch
 

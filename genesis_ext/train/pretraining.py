@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..applied import applied
 from ..config import DeformConfig
 from ..models import UNet2D, UNet3D, load_pretrained
 from ..ops import genesis_pair, sample_params
@@ -56,7 +57,7 @@ from .logs import preview_image, save_png
 from .trainer import NonFiniteLossError, Trainer  # noqa: F401 (NonFiniteLossError: public here)
 
 # Presets: the published settings, and the default (Adam: the published SGD at lr 1.0 is reported to collapse to a
-# constant output; see README "Pre-training" for the measured curves).
+# constant output; see docs/training.md for the measured curves).
 PRESETS = {
     "official": dict(
         optimizer="sgd", lr=1.0, momentum=0.9, batch_size=6, lr_step_epochs=40, lr_gamma=0.5, patience=50, epochs=10000
@@ -79,14 +80,10 @@ PRESETS = {
 BRANCHES = ("outpaint", "inpaint", "shuffle", "bezier", "none")
 
 
-def _branches(params: dict) -> np.ndarray:
-    """The branch of each pair of ``sample_params``."""
-    paint, inpaint, local, nonlinear = (
-        np.asarray(params[k], dtype=bool) for k in ("paint", "inpaint", "local", "nonlinear")
-    )
-    return np.select(
-        [paint & ~inpaint, paint & inpaint, local, nonlinear], ["outpaint", "inpaint", "shuffle", "bezier"], "none"
-    )
+def branches(params: dict, seed: int) -> np.ndarray:
+    """The branch (``BRANCHES``) of each pair of ``sample_params`` drawn with ``seed``, from its ``Applied`` record."""
+    ops = ("outpaint", "inpaint", "local_shuffle", "bezier_remap")
+    return np.array([next((b for op, b in zip(ops, BRANCHES) if op in r), "none") for r in applied(params, seed)])
 
 
 @dataclass
@@ -392,7 +389,7 @@ class PretrainTrainer(Trainer):
         # the branch of each validation pair: out-painting hides ~2/3 of a cube, so its loss has a large floor
         n_val = len(items) * cfg.val_repeats
         params = sample_params(n_val, self.spatial, seed=cfg.val_seed, config=cfg.deform, with_blocks=False)
-        self.branch = _branches(params)
+        self.branch = branches(params, cfg.val_seed)
         self.base, self._first = None, None
 
     def _freeze_val_volumes(self) -> None:
@@ -479,6 +476,7 @@ class PretrainTrainer(Trainer):
             "target_mean": float(errors["sum"].sum() / (errors["voxels"] * len(ident))),
             **self._by_branch(ident, "identity"),
             **self._by_branch(const, "mean"),
+            "pairs": {b: int((self.branch == b).sum()) for b in BRANCHES},
         }
 
     def baselines(self) -> dict:
