@@ -1,7 +1,7 @@
 """Cube extraction benchmarks: the vectorised official-lung filter vs the published voxel loop, and whole
 ``genesis-ext extract`` runs, on real CT.
 
-    python benchmarks/bench_extract.py [--loop-candidates 20] [--repeats 3] [--large 6]   # the report (README numbers)
+    python benchmarks/bench_extract.py [--loop-candidates 20] [--repeats 3] [--large 6]  # the report (docs/data.md)
     python -m pytest benchmarks/bench_extract.py -q --benchmark-disable       # each benchmark once, as a test
 
 Input: the real 512x512x48 chest-CT DICOM series in ../shared/data (needs SimpleITK; skipped if absent) and the two

@@ -4,20 +4,23 @@ initial weights for the same number of steps, scored on the same validation pair
     python benchmarks/bench_learning.py --steps 2000 --width 0.25 --cube 32 32 16 --out learning_out
     python benchmarks/bench_learning.py --steps 16000 --eval-every 100 --threads 1 --jobs 2 --out learning_out
 
-The second is README's run: both recipes at once, one thread each, each logging to ``OUT/<recipe>.log``. Run again
-with more ``--steps`` to continue both runs from their last checkpoints (the continuation equals an uninterrupted run).
+The second is the run of docs/results/learning_parity.md: both recipes at once, one thread each, each logging to
+``OUT/<recipe>.log``. Run again with more ``--steps`` to continue both runs from their last checkpoints (the
+continuation equals an uninterrupted run).
 
 (A) ``official``: SGD lr 1.0, momentum 0.9, batch 6, the published deformation probabilities; (B) ``default``: Adam
 lr 1e-3, batch 6, the same deformations (``genesis_ext.train.pretraining.PRESETS``). Cubes are cut from the chest CT
 of ../shared/data (popi-4dct and lung-pet-ct-dx, the published lung filter) into ``OUT/cubes``; both runs hold out
 the same fixed, seeded share of them and deform it with the same validation seed, and start from the same seed.
 Writes ``OUT/official/`` and ``OUT/default/`` (each a pre-training run: ``metrics.csv``, ``curve.png``, checkpoints),
-``OUT/learning.csv`` (one row per recipe and evaluation: step, validation MSE, per painting branch) and
+``OUT/learning.csv`` (one row per recipe and evaluation: step, validation MSE, per painting branch),
+``OUT/learning_baselines.json`` (the validation pairs' baselines and pairs per branch),
 ``OUT/learning.png`` (validation MSE of both against the steps, with the identity and constant-mean baselines),
 ``OUT/branches_<recipe>.png`` (per deformation branch: out-painted, in-painted, shuffled, Bézier-only, none, each over
-its own constant-mean baseline), and prints the tables for README: the final and best MSE, per branch, the mean per
-window of ``--window`` steps, and whether each curve has settled (its last window within 2 % of the one before). A
-speed or loss threshold is not this script's business: it reports.
+its own constant-mean baseline), and prints a summary: the final and best MSE, per branch, the mean per
+window of ``--window`` steps, and whether each curve has settled (its last window within 2 % of the one before).
+``benchmarks/render_learning_parity.py`` renders the page from the CSV and the JSON. A speed or loss threshold is not
+this script's business: it reports.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ from genesis_ext.train import PretrainConfig, pretrain, read_csv
 from genesis_ext.train.logs import curve_image, save_png
 from genesis_ext.train.pretraining import BRANCHES
 
+sys.path.insert(0, str(Path(__file__).parent))  # the renderer beside this file (pytest's importlib mode adds no folder)
+from render_learning_parity import SETTLED, window_means  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = [REPO.parent / "shared" / "data" / name for name in ("popi-4dct", "lung-pet-ct-dx")]
 RECIPES = ("official", "default")
-SETTLED = 0.02  # the relative change between two windows within which a curve has settled
 FIELDS = ("recipe", "step", "val_loss", *(f"val_{b}" for b in BRANCHES), "train_loss", "lr")
 
 
@@ -104,8 +109,8 @@ def train_logged(recipe: str, store: Path, args) -> Path:
 
 
 def train_all(store: Path, args) -> list:
-    """Train every recipe: one after the other, or ``--jobs`` at once in spawned processes (README's run: one thread
-    each on the 2-core machine)."""
+    """Train every recipe: one after the other, or ``--jobs`` at once in spawned processes (the
+    published run: one thread each on the 2-core machine)."""
     if args.jobs <= 1:
         return [train(recipe, store, args) for recipe in RECIPES]
     spawn = multiprocessing.get_context("spawn")
@@ -127,6 +132,7 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, FIELDS)
         writer.writeheader()
         writer.writerows(r for rows in runs.values() for r in rows)
+    (args.out / "learning_baselines.json").write_text(json.dumps(base, indent=2))  # beside the CSV, for the renderer
     series = {f"{recipe}: validation": [(r["step"], r["val_loss"]) for r in rows] for recipe, rows in runs.items()}
     image = curve_image(series, {"identity": base["identity"], "constant mean": base["mean"]}, "learning parity")
     if image is not None:
@@ -138,7 +144,7 @@ def main(argv=None) -> int:
 
 
 def report(runs: dict, base: dict, args) -> None:
-    """Print README's tables from ``runs`` (recipe -> its rows): final and best MSE, the final MSE per branch, the
+    """Print the tables from ``runs`` (recipe -> its rows): final and best MSE, the final MSE per branch, the
     window means and the settling check."""
     per = args.window // args.eval_every
     print(
@@ -171,19 +177,11 @@ def report(runs: dict, base: dict, args) -> None:
         print(f"  {recipe}: {before:.5f} -> {last:.5f} ({change:+.1%}): {verdict}")
 
 
-def window_means(rows: list, per: int) -> list:
-    """(last step, mean validation MSE) of ``rows`` cut into consecutive windows of ``per`` evaluations, the last
-    window ending at the last row (the first may be shorter)."""
-    per = max(1, per)
-    chunks = [rows[max(0, end - per) : end] for end in range(len(rows), 0, -per)][::-1]
-    return [(chunk[-1]["step"], sum(r["val_loss"] for r in chunk) / len(chunk)) for chunk in chunks]
-
-
 def settling(rows: list, per: int) -> tuple[float, float, float] | None:
     """Mean validation MSE over the last ``per`` evaluations and the ``per`` before, and the relative change.
 
     A curve has settled when the change is within ``SETTLED`` (2 %). At 272 validation pairs one evaluation scatters
-    by 2-3 % around its neighbours, so the difference of two 10-evaluation means by about 1.2 %: 2 % is the smallest
+    by about 3 % around its neighbours, so the difference of two 10-evaluation means by about 1.3 %: 2 % is the smallest
     change that noise rarely makes. Runs of fewer evaluations use half of them per window; ``None`` under two.
     """
     if len(rows) < 2:

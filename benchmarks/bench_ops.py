@@ -157,7 +157,7 @@ GAMMA = genesis_ext.PixelDeformation(
 
 @pytest.mark.parametrize("threads", [1, 2], ids=lambda t: f"t{t}")
 def test_pair_with_user_deformation(benchmark, threads):
-    """The pair with one user deformation (the README's gamma, in torch, after the Bézier map): two kernel segments
+    """The pair with one user deformation (docs/usage.md's gamma, in torch, after the Bézier map): two kernel segments
     around it. Group genesis_pair+user; compare with genesis_pair's batch-16 rows of the same run."""
     benchmark.group = "genesis_pair+user"
     benchmark.extra_info.update(op="genesis_pair+user", impl="kernel", batch=N_CUBES, threads=threads)

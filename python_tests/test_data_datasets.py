@@ -58,7 +58,7 @@ def test_cube_store_dataset_in_worker_processes(store):
 
 
 def genesis_pair_transform(cube, index):
-    """README recipe: each cube's training pair at its global index (epoch * len + i), made in the worker."""
+    """docs/usage.md recipe: each cube's training pair at its global index (epoch * len + i), made in the worker."""
     import genesis_ext
 
     deformed, target = genesis_ext.genesis_pair(torch.from_numpy(cube)[None], seed=7, offset=index)

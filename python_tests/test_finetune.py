@@ -597,7 +597,7 @@ def test_weights_of_another_input_or_dimensionality_are_refused(seg_data, tmp_pa
     )
 
 
-# --trainer: the README's example, written to a file as a user would
+# --trainer: docs/training.md's example, written to a file as a user would
 MY_TRAINERS = """
 import torch
 

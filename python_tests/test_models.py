@@ -27,7 +27,7 @@ PUBLISHED_PARAMETERS = 19_073_665
 PUBLISHED_ENTRIES = 106
 SMALL = (2, 1, 16, 16, 8)
 
-# Written out from shared/spec/models_genesis.md §4, not read off the model:
+# Written out from the published network (its code and weights), not read off the model:
 # (name, conv input channels, output channels) of every LUConv, and the transposed convs' channels.
 ENCODER_LUCONVS = [
     ("down_tr64", (1, 32), (32, 64)),

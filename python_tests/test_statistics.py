@@ -1,5 +1,5 @@
-"""Distributions of the deformations against the figures of shared/spec/models_genesis.md (measured on the published
-reference) and against the exact probabilities the recipe implies.
+"""Distributions of the deformations against figures measured on the published Models Genesis code and against
+the exact probabilities the recipe implies.
 
 Probabilities are checked within 4 binomial standard deviations (false alarm ~6e-5 per check; the seeds are fixed, so
 a pass is reproducible). Figures the spec gives as measured means get a band that this test justifies next to it.

@@ -56,7 +56,7 @@ def test_torch_compile_fullgraph_matches_eager(rng):
 
 
 def test_torch_compile_with_advancing_offsets_compiles_once(rng):
-    """README recipe: the running offset as a one-element CPU tensor reaches the custom op as a tensor, so dynamo
+    """docs/usage.md recipe: the running offset as a one-element CPU tensor reaches the custom op as a tensor, so dynamo
     does not guard on its value: 20 training steps with advancing offsets, one compilation, eager results."""
     from torch._dynamo.utils import counters
 
@@ -93,9 +93,9 @@ def test_torch_compile_with_advancing_offsets_compiles_once(rng):
 
 
 def test_pair_module_compiles_once_over_20_steps():
-    """README: torch.compile(GenesisPair(...), fullgraph=True). Its running index is a tensor buffer, so advancing it
-    recompiles nothing (a Python int recompiled at every step and failed at dynamo's recompile limit): 20 training
-    steps under a recompile limit of 1, one graph, every pair and the index equal to the eager module's."""
+    """docs/usage.md: torch.compile(GenesisPair(...), fullgraph=True). Its running index is a tensor buffer, so
+    advancing it recompiles nothing (a Python int recompiled at every step and failed at dynamo's recompile limit): 20
+    training steps under a recompile limit of 1, one graph, every pair and the index equal to the eager module's."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()

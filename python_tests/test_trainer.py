@@ -147,7 +147,7 @@ def test_channels_last_takes_the_2d_format_for_models_genesis_2d(tmp_path):
     assert out.shape == (2, 1, 16, 16)
 
 
-# README "Your own training stage": the subclass that changes the loss (kept in step with the README).
+# docs/training.md "Your own training stage": the subclass that changes the loss (kept in step with the page).
 class L1Pretrainer(PretrainTrainer):
     """Models Genesis pre-training with an L1 restoration loss instead of MSE."""
 

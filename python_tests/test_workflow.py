@@ -1,6 +1,6 @@
 """The whole workflow through the command line, at a tiny size: extract -> pretrain -> finetune -> predict -> evaluate,
 on the bundled sample CT and (when present) the shared abdominal CT with its organ masks. Each verb reads what the one
-before it wrote, as a user's shell session would; the README shows the same commands."""
+before it wrote, as a user's shell session would; README.md and docs/finetuning.md show the same commands."""
 
 from __future__ import annotations
 

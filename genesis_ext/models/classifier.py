@@ -1,4 +1,4 @@
-"""Models Genesis classification fine-tuning network (shared/spec/models_genesis.md §5).
+"""Models Genesis classification fine-tuning network (Zhou et al., MICCAI 2019, and its published code).
 
 The pre-trained encoder's 512-channel bottleneck → global average pool → Linear(512, 1024) → ReLU →
 Linear(1024, n_class). The encoder keeps the published key names (``down_tr64`` …), so

@@ -1,5 +1,5 @@
-"""The Models Genesis 3D U-Net (shared/spec/models_genesis.md §4), with the published state-dict key names, and its
-2-D twin (Models Genesis 2D: the same design with 2-D convolutions, ``UNet2D``).
+"""The Models Genesis 3D U-Net (Zhou et al., MICCAI 2019, and its published code), with the published state-dict key
+names, and its 2-D twin (Models Genesis 2D: the same design with 2-D convolutions, ``UNet2D``).
 
 Layout (channels per 3x3x3 conv; every conv is followed by BatchNorm3d and ReLU, an ``LUConv``):
 
