@@ -35,12 +35,11 @@ from genesis_ext.data import (
     official_lung_score_loop,
     run_extract,
 )
-from genesis_ext.data.cubes import BoxScorer, origin_bounds
+from genesis_ext.data.cubes import PUBLISHED_CUBE, BoxScorer, origin_bounds
+from genesis_ext.data.sample import SAMPLE_DIR, SAMPLE_FILES
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "sample"
 DICOM_DIR = REPO.parent / "shared" / "data" / "lung-pet-ct-dx" / "Lung_Dx-A0001" / "3.000000-5mm-41315"
-CUBE = (64, 64, 32)
 CANDIDATES = 1600
 SEED = 2019
 
@@ -51,8 +50,8 @@ def lung_volume() -> np.ndarray:
 
 def candidates(hu: np.ndarray, n: int = CANDIDATES, seed: int = SEED):
     """n candidate origins inside the auto margins that also leave the published 3 extra slices, and the bounds."""
-    lo, hi, _ = origin_bounds(hu.shape, CUBE, OfficialLung(), "auto")
-    hi[2] = min(hi[2], hu.shape[2] - CUBE[2] - 3)
+    lo, hi, _ = origin_bounds(hu.shape, PUBLISHED_CUBE, OfficialLung(), "auto")
+    hi[2] = min(hi[2], hu.shape[2] - PUBLISHED_CUBE[2] - 3)
     return np.random.default_rng(seed).integers(lo, hi + 1, size=(n, 3)), lo, hi
 
 
@@ -65,14 +64,14 @@ def loop_scores(normalised: np.ndarray, origins) -> np.ndarray:
     """The published per-candidate work: crop 64x64x35, then the voxel loop."""
     out = []
     for x, y, z in origins:
-        crop = normalised[x : x + CUBE[0], y : y + CUBE[1], z : z + CUBE[2] + 3]
+        crop = normalised[x : x + PUBLISHED_CUBE[0], y : y + PUBLISHED_CUBE[1], z : z + PUBLISHED_CUBE[2] + 3]
         out.append(official_lung_score_loop(crop))
     return np.array(out)
 
 
 def vectorised_scores(hu: np.ndarray, origins, lo, hi) -> np.ndarray:
     """The whole vectorised filter for all candidates: integral image of the reachable region, then 8 lookups each."""
-    return BoxScorer(hu, OfficialLung(), CT_WINDOW, CUBE, lo, hi).sums(origins) * 0.5
+    return BoxScorer(hu, OfficialLung(), CT_WINDOW, PUBLISHED_CUBE, lo, hi).sums(origins) * 0.5
 
 
 def best_of(fn, repeats: int) -> float:
@@ -94,9 +93,9 @@ def filter_report(hu: np.ndarray, loop_n: int, repeats: int) -> dict:
     loop_s = (time.perf_counter() - start) / loop_n
     assert np.array_equal(slow, fast[:loop_n]), "vectorised and loop scores differ"
     vec_s = best_of(lambda: vectorised_scores(hu, origins, lo, hi), repeats) / len(origins)
-    scorer = BoxScorer(hu, OfficialLung(), CT_WINDOW, CUBE, lo, hi)
+    scorer = BoxScorer(hu, OfficialLung(), CT_WINDOW, PUBLISHED_CUBE, lo, hi)
     lookup_s = best_of(lambda: scorer.sums(origins), repeats) / len(origins)
-    kept = int((fast <= 0.15 * np.prod(CUBE)).sum())
+    kept = int((fast <= 0.15 * np.prod(PUBLISHED_CUBE)).sum())
     return {
         "loop_ms": loop_s * 1e3,
         "vectorised_us": vec_s * 1e6,
@@ -129,7 +128,7 @@ def large_scans(folder: Path, n: int) -> list[Path]:
 def extract_runs(jobs_list, repeats: int, inputs=None) -> list[dict]:
     """Whole ``extract`` runs (official-lung and foreground filters); default inputs: the DICOM series and the two
     NIfTI crops."""
-    inputs = inputs or [DICOM_DIR, SAMPLE / "pulmonary_ct.nii.gz", SAMPLE / "aorta_ct.nii.gz"]
+    inputs = inputs or [DICOM_DIR, *(SAMPLE_DIR / f for f in SAMPLE_FILES)]
     rows = []
     for name, settings in (("official-lung", ExtractSettings()), ("foreground", ExtractSettings(filter=Foreground()))):
         for executor in ("thread", "process"):
@@ -168,8 +167,8 @@ def foreground_study(n: int = 2000) -> None:
     labels, _ = ndimage.label(mask)
     mask = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
     body = np.stack([ndimage.binary_fill_holes(mask[..., k]) for k in range(hu.shape[2])], axis=-1)
-    origins = np.random.default_rng(0).integers(0, np.asarray(hu.shape) - CUBE + 1, size=(n, 3))
-    crops = [tuple(slice(o, o + c) for o, c in zip(origin, CUBE)) for origin in origins]
+    origins = np.random.default_rng(0).integers(0, np.asarray(hu.shape) - PUBLISHED_CUBE + 1, size=(n, 3))
+    crops = [tuple(slice(o, o + c) for o, c in zip(origin, PUBLISHED_CUBE)) for origin in origins]
     truth = np.array([body[c].mean() >= 0.5 for c in crops])
     print(f"\nforeground rule on {n} random cubes of the DICOM scan ({truth.mean():.1%} are mostly body):")
     print(
@@ -279,7 +278,7 @@ if pytest is not None:
 
     @pytest.mark.benchmark(group="extract-run")
     def test_extract_run_threads(benchmark, hu, tmp_path):
-        inputs = [DICOM_DIR, SAMPLE]
+        inputs = [DICOM_DIR, SAMPLE_DIR]
         describe(benchmark, "extract_run_3_volumes", "threads", 3)
         runs = iter(range(1000))
 

@@ -9,7 +9,7 @@ The second is the run of docs/results/learning_parity.md: both recipes at once, 
 continuation equals an uninterrupted run).
 
 (A) ``official``: SGD lr 1.0, momentum 0.9, batch 6, the published deformation probabilities; (B) ``default``: Adam
-lr 1e-3, batch 6, the same deformations (``genesis_ext.train.pretraining.PRESETS``). Cubes are cut from the chest CT
+lr 1e-3, batch 6, the same deformations (``genesis_ext.train.pretraining.RECIPES``). Cubes are cut from the chest CT
 of ../shared/data (popi-4dct and lung-pet-ct-dx, the published lung filter) into ``OUT/cubes``; both runs hold out
 the same fixed, seeded share of them and deform it with the same validation seed, and start from the same seed.
 Writes ``OUT/official/`` and ``OUT/default/`` (each a pre-training run: ``metrics.csv``, ``curve.png``, checkpoints),

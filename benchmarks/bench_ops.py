@@ -22,7 +22,8 @@ torch = pytest.importorskip("torch")
 
 import genesis_ext  # noqa: E402
 from genesis_ext import reference  # noqa: E402
-from genesis_ext.demo import CUBE, SAMPLE_DIR, SAMPLE_FILES, load_ct, random_cubes  # noqa: E402
+from genesis_ext.data.cubes import PUBLISHED_CUBE  # noqa: E402
+from genesis_ext.data.sample import SAMPLE_DIR, SAMPLE_FILES, load_ct, random_cubes  # noqa: E402
 
 SEED = 2019
 N_CUBES = 16
@@ -42,7 +43,7 @@ def ct_cubes() -> np.ndarray:
 
 @functools.cache
 def params() -> dict:
-    return genesis_ext.sample_params(N_CUBES, CUBE, seed=SEED)
+    return genesis_ext.sample_params(N_CUBES, PUBLISHED_CUBE, seed=SEED)
 
 
 def reference_op(op: str, x: np.ndarray, k: int):

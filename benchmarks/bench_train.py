@@ -8,7 +8,7 @@
 The report prints steps/s, cubes/s and the share of step time spent making training pairs, for (a) genesis_pair on
 the device and (b) a baseline that feeds the same model from the numpy reference generator
 (``genesis_ext.reference.genesis_pair_batch`` on the host, then a copy to the device). Inputs: real CT cubes cut
-from the bundled data/sample volumes (``genesis_ext.demo.random_cubes``). Each phase is timed between device
+from the bundled data/sample volumes (``genesis_ext.data.sample.random_cubes``). Each phase is timed between device
 synchronisations, so the shares add up; ``--steps`` timed steps follow ``--warmup`` untimed ones.
 """
 
@@ -28,7 +28,7 @@ except ImportError:  # the script runs without pytest
 
 
 def _cubes(n, cube, seed=2019):
-    from genesis_ext.demo import SAMPLE_DIR, SAMPLE_FILES, load_ct, random_cubes
+    from genesis_ext.data.sample import SAMPLE_DIR, SAMPLE_FILES, load_ct, random_cubes
 
     paths = [SAMPLE_DIR / f for f in SAMPLE_FILES]
     batch, _ = random_cubes([load_ct(p) for p in paths], n, np.random.default_rng(seed), size=tuple(cube))

@@ -38,10 +38,10 @@ import torch
 
 import genesis_ext
 from genesis_ext import reference
+from genesis_ext.data.cubes import PUBLISHED_CUBE
 
 OPS = ("genesis_pair", "bezier_remap", "local_shuffle", "inpaint", "outpaint", "flip")
-CUBE = (64, 64, 32)
-CUBE_BYTES = 4 * math.prod(CUBE)
+CUBE_BYTES = 4 * math.prod(PUBLISHED_CUBE)
 N_CUBES = 16  # distinct CT cubes; batches cycle through them
 SEED = 2019
 TARGET = 0.70  # genesis_pair at batch >= TARGET_BATCH: fraction of the copy bandwidth
@@ -69,7 +69,7 @@ def load_cubes(kind: str) -> tuple[np.ndarray, str]:
     """(N_CUBES, 1, 64, 64, 32) float32 in [0, 1] and a description."""
     if kind == "ct":
         try:
-            from genesis_ext.demo import SAMPLE_DIR, SAMPLE_FILES, load_ct, random_cubes
+            from genesis_ext.data.sample import SAMPLE_DIR, SAMPLE_FILES, load_ct, random_cubes
 
             paths = [SAMPLE_DIR / f for f in SAMPLE_FILES]
             if all(p.is_file() for p in paths):
@@ -79,7 +79,7 @@ def load_cubes(kind: str) -> tuple[np.ndarray, str]:
         except ImportError as e:
             why = f"cannot load CT ({e})"
         print(f"note: {why}; using uniform random cubes", file=sys.stderr)
-    cubes = np.random.default_rng(SEED).random((N_CUBES, 1, *CUBE), dtype=np.float32)
+    cubes = np.random.default_rng(SEED).random((N_CUBES, 1, *PUBLISHED_CUBE), dtype=np.float32)
     return cubes, f"{N_CUBES} uniform random cubes, cycled"
 
 
@@ -229,7 +229,7 @@ def reference_op(op: str, x: np.ndarray, k: int, params: dict):
 
 def reference_rows(args, cubes: np.ndarray) -> list[dict]:
     n = args.ref_cubes
-    params = genesis_ext.sample_params(n, CUBE, seed=SEED)
+    params = genesis_ext.sample_params(n, PUBLISHED_CUBE, seed=SEED)
     rows = []
     for op in OPS:
         times = []

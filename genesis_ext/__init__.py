@@ -14,7 +14,7 @@ _EXPORTS = {
     "DeformConfig": "config",
     "GenesisDeform": "transforms",
     "GenesisPair": "transforms",
-    "PixelDeformation": "deformation",
+    "PixelDeformation": "user_deformations",
     "genesis_pair": "ops",
     "sample_params": "ops",
 }  # and each single op of config.PAIR_STAGES, from ops (_exports)

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .config import PAIR_STAGES
-from .deformation import PixelDeformation
+from .user_deformations import PixelDeformation
 
 
 @dataclass(frozen=True)

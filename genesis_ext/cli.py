@@ -16,6 +16,7 @@ import os
 import sys
 
 from . import __version__
+from ._cli_options import add_dims, add_quiet, add_seed
 from ._util import positive_int
 
 
@@ -42,13 +43,7 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="cube size in voxels: X Y Z (default: 64 64 32), or X Y with --dims 2 (default: 64 64)",
     )
-    g.add_argument(
-        "--dims",
-        type=int,
-        choices=(2, 3),
-        default=3,
-        help="2: axial 2-D patches (X, Y) for Models Genesis 2D, stored as cubes of one slice (X, Y, 1) (default: 3)",
-    )
+    add_dims(g, "axial 2-D patches (X, Y), stored as cubes of one slice (X, Y, 1)")
     g.add_argument("--per-volume", type=positive_int, default=32, help="cubes per volume, at most (default: 32)")
     g.add_argument(
         "--candidates",
@@ -64,7 +59,7 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
         help="'auto' (the published 100/100/30-voxel margins scaled to the volume, default) or three "
         "voxel counts X Y Z (e.g. 100 100 30, as published)",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed; each volume's cubes depend only on it and the file")
+    add_seed(g, "the cubes: each volume's cubes depend only on it and the file")
     g = p.add_argument_group("filter")
     g.add_argument(
         "--filter",
@@ -140,15 +135,17 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
         default="thread",
         help="workers as threads (default: loading and NumPy release the GIL) or spawned processes",
     )
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(g)
 
 
 def _extract_cube(cube, dims: int) -> tuple:
     """The cube size of ``extract --cube ... --dims``: three sizes, or two and a last axis of 1 for 2-D patches."""
+    from .data.cubes import published_cube, slice_cube
+
     if cube is None:
-        return (64, 64, 32) if dims == 3 else (64, 64, 1)
+        return published_cube(dims)
     if dims == 2 and len(cube) == 2:
-        return (*cube, 1)
+        return slice_cube(cube)
     if len(cube) != 3 or (dims == 2 and cube[2] != 1):
         want = "X Y Z" if dims == 3 else "X Y (or X Y 1)"
         raise SystemExit(f"genesis-ext extract: --cube takes {want} with --dims {dims}, got {' '.join(map(str, cube))}")
@@ -200,7 +197,7 @@ def _run_extract(args) -> int:
             jobs=args.jobs,
             executor=args.executor,
             fmt=args.format,
-            progress=not args.quiet,
+            progress=args.progress,
             include=args.include,
             exclude=args.exclude,
         )

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._util import deprecated_aliases
+
 MAX_PARTS = 8  # capacity for holes, windows and flips in the kernels' per-sample parameter record
 MAX_AXIS = 32767  # longest spatial axis the kernels take (the CUDA kernels keep block geometry in int16)
 MAX_BLOCKS = 1_000_000  # 100x the published num_blocks; bounds the work and the CUDA scratch per sample
@@ -153,12 +155,12 @@ class DeformConfig:
         replace fields, e.g. ``preset("NL+LS", flip_compat=True)``. Names are case-insensitive and in any order."""
         if not isinstance(name, str):  # str(None) is "None", which would select "none": flips only
             raise TypeError(
-                f"DeformConfig.preset: name must be a str, one of {', '.join(PRESETS)}; got {name!r} "
+                f"DeformConfig.preset: name must be a str, one of {', '.join(ABLATIONS)}; got {name!r} "
                 "(the published recipe is DeformConfig() or preset('genesis'))"
             )
-        key = next((k for k in PRESETS if _parts(k) == _parts(name)), None)
+        key = next((k for k in ABLATIONS if _parts(k) == _parts(name)), None)
         if key is None:
-            raise ValueError(f"DeformConfig.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ValueError(f"DeformConfig.preset: unknown preset {name!r}; choose one of {', '.join(ABLATIONS)}")
         nl, ls, op, ip = (d in _parts(key) for d in ("NL", "LS", "OP", "IP"))
         inpaint = 0.2 if (ip and op) else float(ip)
         return cls(
@@ -172,7 +174,7 @@ class DeformConfig:
     @staticmethod
     def presets() -> tuple[str, ...]:
         """The names ``preset`` takes: ``"genesis"`` and the 12 ablation combinations."""
-        return PRESETS
+        return ABLATIONS
 
     def replace(self, **changes) -> "DeformConfig":
         """A copy with some fields changed (validated), e.g. ``cfg.replace(local_rate=0)`` for an ablation. Changing
@@ -338,7 +340,7 @@ _RULE_FIELDS = {
 }
 
 # DeformConfig.preset: the published recipe and the paper's ablation combinations (Zhou et al., MICCAI 2019).
-PRESETS = (
+ABLATIONS = (
     "genesis",
     "none",
     "NL",
@@ -353,6 +355,8 @@ PRESETS = (
     "NL+LS+OP",
     "NL+LS+IP",
 )
+# PRESETS was this table's name, easily taken for the training recipes (genesis_ext.train.pretraining.RECIPES)
+__getattr__ = deprecated_aliases(__name__, {"PRESETS": ("genesis_ext.config.ABLATIONS", lambda: ABLATIONS)})
 
 
 def _parts(name) -> frozenset:

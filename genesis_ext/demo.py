@@ -27,42 +27,31 @@ from pathlib import Path
 
 import numpy as np
 
+from genesis_ext._util import deprecated_aliases
 from genesis_ext.applied import applied, deformation_names
-from genesis_ext.data import Foreground, Window, extract_cubes, load_volume
+from genesis_ext.data import Foreground, Window, extract_cubes, load_volume, sample
+from genesis_ext.data.cubes import PUBLISHED_CUBE
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
-SAMPLE_FILES = ("pulmonary_ct.nii.gz", "aorta_ct.nii.gz")
-CUBE = (64, 64, 32)
 HU_WINDOW = (-1000.0, 1000.0)
 SCALE = 3  # pixels per voxel in the figure
 DEMO_WIDTH = 0.25  # a U-Net of 1/16 the published parameters: enough steps in minutes of CPU to beat the baselines
 DEMO_STEPS = 550  # about 3 minutes on the 2-core CPU with one thread (docs/install.md, the demo)
 DEMO_EPOCH_STEPS = 10
 
-
-def load_ct(path: Path) -> np.ndarray:
-    """A 3D CT volume (x, y, z in LPS+, see ``genesis_ext.data.load_volume``) clipped to [-1000, 1000] HU and scaled
-    to [0, 1], float32. With :func:`random_cubes`, the fixed inputs of the benchmarks."""
-    return Window(*HU_WINDOW).apply(load_volume(path).data)
-
-
-def random_cubes(volumes: list[np.ndarray], count: int, rng: np.random.Generator, size=CUBE):
-    """``count`` cubes of ``size``, each from a uniformly chosen volume at a uniformly random position inside it
-    (no filter, no margins). Returns the batch (count, 1, *size) float32 and a list of (volume index, origin)."""
-    for v in volumes:
-        if any(s < c for s, c in zip(v.shape, size)):
-            raise ValueError(f"a volume of shape {v.shape} is smaller than the {size} cube")
-    batch = np.empty((count, 1, *size), dtype=np.float32)
-    where = []
-    for n in range(count):
-        k = int(rng.integers(len(volumes)))
-        origin = tuple(int(rng.integers(0, s - c + 1)) for s, c in zip(volumes[k].shape, size))
-        batch[n, 0] = volumes[k][tuple(slice(o, o + c) for o, c in zip(origin, size))]
-        where.append((k, origin))
-    return batch, where
+# the sample data helpers moved to the data layer (genesis_ext.data.sample), the published cube to data.cubes
+__getattr__ = deprecated_aliases(
+    __name__,
+    {
+        "CUBE": ("genesis_ext.data.cubes.PUBLISHED_CUBE", lambda: PUBLISHED_CUBE),
+        **{
+            name: (f"genesis_ext.data.sample.{name}", lambda name=name: getattr(sample, name))
+            for name in ("SAMPLE_DIR", "SAMPLE_FILES", "load_ct", "random_cubes")
+        },
+    },
+)
 
 
-def pipeline_cubes(volumes, count: int, rng: np.random.Generator, size=CUBE):
+def pipeline_cubes(volumes, count: int, rng: np.random.Generator, size=PUBLISHED_CUBE):
     """``count`` cubes through ``genesis_ext.data.extract_cubes`` (HU window, ``foreground`` filter, auto margins),
     each from a uniformly chosen volume. Returns the batch (count, 1, *size) float32 and a list of
     (volume index, origin); raises ValueError if a volume cannot give its share."""
@@ -110,7 +99,7 @@ def render(original, deformed, target, captions: list[str], title: str):
     from PIL import Image, ImageDraw
 
     head_font, font = _font(16), _font(14)
-    tile_w, tile_h = CUBE[0] * SCALE, CUBE[1] * SCALE
+    tile_w, tile_h = PUBLISHED_CUBE[0] * SCALE, PUBLISHED_CUBE[1] * SCALE
     gap, cap_h, head_h = 8, 40, 56
     width = 3 * tile_w + 4 * gap
     height = head_h + len(captions) * (cap_h + tile_h + gap)
@@ -171,7 +160,7 @@ def main(argv=None) -> int:
     if args.train_steps < 0:
         parser.error("--train-steps must be >= 0")
 
-    inputs = args.inputs or [SAMPLE_DIR / f for f in SAMPLE_FILES]
+    inputs = args.inputs or [sample.SAMPLE_DIR / f for f in sample.SAMPLE_FILES]
     missing = [str(p) for p in inputs if not Path(p).exists()]
     if missing:
         hint = (
@@ -194,13 +183,13 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     deformed, target = genesis_pair(batch, seed=args.seed)
     ms = (time.perf_counter() - start) * 1e3
-    records = applied(sample_params(args.count, CUBE, seed=args.seed, with_blocks=False), args.seed)
+    records = applied(sample_params(args.count, PUBLISHED_CUBE, seed=args.seed, with_blocks=False), args.seed)
 
     captions = []
     for n, (k, origin) in enumerate(where):
         at = ",".join(map(str, origin))
         caption = f"{n}: {Path(inputs[k]).name.split('.')[0]} @({at})\n" + records[n].caption()
-        mid = CUBE[2] // 2
+        mid = PUBLISHED_CUBE[2] // 2
         deformed_at_all = any(name != "flip" for name in records[n].fired)
         if deformed_at_all and np.array_equal(deformed[n, ..., mid], target[n, ..., mid], equal_nan=True):
             caption += " - not in this slice"
@@ -214,7 +203,7 @@ def main(argv=None) -> int:
     fired_text = ", ".join(f"{name} {c}/{args.count}" for name, c in counts.items() if c)
     print(f"wrote {path}")
     print(
-        f"{args.count} cubes {'x'.join(map(str, CUBE))} from {len(volumes)} volume(s) in {ms:.1f} ms "
+        f"{args.count} cubes {'x'.join(map(str, PUBLISHED_CUBE))} from {len(volumes)} volume(s) in {ms:.1f} ms "
         f"({ms / args.count:.2f} ms/cube on the CPU); "
         f"fired: {fired_text}"
     )

@@ -36,8 +36,8 @@ from .applied import applied, deformation_names
 from .config import DeformConfig
 from .data.intensity import unit_range_problem
 from .data.io import label_map_reason
-from .deformation import check_deformations
 from .transforms import GenesisPair
+from .user_deformations import check_deformations
 
 _INDEX_LIMIT = 2**62  # sample indices drawn from R: far from the 2**63 offset limit, so a batch never crosses it
 _SPATIAL = {2: "H, W", 3: "X, Y, Z"}

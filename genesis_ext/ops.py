@@ -33,8 +33,8 @@ except ImportError:  # numpy-only installs
 
 from . import _C
 from .config import MAX_SHUFFLE_COVERAGE, PAIR_STAGES, SINGLE_OPS, DeformConfig
-from .deformation import PixelDeformation, check_deformations, pair_with
 from .streams import Purpose
+from .user_deformations import PixelDeformation, check_deformations, pair_with
 
 
 def _check_core_declarations() -> None:
@@ -444,7 +444,7 @@ def genesis_pair(
     ``target`` is the flipped, otherwise undeformed input: the regression target. Sample n equals the composition
     of the single ops (``flip``, ``local_shuffle``, ...) applied where its gates fire.
     ``deformations``: user pixel-level deformations (``genesis_ext.PixelDeformation``), each after the built-in stage it
-    names; the pair then runs in segments around them (genesis_ext.deformation).
+    names; the pair then runs in segments around them (genesis_ext.user_deformations).
     A NumPy batch far outside [0, 1] (CT in HU, raw MR signal) gets an ``IntensityWarning`` naming the window to
     apply: its pairs would be useless (the Bézier map and the painting assume [0, 1]), though the kernels deform any
     float values exactly. Tensors are not scanned (no host pass, no sync); the MONAI transforms refuse such samples.

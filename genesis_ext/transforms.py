@@ -18,11 +18,11 @@ from torch import nn
 
 from . import ops
 from .config import DeformConfig
-from .deformation import PixelDeformation, check_deformations
 from .streams import Purpose, sample_words, uniform
+from .user_deformations import PixelDeformation, check_deformations
 
 
-class _Stream(nn.Module):
+class _RunningIndex(nn.Module):
     """seed, config and the running sample index shared by the modules."""
 
     def __init__(self, config: DeformConfig | None = None, seed: int = 0, spatial_dims: int | None = None):
@@ -72,12 +72,12 @@ class _Stream(nn.Module):
         return f"seed={self.seed}, next_index={int(self.next_index)}"
 
 
-class GenesisPair(_Stream):
+class GenesisPair(_RunningIndex):
     """``x_deformed, target = GenesisPair(config, seed)(x)``: ``genesis_ext.genesis_pair`` on a batch ``x`` on any
-    device (``spatial_dims=2`` for batches of 2-D images), sample n at global index ``start + n`` (``_Stream._start``):
-    in training mode consecutive calls continue the stream; in eval mode every call reuses the current index;
-    ``pair(x, offset=k)`` sets it explicitly. No parameters; ``state_dict`` holds the seed and the running index.
-    ``deformations``: user pixel-level deformations (``genesis_ext.PixelDeformation``) in the pair."""
+    device (``spatial_dims=2`` for batches of 2-D images), sample n at global index ``start + n``
+    (``_RunningIndex._start``): in training mode consecutive calls continue the stream; in eval mode every call reuses
+    the current index; ``pair(x, offset=k)`` sets it explicitly. No parameters; ``state_dict`` holds the seed and the
+    running index. ``deformations``: user pixel-level deformations (``genesis_ext.PixelDeformation``) in the pair."""
 
     def __init__(
         self,
@@ -105,7 +105,7 @@ class GenesisPair(_Stream):
         return super().extra_repr() + (f", deformations=[{names}]" if names else "")
 
 
-class GenesisDeform(_Stream):
+class GenesisDeform(_RunningIndex):
     """One deformation (``op``, any of ``genesis_ext.ops.SINGLE_OPS``) applied to each sample with probability
     ``prob``, e.g. ``GenesisDeform("gaussian_noise", prob=0.3)``; the others pass through unchanged (as new tensors).
     Sample i's coin is a pure function of (seed, i, op), like every other draw, so it does not depend on the batch.

@@ -4,8 +4,12 @@ through, and the Python and C++ field lists cannot drift."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import itertools
 import re
+import sys
+import warnings
 from pathlib import Path
 
 import hypothesis
@@ -129,12 +133,58 @@ def test_one_registry_of_random_streams(monkeypatch):
         genesis_ext.ops._check_core_declarations()
 
 
-def test_renamed_names_still_import_with_a_deprecation_warning():
-    with pytest.warns(DeprecationWarning, match="USER_PURPOSE is deprecated, use genesis_ext.streams.Purpose.USER"):
-        from genesis_ext.deformation import USER_PURPOSE
-    assert USER_PURPOSE == Purpose.USER == 12
+def _resolve(dotted: str):
+    """The object a dotted name names: its longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    for k in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:k]))
+        except ModuleNotFoundError:
+            continue
+        return functools.reduce(getattr, parts[k:], obj)
+    raise ImportError(dotted)
+
+
+# old name -> new name, for one release
+RENAMED = {
+    "genesis_ext.deformation.USER_PURPOSE": "genesis_ext.streams.Purpose.USER",
+    "genesis_ext.config.PRESETS": "genesis_ext.config.ABLATIONS",
+    "genesis_ext.train.pretraining.PRESETS": "genesis_ext.train.pretraining.RECIPES",
+    "genesis_ext.train.PRESETS": "genesis_ext.train.RECIPES",
+    "genesis_ext.data.cubes.CUBE": "genesis_ext.data.cubes.PUBLISHED_CUBE",
+    "genesis_ext.data.CUBE": "genesis_ext.data.PUBLISHED_CUBE",
+    "genesis_ext.demo.CUBE": "genesis_ext.data.cubes.PUBLISHED_CUBE",
+    **{
+        f"genesis_ext.demo.{n}": f"genesis_ext.data.sample.{n}"
+        for n in ("SAMPLE_DIR", "SAMPLE_FILES", "load_ct", "random_cubes")
+    },
+}
+RENAMED_MODULES = {
+    "genesis_ext.deformation": "genesis_ext.user_deformations",
+    "genesis_ext.data.batch": "genesis_ext.data.extraction",
+}
+
+
+@pytest.mark.parametrize("old, new", RENAMED.items(), ids=list(RENAMED))
+def test_renamed_names_still_import_with_a_deprecation_warning(old, new):
+    module, _, name = old.rpartition(".")
+    with warnings.catch_warnings():  # a renamed module's own warning (test below)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=f"^{re.escape(old)} is deprecated, use {re.escape(new)}$"):
+        value = getattr(module, name)
+    assert value is _resolve(new)
     with pytest.raises(AttributeError, match="has no attribute 'NO_SUCH_NAME'"):
-        genesis_ext.deformation.NO_SUCH_NAME
+        module.NO_SUCH_NAME
+
+
+@pytest.mark.parametrize("old, new", RENAMED_MODULES.items(), ids=list(RENAMED_MODULES))
+def test_renamed_modules_still_import_with_a_deprecation_warning(old, new, monkeypatch):
+    monkeypatch.delitem(sys.modules, old, raising=False)  # imported before: import it again, so that it warns
+    with pytest.warns(DeprecationWarning, match=f"^{re.escape(old)} is deprecated, use {re.escape(new)}$"):
+        shim = importlib.import_module(old)
+    module = importlib.import_module(new)
+    assert shim.__all__ == module.__all__ and all(getattr(shim, n) is getattr(module, n) for n in module.__all__)
 
 
 @pytest.mark.parametrize("deformation", ["local", "inpaint", "outpaint"])

@@ -173,12 +173,12 @@ def test_bad_volumes_are_skipped_and_nothing_written_is_lost(inputs, tmp_path):
 def test_an_interrupted_run_keeps_its_volumes_in_the_journal(inputs, tmp_path, monkeypatch):
     """Each finished volume appends one journal line (the manifests are written once, at the end): a run killed after
     its first volume leaves a store whose manifest, CubeStore and next run all see that volume."""
-    from genesis_ext.data import batch
+    from genesis_ext.data import extraction
     from genesis_ext.data.store import JOURNAL, StoreWriter
 
     out = tmp_path / "store"
     complete = run_extract([inputs], tmp_path / "complete", FOREGROUND, jobs=1, progress=False)
-    real_extract = batch.extract_source
+    real_extract = extraction.extract_source
     calls = []
 
     def killed_after_one(source, settings, path):
@@ -187,7 +187,7 @@ def test_an_interrupted_run_keeps_its_volumes_in_the_journal(inputs, tmp_path, m
         calls.append(source)
         return real_extract(source, settings, path)
 
-    monkeypatch.setattr(batch, "extract_source", killed_after_one)
+    monkeypatch.setattr(extraction, "extract_source", killed_after_one)
     real_flush = StoreWriter.flush
     writers = []
     # killed: after the writer's first (empty) manifest, no manifest write happens any more
@@ -210,16 +210,16 @@ def test_an_interrupted_run_keeps_its_volumes_in_the_journal(inputs, tmp_path, m
 
 
 def test_unexpected_errors_skip_one_volume(inputs, tmp_path, monkeypatch):
-    from genesis_ext.data import batch
+    from genesis_ext.data import extraction
 
-    real = batch.extract_cubes
+    real = extraction.extract_cubes
 
     def flaky(data, **kw):
         if data.shape == (120, 126, 164):  # the aorta crop
             raise MemoryError("pretend")
         return real(data, **kw)
 
-    monkeypatch.setattr(batch, "extract_cubes", flaky)
+    monkeypatch.setattr(extraction, "extract_cubes", flaky)
     summary = run_extract([inputs], tmp_path / "s", FOREGROUND, jobs=2, progress=False)
     assert summary.written == 1 and summary.skipped == [(str(inputs / "aorta_ct.nii.gz"), "MemoryError: pretend")]
 

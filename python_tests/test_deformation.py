@@ -12,7 +12,7 @@ import pytest
 import genesis_ext
 from genesis_ext import DeformConfig, GenesisPair, PixelDeformation
 from genesis_ext import reference as R
-from genesis_ext.deformation import PAIR_ORDER
+from genesis_ext.user_deformations import PAIR_ORDER
 
 torch = pytest.importorskip("torch")
 

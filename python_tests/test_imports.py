@@ -21,22 +21,33 @@ def module_name(path: Path) -> str:
 def top_level_imports(path: Path) -> set[str]:
     """The genesis_ext modules `path` imports when it is imported (module-level statements, try blocks included;
     imports inside functions run later and cannot close a cycle at import time)."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     body = list(ast.parse(path.read_text()).body)
     while body:
         node = body.pop()
         if isinstance(node, ast.Try):
             body += node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body]
-        elif isinstance(node, ast.ImportFrom) and node.level:
-            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-            target = f"{base}.{node.module}" if node.module else base
-            found |= {f"{target}.{a.name}" for a in node.names} | ({target} if node.module else set())
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            found |= {n for n in names if n.startswith("genesis_ext")}
+        else:
+            found |= imported(node, path)
     return found
+
+
+def imported(node: ast.AST, path: Path) -> set[str]:
+    """The genesis_ext names an import statement of `path` names: each module, and each name taken from a module
+    (which may be a submodule: `from genesis_ext import demo`)."""
+    if not isinstance(node, (ast.Import, ast.ImportFrom)):
+        return set()
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name.startswith("genesis_ext")}
+    if node.level:
+        name = module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+        target = f"{base}.{node.module}" if node.module else base
+        return {f"{target}.{a.name}" for a in node.names} | ({target} if node.module else set())
+    if not (node.module or "").startswith("genesis_ext"):
+        return set()
+    return {node.module} | {f"{node.module}.{a.name}" for a in node.names}
 
 
 def modules() -> dict[str, Path]:
@@ -69,3 +80,14 @@ def test_every_module_imports_in_a_fresh_interpreter_in_both_orders():
         code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
         done = subprocess.run([sys.executable, "-c", code, *order], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_demo_and_the_reference_are_leaves():
+    """The demo uses the library, nothing uses the demo (the benchmarks take the sample data from
+    genesis_ext.data.sample), and no module of the library imports the NumPy reference, even inside a function: it is
+    the oracle the tests hold the kernels to."""
+    for path in [*ROOT.rglob("*.py"), *(ROOT.parent / "benchmarks").glob("*.py")]:
+        names = set().union(*(imported(node, path) for node in ast.walk(ast.parse(path.read_text()))))
+        assert "genesis_ext.demo" not in names, path
+        if path.parent != ROOT.parent / "benchmarks" and path.name != "reference.py":
+            assert "genesis_ext.reference" not in names, path

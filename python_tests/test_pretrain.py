@@ -303,7 +303,7 @@ def test_a_fresh_run_refuses_to_overwrite_a_run(uninterrupted, cubes):
 
 def test_presets_and_cli_verb():
     from genesis_ext.cli import build_parser
-    from genesis_ext.train import PRESETS
+    from genesis_ext.train import RECIPES
 
     official = PretrainConfig(data=["x"], out="y", preset="official").resolved()
     assert (
@@ -316,7 +316,7 @@ def test_presets_and_cli_verb():
         official.patience,
     ) == ("sgd", 1.0, 0.9, 6, 40, 0.5, 50)
     default = PretrainConfig(data=["x"], out="y").resolved()
-    assert default.optimizer == PRESETS["default"]["optimizer"] and default.batch_size == 6
+    assert default.optimizer == RECIPES["default"]["optimizer"] and default.batch_size == 6
     assert PretrainConfig(data=["x"], out="y", lr=0.1).resolved().lr == 0.1
     with pytest.raises(ValueError, match="unknown preset"):
         PretrainConfig(data=["x"], out="y", preset="nope").resolved()

@@ -9,9 +9,9 @@
 The command line ``genesis-ext extract`` runs the same pipeline over many volumes into a cube store.
 """
 
-from .batch import ExtractSettings, Summary, run_extract
+from .._util import deprecated_aliases
 from .cubes import (
-    CUBE,
+    PUBLISHED_CUBE,
     Cubes,
     Foreground,
     NoFilter,
@@ -21,15 +21,18 @@ from .cubes import (
     make_filter,
     margins_for,
     official_lung_score_loop,
+    published_cube,
 )
 from .datasets import CubeStoreDataset, VolumeCubeDataset
+from .extraction import ExtractSettings, Summary, run_extract
 from .intensity import CT_WINDOW, PercentileWindow, Window, resample
 from .io import ORIENTATION, Source, Volume, VolumeError, find_sources, load_volume
 from .store import CubeStore, StoreError, load_published, read_manifest, save_published
 
+__getattr__ = deprecated_aliases(__name__, {"CUBE": ("genesis_ext.data.PUBLISHED_CUBE", lambda: PUBLISHED_CUBE)})
+
 __all__ = [
     "CT_WINDOW",
-    "CUBE",
     "CubeStore",
     "CubeStoreDataset",
     "Cubes",
@@ -38,6 +41,7 @@ __all__ = [
     "NoFilter",
     "ORIENTATION",
     "OfficialLung",
+    "PUBLISHED_CUBE",
     "PercentileWindow",
     "Source",
     "StoreError",
@@ -54,6 +58,7 @@ __all__ = [
     "make_filter",
     "margins_for",
     "official_lung_score_loop",
+    "published_cube",
     "read_manifest",
     "resample",
     "run_extract",

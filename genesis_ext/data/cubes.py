@@ -34,14 +34,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._util import deprecated_aliases
 from .intensity import CT_WINDOW, Window
 from .io import label_map_reason
 
-CUBE = (64, 64, 32)
+PUBLISHED_CUBE = (64, 64, 32)  # X Y Z voxels: the cube of the published script and weights
 CUBES_PER_VOLUME = 32
 CANDIDATES_PER_CUBE = 50  # the published script tries at most 50 x 32 = 1600 candidates per scan
 PUBLISHED_MARGINS = (100, 100, 30)
 MARGIN_FRACTIONS = (100 / 512, 100 / 512, 30 / 256)
+__getattr__ = deprecated_aliases(__name__, {"CUBE": ("genesis_ext.data.cubes.PUBLISHED_CUBE", lambda: PUBLISHED_CUBE)})
+
+
+def slice_cube(patch) -> tuple:
+    """The cube that holds a 2-D axial patch (X, Y) of Models Genesis 2D: one slice thick, (X, Y, 1), as
+    ``extract --dims 2`` stores it and 2-D training reads it."""
+    return (*patch, 1)
+
+
+def published_cube(dims: int = 3) -> tuple:
+    """The published cube for ``dims`` (3 or 2) spatial axes: (64, 64, 32), or its axial patch as a cube of one slice,
+    (64, 64, 1)."""
+    return PUBLISHED_CUBE if dims == 3 else slice_cube(PUBLISHED_CUBE[:2])
 
 
 class TooSmallError(ValueError):
@@ -118,7 +132,7 @@ def make_filter(name: str, **params):
         raise ValueError(f"unknown filter {name!r}; choose one of {', '.join(FILTERS)}") from None
 
 
-def margins_for(shape, cube=CUBE, margins="auto", extra=(0, 0, 0)) -> tuple:
+def margins_for(shape, cube=PUBLISHED_CUBE, margins="auto", extra=(0, 0, 0)) -> tuple:
     """Border margins in voxels per axis (see the module docstring). Raises :class:`TooSmallError` when the volume
     has no room for a cube of ``cube`` (+ ``extra`` slices the filter reads)."""
     need = [c + e for c, e in zip(cube, extra)]
@@ -187,7 +201,7 @@ class BoxScorer:
         return total.astype(np.int64)
 
 
-def origin_bounds(shape, cube=CUBE, filt=None, margins="auto"):
+def origin_bounds(shape, cube=PUBLISHED_CUBE, filt=None, margins="auto"):
     """Inclusive ``(lo, hi)`` arrays of candidate origins, and the margins used."""
     extra = getattr(filt, "extra", (0, 0, 0))
     m = margins_for(shape, cube, margins, extra)
@@ -204,7 +218,7 @@ def cut_cube(data: np.ndarray, origin, cube, window: Window) -> np.ndarray:
 def extract_cubes(
     data: np.ndarray,
     *,
-    cube=CUBE,
+    cube=PUBLISHED_CUBE,
     count: int = CUBES_PER_VOLUME,
     max_candidates: int | None = None,
     filter=None,

@@ -17,8 +17,8 @@ import numpy as np
 
 from .cubes import (
     CANDIDATES_PER_CUBE,
-    CUBE,
     CUBES_PER_VOLUME,
+    PUBLISHED_CUBE,
     BoxScorer,
     NoFilter,
     OfficialLung,
@@ -105,7 +105,7 @@ class VolumeCubeDataset(_Transformed):
         self,
         inputs,
         *,
-        cube=CUBE,
+        cube=PUBLISHED_CUBE,
         per_volume: int = CUBES_PER_VOLUME,
         filter=None,
         window=CT_WINDOW,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._cli_options import add_labels, add_overwrite, add_quiet
 from .._util import atomic_write, progress_bar
 from ..data.io import NIFTI_SUFFIXES, SITK_SUFFIXES, Volume, _strip_suffix, _suffix_in, load_volume
 from ..data.labelled import check_labels, parse_labels
@@ -295,22 +296,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--pred", required=True, help="predicted label map, or a directory of them (matched by file name to --ref)"
     )
     p.add_argument("--ref", required=True, help="reference label map, or a directory of them")
-    p.add_argument(
-        "--labels",
-        default=None,
-        metavar="NAME=VALUE,...",
-        help="the classes: name=value,... (liver=1,spleen=2) or names for the values 1, 2, ... in order "
-        "(liver,spleen); default: every nonzero value in the references, named label_<value>",
-    )
+    add_labels(p, "every nonzero value in the references, named label_<value>")
     p.add_argument("--out", default=None, help="write the per-case, per-class scores to this CSV")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite(p)
+    add_quiet(p)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         labels = parse_labels(args.labels) if args.labels else None
-        result = evaluate_predictions(args.pred, args.ref, labels, args.out, args.overwrite, progress=not args.quiet)
+        result = evaluate_predictions(args.pred, args.ref, labels, args.out, args.overwrite, progress=args.progress)
     except (ValueError, OSError, ImportError) as err:
         print(f"genesis-ext evaluate: {err}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._cli_options import AMP_MODES, add_device_options, add_overwrite, add_quiet
 from .._util import TORCH_MISSING, atomic_write, positive_int, progress_bar
 from ..data.intensity import Window, resample
 from ..data.io import (
@@ -92,9 +93,6 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.model(x[..., 0])[..., None] if self.record.dims == 2 else self.model(x)  # 2-D: (X, Y, 1) windows
         return self.record.probabilities(out.float())
-
-
-AMP_MODES = ("auto", "bf16", "off")  # auto: bf16 on CUDA (on CPUs it is slower and less exact)
 
 
 def load_predictor(weights, device="auto", amp="auto") -> Predictor:
@@ -378,10 +376,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write <case>_probabilities.nii.gz: float32 (x, y, z, classes), one channel per class",
     )
-    p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one, else the CPU), cpu, cuda:0, ...")
-    p.add_argument("--amp", choices=AMP_MODES, default="auto", help="bf16 autocast (auto: on CUDA, default)")
-    p.add_argument("--overwrite", action="store_true", help="replace predictions already in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_options(p)
+    add_overwrite(p)
+    add_quiet(p)
 
 
 def run(args) -> int:
@@ -398,7 +395,7 @@ def run(args) -> int:
             device=args.device,
             amp=args.amp,
             overwrite=args.overwrite,
-            progress=not args.quiet,
+            progress=args.progress,
         )
     except (ValueError, OSError) as err:
         print(f"genesis-ext predict: {err}", file=sys.stderr)

@@ -6,6 +6,8 @@ Names are imported lazily, so ``genesis_ext.train.cli`` (the argument parser) do
 
 from importlib import import_module
 
+from .._util import deprecated_aliases
+
 _NAMES = {
     "ClassificationTrainer": "finetuning",
     "FinetuneConfig": "finetuning",
@@ -13,7 +15,7 @@ _NAMES = {
     "SegmentationTrainer": "finetuning",
     "finetune": "finetuning",
     "LOSSES": "losses",
-    "PRESETS": "pretraining",
+    "RECIPES": "pretraining",
     "NonFiniteLossError": "errors",
     "PretrainTrainer": "pretraining",
     "Trainer": "trainer",
@@ -27,7 +29,10 @@ _NAMES = {
 __all__ = sorted(_NAMES)
 
 
+_deprecated = deprecated_aliases(__name__, {"PRESETS": ("genesis_ext.train.RECIPES", lambda: __getattr__("RECIPES"))})
+
+
 def __getattr__(name):
     if name in _NAMES:
         return getattr(import_module(f".{_NAMES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _deprecated(name)

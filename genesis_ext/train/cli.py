@@ -10,8 +10,20 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .._cli_options import (
+    add_device_options,
+    add_dims,
+    add_labels,
+    add_log_every,
+    add_max_minutes,
+    add_quiet,
+    add_resume_options,
+    add_schedule_options,
+    add_seed,
+)
 from .._util import TORCH_MISSING, positive_int
-from ..config import PRESETS, DeformConfig
+from ..config import ABLATIONS, DeformConfig
+from ..data.cubes import PUBLISHED_CUBE
 from .errors import NonFiniteLossError
 
 TASKS = ("segmentation", "classification")
@@ -42,11 +54,11 @@ def _add_pretrain_inputs(p) -> None:
     )
     p.add_argument(
         "--deformations",
-        choices=PRESETS,
+        choices=ABLATIONS,
         default="genesis",
         metavar="PRESET",
         help="the deformations of each pair: genesis (the published recipe, default) or one of the paper's "
-        "ablations, each deformation at its published rate: " + ", ".join(PRESETS[1:]),
+        "ablations, each deformation at its published rate: " + ", ".join(ABLATIONS[1:]),
     )
 
 
@@ -57,9 +69,7 @@ def _add_optimisation(g) -> None:
     g.add_argument("--batch-size", type=positive_int, help="global batch size")
     g.add_argument("--epochs", type=positive_int, help="at most this many epochs")
     g.add_argument("--steps-per-epoch", type=positive_int, help="default: training cubes // batch size")
-    g.add_argument("--lr-step-epochs", type=positive_int, help="halve the lr every this many epochs")
-    g.add_argument("--patience", type=positive_int, help="early stop after this many epochs without improvement")
-    g.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per process and step (default 1)")
+    add_schedule_options(g)
     g.add_argument(
         "--width",
         type=float,
@@ -67,13 +77,7 @@ def _add_optimisation(g) -> None:
         help="U-Net channel multiplier (default 1: the published network, the only one the published weights fit; "
         "e.g. 0.25 to study pre-training on a CPU)",
     )
-    g.add_argument(
-        "--dims",
-        type=int,
-        choices=(2, 3),
-        default=3,
-        help="2: Models Genesis 2D (UNet2D on axial patches from extract --dims 2, cubes of one slice); default 3",
-    )
+    add_dims(g, "UNet2D on axial patches from extract --dims 2, cubes of one slice")
 
 
 def _add_data_and_randomness(g) -> None:
@@ -85,14 +89,14 @@ def _add_data_and_randomness(g) -> None:
         default=1,
         help="fixed deformations per held-out cube (default 1; more: a steadier validation loss)",
     )
-    g.add_argument("--seed", type=int, default=0, help="init, split and batch order (default 0)")
+    add_seed(g, "the initialisation, split and batch order")
     g.add_argument("--deform-seed", type=int, default=1, help="training deformations (default 1)")
     g.add_argument("--val-seed", type=int, default=2, help="fixed validation deformations (default 2)")
     g.add_argument(
         "--cube",
         nargs=3,
         type=positive_int,
-        default=[64, 64, 32],
+        default=list(PUBLISHED_CUBE),
         metavar=("X", "Y", "Z"),
         help="volume inputs: cube size (default 64 64 32)",
     )
@@ -101,40 +105,24 @@ def _add_data_and_randomness(g) -> None:
 
 
 def _add_execution(g) -> None:
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="auto: bf16 on CUDA")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_device_options(g, device_default=None, training=True)
     g.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    g.add_argument("--max-minutes", type=float, help="stop at the first epoch end after this much time")
+    add_max_minutes(g)
     g.add_argument("--preview-every", type=int, default=1, help="epochs between PNG previews (0: none)")
-    g.add_argument(
-        "--log-every",
-        type=positive_int,
-        default=10,
-        help="steps between host reads of the training loss (step logs, non-finite check; default 10)",
-    )
-    g.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="CKPT",
-        help="continue from OUT/checkpoints/last.pt (or CKPT); refused, with each difference listed, when the "
-        "checkpoint was written with other settings (data, deformations, validation, seeds, batch, model, optimizer)",
-    )
-    g.add_argument(
-        "--resume-anyway",
-        action="store_true",
-        help="with --resume: continue although the data, deformation, validation, seed or batch settings differ from "
-        "the checkpoint's (e.g. data that moved); best.pt and early stopping then compare validation losses across "
-        "both. The width, dims, optimizer, lr, momentum and lr schedule must still match",
+    add_log_every(g)
+    add_resume_options(
+        g,
+        last="OUT/checkpoints/last.pt",
+        anyway="the data, deformation, validation, seed or batch settings differ from the checkpoint's (e.g. data "
+        "that moved); best.pt and early stopping then compare validation losses across both. The width, dims, "
+        "optimizer, lr, momentum and lr schedule must still match",
     )
     g.add_argument(
         "--init", dest="init_weights", metavar="WEIGHTS", help="start from these weights (e.g. Genesis_Chest_CT.pt)"
     )
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
     _add_trainer(g, "PretrainTrainer")
-    g.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+    add_quiet(g)
 
 
 def _add_trainer(g, base: str) -> None:
@@ -253,13 +241,7 @@ def _add_finetune_inputs(p) -> None:
         help="patch (segmentation) or cube (classification) size, multiples of 8: X Y Z (default: 64 64 32), or "
         "X Y with --dims 2 (default: 64 64)",
     )
-    p.add_argument(
-        "--dims",
-        type=int,
-        choices=(2, 3),
-        default=3,
-        help="2: Models Genesis 2D (UNet2D on axial patches, e.g. weights from pretrain --dims 2); default 3",
-    )
+    add_dims(p, "UNet2D on axial patches, e.g. weights from pretrain --dims 2")
     p.add_argument(
         "--width",
         type=float,
@@ -283,10 +265,8 @@ def _add_finetune_inputs(p) -> None:
 
 
 def _add_finetune_segmentation(g) -> None:
-    g.add_argument(
-        "--labels",
-        help="the classes: liver,spleen (label-map values 1, 2; or the masks of those names) or liver=1,spleen=6 "
-        "(default: the dataset.json's labels, the mask names, else one class: label > 0.5)",
+    add_labels(
+        g, "the dataset.json's labels, the mask names, else one class: label > 0.5 (with masks, names pick the masks)"
     )
     g.add_argument(
         "--loss",
@@ -350,27 +330,15 @@ def _add_finetune_training(g) -> None:
         help="poly: lr x (1 - epoch/epochs)^0.9 as nnU-Net (default); step: halve it every --lr-step-epochs (the "
         "default when that is given); constant",
     )
-    g.add_argument("--lr-step-epochs", type=positive_int, help="halve the lr every this many epochs")
-    g.add_argument("--patience", type=positive_int, help="early stop after this many epochs without a better score")
-    g.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per step (default 1)")
-    g.add_argument("--max-minutes", type=float, help="stop at the first epoch end after this much time")
-    g.add_argument("--device", default="auto", help="auto (cuda if available, default), cpu, cuda, cuda:N")
-    g.add_argument("--amp", choices=["auto", "bf16", "off"], default="off", help="bf16 autocast (auto: on CUDA)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--log-every", type=positive_int, default=10, help="steps between host reads of the loss")
+    add_schedule_options(g)
+    add_max_minutes(g)
+    add_device_options(g, amp_default="off", training=True)
+    add_log_every(g)
     g.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
-    g.add_argument("--seed", type=int, default=0, help="seed of the split, patches, batches and initialisation")
-    g.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="CKPT",
-        help="continue from OUT/last.pt (or CKPT); refused when it was written with other settings",
-    )
-    g.add_argument("--resume-anyway", action="store_true", help="with --resume: although the data settings differ")
+    add_seed(g, "the split, patches, batches and initialisation")
+    add_resume_options(g, last="OUT/last.pt", anyway="the data settings differ")
     _add_trainer(g, "the task's trainer (SegmentationTrainer or ClassificationTrainer)")
-    g.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
+    add_quiet(g)
 
 
 def run_finetune(args) -> int:

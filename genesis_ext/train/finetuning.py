@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.cubes import CUBE
+from ..data.cubes import published_cube, slice_cube
 from ..data.intensity import Window
 from ..data.labelled import (
     LabelledDataError,
@@ -184,7 +184,7 @@ LR_SCHEDULES = ("poly", "step", "constant")
 def _check_patch(patch, dims: int) -> tuple[int, int, int]:
     """The patch as three sizes: X Y Z (3-D), or X Y 1 (2-D: axial patches of one slice)."""
     if patch is None:
-        return CUBE if dims == 3 else (*CUBE[:2], 1)
+        return published_cube(dims)
     patch = tuple(int(p) for p in patch)
     if dims == 2 and len(patch) == 3 and patch[2] == 1:
         patch = patch[:2]
@@ -193,7 +193,7 @@ def _check_patch(patch, dims: int) -> tuple[int, int, int]:
             f"--patch must be {dims} sizes with --dims {dims}, each a positive multiple of 8 (the U-Net pools three "
             f"times), got {patch}"
         )
-    return patch if dims == 3 else (*patch, 1)
+    return patch if dims == 3 else slice_cube(patch)
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator | None):

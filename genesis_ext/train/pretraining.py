@@ -48,17 +48,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._util import deprecated_aliases
 from ..applied import applied
 from ..config import DeformConfig
+from ..data.cubes import PUBLISHED_CUBE
 from ..models import UNet2D, UNet3D, load_pretrained
 from ..ops import genesis_pair, sample_params
 from . import distributed
 from .logs import preview_image, save_png
 from .trainer import NonFiniteLossError, Trainer  # noqa: F401 (NonFiniteLossError: public here)
 
-# Presets: the published settings, and the default (Adam: the published SGD at lr 1.0 is reported to collapse to a
-# constant output; see docs/training.md for the measured curves).
-PRESETS = {
+# Training recipes (--preset): the published settings, and the default (Adam: the published SGD at lr 1.0 is reported
+# to collapse to a constant output; see docs/training.md for the measured curves).
+RECIPES = {
     "official": dict(
         optimizer="sgd", lr=1.0, momentum=0.9, batch_size=6, lr_step_epochs=40, lr_gamma=0.5, patience=50, epochs=10000
     ),
@@ -73,6 +75,8 @@ PRESETS = {
         epochs=10000,
     ),
 }
+# PRESETS was this table's name, easily taken for the deformation presets (genesis_ext.config.ABLATIONS)
+__getattr__ = deprecated_aliases(__name__, {"PRESETS": ("genesis_ext.train.pretraining.RECIPES", lambda: RECIPES)})
 
 
 # The deformation branch of a pair, one each, painting first: out-painted, in-painted, else shuffled (local shuffle,
@@ -88,7 +92,7 @@ def branches(params: dict, seed: int) -> np.ndarray:
 
 @dataclass
 class PretrainConfig:
-    """Settings of a pre-training run. ``None`` fields take the preset's value (see :data:`PRESETS`)."""
+    """Settings of a pre-training run. ``None`` fields take the value of the ``preset`` recipe (:data:`RECIPES`)."""
 
     data: Sequence[str | os.PathLike]
     out: str | os.PathLike
@@ -124,16 +128,16 @@ class PretrainConfig:
     resume: bool | str | os.PathLike = False  # True: OUT/checkpoints/last.pt, or a path
     resume_anyway: bool = False  # resume although the data/deformation/validation/batch settings differ (_RESUME_KEYS)
     init_weights: Optional[str | os.PathLike] = None  # start from these weights (e.g. the published checkpoint)
-    cube: Sequence[int] = (64, 64, 32)  # for volume inputs
+    cube: Sequence[int] = PUBLISHED_CUBE  # for volume inputs
     per_volume: int = 32  # for volume inputs
     volume_filter: str = "foreground"  # for volume inputs
     progress: bool = True
     tensorboard: bool = True
 
     def resolved(self) -> "PretrainConfig":
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        changes = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) is None}
+        if self.preset not in RECIPES:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(RECIPES)}")
+        changes = {k: v for k, v in RECIPES[self.preset].items() if getattr(self, k) is None}
         cfg = dataclasses.replace(self, **changes)
         if cfg.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
