@@ -1,7 +1,7 @@
 # Set-up commands. Runs with the Python you point it at (default: python3 on PATH, e.g. an activated venv).
 #   make demo        install, then write demo_out/genesis_pairs.png from the bundled CT
 #   make test        install, then run the test suite (skip reasons listed at the end)
-#   make test-quick  install, then the suite without the tests marked slow (a first check: about 5 minutes on 2 cores)
+#   make test-quick  install, then the suite without the tests marked slow (a first check: about 7 minutes on 2 cores)
 #   make test-sanitize  the kernel tests against modules built with AddressSanitizer and UndefinedBehaviorSanitizer,
 #                    in their own venv (build/venv-sanitize) so your install stays as it is; any report fails
 #   make bench       install, then time the kernels against the numpy reference
@@ -68,8 +68,9 @@ test-sanitize:
 	$(SANITIZE_ENV) $(SANITIZE_PY) -m pytest $(SANITIZE_TESTS) -q -p no:cacheprovider -m "not slow" --capture=sys
 
 bench: install
-	$(PYTHON) -m pytest benchmarks -q --benchmark-only --benchmark-json=bench.json
-	$(PYTHON) benchmarks/summarize.py bench.json
+	$(PYTHON) -m pytest benchmarks/bench_ops.py -q --benchmark-only --benchmark-json=bench.json
+	$(PYTHON) benchmarks/summarize.py bench.json --csv bench.csv
+	$(PYTHON) benchmarks/render_ops.py bench.csv --out-dir .
 
 lint-tools:
 	$(PYTHON) -m pip install -q $$($(PYTHON) -c "import tomllib; \

@@ -17,15 +17,15 @@ when the committed ``.md`` differs from what the CSV renders.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import difflib
 import json
 import math
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # results_page beside this file (pytest's importlib mode adds none)
+from results_page import parse, write_or_check  # noqa: E402
+
 RECIPES = ("official", "default")
 BRANCHES = ("outpaint", "inpaint", "shuffle", "bezier", "none")  # genesis_ext.train.pretraining.BRANCHES
 BRANCH_NAMES = {"outpaint": "out-painted", "inpaint": "in-painted", "shuffle": "shuffled", "bezier": "Bézier-only",
@@ -297,25 +297,10 @@ def markdown(runs: dict, base: dict) -> str:
     return "\n".join([*lines, ""])
 
 
-def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("csv", type=Path, help="learning_parity.csv (bench_learning.py's learning.csv)")
-    p.add_argument("--out-dir", type=Path, default=REPO / "docs" / "results")
-    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if OUT_DIR's .md is not the CSV's")
-    return p.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse(argv)
-    text, md = markdown(read_rows(args.csv), read_baselines(args.csv)), args.out_dir / "learning_parity.md"
-    if args.check:
-        old = md.read_text() if md.exists() else ""
-        sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), text.splitlines(True), str(md), "rendered"))
-        return int(old != text)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    md.write_text(text)
-    print(text)
-    return 0
+    args = parse(__doc__.split("\n\n")[0], "learning_parity.csv (bench_learning.py's learning.csv)", argv)
+    text = markdown(read_rows(args.csv), read_baselines(args.csv))
+    return write_or_check(args.out_dir / "learning_parity.md", text, args.check)
 
 
 if __name__ == "__main__":

@@ -1,56 +1,50 @@
-"""Markdown table of a bench_ops.py run: kernel vs numpy reference, milliseconds per cube.
+"""A bench_ops.py run as rows: kernel vs NumPy reference, milliseconds per cube, written to a CSV that
+``render_ops.py`` renders into docs/results/ops_cpu.md.
 
-    python -m pytest benchmarks -q --benchmark-only --benchmark-json=bench.json
-    python benchmarks/summarize.py bench.json
+    python -m pytest benchmarks/bench_ops.py -q --benchmark-only --benchmark-json=bench.json
+    python benchmarks/summarize.py bench.json --csv docs/results/ops_cpu.csv
+    python benchmarks/render_ops.py docs/results/ops_cpu.csv
 
-Per-cube time = mean time of one call / batch size. The reference runs one cube per call (single-threaded numpy);
-speedup = reference ms/cube / kernel ms/cube.
+Per-cube time = mean time of one call / batch size. The reference runs one cube per call (single-threaded NumPy).
+Each row carries the machine and the date of the run.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
 import json
 import sys
+from pathlib import Path
 
-OPS = ("genesis_pair", "bezier_remap", "local_shuffle", "inpaint", "outpaint", "flip")
+FIELDS = ("op", "impl", "batch", "threads", "ms_per_cube", "rounds", "machine", "cores", "date")
 
 
-def table(report: dict) -> str:
-    kernel, ref = {}, {}
-    for b in report["benchmarks"]:
-        info = b["extra_info"]
-        per_cube_ms = b["stats"]["mean"] * 1e3 / info["batch"]
-        if info["impl"] == "reference":
-            ref[info["op"]] = per_cube_ms
-        else:
-            kernel[info["op"], info["batch"], info["threads"]] = per_cube_ms
-    lines = [
-        "| op | batch | threads | kernel ms/cube | reference ms/cube | speedup |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    order = {op: i for i, op in enumerate(OPS)}
-    for (op, batch, threads), k_ms in sorted(kernel.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])):
-        r_ms = ref.get(op)
-        r_text = f"{r_ms:.2f}" if r_ms is not None else "–"
-        speedup = "–" if r_ms is None else f"{r_ms / k_ms:.1f}x" if r_ms < 10 * k_ms else f"{r_ms / k_ms:.0f}x"
-        lines.append(f"| {op} | {batch} | {threads} | {k_ms:.3f} | {r_text} | {speedup} |")
+def rows(report: dict) -> list[dict]:
+    """One row per benchmark of a pytest-benchmark report of bench_ops.py."""
     cpu = report.get("machine_info", {}).get("cpu", {})
     machine = cpu.get("brand_raw") or report.get("machine_info", {}).get("processor", "unknown CPU")
-    cores = cpu.get("count")
-    lines.append("")
-    lines.append(
-        f"Machine: {machine}" + (f", {cores} logical cores" if cores else "") + f"; {report.get('datetime', '')[:10]}."
-    )
-    return "\n".join(lines)
+    run = {"machine": machine, "cores": cpu.get("count", ""), "date": report.get("datetime", "")[:10]}
+    out = []
+    for b in report["benchmarks"]:
+        info, stats = b["extra_info"], b["stats"]
+        per_cube = round(stats["mean"] * 1e3 / info["batch"], 4)
+        out.append({**{k: info[k] for k in ("op", "impl", "batch", "threads")}, "ms_per_cube": per_cube,
+                    "rounds": stats["rounds"], **run})  # fmt: skip
+    return out
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
-        return 2
-    with open(argv[0]) as f:
-        print(table(json.load(f)))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("report", type=Path, help="pytest-benchmark JSON of bench_ops.py")
+    p.add_argument("--csv", type=Path, default=Path("bench.csv"), help="the rows (default: bench.csv)")
+    args = p.parse_args(argv)
+    table = rows(json.loads(args.report.read_text()))
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        writer.writeheader()
+        writer.writerows(table)
+    print(f"{len(table)} rows in {args.csv}")
     return 0
 
 

@@ -16,10 +16,12 @@ DOCS = [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").rglob
 RENDERED = [  # (renderer, the CSV it renders; the committed .md lies beside the CSV)
     ("benchmarks/render_label_efficiency.py", "docs/results/label_efficiency.csv"),
     ("benchmarks/render_learning_parity.py", "docs/results/learning_parity.csv"),
+    ("benchmarks/render_ops.py", "docs/results/ops_cpu.csv"),
 ]
 TEST_COMMAND = "python -m pytest python_tests -q"
 README_MAX_LINES = 160
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?")  # a figure as written: 0.68, 2,200, 16,000
 SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 SPEC = "/".join(("shared", "spec"))  # spelt so that this file does not name it
 
@@ -161,3 +163,42 @@ def test_the_readme_is_an_index_whose_test_command_ci_runs():
             fenced.append(line.strip())
     assert TEST_COMMAND in fenced, f"README.md has no line `{TEST_COMMAND}` in a bash block"
     assert TEST_COMMAND in [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+
+
+def _headline_blocks(text: str) -> list[str]:
+    """The README's "Headline numbers" section, cut into blocks: each bullet (with its continuation lines), each
+    table row, each other paragraph."""
+    section = text.split("\n## Headline numbers", 1)[1].split("\n## ", 1)[0]
+    blocks: list[str] = []
+    for line in section.splitlines():
+        starts = line.startswith(("- ", "| ")) or not blocks or not blocks[-1] or blocks[-1].startswith("| ")
+        if not line.strip():
+            blocks.append("")
+        elif starts:
+            blocks.append(line)
+        else:
+            blocks[-1] += "\n" + line
+    return [b for b in blocks if b.strip()]
+
+
+def test_the_readme_headline_numbers_are_those_of_the_results_pages():
+    """Each headline bullet that links a rendered results page names only numbers that page holds, and each table
+    row there is a line of the page it summarises (the label-efficiency table: docs/results/label_efficiency.md), so a
+    re-rendered page cannot leave the README behind."""
+    results = {p.name: p.read_text() for p in (REPO / "docs" / "results").glob("*.md")}
+    checked, rows = 0, 0
+    for block in _headline_blocks((REPO / "README.md").read_text()):
+        pages = [results[Path(t).name] for t in LINK.findall(block) if t.startswith("docs/results/")]
+        if block.startswith("| "):
+            rows += 1
+            if not set("-:| ") >= set(block):  # the separator row
+                assert any(block in page.splitlines() for page in results.values()), f"not on a results page: {block}"
+            continue
+        if not pages:
+            continue
+        words = re.sub(r"\]\([^)]*\)", "]", block)  # link targets hold no figures
+        on_pages = {n for page in pages for n in NUMBER.findall(page)}
+        for number in NUMBER.findall(words):
+            assert number in on_pages, f"{number} is not on {block!r}'s linked page"
+            checked += 1
+    assert checked and rows, "the headline section links no results page: this check would prove nothing"
