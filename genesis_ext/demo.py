@@ -29,10 +29,10 @@ import numpy as np
 
 from genesis_ext._util import deprecated_aliases
 from genesis_ext.applied import applied, deformation_names
-from genesis_ext.data import Foreground, Window, extract_cubes, load_volume, sample
+from genesis_ext.data import Foreground, extract_cubes, load_volume, sample
 from genesis_ext.data.cubes import PUBLISHED_CUBE
+from genesis_ext.data.intensity import CT_WINDOW
 
-HU_WINDOW = (-1000.0, 1000.0)
 SCALE = 3  # pixels per voxel in the figure
 DEMO_WIDTH = 0.25  # a U-Net of 1/16 the published parameters: enough steps in minutes of CPU to beat the baselines
 DEMO_STEPS = 550  # about 3 minutes on the 2-core CPU with one thread (docs/install.md, the demo)
@@ -64,7 +64,7 @@ def pipeline_cubes(volumes, count: int, rng: np.random.Generator, size=PUBLISHED
             continue
         try:
             got = extract_cubes(
-                volume.data, cube=size, count=len(slots), filter=Foreground(), window=Window(*HU_WINDOW), rng=rng
+                volume.data, cube=size, count=len(slots), filter=Foreground(), window=CT_WINDOW, rng=rng
             )
         except ValueError as err:  # a label map, a volume smaller than the cube: say which file
             raise ValueError(f"{volume.source}: {err}") from err

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._cli_options import AMP_MODES
 from .._util import deprecated_aliases
 from ..applied import applied
 from ..config import DeformConfig
@@ -141,8 +142,8 @@ class PretrainConfig:
         cfg = dataclasses.replace(self, **changes)
         if cfg.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
-        if cfg.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {cfg.amp!r}")
+        if cfg.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {cfg.amp!r}")
         for name in ("batch_size", "epochs", "accumulate", "lr_step_epochs", "patience", "log_every", "val_repeats"):
             if int(getattr(cfg, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
