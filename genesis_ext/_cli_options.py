@@ -45,6 +45,20 @@ def add_device_options(p, *, device_default: str | None = "auto", amp_default: s
         p.add_argument("--compile", action="store_true", help="torch.compile the model")
 
 
+MODALITY_HELP = (
+    "ct: Hounsfield units, the published [-1000, 1000] HU window; mr: each volume clipped to the 0.5th-99.5th "
+    "percentiles of its body's voxels and scaled to [0, 1]"
+)
+
+
+def add_modality(p, default: str) -> None:
+    """``--modality`` (``genesis_ext.data.modality.MODALITIES``; None: ``default`` says what decides). extract,
+    pretrain, finetune."""
+    from .data.modality import MODALITIES  # NumPy only
+
+    p.add_argument("--modality", choices=tuple(MODALITIES), default=None, help=f"{MODALITY_HELP} (default: {default})")
+
+
 def add_labels(p, default: str) -> None:
     """``--labels``, the classes of a label map (``genesis_ext.data.labelled.parse_labels``). finetune, evaluate."""
     p.add_argument(

@@ -16,7 +16,7 @@ import os
 import sys
 
 from . import __version__
-from ._cli_options import add_dims, add_quiet, add_seed
+from ._cli_options import add_dims, add_modality, add_quiet, add_seed
 from ._util import positive_int
 
 
@@ -63,10 +63,11 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filter")
     g.add_argument(
         "--filter",
-        choices=["official-lung", "foreground", "none"],
-        default="official-lung",
-        help="official-lung: the published 'mostly lung' rule (default); foreground: mostly not background "
-        "(any organ or modality); none: keep every candidate",
+        choices=["official-lung", "foreground", "body", "none"],
+        default=None,
+        help="official-lung: the published 'mostly lung' rule (default for ct); foreground: mostly above "
+        "--foreground-level of the window; body: mostly inside the body, no threshold in input units (default for "
+        "mr); none: keep every candidate",
     )
     g.add_argument("--lung-threshold", type=float, default=-150.0, help="official-lung: HU threshold (default -150)")
     g.add_argument(
@@ -86,9 +87,10 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
         "--foreground-fraction",
         type=float,
         default=0.6,
-        help="foreground: smallest foreground fraction kept (default 0.6)",
+        help="foreground, body: smallest fraction of the cube kept (default 0.6)",
     )
     g = p.add_argument_group("intensity")
+    add_modality(g, "the inputs' DICOM Modality tag, else ct")
     w = g.add_mutually_exclusive_group()
     w.add_argument(
         "--window",
@@ -102,7 +104,14 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
         nargs=2,
         type=float,
         metavar=("P_LO", "P_HI"),
-        help="per-volume window from these intensity percentiles (non-CT modalities), e.g. 0.5 99.5",
+        help="per-volume window from these intensity percentiles of all voxels, e.g. 0.5 99.5 (--modality mr "
+        "takes them over the body's voxels)",
+    )
+    g.add_argument(
+        "--pad",
+        action="store_true",
+        help="pad a volume thinner than the cube with background (the window's low value), evenly on both sides "
+        "(default: skip it, naming the axis)",
     )
     g.add_argument(
         "--spacing",
@@ -153,7 +162,7 @@ def _extract_cube(cube, dims: int) -> tuple:
 
 
 def _run_extract(args) -> int:
-    from .data import ExtractSettings, Foreground, NoFilter, OfficialLung, PercentileWindow, Window, run_extract
+    from .data import Body, ExtractSettings, Foreground, NoFilter, OfficialLung, PercentileWindow, Window, run_extract
 
     if args.margins == ["auto"]:
         margins = "auto"
@@ -164,9 +173,16 @@ def _run_extract(args) -> int:
             margins = ()
         if len(margins) != 3 or min(margins) < 0:
             raise SystemExit(f"genesis-ext extract: --margins takes 'auto' or three voxel counts, got {args.margins}")
+    if args.filter == "official-lung" and args.modality not in (None, "ct"):
+        raise SystemExit(
+            f"genesis-ext extract: --filter official-lung thresholds Hounsfield units; with --modality "
+            f"{args.modality} use --filter body, foreground or none"
+        )
     filt = {
+        None: lambda: None,  # the modality's filter
         "official-lung": lambda: OfficialLung(args.lung_threshold, args.lung_max_fraction),
         "foreground": lambda: Foreground(args.foreground_level, args.foreground_fraction),
+        "body": lambda: Body(args.foreground_fraction),
         "none": NoFilter,
     }[args.filter]()
     try:
@@ -175,7 +191,7 @@ def _run_extract(args) -> int:
             if args.window_percentile
             else Window(*args.window)
             if args.window
-            else Window()
+            else None  # the modality's window
         )
     except ValueError as err:
         raise SystemExit(f"genesis-ext extract: {err}") from None
@@ -188,6 +204,8 @@ def _run_extract(args) -> int:
         margins=margins,
         spacing=tuple(args.spacing) if args.spacing else None,
         seed=args.seed,
+        modality=args.modality,
+        pad=args.pad,
     )
     try:
         summary = run_extract(

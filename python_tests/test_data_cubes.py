@@ -182,7 +182,9 @@ def test_margins_scale_with_the_volume():
     assert margins_for((512, 512, 300), margins=(100, 100, 30)) == (100, 100, 30)
     with pytest.raises(TooSmallError, match="no room"):
         margins_for((512, 512, 48), margins=(100, 100, 30), extra=(0, 0, 1))
-    with pytest.raises(TooSmallError, match=r"smaller than the cube \(64, 64, 32\)"):
+    with pytest.raises(
+        TooSmallError, match=r"thinner than the cube \(64, 64, 32\): z has 31 voxels, the cube needs 32"
+    ):
         margins_for((100, 100, 31))
     with pytest.raises(TooSmallError, match="filter reads"):
         extract_cubes(np.zeros((64, 64, 32), np.float32), filter="official-lung")

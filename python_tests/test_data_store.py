@@ -159,7 +159,9 @@ def test_bad_volumes_are_skipped_and_nothing_written_is_lost(inputs, tmp_path):
     reasons = dict(summary.skipped)
     assert "cannot read as NIfTI" in reasons[str(bad / "truncated.nii.gz")]
     assert "not a supported image format" in reasons[str(bad / "notes.txt")]
-    assert "smaller than the cube" in reasons[str(bad / "small.nii.gz")]
+    assert (
+        "thinner than the cube" in reasons[str(bad / "small.nii.gz")] and "--pad" in reasons[str(bad / "small.nii.gz")]
+    )
     assert "no candidate passed the foreground filter" in reasons[str(bad / "air.nii.gz")]
     assert "no image files" in reasons[str(tmp_path / "empty")]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cubes").iterdir()} == shards

@@ -24,6 +24,7 @@ from conftest import tiny_finetune_config  # noqa: E402
 from test_models import flip_bit, offset_of  # noqa: E402
 
 from genesis_ext.cli import main as cli_main  # noqa: E402
+from genesis_ext.data import CT_WINDOW, Window  # noqa: E402
 from genesis_ext.data.labelled import segmentation_pairs  # noqa: E402
 from genesis_ext.evaluation.metrics import dice_iou, multiclass_auc, roc_auc  # noqa: E402
 from genesis_ext.models import CheckpointError, GenesisClassifier, UNet3D, save_checkpoint  # noqa: E402
@@ -750,14 +751,14 @@ def test_the_model_record_describes_the_run(seg_data, tmp_path):
     assert (record.task, record.dims, record.in_channels, record.width) == ("segmentation", 3, 1, 0.25)
     assert record.labels == {"lung": 1, "dense": 2} and record.activation == "softmax" and record.n_outputs == 3
     assert record.batchnorm == "standard"  # --batchnorm running, the default
-    assert record.patch == (16, 16, 16) and record.window == (-500.0, 700.0)
+    assert record.patch == (16, 16, 16) and record.window == Window(-500.0, 700.0) and record.modality == "ct"
     assert record.spacing == (1.5, 1.5, 1.5)  # the sample crops' spacing, no --spacing given
     assert model.out_tr.final_conv.out_channels == 3
     finetune(tiny_finetune_config(seg_data, tmp_path / "sigmoid", width=0.25, batchnorm="batch_stats",
                                   spacing=(2.0, 2.0, 3.0)), **QUIET)  # fmt: skip
     record, model = _record(tmp_path / "sigmoid")
     assert record.labels == {"foreground": 1} and record.activation == "sigmoid" and record.n_outputs == 1
-    assert record.batchnorm == "batch_stats" and record.spacing == (2.0, 2.0, 3.0) and record.window == (-1000, 1000)
+    assert record.batchnorm == "batch_stats" and record.spacing == (2.0, 2.0, 3.0) and record.window == CT_WINDOW
     finetune(tiny_finetune_config(seg_data, tmp_path / "flat", width=0.25, dims=2, patch=(16, 16)), **QUIET)
     record, _ = _record(tmp_path / "flat")
     assert record.dims == 2 and record.patch == (16, 16, 1)

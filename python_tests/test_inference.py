@@ -24,7 +24,7 @@ nib = pytest.importorskip("nibabel")
 from conftest import REPO, SHARED_DICOM  # noqa: E402
 
 from genesis_ext.cli import main as cli_main  # noqa: E402
-from genesis_ext.data import load_volume  # noqa: E402
+from genesis_ext.data import Window, load_volume  # noqa: E402
 from genesis_ext.data.io import VolumeError  # noqa: E402
 from genesis_ext.inference import PredictError, Predictor, load_predictor, predict_volume  # noqa: E402
 from genesis_ext.inference.predict import LPS_TO_RAS, predict  # noqa: E402
@@ -47,7 +47,7 @@ def make_record(**changes) -> ModelRecord:
         labels={"liver": 1},
         activation="sigmoid",
         patch=PATCH,
-        window=(-1000.0, 1000.0),
+        intensity={"kind": "fixed", "lo": -1000.0, "hi": 1000.0},
         spacing=None,
     )
     return ModelRecord(**(base | changes))
@@ -78,7 +78,7 @@ class Threshold(torch.nn.Module):
     def __init__(self, record: ModelRecord):
         super().__init__()
         self.softmax = record.activation == "softmax"
-        self.level = torch.nn.Parameter(torch.tensor((THRESHOLD_HU - record.window[0]) / np.ptp(record.window)))
+        self.level = torch.nn.Parameter(torch.tensor(record.window.apply(THRESHOLD_HU).item()))
         self.gain = 50.0
 
     def forward(self, x):
@@ -218,7 +218,8 @@ def test_record_round_trips_through_its_dict_and_a_checkpoint(tmp_path):
 
 def test_record_stores_numpy_values_as_plain_python_ones(tmp_path):
     """A trainer's sizes and labels are often NumPy scalars, which torch.load(weights_only=True) refuses to read."""
-    record = make_record(dims=np.int64(3), patch=np.array([16, 16, 16]), window=(np.float32(-1000), np.int64(1000)),
+    window = {"kind": "fixed", "lo": np.float32(-1000), "hi": np.int64(1000)}
+    record = make_record(dims=np.int64(3), patch=np.array([16, 16, 16]), intensity=window,
                          labels={"liver": np.uint8(1)}, width=np.float64(0.125))  # fmt: skip
     assert record == make_record()
     path = write_checkpoint(tmp_path / "seg.pt", record)
@@ -233,7 +234,9 @@ def test_record_stores_numpy_values_as_plain_python_ones(tmp_path):
         ({"labels": {"liver": 1, "spleen": 1}}, "field 'labels'"),
         ({"patch": [16, 16, 12]}, "field 'patch'"),
         ({"dims": 2}, "field 'patch' must be \\[X, Y, 1\\]"),
-        ({"window": [100, -100]}, "field 'window'"),
+        ({"intensity": {"kind": "fixed", "lo": 100, "hi": -100}}, "field 'intensity'"),
+        ({"intensity": {"kind": "histogram"}}, "field 'intensity'"),
+        ({"modality": "pet"}, "field 'modality' must be one of \\['ct', 'mr'\\]"),
         ({"spacing": [1, 1]}, "field 'spacing'"),
         ({"batchnorm": "group"}, "field 'batchnorm'"),
         ({"unexpected": 1}, "unknown field\\(s\\) 'unexpected'"),
@@ -246,9 +249,16 @@ def test_record_from_dict_names_the_file_and_the_field(change, message):
 
 def test_record_from_dict_names_a_missing_field():
     d = make_record().to_dict()
-    del d["window"]
-    with pytest.raises(CheckpointError, match="/runs/best.pt: its model record has no field 'window'"):
+    del d["intensity"]
+    with pytest.raises(CheckpointError, match="/runs/best.pt: its model record has no field 'intensity'"):
         ModelRecord.from_dict(d, source="/runs/best.pt")
+
+
+def test_a_record_from_before_modalities_reads_as_its_fixed_ct_window():
+    d = {k: v for k, v in make_record().to_dict().items() if k not in ("intensity", "modality")}
+    record = ModelRecord.from_dict(d | {"window": [-500, 700]}, source="/runs/old.pt")
+    assert record.modality == "ct" and record.window == Window(-500.0, 700.0)
+    assert record.intensity == {"kind": "fixed", "lo": -500.0, "hi": 700.0}
 
 
 def test_record_builds_its_network():
@@ -594,3 +604,13 @@ def test_a_batch_statistics_checkpoint_is_predicted_with_a_warning(tmp_path):
     weights = write_checkpoint(tmp_path / "w.pt", make_record(batchnorm="batch_stats"))
     with pytest.warns(UserWarning, match="depend on which windows share a batch"):
         load_predictor(weights, "cpu")
+
+
+def test_refuses_a_dicom_series_of_another_modality_than_the_models(tmp_path):
+    pytest.importorskip("SimpleITK")
+    mr_window = {"kind": "percentile", "p_lo": 0.5, "p_hi": 99.5, "region": "body"}
+    weights = write_checkpoint(tmp_path / "w.pt", make_record(intensity=mr_window, modality="mr"))
+    refusal = f"{SHARED_DICOM}: its DICOM Modality is CT; this model was fine-tuned on mr"
+    with pytest.raises(PredictError, match=refusal):
+        predict(weights, [SHARED_DICOM], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

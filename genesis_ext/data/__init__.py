@@ -12,6 +12,7 @@ The command line ``genesis-ext extract`` runs the same pipeline over many volume
 from .._util import deprecated_aliases
 from .cubes import (
     PUBLISHED_CUBE,
+    Body,
     Cubes,
     Foreground,
     NoFilter,
@@ -25,14 +26,20 @@ from .cubes import (
 )
 from .datasets import CubeStoreDataset, VolumeCubeDataset
 from .extraction import ExtractSettings, Summary, run_extract
-from .intensity import CT_WINDOW, PercentileWindow, Window, resample
+from .intensity import CT_WINDOW, MR_WINDOW, PercentileWindow, Window, body_mask, resample
 from .io import ORIENTATION, Source, Volume, VolumeError, find_sources, load_volume
+from .modality import MODALITIES, Modality, ModalityWarning
 from .store import CubeStore, StoreError, load_published, read_manifest, save_published
 
 __getattr__ = deprecated_aliases(__name__, {"CUBE": ("genesis_ext.data.PUBLISHED_CUBE", lambda: PUBLISHED_CUBE)})
 
 __all__ = [
+    "Body",
     "CT_WINDOW",
+    "MODALITIES",
+    "MR_WINDOW",
+    "Modality",
+    "ModalityWarning",
     "CubeStore",
     "CubeStoreDataset",
     "Cubes",
@@ -51,6 +58,7 @@ __all__ = [
     "VolumeCubeDataset",
     "VolumeError",
     "Window",
+    "body_mask",
     "extract_cubes",
     "find_sources",
     "load_published",

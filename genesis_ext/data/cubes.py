@@ -14,6 +14,9 @@ Filters (all thresholds are on the input volume, in HU for CT; the window only s
   (0.6) of its voxels are above the window level ``level`` (0.05, which is -900 HU in the default [-1000, 1000]
   window: outside-body air is about -1000 HU, lung parenchyma mostly above -900 HU; for a percentile window it is 5 %
   of the robust range above the low percentile).
+- :class:`Body` (``body``), for modalities without absolute units (MR): keep the cube if at least ``min_fraction``
+  (0.6) of its voxels lie inside the body (:func:`intensity.body_mask`, on the region candidates can reach), dark
+  organs included: no threshold in input units.
 - :class:`NoFilter` (``none``): every candidate is kept.
 
 Candidate origins are uniform over ``[margin, size - cube - extra - margin]`` per axis, ``extra`` being the slices
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._util import deprecated_aliases
-from .intensity import CT_WINDOW, Window
+from .intensity import CT_WINDOW, Window, body_mask
 from .io import label_map_reason
 
 PUBLISHED_CUBE = (64, 64, 32)  # X Y Z voxels: the cube of the published script and weights
@@ -111,6 +114,27 @@ class Foreground:
 
 
 @dataclass(frozen=True)
+class Body:
+    """Keep a cube if at least ``min_fraction`` of its voxels are inside the body (:func:`intensity.body_mask`)."""
+
+    min_fraction: float = 0.6
+    name = "body"
+    extra = (0, 0, 0)
+
+    def voxel_scores(self, data: np.ndarray, window: Window) -> np.ndarray:
+        return body_mask(data).view(np.uint8)
+
+    def fraction(self, sums: np.ndarray, n_voxels: int) -> np.ndarray:
+        return sums / n_voxels
+
+    def keep(self, sums: np.ndarray, n_voxels: int) -> np.ndarray:
+        return sums >= self.min_fraction * n_voxels
+
+    def describe(self) -> dict:
+        return {"name": self.name, "min_fraction": self.min_fraction}
+
+
+@dataclass(frozen=True)
 class NoFilter:
     """Keep every candidate."""
 
@@ -121,15 +145,27 @@ class NoFilter:
         return {"name": self.name}
 
 
-FILTERS = {"official-lung": OfficialLung, "foreground": Foreground, "none": NoFilter}
+FILTERS = {"official-lung": OfficialLung, "foreground": Foreground, "body": Body, "none": NoFilter}
 
 
 def make_filter(name: str, **params):
-    """A filter by its name (``official-lung``, ``foreground``, ``none``) with optional parameters."""
+    """A filter by its name (``official-lung``, ``foreground``, ``body``, ``none``) with optional parameters."""
     try:
         return FILTERS[name](**params)
     except KeyError:
         raise ValueError(f"unknown filter {name!r}; choose one of {', '.join(FILTERS)}") from None
+
+
+def thin_axes(shape, need) -> list[int]:
+    """The axes along which ``shape`` is shorter than ``need``."""
+    return [a for a in range(3) if shape[a] < need[a]]
+
+
+def pad_to(data: np.ndarray, need, value: float) -> tuple[np.ndarray, list]:
+    """``data`` padded with ``value`` to at least ``need`` voxels per axis, evenly on both sides (the odd voxel
+    after), and the ``[before, after]`` voxels added per axis."""
+    pads = [[(n - s) // 2, n - s - (n - s) // 2] if s < n else [0, 0] for s, n in zip(data.shape, need)]
+    return np.pad(data, pads, constant_values=value), pads
 
 
 def margins_for(shape, cube=PUBLISHED_CUBE, margins="auto", extra=(0, 0, 0)) -> tuple:
@@ -138,9 +174,11 @@ def margins_for(shape, cube=PUBLISHED_CUBE, margins="auto", extra=(0, 0, 0)) -> 
     need = [c + e for c, e in zip(cube, extra)]
     room = [s - n for s, n in zip(shape, need)]
     if min(room) < 0:
+        thin = ", ".join(f"{'xyz'[a]} has {shape[a]} voxels, the cube needs {need[a]}" for a in thin_axes(shape, need))
         raise TooSmallError(
-            f"volume {tuple(shape)} is smaller than the cube {tuple(cube)}"
+            f"volume {tuple(shape)} is thinner than the cube {tuple(cube)}"
             + (f" plus {tuple(extra)} voxels the filter reads" if any(extra) else "")
+            + f": {thin}"
         )
     if isinstance(margins, str):
         if margins != "auto":

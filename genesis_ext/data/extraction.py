@@ -22,18 +22,20 @@ import multiprocessing
 import os
 import re
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
 
 from .._util import progress_bar
-from .cubes import CUBES_PER_VOLUME, PUBLISHED_CUBE, OfficialLung, extract_cubes
-from .intensity import CT_WINDOW, resample
-from .io import Source, VolumeError, find_sources, label_map_reason, load_volume
+from .cubes import CUBES_PER_VOLUME, PUBLISHED_CUBE, TooSmallError, extract_cubes, pad_to, thin_axes
+from .intensity import resample
+from .io import Source, VolumeError, dicom_tag_of, find_sources, label_map_reason, load_volume
+from .modality import DEFAULT_MODALITY, ModalityWarning, from_dicom_tag, modality, value_warning
 from .store import HASH, StoreWriter, file_digest, published_name, save_npy, save_published
 
 __all__ = ["ExtractSettings", "Summary", "extract_source", "run_extract", "volume_seed"]
@@ -43,28 +45,48 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 @dataclass(frozen=True)
 class ExtractSettings:
-    """What to cut from each volume (defaults: the published recipe, with margins scaled to the volume)."""
+    """What to cut from each volume (defaults: the published recipe, with margins scaled to the volume).
+
+    ``modality`` (``data.modality.MODALITIES``; None: the DICOM Modality tag of the inputs, else CT) gives the window
+    and the filter where they are None. ``pad``: a volume thinner than the cube along an axis is padded there with
+    background (the window's low value, 0 after scaling), evenly on both sides; without it, it is skipped with a
+    reason naming the axis."""
 
     cube: tuple = PUBLISHED_CUBE
     count: int = CUBES_PER_VOLUME
     max_candidates: int | None = None
-    filter: object = field(default_factory=OfficialLung)
-    window: object = CT_WINDOW
+    filter: object = None
+    window: object = None
     margins: object = "auto"
     spacing: tuple | None = None
     seed: int = 0
+    modality: str | None = None
+    pad: bool = False
+
+    def resolved(self, modality_name: str | None = None) -> "ExtractSettings":
+        """These settings with the modality (``modality_name`` where none is set, else CT), window and filter set."""
+        chosen = modality(self.modality or modality_name or DEFAULT_MODALITY)
+        return replace(
+            self,
+            modality=chosen.name,
+            window=chosen.intensity if self.window is None else self.window,
+            filter=chosen.filter if self.filter is None else self.filter,
+        )
 
     def params(self) -> dict:
         """A JSON description (stored in the manifest; a store is only continued with equal parameters)."""
+        s = self.resolved()
         return {
-            "cube": list(self.cube),
-            "count": self.count,
-            "max_candidates": self.max_candidates,
-            "filter": self.filter.describe(),
-            "window": self.window.describe(),
-            "margins": self.margins if isinstance(self.margins, str) else list(self.margins),
-            "spacing": None if self.spacing is None else [float(s) for s in self.spacing],
-            "seed": self.seed,
+            "cube": list(s.cube),
+            "count": s.count,
+            "max_candidates": s.max_candidates,
+            "filter": s.filter.describe(),
+            "window": s.window.describe(),
+            "margins": s.margins if isinstance(s.margins, str) else list(s.margins),
+            "spacing": None if s.spacing is None else [float(v) for v in s.spacing],
+            "seed": s.seed,
+            "modality": s.modality,
+            "pad": s.pad,
         }
 
 
@@ -91,6 +113,8 @@ class Summary:
     outputs: list = field(default_factory=list)
     excluded: int = 0
     repaired: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    padded: list = field(default_factory=list)
 
     @property
     def label_maps(self) -> int:
@@ -111,6 +135,8 @@ class Summary:
             [head]
             + [f"  repaired {problem}" for problem in self.repaired]
             + [f"  skipped {source}: {reason}" for source, reason in self.skipped]
+            + [f"  padded {source} with background: {how}" for source, how in self.padded]
+            + [f"  warning {message}" for message in self.warnings]
         )
 
 
@@ -134,22 +160,27 @@ def _init_worker() -> None:
 
 def extract_source(source: Source, settings: ExtractSettings, shard: str) -> dict:
     """Load one source, cut its cubes and write them to ``shard`` (atomically). Returns its manifest record, or
-    ``{"key", "source", "reason"}`` when it is skipped. Never raises for a bad volume."""
+    ``{"key", "source", "reason"}`` when it is skipped (with ``"warning"`` when its values do not look like the
+    modality). Never raises for a bad volume. ``settings``: resolved."""
+    checked = {}
     try:
         if reason := label_map_reason(source.key):
             return {"key": source.key, "source": source.path, "reason": reason}
         volume = load_volume(source.path, series_uid=source.series_uid)
-        if reason := label_map_reason(source.key, volume.data):
+        if reason := label_map_reason(source.key, volume.data) or _modality_mismatch(volume, settings.modality):
             return {"key": source.key, "source": source.path, "reason": reason}
+        if warning := value_warning(volume, settings.modality):
+            checked["warning"] = warning
         if settings.spacing is not None:
             volume = resample(volume, settings.spacing)
+        data, window, pads = _padded(volume.data, settings)
         result = extract_cubes(
-            volume.data,
+            data,
             cube=settings.cube,
             count=settings.count,
             max_candidates=settings.max_candidates,
             filter=settings.filter,
-            window=settings.window,
+            window=window,
             margins=settings.margins,
             rng=np.random.default_rng(volume_seed(settings.seed, source.key)),
         )
@@ -161,10 +192,13 @@ def extract_source(source: Source, settings: ExtractSettings, shard: str) -> dic
         digest = save_npy(shard, result.cubes)
     except VolumeError as err:
         return {"key": source.key, "source": source.path, "reason": err.reason}
-    except (ValueError, ImportError, OSError) as err:  # too small, no cube passes, missing SimpleITK, disk errors
-        return {"key": source.key, "source": source.path, "reason": str(err) or type(err).__name__}
+    except TooSmallError as err:
+        hint = "pass --pad (pad=True) to pad it with background, or cut smaller cubes (--cube)"
+        return {"key": source.key, "source": source.path, "reason": f"{err}; {hint}", **checked}
+    except (ValueError, ImportError, OSError) as err:  # no cube passes, missing SimpleITK, disk errors
+        return {"key": source.key, "source": source.path, "reason": str(err) or type(err).__name__, **checked}
     except Exception as err:  # anything else (MemoryError, a library's RuntimeError): this volume only
-        return {"key": source.key, "source": source.path, "reason": f"{type(err).__name__}: {err}"}
+        return {"key": source.key, "source": source.path, "reason": f"{type(err).__name__}: {err}", **checked}
     return {
         "key": source.key,
         "source": source.path,
@@ -175,11 +209,45 @@ def extract_source(source: Source, settings: ExtractSettings, shard: str) -> dic
         "spacing": list(volume.spacing),
         "window": [result.window.lo, result.window.hi],
         "margins": list(result.margins),
+        "padded": pads,
         "candidates": result.candidates,
         "origins": result.origins.tolist(),
         "scores": [None if np.isnan(s) else round(float(s), 6) for s in result.scores],
+        **checked,
         HASH: digest,
     }
+
+
+def _modality_mismatch(volume, name: str) -> str | None:
+    """Why a DICOM volume whose Modality tag names another known modality does not belong in this store."""
+    tagged = from_dicom_tag(volume.modality)
+    if tagged is None or tagged == name:
+        return None
+    return f"its DICOM Modality is {volume.modality}, this store is {name}: extract it with --modality {tagged}"
+
+
+def _padded(data: np.ndarray, settings: ExtractSettings):
+    """``data`` padded to the cube where it is thinner and ``settings.pad`` allows it (the window resolved before:
+    padding must not move a percentile window), its window, and the ``[before, after]`` voxels per axis (or None)."""
+    window = settings.window.resolve(data)
+    need = [c + e for c, e in zip(settings.cube, settings.filter.extra)]
+    if not (settings.pad and thin_axes(data.shape, need)):
+        return data, window, None
+    data, pads = pad_to(data, need, window.lo)
+    return data, window, pads
+
+
+def _padding(pads) -> str:
+    return ", ".join(f"{'xyz'[a]} {b} + {e} voxels" for a, (b, e) in enumerate(pads) if b or e)
+
+
+def store_modality(sources) -> str | None:
+    """The modality the DICOM Modality tag of the first tagged source names (None: no DICOM source tags a modality we
+    know)."""
+    for s in sources:
+        if (name := from_dicom_tag(dicom_tag_of(s, "0008|0060"))) is not None:
+            return name
+    return None
 
 
 @contextmanager
@@ -253,6 +321,7 @@ def run_extract(
         for s in found
         if (not include or any(fnmatch(s.key, p) for p in include)) and not any(fnmatch(s.key, p) for p in exclude)
     ]
+    settings = settings.resolved(store_modality(sources))
     writer = StoreWriter(out, settings.params(), settings.cube)
     summary = Summary(
         executor=executor, volumes=len(sources), skipped=list(problems), excluded=len(found) - len(sources)
@@ -262,6 +331,9 @@ def run_extract(
     summary.jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo) or 1))
 
     def finish(record: dict) -> None:
+        if "warning" in record:
+            summary.warnings.append(record["warning"])
+            warnings.warn(record["warning"], ModalityWarning, stacklevel=3)
         if "reason" in record:
             writer.skip(record["key"], record["source"], record["reason"])
             summary.skipped.append((record["source"], record["reason"]))
@@ -270,6 +342,8 @@ def run_extract(
             writer.add(record)
             summary.written += 1
             summary.cubes += record["count"]
+            if record["padded"]:
+                summary.padded.append((record["source"], _padding(record["padded"])))
 
     tags = {s.key: s.tag for s in todo}
     bar = progress_bar(len(todo), "extract", "vol", progress)

@@ -2,7 +2,10 @@
 
 Models Genesis clips CT to [-1000, 1000] HU and scales by ``(v + 1000) / 2000`` (:data:`CT_WINDOW`). Any fixed
 window works the same way; for modalities without absolute units (MRI, PET) a :class:`PercentileWindow` is resolved
-per volume from its own intensity percentiles.
+per volume from its own intensity percentiles: :data:`MR_WINDOW` takes the 0.5th and 99.5th percentiles of the body's
+voxels (:func:`body_mask`), so that the air around the patient, a quarter of a typical abdominal MR volume, does not
+set the window's floor. Every window describes itself as a dict (``describe``) and :func:`intensity_from` rebuilds
+it, so a store, a checkpoint and a prediction apply the same policy.
 """
 
 from __future__ import annotations
@@ -77,23 +80,56 @@ def unit_range_problem(data) -> str | None:
     return f"intensities {lo:g} .. {hi:g} are far outside [0, 1], the range Models Genesis deforms; {fix}"
 
 
+BACKGROUND_LEVEL = 0.1  # FSL BET's background threshold: 10 % of the 2nd-98th percentile range above the 2nd
+
+
+def _strided(data: np.ndarray, max_samples: int) -> np.ndarray:
+    """At most about ``max_samples`` finite values of ``data`` at a fixed stride (deterministic)."""
+    flat = np.asarray(data).reshape(-1)
+    flat = flat[:: max(1, flat.size // max_samples)]
+    return flat[np.isfinite(flat)]
+
+
+def _enclosed(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Voxels with a ``mask`` voxel at or before them and at or after them along ``axis``."""
+    before = np.logical_or.accumulate(mask, axis=axis)
+    after = np.flip(np.logical_or.accumulate(np.flip(mask, axis), axis=axis), axis)
+    return before & after
+
+
+def body_mask(data: np.ndarray, max_samples: int = 1 << 22) -> np.ndarray:
+    """The body in a (x, y, z) volume without absolute units: voxels above the background threshold
+    ``p2 + 0.1 (p98 - p2)`` (Smith's BET, Hum Brain Mapp 2002), and every voxel enclosed by such voxels along both x and
+    y of its slice, so that dark organs inside the body (the spleen and kidneys on a T1 out-of-phase image) stay in."""
+    p2, p98 = np.percentile(_strided(data, max_samples), [2, 98])
+    bright = np.asarray(data) > p2 + BACKGROUND_LEVEL * (p98 - p2)
+    return _enclosed(bright, 0) & _enclosed(bright, 1)
+
+
+REGIONS = ("all", "body")
+
+
 @dataclass(frozen=True)
 class PercentileWindow:
-    """A window from each volume's own ``p_lo``-th and ``p_hi``-th intensity percentiles (for non-CT modalities).
-    Percentiles are estimated on at most ``max_samples`` voxels taken at a fixed stride (deterministic)."""
+    """A window from each volume's own ``p_lo``-th and ``p_hi``-th intensity percentiles (for non-CT modalities), over
+    all voxels or over the ``body`` (:func:`body_mask`). Percentiles are estimated on at most ``max_samples`` voxels
+    taken at a fixed stride (deterministic)."""
 
     p_lo: float = 0.5
     p_hi: float = 99.5
+    region: str = "all"
     max_samples: int = 1 << 22
 
     def __post_init__(self):
         if not 0.0 <= self.p_lo < self.p_hi <= 100.0:
             raise ValueError(f"percentiles need 0 <= p_lo < p_hi <= 100, got {self.p_lo}, {self.p_hi}")
+        if self.region not in REGIONS:
+            raise ValueError(f"region must be one of {', '.join(REGIONS)}, got {self.region!r}")
 
     def resolve(self, data: np.ndarray) -> Window:
-        flat = np.asarray(data).reshape(-1)
-        flat = flat[:: max(1, flat.size // self.max_samples)]
-        lo, hi = (float(v) for v in np.percentile(flat[np.isfinite(flat)], [self.p_lo, self.p_hi]))
+        data = np.asarray(data)
+        values = data[body_mask(data, self.max_samples)] if self.region == "body" else data
+        lo, hi = (float(v) for v in np.percentile(_strided(values, self.max_samples), [self.p_lo, self.p_hi]))
         if not hi > lo:
             raise ValueError(
                 f"the {self.p_lo}-{self.p_hi} percentile window is empty ({lo} .. {hi}): a constant volume?"
@@ -101,7 +137,23 @@ class PercentileWindow:
         return Window(lo, hi)
 
     def describe(self) -> dict:
-        return {"kind": "percentile", "p_lo": self.p_lo, "p_hi": self.p_hi}
+        return {"kind": "percentile", "p_lo": self.p_lo, "p_hi": self.p_hi, "region": self.region}
+
+
+MR_WINDOW = PercentileWindow(0.5, 99.5, region="body")
+
+
+def intensity_from(description) -> Window | PercentileWindow:
+    """The window a ``describe()`` dict names (as stores and checkpoints record it); ValueError for anything else."""
+    d = dict(description) if isinstance(description, dict) else {}
+    kind = d.pop("kind", None)
+    try:
+        return {"fixed": Window, "percentile": PercentileWindow}[kind](**d)
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"an intensity policy is {{'kind': 'fixed', 'lo', 'hi'}} or {{'kind': 'percentile', 'p_lo', 'p_hi', "
+            f"'region'}}, got {description!r}"
+        ) from None
 
 
 def _grid(volume: Volume, spacing):

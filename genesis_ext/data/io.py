@@ -47,12 +47,14 @@ class VolumeError(ValueError):
 class Volume:
     """A 3D scan. ``data``: float32 ``(x, y, z)`` in LPS+ (HU for CT), usually laid out x-fastest in memory (Fortran
     order, as NIfTI and ITK store it; no negative strides); ``spacing``: mm along x, y, z; ``affine``: 4x4 map from
-    voxel index (x, y, z) to patient LPS coordinates in mm; ``source``: where it came from."""
+    voxel index (x, y, z) to patient LPS coordinates in mm; ``source``: where it came from; ``modality``: the DICOM
+    Modality tag (0008,0060), e.g. 'CT' or 'MR', where the file has one (None for NIfTI, MetaImage, NRRD)."""
 
     data: np.ndarray
     spacing: tuple
     affine: np.ndarray = field(repr=False)
     source: str = ""
+    modality: str | None = None
 
     @property
     def shape(self) -> tuple:
@@ -230,16 +232,31 @@ def _load_sitk_file(path: Path) -> Volume:
     return _from_sitk(path, image)
 
 
-def _series_of(path: Path) -> str | None:
-    """The SeriesInstanceUID of one DICOM file (None if SimpleITK is missing or the tag is absent)."""
+def _dicom_tag(path, tag: str) -> str | None:
+    """The value of ``tag`` ('gggg|eeee') in one DICOM file (None if SimpleITK is missing or the tag is absent)."""
     try:
         sitk = sitk_module()
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
-        return reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else None
+        return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else None
     except (ImportError, RuntimeError):
         return None
+
+
+def dicom_tag_of(source: "Source", tag: str) -> str | None:
+    """The value of ``tag`` in the first file of a DICOM source (None for other formats or without the tag)."""
+    path = Path(source.path)
+    if path.is_dir():
+        files = dicom_series(path).get(source.series_uid) if source.series_uid else None
+        files = files or next(iter(dicom_series(path).values()), [])
+        return _dicom_tag(files[0], tag) if files else None
+    return _dicom_tag(path, tag) if is_dicom_file(path) else None
+
+
+def _series_of(path: Path) -> str | None:
+    """The SeriesInstanceUID of one DICOM file."""
+    return _dicom_tag(path, "0020|000e")
 
 
 def dicom_series_ids(directory) -> list:
@@ -278,7 +295,9 @@ def _load_dicom(directory: Path, series_uid: str | None) -> Volume:
     except RuntimeError as err:
         reason = str(err).strip().splitlines()[-1]
         raise VolumeError(directory, f"cannot read DICOM series {series_uid} ({reason})") from err
-    return _from_sitk(directory, image)
+    volume = _from_sitk(directory, image)
+    volume.modality = _dicom_tag(series[series_uid][0], "0008|0060")
+    return volume
 
 
 def find_sources(inputs) -> tuple[list[Source], list[tuple[str, str]]]:

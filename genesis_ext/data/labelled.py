@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from .intensity import resample, resample_nearest
 from .io import Volume, VolumeError, _strip_suffix, load_volume, read_spacing
+from .modality import ModalityWarning, value_warning
 
 FOREGROUND = {"foreground": 1}  # the published binary task: label > 0.5
 IGNORE = 255  # target value of unlabelled voxels (outside a label budget): no loss there
@@ -243,10 +245,13 @@ class SegCase:
         return replace(self, target=target, fg=_centres(target), labelled_z=np.sort(np.asarray(z, dtype=np.int64)))
 
 
-def load_seg_case(pair: LabelledPair, classes: dict[str, int], window, spacing=None) -> SegCase:
+def load_seg_case(pair: LabelledPair, classes: dict[str, int], window, spacing=None, modality=None) -> SegCase:
     """``pair`` read, checked and brought to the network's input: the image windowed to [0, 1], the labels to class
-    indices; both resampled to ``spacing`` (mm; image linear, labels nearest) when it differs from theirs by > 1 %."""
+    indices; both resampled to ``spacing`` (mm; image linear, labels nearest) when it differs from theirs by > 1 %.
+    ``modality``: a ``ModalityWarning`` when the image's values do not look like it."""
     image = _load(pair.image)
+    if modality is not None and (warning := value_warning(image, modality)):
+        warnings.warn(warning, ModalityWarning, stacklevel=2)
     if isinstance(pair.labels, dict):
         target = _masks_target(image, {c: pair.labels[c] for c in classes}, pair.image)
     else:

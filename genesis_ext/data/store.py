@@ -290,6 +290,13 @@ def _with_journal(manifest: dict, journal: Path) -> dict:
     return {**manifest, "volumes": ordered, "skipped": sorted(skipped.values(), key=lambda r: r["key"]), "count": count}
 
 
+def store_intensity(manifest: dict) -> dict:
+    """``{"modality", "intensity"}`` of a store: what its cubes are (stores from before modalities: CT, whose window
+    the manifest records)."""
+    params = manifest.get("params", {})
+    return {"modality": params.get("modality", "ct"), "intensity": params.get("window")}
+
+
 def by_shard(records) -> dict:
     """``{shard: [records that use it]}``: a per-volume shard has one record, a published-layout array one per
     volume it holds."""
@@ -397,8 +404,11 @@ class CubeStore:
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         self.files, self.counts, self.first_rows, self.entries = [], [], [], []
         self.digests = {}  # shard file -> (its SHA-256 in the manifest, the store), verified on first read
+        self.intensity = {}  # input -> the modality and window of its manifest (stores only; bare arrays say nothing)
         cube = None
         for p in map(Path, paths):
+            if p.is_dir() and (p / MANIFEST_JSON).exists():
+                self.intensity[str(p)] = store_intensity(read_manifest(p))
             for f, n, shape, entry in self._scan(p):
                 if cube is not None and shape != cube:
                     raise ValueError(f"{f}: cubes of shape {shape} do not match {cube} from the other files")

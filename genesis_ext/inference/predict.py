@@ -1,10 +1,10 @@
-"""Segmenting whole CT volumes with a fine-tuned checkpoint: ``load_predictor``, ``predict_volume``, ``predict`` and
-the ``genesis-ext predict`` verb.
+"""Segmenting whole CT or MR volumes with a fine-tuned checkpoint: ``load_predictor``, ``predict_volume``,
+``predict`` and the ``genesis-ext predict`` verb.
 
 The checkpoint carries everything (its ``ModelRecord``): the network is rebuilt from it, each volume is windowed to
-[0, 1] with the record's window, resampled to the record's spacing where it differs by more than 1 %, predicted with
-``sliding_window`` (Gaussian-blended windows of the record's patch), and the probabilities are resampled back to the
-volume's exact grid before the label map is taken.
+[0, 1] with the record's intensity policy (CT: its HU window; MR: the volume's own body percentiles), resampled to the
+record's spacing where it differs by more than 1 %, predicted with ``sliding_window`` (Gaussian-blended windows of the
+record's patch), and the probabilities are resampled back to the volume's exact grid before the label map is taken.
 
 ``predict`` writes ``<out>/<case>.nii.gz`` (uint8 label map; values from the record's ``labels``, 0 elsewhere) and,
 with ``probabilities``, ``<case>_probabilities.nii.gz`` (float32 ``(x, y, z, classes)``, one channel per class in
@@ -12,7 +12,9 @@ with ``probabilities``, ``<case>_probabilities.nii.gz`` (float32 ``(x, y, z, cla
 axis order with its affine, so that output voxel ``[i, j, k]`` is input voxel ``[i, j, k]``; for DICOM, MetaImage and
 NRRD inputs, the volume's LPS+ array with its affine in NIfTI's RAS+ world. Every file is written atomically. Bad
 input is refused before anything is written: inputs that do not exist, predictions already in ``out`` (unless
-``overwrite``), a checkpoint without a segmentation record, volumes that are not 3-D.
+``overwrite``), a checkpoint without a segmentation record, volumes that are not 3-D, a DICOM series whose Modality
+tag is not the model's. A volume whose values do not look like the model's modality (an MRI given to a CT model) is
+predicted with a warning naming it and its value range.
 
 The module imports without torch, so that the verb's argument parsing stays light; predicting needs it.
 """
@@ -33,7 +35,7 @@ import numpy as np
 
 from .._cli_options import AMP_MODES, add_device_options, add_overwrite, add_quiet
 from .._util import TORCH_MISSING, atomic_write, positive_int, progress_bar
-from ..data.intensity import Window, resample
+from ..data.intensity import resample
 from ..data.io import (
     DICOM_SUFFIXES,
     NIFTI_SUFFIXES,
@@ -43,6 +45,7 @@ from ..data.io import (
     Volume,
     VolumeError,
     dicom_series,
+    dicom_tag_of,
     find_sources,
     label_map_reason,
     load_volume,
@@ -51,6 +54,7 @@ from ..data.io import (
 from ..data.io import (
     _check_3d as _check_3d_shape,
 )
+from ..data.modality import ModalityWarning, from_dicom_tag, value_warning
 
 if TYPE_CHECKING:  # imported where used: the module imports without torch
     import torch
@@ -164,7 +168,7 @@ def predict_volume(
 
     record = predictor.record
     grid = resample(volume, record.spacing) if _needs_resampling(volume.spacing, record.spacing) else volume
-    image = torch.from_numpy(Window(*record.window).apply(grid.data))[None].to(predictor.device)
+    image = torch.from_numpy(record.window.resolve(grid.data).apply(grid.data))[None].to(predictor.device)
     bar = progress_bar(
         len(window_boxes(grid.shape, record.patch, overlap)),
         Path(volume.source).name or "volume",
@@ -327,9 +331,12 @@ def predict(
     predictor = load_predictor(weights, device, amp)
     for _, source in cases:
         _check_3d(source)
+        _check_modality(source, predictor.record.modality)
     written = []
     for case, source in cases:
         volume = load_volume(source.path, series_uid=source.series_uid)
+        if warning := value_warning(volume, predictor.record.modality):
+            warnings.warn(f"{warning} (the model was fine-tuned on {predictor.record.modality})", ModalityWarning, 2)
         labels, probs = predict_volume(
             predictor, volume, overlap=overlap, batch_size=batch_size, mirror=mirror, progress=progress
         )
@@ -338,6 +345,13 @@ def predict(
         if probabilities:
             written.append(_write_nifti(probs_path, *_on_input_grid(np.moveaxis(probs, 0, -1), source, volume)))
     return written
+
+
+def _check_modality(source: Source, name: str) -> None:
+    """Refuses a DICOM series whose Modality tag names another modality than the model's."""
+    tag = dicom_tag_of(source, "0008|0060")
+    if from_dicom_tag(tag) not in (None, name):
+        raise PredictError(f"{source.path}: its DICOM Modality is {tag}; this model was fine-tuned on {name} images")
 
 
 def _overlap(text: str) -> float:

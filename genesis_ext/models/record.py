@@ -2,7 +2,9 @@
 
 Every fine-tuning checkpoint stores one under ``"model_record"`` as a plain dict (``record.to_dict()``), so that
 ``genesis-ext predict`` needs nothing but the checkpoint: the network's shape (``dims``, ``in_channels``, ``width``,
-``batchnorm``, ``activation``, the classes in ``labels``) and its input (``patch``, intensity ``window``, ``spacing``).
+``batchnorm``, ``activation``, the classes in ``labels``) and its input (``patch``, the ``intensity`` policy that maps
+a scan to [0, 1] as ``describe()`` writes it, ``spacing``, the ``modality``). Records written before modalities hold a
+fixed ``window`` [lo, hi] instead of ``intensity``: they read as that window, CT.
 
 ``ModelRecord.from_dict(d, source=path)`` validates every field and raises ``CheckpointError`` naming the file and the
 field that is missing or wrong; constructing a record with a wrong value raises ``ValueError`` naming the field.
@@ -17,6 +19,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from ..data.intensity import Window, intensity_from
+from ..data.modality import MODALITIES
 from .unet3d import BATCHNORM_MODES, UNet2D, UNet3D
 from .weights import CheckpointError
 
@@ -37,6 +41,10 @@ def _numbers(name: str, value, count: int) -> tuple:
     if not isinstance(value, (list, tuple, np.ndarray)) or len(value) != count or not all(_is_number(v) for v in value):
         raise ValueError(f"field '{name}' must be {count} finite numbers, got {value!r}")
     return tuple(value)
+
+
+def _pair(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2
 
 
 def _check_labels(labels, task: str) -> dict:
@@ -80,8 +88,9 @@ class ModelRecord:
     labels: dict
     activation: str
     patch: tuple
-    window: tuple
+    intensity: dict
     spacing: tuple | None = None
+    modality: str = "ct"
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise once, here, to plain Python values (torch.load(weights_only))
@@ -99,15 +108,25 @@ class ModelRecord:
         set_(self, "labels", _check_labels(self.labels, self.task))
         _check_choice("activation", self.activation, ACTIVATIONS)
         set_(self, "patch", _check_patch(self.patch, self.dims))
-        lo, hi = _numbers("window", self.window, 2)
-        if not hi > lo:
-            raise ValueError(f"field 'window' must be [lo, hi] with lo < hi, got {list(self.window)}")
-        set_(self, "window", (float(lo), float(hi)))
+        try:
+            set_(self, "intensity", self.window.describe())
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"field 'intensity': {err}") from None
+        _check_choice("modality", self.modality, tuple(MODALITIES))
         if self.spacing is not None:
             spacing = _numbers("spacing", self.spacing, 3)
             if min(spacing) <= 0:
                 raise ValueError(f"field 'spacing' must be three positive numbers (mm) or null, got {list(spacing)}")
             set_(self, "spacing", tuple(float(s) for s in spacing))
+
+    @property
+    def window(self) -> Window:
+        """The intensity policy (a ``Window``, or a ``PercentileWindow`` resolved per volume)."""
+        return intensity_from(
+            {k: float(v) if _is_number(v) else v for k, v in self.intensity.items()}
+            if isinstance(self.intensity, dict)
+            else self.intensity
+        )
 
     @property
     def n_outputs(self) -> int:
@@ -150,7 +169,7 @@ class ModelRecord:
     def to_dict(self) -> dict:
         """Plain values only (lists, not tuples), as ``torch.load(weights_only=True)`` reads them back."""
         d = asdict(self)
-        for name in ("patch", "window", "spacing"):
+        for name in ("patch", "spacing"):
             d[name] = None if d[name] is None else list(d[name])
         return d
 
@@ -161,6 +180,11 @@ class ModelRecord:
         where = f"genesis_ext: {source}: its model record" if source else "genesis_ext: model record"
         if not isinstance(d, dict):
             raise CheckpointError(f"{where} is not a dict (got {type(d).__name__})")
+        if "window" in d and "intensity" not in d:  # written before modalities: a fixed window, CT
+            window = d["window"]
+            d = {k: v for k, v in d.items() if k != "window"}
+            d["intensity"] = {"kind": "fixed", "lo": window[0], "hi": window[1]} if _pair(window) else window
+            d.setdefault("modality", "ct")
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in d]
         unknown = [n for n in d if n not in names]

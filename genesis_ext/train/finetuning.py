@@ -51,6 +51,7 @@ from ..data.labelled import (
     split_indices,
     training_spacing,
 )
+from ..data.modality import DEFAULT_MODALITY, modality
 from ..evaluation.metrics import dice, multiclass_auc
 from ..inference.sliding_window import sliding_window
 from ..models.record import ModelRecord
@@ -91,7 +92,8 @@ class FinetuneConfig:
     label_budget: int | float | None = None  # a count (int) or a share (float <= 1) of training cases or slabs
     budget_unit: str = "cases"  # "cases" or "slabs" (axial slabs; unlabelled slices are left out of the loss)
     slab_depth: int | None = None  # slices per slab (default: the patch's depth)
-    window: tuple = (-1000.0, 1000.0)
+    window: tuple | None = None  # a fixed window [lo, hi] in the images' units; None: the modality's
+    modality: str | None = None  # "ct" or "mr" (data.modality); None: the --weights' modality, else ct
     device: str = "auto"
     seed: int = 0
     progress: bool = True
@@ -215,8 +217,9 @@ class FinetuneTrainer(Trainer):
     csv_name = "log.csv"
     checkpoint_dir = "."
     metric = "val_loss"  # the validation metric best.pt and early stopping follow (higher is better)
-    resume_keys = ("data", "val_data", "seed", "patch", "window", "batch_size", "patches_per_volume", "fg_fraction",
-                   "val_fraction", "overlap", "label_budget", "budget_unit", "slab_depth", "spacing")  # fmt: skip
+    resume_keys = ("data", "val_data", "seed", "patch", "window", "modality", "batch_size", "patches_per_volume",
+                   "fg_fraction", "val_fraction", "overlap", "label_budget", "budget_unit", "slab_depth",
+                   "spacing")  # fmt: skip
     state_keys = (*Trainer.state_keys, "lr_schedule", "task", "dims", "width", "labels", "loss", "batchnorm")
 
     def __init__(self, cfg: FinetuneConfig, dd=None, log=print):
@@ -228,10 +231,19 @@ class FinetuneTrainer(Trainer):
         if cfg.dims not in (2, 3):
             raise FinetuneError(f"--dims must be 2 or 3, got {cfg.dims!r}")
         self.patch = _check_patch(cfg.patch, cfg.dims)  # X Y Z, or X Y 1 for 2-D
+        self.modality = cfg.modality or self.weights_modality or DEFAULT_MODALITY
         try:
-            self.window = Window(*cfg.window)
+            self.window = modality(self.modality).intensity if cfg.window is None else Window(*cfg.window)
         except (TypeError, ValueError) as err:
-            raise FinetuneError(f"--window: {err}") from None
+            raise FinetuneError(f"--{'window' if cfg.window is not None else 'modality'}: {err}") from None
+
+    @functools.cached_property
+    def weights_modality(self) -> str | None:
+        """The modality the --weights were trained on, where their checkpoint records it (published weights: no)."""
+        if self.initial is None or not isinstance(self.initial[1], dict):
+            return None
+        record = self.initial[1].get("model_record")
+        return record.get("modality") if isinstance(record, dict) else self.initial[1].get("modality")
 
     @functools.cached_property
     def initial(self) -> tuple[dict, dict] | None:
@@ -349,7 +361,9 @@ class SegmentationTrainer(FinetuneTrainer):
             else:
                 train_pairs, val_pairs = pairs, segmentation_pairs(cfg.val_data, self.classes)[0]
             self.spacing = tuple(cfg.spacing) if cfg.spacing else training_spacing(train_pairs)
-            load = functools.partial(load_seg_case, classes=self.classes, window=self.window, spacing=self.spacing)
+            load = functools.partial(
+                load_seg_case, classes=self.classes, window=self.window, spacing=self.spacing, modality=self.modality
+            )
             cases = [load(p) for p in train_pairs]
             self.val_cases = [load(p) for p in val_pairs]
             if cfg.label_budget is not None:
@@ -382,8 +396,9 @@ class SegmentationTrainer(FinetuneTrainer):
             labels=dict(self.classes),
             activation=self.loss_fn.activation,
             patch=list(self.patch),
-            window=[self.window.lo, self.window.hi],
+            intensity=self.window.describe(),
             spacing=list(self.spacing),
+            modality=self.modality,
         )
 
     def load_weights(self, model, state: dict) -> None:
@@ -487,8 +502,9 @@ class ClassificationTrainer(FinetuneTrainer):
             labels={name: k for k, name in enumerate(self.classes, start=1)},
             activation="softmax",
             patch=list(self.patch),
-            window=[self.window.lo, self.window.hi],
+            intensity=self.window.describe(),
             spacing=None,
+            modality=self.modality,
         )
 
     def load_weights(self, model, state: dict) -> None:
