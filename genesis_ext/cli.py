@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from . import __version__
 from ._cli_options import add_dims, add_modality, add_quiet, add_seed
@@ -129,6 +130,13 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
         help="only sources whose path relative to their input matches one of these globs, e.g. 'imagesTr/*'",
     )
     g.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="leave out sources matching these globs")
+    g.add_argument(
+        "--channels",
+        type=positive_int,
+        default=1,
+        help="co-registered images per case (default 1): a 4-D NIfTI, or nnU-Net's <case>_0000.nii.gz, "
+        "<case>_0001.nii.gz, ... files; each channel is windowed on its own, all are cut at the same places",
+    )
     g = p.add_argument_group("output and execution")
     g.add_argument(
         "--format",
@@ -163,6 +171,7 @@ def _extract_cube(cube, dims: int) -> tuple:
 
 def _run_extract(args) -> int:
     from .data import Body, ExtractSettings, Foreground, NoFilter, OfficialLung, PercentileWindow, Window, run_extract
+    from .data.modality import ModalityWarning
 
     if args.margins == ["auto"]:
         margins = "auto"
@@ -206,19 +215,22 @@ def _run_extract(args) -> int:
         seed=args.seed,
         modality=args.modality,
         pad=args.pad,
+        channels=args.channels,
     )
     try:
-        summary = run_extract(
-            args.inputs,
-            args.out,
-            settings,
-            jobs=args.jobs,
-            executor=args.executor,
-            fmt=args.format,
-            progress=args.progress,
-            include=args.include,
-            exclude=args.exclude,
-        )
+        with warnings.catch_warnings():  # the summary below lists them, each once
+            warnings.simplefilter("ignore", ModalityWarning)
+            summary = run_extract(
+                args.inputs,
+                args.out,
+                settings,
+                jobs=args.jobs,
+                executor=args.executor,
+                fmt=args.format,
+                progress=args.progress,
+                include=args.include,
+                exclude=args.exclude,
+            )
     except (ValueError, OSError) as err:  # e.g. --out holds a store made with other options, or is a file
         print(f"genesis-ext extract: {err}", file=sys.stderr)
         return 2

@@ -625,3 +625,18 @@ def test_missing_input_writes_nothing(inputs, tmp_path, capsys):
     with pytest.raises(FileNotFoundError):
         run_extract([inputs, tmp_path / "nope"], existing, FOREGROUND, jobs=1, progress=False)
     assert {p: p.stat().st_mtime_ns for p in existing.rglob("*")} == before
+
+
+def test_a_store_from_before_modalities_and_channels_is_continued(tmp_path):
+    """Stores written before the modality, pad and channels parameters existed are CT, unpadded, one channel: the
+    same extract command continues them."""
+    out = tmp_path / "store"
+    volume = sorted(SAMPLE.glob("*.nii.gz"))[0]
+    run_extract([volume], out, FOREGROUND, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {manifest["params"].pop(k) for k in ("modality", "pad", "channels")} == {"ct", False, 1}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    summary = run_extract([volume], out, FOREGROUND, progress=False)
+    assert (summary.kept, summary.written) == (1, 0)
+    with pytest.raises(ValueError, match="made with other parameters"):
+        run_extract([volume], out, ExtractSettings(filter=Foreground(), count=8, modality="mr"), progress=False)

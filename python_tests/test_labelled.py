@@ -193,7 +193,8 @@ def test_dataset_json_errors_name_the_file(dataset):
     for entry in (
         {"image": "images/case1.nii.gz"},  # no label
         {"image": "images/case1.nii.gz", "label": None},  # a test case
-        {"image": ["images/case1.nii.gz", "images/case2.nii.gz"], "label": "labels/case1.nii.gz"},  # channels
+        {"image": [], "label": "labels/case1.nii.gz"},  # no channel
+        {"image": ["images/case1.nii.gz", 3], "label": "labels/case1.nii.gz"},  # a channel that is not a path
     ):
         bad.write_text(json.dumps({**spec, "training": [entry]}))
         with pytest.raises(LabelledDataError, match='needs "training"'):
@@ -330,7 +331,7 @@ def test_load_seg_case_resamples_image_and_labels_to_the_spacing(tmp_path):
     labels = label_map(liver=(1, 4, 1), spleen=(6, 9, 6))
     pair = _pair(tmp_path, image_data(), labels)
     case = load_seg_case(pair, {"liver": 1, "spleen": 6}, CT, spacing=(3.0, 3.0, 3.0))
-    assert case.image.shape == case.target.shape == (6, 5, 4)
+    assert case.image.shape == (1, 6, 5, 4) and case.target.shape == (6, 5, 4)  # one channel
     assert case.spacing == (3.0, 3.0, 3.0)
     assert case.target.dtype == np.uint8 and set(np.unique(case.target).tolist()) == {0, 1, 2}  # class indices
     # nearest neighbour: new voxel i sits at old x = 2 i + 0.5, rounded half to even: 2 i
@@ -362,7 +363,7 @@ def test_resample_nearest_keeps_the_dtype_and_moves_the_affine(tmp_path):
 def _case(name: str, depth: int) -> SegCase:
     target = np.zeros((4, 4, depth), dtype=np.uint8)
     target[1:3, 1:3, :] = 1
-    image = np.broadcast_to(np.arange(depth, dtype=np.float32), (4, 4, depth)).copy()  # the slice index
+    image = np.broadcast_to(np.arange(depth, dtype=np.float32), (1, 4, 4, depth)).copy()  # the slice index
     return SegCase(name, image, target, (1.0, 1.0, 1.0), np.argwhere(target).astype(np.int32))
 
 

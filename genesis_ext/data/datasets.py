@@ -71,7 +71,8 @@ def _takes_two_arguments(fn) -> bool:
 
 class CubeStoreDataset(_Transformed):
     """The cubes of a store written by ``genesis-ext extract``, a published-layout array, or a directory of them
-    (anything :class:`~genesis_ext.data.store.CubeStore` opens). ``dataset[i]`` → float32 ``(1, X, Y, Z)``.
+    (anything :class:`~genesis_ext.data.store.CubeStore` opens). ``dataset[i]`` → float32 ``(C, X, Y, Z)`` (C = 1 but
+    for a store of several channels).
     ``transform``: applied to each item with its global index (``_Transformed``)."""
 
     def __init__(self, path, transform=None):
@@ -86,7 +87,8 @@ class CubeStoreDataset(_Transformed):
         return len(self.store)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return self._transformed(self.store[int(index)][None], int(index))
+        cube = self.store[int(index)]
+        return self._transformed(cube[None] if cube.ndim == 3 else cube, int(index))
 
 
 class VolumeCubeDataset(_Transformed):

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from .._util import progress_bar
-from .cubes import CUBES_PER_VOLUME, PUBLISHED_CUBE, TooSmallError, extract_cubes, pad_to, thin_axes
+from .cubes import CUBES_PER_VOLUME, PUBLISHED_CUBE, TooSmallError, cut_cube, extract_cubes, pad_to, thin_axes
 from .intensity import resample
-from .io import Source, VolumeError, dicom_tag_of, find_sources, label_map_reason, load_volume
+from .io import Source, VolumeError, channel_cases, dicom_tag_of, find_sources, label_map_reason, load_channels
 from .modality import DEFAULT_MODALITY, ModalityWarning, from_dicom_tag, modality, value_warning
 from .store import HASH, StoreWriter, file_digest, published_name, save_npy, save_published
 
@@ -50,7 +50,9 @@ class ExtractSettings:
     ``modality`` (``data.modality.MODALITIES``; None: the DICOM Modality tag of the inputs, else CT) gives the window
     and the filter where they are None. ``pad``: a volume thinner than the cube along an axis is padded there with
     background (the window's low value, 0 after scaling), evenly on both sides; without it, it is skipped with a
-    reason naming the axis."""
+    reason naming the axis. ``channels``: co-registered images per case (a 4-D NIfTI, or nnU-Net's
+    ``<case>_0000.nii.gz`` ... files, ``io.channel_cases``); each is windowed on its own, the first chooses the cubes
+    and all are cut at the same places into ``(n, channels, X, Y, Z)`` shards."""
 
     cube: tuple = PUBLISHED_CUBE
     count: int = CUBES_PER_VOLUME
@@ -62,6 +64,7 @@ class ExtractSettings:
     seed: int = 0
     modality: str | None = None
     pad: bool = False
+    channels: int = 1
 
     def resolved(self, modality_name: str | None = None) -> "ExtractSettings":
         """These settings with the modality (``modality_name`` where none is set, else CT), window and filter set."""
@@ -87,6 +90,7 @@ class ExtractSettings:
             "seed": s.seed,
             "modality": s.modality,
             "pad": s.pad,
+            "channels": s.channels,
         }
 
 
@@ -166,14 +170,21 @@ def extract_source(source: Source, settings: ExtractSettings, shard: str) -> dic
     try:
         if reason := label_map_reason(source.key):
             return {"key": source.key, "source": source.path, "reason": reason}
-        volume = load_volume(source.path, series_uid=source.series_uid)
-        if reason := label_map_reason(source.key, volume.data) or _modality_mismatch(volume, settings.modality):
+        volumes = load_channels(source)
+        volume = volumes[0]
+        if reason := (
+            label_map_reason(source.key, volume.data)
+            or _modality_mismatch(volume, settings.modality)
+            or _channel_mismatch(len(volumes), settings.channels)
+        ):
             return {"key": source.key, "source": source.path, "reason": reason}
-        if warning := value_warning(volume, settings.modality):
-            checked["warning"] = warning
+        if found := [w for v in volumes if (w := value_warning(v, settings.modality))]:
+            checked["warning"] = "; ".join(dict.fromkeys(found))  # the channels of a 4-D file share its name
         if settings.spacing is not None:
-            volume = resample(volume, settings.spacing)
-        data, window, pads = _padded(volume.data, settings)
+            volumes = [resample(v, settings.spacing) for v in volumes]
+        volume = volumes[0]
+        prepared = [_padded(v.data, settings) for v in volumes]  # each channel windowed on its own
+        data, window, pads = prepared[0]
         result = extract_cubes(
             data,
             cube=settings.cube,
@@ -189,7 +200,7 @@ def extract_source(source: Source, settings: ExtractSettings, shard: str) -> dic
                 f"no candidate passed the {settings.filter.name} filter "
                 f"({result.candidates} candidates, margins {result.margins})"
             )
-        digest = save_npy(shard, result.cubes)
+        digest = save_npy(shard, _all_channels(result, prepared, settings.cube))
     except VolumeError as err:
         return {"key": source.key, "source": source.path, "reason": err.reason}
     except TooSmallError as err:
@@ -208,6 +219,7 @@ def extract_source(source: Source, settings: ExtractSettings, shard: str) -> dic
         "shape": list(volume.shape),
         "spacing": list(volume.spacing),
         "window": [result.window.lo, result.window.hi],
+        **({"windows": [[w.lo, w.hi] for _, w, _ in prepared]} if len(prepared) > 1 else {}),
         "margins": list(result.margins),
         "padded": pads,
         "candidates": result.candidates,
@@ -216,6 +228,21 @@ def extract_source(source: Source, settings: ExtractSettings, shard: str) -> dic
         **checked,
         HASH: digest,
     }
+
+
+def _channel_mismatch(found: int, channels: int) -> str | None:
+    if found == channels:
+        return None
+    return f"has {found} channel(s), this store takes {channels} (--channels)"
+
+
+def _all_channels(result, prepared, cube) -> np.ndarray:
+    """The cubes of every channel at the origins the first channel's filter chose: (n, C, X, Y, Z), or the first
+    channel's (n, X, Y, Z) alone."""
+    if len(prepared) == 1:
+        return result.cubes
+    others = [[cut_cube(data, o, cube, window) for o in result.origins] for data, window, _ in prepared[1:]]
+    return np.stack([result.cubes, *(np.stack(c) for c in others)], axis=1)
 
 
 def _modality_mismatch(volume, name: str) -> str | None:
@@ -316,15 +343,16 @@ def run_extract(
             "correct the path and run again"
         )
     found, problems = find_sources(inputs)
-    sources = [
+    chosen = [
         s
         for s in found
         if (not include or any(fnmatch(s.key, p) for p in include)) and not any(fnmatch(s.key, p) for p in exclude)
     ]
+    sources, incomplete = channel_cases(chosen, settings.channels)
     settings = settings.resolved(store_modality(sources))
     writer = StoreWriter(out, settings.params(), settings.cube)
     summary = Summary(
-        executor=executor, volumes=len(sources), skipped=list(problems), excluded=len(found) - len(sources)
+        executor=executor, volumes=len(sources), skipped=[*problems, *incomplete], excluded=len(found) - len(chosen)
     )
     todo = _to_extract(writer, sources, progress)
     summary.kept = len(sources) - len(todo)

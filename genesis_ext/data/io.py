@@ -70,6 +70,7 @@ class Source:
     key: str
     series_uid: str | None = None
     input: str = ""  # the input (file or directory argument) it was found under
+    channels: tuple = ()  # a case of several files, one per channel (channel_cases): their paths, in channel order
 
     @property
     def tag(self) -> str:
@@ -128,7 +129,7 @@ def load_volume(path, *, series_uid: str | None = None, backend: str = "auto") -
     if path.is_dir():
         return _load_dicom(path, series_uid)
     if _suffix_in(path, NIFTI_SUFFIXES) and backend != "sitk":
-        return _load_nibabel(path)
+        return _load_nibabel(path)[0]
     if is_dicom_file(path):
         return _load_dicom(path.parent, series_uid or _series_of(path))
     if _suffix_in(path, NIFTI_SUFFIXES + SITK_SUFFIXES) or backend == "sitk":
@@ -147,7 +148,9 @@ def _check_3d(path, shape) -> None:
         raise VolumeError(path, f"is not a 3D volume (shape {tuple(shape)}); need one with at least 2 voxels per axis")
 
 
-def _load_nibabel(path: Path) -> Volume:
+def _load_nibabel(path: Path, channels: bool = False) -> list[Volume]:
+    """The volume of a NIfTI file, or with ``channels`` each channel of a 4-D (x, y, z, C) one (the Medical
+    Segmentation Decathlon's layout for several co-registered sequences)."""
     import nibabel as nib
     from nibabel import orientations as ornt
 
@@ -156,15 +159,69 @@ def _load_nibabel(path: Path) -> Volume:
         shape = img.shape
         while len(shape) > 3 and shape[-1] == 1:  # (x, y, z, 1): a 3D volume stored as 4D
             shape = shape[:-1]
-        _check_3d(path, shape)
+        _check_3d(path, shape[:3] if channels and len(shape) == 4 else shape)
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
     except VolumeError:
         raise
     except Exception as err:  # nibabel raises many types for truncated or corrupt files (EOFError, zlib.error, ...)
         raise VolumeError(path, f"cannot read as NIfTI ({type(err).__name__}: {err})") from err
-    transform, lps = _nifti_lps(path, img.affine, shape)
-    data = _positive_strides(ornt.apply_orientation(data, transform))
-    return Volume(data, _spacing(lps), lps, str(path))
+    transform, lps = _nifti_lps(path, img.affine, shape[:3])
+    data = ornt.apply_orientation(data, transform)  # the first three axes; channels stay last
+    stack = [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[3])]
+    return [Volume(_positive_strides(d), _spacing(lps), lps, str(path)) for d in stack]
+
+
+def load_channels(source: Source | str) -> list[Volume]:
+    """The channels of one case, each a :class:`Volume` on the same grid: the files of a ``Source`` with
+    ``channels``, or each channel of a 4-D NIfTI, or the one volume of any other file. Raises :class:`VolumeError`
+    naming the files and shapes when the channels are not on one voxel grid."""
+    source = source if isinstance(source, Source) else Source(str(source), Path(source).name)
+    if source.channels:
+        volumes = [load_volume(p) for p in source.channels]
+    elif _suffix_in(Path(source.path), NIFTI_SUFFIXES) and Path(source.path).is_file():
+        volumes = _load_nibabel(Path(source.path), channels=True)
+    else:
+        volumes = [load_volume(source.path, series_uid=source.series_uid)]
+    first = volumes[0]
+    for c, v in enumerate(volumes[1:], start=1):
+        if v.shape != first.shape:
+            problem = f"shape {v.shape}, channel 0 ({first.source}) {first.shape}"
+        elif not np.allclose(v.affine, first.affine, atol=1e-2):
+            problem = f"another voxel-to-patient map (affine) than channel 0 ({first.source}), both {first.shape}"
+        else:
+            continue
+        raise VolumeError(
+            v.source,
+            f"channel {c} has {problem}: the channels of a case must share one voxel grid (register and resample "
+            "them onto one first)",
+        )
+    return volumes
+
+
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's naming: <case>_0000.nii.gz, <case>_0001...
+
+
+def channel_cases(sources, channels: int) -> tuple[list[Source], list[tuple[str, str]]]:
+    """``sources`` as cases of ``channels`` channels: files named as nnU-Net names them (``<case>_0000.nii.gz`` ...
+    ``<case>_{channels - 1:04d}``) become one source per case (key: the case; ``channels``: its files in order);
+    any other source is a case by itself (a 4-D NIfTI holds its channels; a DICOM series one). Returns ``(cases,
+    problems)``, a problem ``(path, reason)`` for each case whose channel files are not exactly 0 .. channels - 1."""
+    by_case, cases, problems = {}, [], []
+    for s in sources:
+        match = CHANNEL_FILE.match(_strip_suffix(s.key))
+        if match and channels > 1:
+            by_case.setdefault(match["case"], {})[int(match["channel"])] = s
+        else:
+            cases.append(s)
+    for case, files in by_case.items():
+        if sorted(files) != list(range(channels)):
+            found = ", ".join(f"{c:04d}" for c in sorted(files))
+            problems.append((files[min(files)].path, f"case {case} has the channel files {found}; need 0000 .. "
+                             f"{channels - 1:04d}"))  # fmt: skip
+            continue
+        first = files[0]
+        cases.append(Source(first.path, case, None, first.input, tuple(files[c].path for c in range(channels))))
+    return sorted(cases, key=lambda s: s.key), problems
 
 
 def _nifti_lps(path: Path, affine: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:

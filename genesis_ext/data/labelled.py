@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .intensity import resample, resample_nearest
-from .io import Volume, VolumeError, _strip_suffix, load_volume, read_spacing
+from .io import Source, Volume, VolumeError, _strip_suffix, load_channels, load_volume, read_spacing
 from .modality import ModalityWarning, value_warning
 
 FOREGROUND = {"foreground": 1}  # the published binary task: label > 0.5
@@ -79,10 +79,11 @@ def _is_class_value(value) -> bool:
 
 @dataclass(frozen=True)
 class LabelledPair:
-    """One case's files: its image, and a label map or one binary mask per class."""
+    """One case's files: its image (a file, a 4-D NIfTI of several channels, or a tuple of files, one per channel),
+    and a label map or one binary mask per class."""
 
     name: str
-    image: Path
+    image: Path | tuple
     labels: Path | dict  # a label map, or {class name: mask path}
 
 
@@ -100,10 +101,15 @@ def segmentation_pairs(data, labels: dict | None = None) -> tuple[list[LabelledP
     if not pairs:
         raise LabelledDataError(f"--data {data}: no image/label pairs found (empty data)")
     for pair in pairs:
-        for path in (pair.image, *(pair.labels.values() if isinstance(pair.labels, dict) else [pair.labels])):
+        for path in (*image_files(pair), *(pair.labels.values() if isinstance(pair.labels, dict) else [pair.labels])):
             if not path.exists():
                 raise LabelledDataError(f"{data}: {path} does not exist")
     return pairs, _classes(pairs, labels, data)
+
+
+def image_files(pair: LabelledPair) -> tuple:
+    """The image file(s) of a case, one per channel file."""
+    return pair.image if isinstance(pair.image, tuple) else (pair.image,)
 
 
 def _classes(pairs: list[LabelledPair], labels: dict | None, data: Path) -> dict[str, int]:
@@ -168,18 +174,29 @@ def _dataset_json_pairs(data: Path, labels: dict | None) -> tuple[list[LabelledP
         raise LabelledDataError(f"{data}: cannot read as JSON ({err})") from err
     entries = spec.get("training") if isinstance(spec, dict) else None
     ok = isinstance(entries, list) and all(
-        isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(e.get("label"), str) for e in entries
+        isinstance(e, dict) and _is_image_entry(e.get("image")) and isinstance(e.get("label"), str) for e in entries
     )
     if not ok:
         raise LabelledDataError(
-            f'{data}: a dataset.json needs "training": [{{"image": PATH, "label": PATH}}, ...] (one image file '
-            "and one label map per case)"
+            f'{data}: a dataset.json needs "training": [{{"image": PATH, "label": PATH}}, ...] (one image file, or a '
+            "list of one file per channel as MONAI's LoadImaged reads it, and one label map per case)"
         )
     pairs = [
-        LabelledPair(_strip_suffix(Path(e["image"]).name), data.parent / e["image"], data.parent / e["label"])
-        for e in entries
+        LabelledPair(_case_name(e["image"]), _json_image(data, e["image"]), data.parent / e["label"]) for e in entries
     ]
     return pairs, labels or _json_labels(spec.get("labels"), data)
+
+
+def _is_image_entry(image) -> bool:
+    return isinstance(image, str) or (isinstance(image, list) and image and all(isinstance(p, str) for p in image))
+
+
+def _case_name(image) -> str:
+    return _strip_suffix(Path(image if isinstance(image, str) else image[0]).name)
+
+
+def _json_image(data: Path, image) -> Path | tuple:
+    return data.parent / image if isinstance(image, str) else tuple(data.parent / p for p in image)
 
 
 def _json_labels(found, data: Path) -> dict[str, int] | None:
@@ -225,7 +242,8 @@ def read_table(path: Path, columns: tuple[str, ...]) -> tuple[list[dict], list[s
 # --------------------------------------------------------------------------------------------------------- cases
 @dataclass
 class SegCase:
-    """One segmentation case on the network's grid: ``image`` (x, y, z) float32 in [0, 1]; ``target`` (x, y, z) uint8
+    """One segmentation case on the network's grid: ``image`` (C, x, y, z) float32 in [0, 1], C the channels;
+    ``target`` (x, y, z) uint8
     class indices (0 background, k the k-th class, ``IGNORE`` unlabelled); ``spacing`` in mm; ``fg``: (n, 3) int32
     labelled foreground voxels, patch centres (at most ``_MAX_FG_CENTRES``, evenly spaced); ``labelled_z``: the
     axial slices that hold labels (None: all of them)."""
@@ -249,18 +267,29 @@ def load_seg_case(pair: LabelledPair, classes: dict[str, int], window, spacing=N
     """``pair`` read, checked and brought to the network's input: the image windowed to [0, 1], the labels to class
     indices; both resampled to ``spacing`` (mm; image linear, labels nearest) when it differs from theirs by > 1 %.
     ``modality``: a ``ModalityWarning`` when the image's values do not look like it."""
-    image = _load(pair.image)
-    if modality is not None and (warning := value_warning(image, modality)):
-        warnings.warn(warning, ModalityWarning, stacklevel=2)
+    channels = _load_channels(pair)
+    image = channels[0]  # the labels' grid is checked against it; the others share it (io.load_channels)
+    for channel in channels if modality is not None else ():
+        if warning := value_warning(channel, modality):
+            warnings.warn(warning, ModalityWarning, stacklevel=2)
     if isinstance(pair.labels, dict):
         target = _masks_target(image, {c: pair.labels[c] for c in classes}, pair.image)
     else:
         target = _map_target(image, pair.labels, classes, pair.image)
     if spacing is not None and not np.allclose(image.spacing, spacing, rtol=0.01):
         target = resample_nearest(Volume(target, image.spacing, image.affine), spacing).data
-        image = resample(image, spacing)
-    pixels = window.resolve(image.data).apply(image.data)
-    return SegCase(pair.name, pixels, target, tuple(image.spacing), _centres(target))
+        channels = [resample(c, spacing) for c in channels]
+    pixels = np.stack([window.resolve(c.data).apply(c.data) for c in channels])  # each channel windowed on its own
+    return SegCase(pair.name, pixels, target, tuple(channels[0].spacing), _centres(target))
+
+
+def _load_channels(pair: LabelledPair) -> list[Volume]:
+    files = image_files(pair)
+    source = Source(str(files[0]), pair.name, channels=tuple(map(str, files)) if len(files) > 1 else ())
+    try:
+        return load_channels(source)
+    except VolumeError as err:
+        raise LabelledDataError(str(err)) from err
 
 
 def _load(path: Path) -> Volume:
@@ -335,19 +364,19 @@ def training_spacing(pairs: list[LabelledPair]) -> tuple:
     """The median spacing of the images (nnU-Net's choice of a target spacing), from their headers where the format
     allows (NIfTI: no voxels read)."""
     try:
-        spacings = np.array([read_spacing(p.image) for p in pairs], dtype=np.float64)
+        spacings = np.array([read_spacing(image_files(p)[0]) for p in pairs], dtype=np.float64)
     except VolumeError as err:
         raise LabelledDataError(str(err)) from err
     return tuple(float(s) for s in np.median(spacings, axis=0))
 
 
 def sample_patches(case: SegCase, patch, count: int, rng: np.random.Generator, fg_fraction: float = 0.5):
-    """``count`` random (image (1, *patch) float32, target (*patch) uint8) pairs from ``case``; a patch is centred on
+    """``count`` random (image (C, *patch) float32, target (*patch) uint8) pairs from ``case``; a patch is centred on
     a random labelled foreground voxel with probability ``fg_fraction``, else placed at random (with a label budget:
     centred on a labelled slice along z). A case smaller than the patch is zero-padded (image 0 is the window's low
     end; target background)."""
-    image, target = _pad_to(case.image, patch), _pad_to(case.target, patch)
-    shape, p = np.array(image.shape), np.array(patch)
+    image, target = _pad_to(case.image, (len(case.image), *patch)), _pad_to(case.target, patch)
+    shape, p = np.array(target.shape), np.array(patch)
     xs, ys = [], []
     for _ in range(count):
         if len(case.fg) and rng.random() < fg_fraction:
@@ -358,7 +387,7 @@ def sample_patches(case: SegCase, patch, count: int, rng: np.random.Generator, f
                 z = case.labelled_z[rng.integers(len(case.labelled_z))]
                 lo[2] = np.clip(z - p[2] // 2, 0, shape[2] - p[2])
         sl = tuple(slice(a, a + q) for a, q in zip(lo, p))
-        xs.append(image[sl][None])
+        xs.append(image[(slice(None), *sl)])
         ys.append(target[sl])
     return np.stack(xs).astype(np.float32), np.stack(ys)
 
@@ -383,12 +412,12 @@ def apply_budget(cases: list[SegCase], budget, unit: str, depth: int, rng: np.ra
     if unit == "cases":
         chosen = rng.choice(len(cases), size=_budget_count(budget, len(cases), unit), replace=False)
         return [cases[i] for i in sorted(chosen.tolist())]
-    items = [(i, lo, hi) for i, c in enumerate(cases) for lo, hi in _slabs(c.image.shape[2], depth)]
+    items = [(i, lo, hi) for i, c in enumerate(cases) for lo, hi in _slabs(c.image.shape[-1], depth)]
     chosen = rng.choice(len(items), size=_budget_count(budget, len(items), unit), replace=False)
     kept: dict[int, list[int]] = {}
     for i, lo, hi in (items[k] for k in sorted(chosen.tolist())):
         kept.setdefault(i, []).extend(range(lo, hi))
-    return [cases[i] if len(z) == cases[i].image.shape[2] else cases[i].keep_slices(np.array(z)) for i, z in
+    return [cases[i] if len(z) == cases[i].image.shape[-1] else cases[i].keep_slices(np.array(z)) for i, z in
             kept.items()]  # fmt: skip
 
 

@@ -91,12 +91,22 @@ def file_digest(path) -> str:
 
 
 def _as_cubes(array: np.ndarray, path) -> np.ndarray:
-    """(n, X, Y, Z) from (n, X, Y, Z) or (n, 1, X, Y, Z)."""
+    """(n, X, Y, Z) from (n, X, Y, Z) or (n, 1, X, Y, Z); (n, C, X, Y, Z) as it is for C > 1 channels."""
     if array.ndim == 5 and array.shape[1] == 1:
         array = array[:, 0]
-    if array.ndim != 4:
-        raise ValueError(f"{path}: expected cubes (n, X, Y, Z), got shape {array.shape}")
+    if array.ndim not in (4, 5):
+        raise ValueError(f"{path}: expected cubes (n, X, Y, Z) or (n, C, X, Y, Z), got shape {array.shape}")
     return array
+
+
+# what a store written before these parameters existed was made with (so that extract continues it)
+LEGACY_PARAMS = {"modality": "ct", "pad": False, "channels": 1}
+
+
+def item_shape(manifest: dict) -> tuple:
+    """The shape of one cube of a store: (X, Y, Z), or (C, X, Y, Z) for C > 1 channels."""
+    channels = int(manifest.get("params", {}).get("channels", LEGACY_PARAMS["channels"]))
+    return (channels, *manifest["cube"]) if channels > 1 else tuple(manifest["cube"])
 
 
 def load_published(path, *, mmap: bool = False) -> np.ndarray:
@@ -144,11 +154,12 @@ class StoreWriter:
     def __init__(self, root, params: dict, cube):
         self.root = Path(root)
         self.params, self.cube = params, [int(c) for c in cube]
+        self.item = item_shape({"params": params, "cube": self.cube})
         self.records, self.skipped, self.repaired = {}, {}, []
         manifest = self.root / MANIFEST_JSON
         if manifest.exists():
             old = read_manifest(self.root)
-            if old.get("params") != params or old.get("cube") != self.cube:
+            if {**LEGACY_PARAMS, **old.get("params", {})} != params or old.get("cube") != self.cube:
                 raise ValueError(
                     f"{self.root} already holds a cube store made with other parameters "
                     f"({old.get('params')}); write to another directory"
@@ -173,7 +184,7 @@ class StoreWriter:
     def _verdict(self, shard: str) -> str | None:
         if shard not in self._verdicts:
             path, records = self.root / shard, self._shards[shard]
-            problem = layout_problem(path, records, self.cube) or digest_problem(path, records[0].get(HASH))
+            problem = layout_problem(path, records, self.item) or digest_problem(path, records[0].get(HASH))
             self._verdicts[shard] = problem
             if problem:
                 self.repaired.append(f"{problem} (re-extracted)")
@@ -294,7 +305,7 @@ def store_intensity(manifest: dict) -> dict:
     """``{"modality", "intensity"}`` of a store: what its cubes are (stores from before modalities: CT, whose window
     the manifest records)."""
     params = manifest.get("params", {})
-    return {"modality": params.get("modality", "ct"), "intensity": params.get("window")}
+    return {"modality": params.get("modality", LEGACY_PARAMS["modality"]), "intensity": params.get("window")}
 
 
 def by_shard(records) -> dict:
@@ -335,7 +346,8 @@ def npy_layout(path) -> tuple:
 
 def layout_problem(path: Path, records, cube, dtype="float32") -> str | None:
     """What is wrong with the shard ``path`` against the manifest ``records`` that use it (None: nothing): missing,
-    unreadable, truncated, not exactly their rows of ``cube`` cubes in ``dtype``, or given two checksums."""
+    unreadable, truncated, not exactly their rows of ``cube`` cubes (``item_shape``) in ``dtype``, or given two
+    checksums."""
     if not path.is_file():
         return f"{path}: missing"
     try:
@@ -370,7 +382,7 @@ def check_store(root: Path, manifest: dict) -> None:
     (the total count; each shard's existence, size, shape, rows and dtype); warn when shards have no checksum."""
     problems = [count_problem(root / MANIFEST_JSON, manifest)]
     for shard, records in by_shard(manifest["volumes"]).items():
-        problems.append(layout_problem(root / shard, records, manifest["cube"], manifest.get("dtype", "float32")))
+        problems.append(layout_problem(root / shard, records, item_shape(manifest), manifest.get("dtype", "float32")))
     problems = [p for p in problems if p]
     if problems:
         more = [f"... and {len(problems) - 10} more"] if len(problems) > 10 else []
@@ -422,7 +434,7 @@ class CubeStore:
                         self.digests[str(f)] = (entry[HASH], str(p))
         if cube is None:
             raise ValueError(f"no cubes in {', '.join(map(str, paths))}")
-        self.cube = cube
+        self.cube, self.channels = cube[-3:], cube[0] if len(cube) == 4 else 1
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self._maps, self._verified = {}, set()
 
@@ -432,7 +444,7 @@ class CubeStore:
             manifest = read_manifest(p)
             check_store(p, manifest)
             for r in manifest["volumes"]:
-                yield p / r["shard"], int(r["count"]), tuple(manifest["cube"]), r
+                yield p / r["shard"], int(r["count"]), item_shape(manifest), r
         elif p.is_dir():
             files = sorted(p.glob("*.npy"))
             if not files:
@@ -446,8 +458,8 @@ class CubeStore:
                 raise ValueError(f"{err}; replace it with an intact copy or leave it out") from err
             if len(shape) == 5 and shape[1] == 1:
                 shape = (shape[0],) + shape[2:]
-            if len(shape) != 4:
-                raise ValueError(f"{p}: expected cubes (n, X, Y, Z), got shape {shape}")
+            if len(shape) not in (4, 5):
+                raise ValueError(f"{p}: expected cubes (n, X, Y, Z) or (n, C, X, Y, Z), got shape {shape}")
             if not np.issubdtype(dtype, np.floating):
                 raise ValueError(f"{p}: expected float cubes in [0, 1], got dtype {dtype}")
             yield p, shape[0], tuple(shape[1:]), {"source": str(p)}
@@ -483,7 +495,7 @@ class CubeStore:
         self._verified.add(path)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        """Cube ``index`` as a float32 (X, Y, Z) array (a copy)."""
+        """Cube ``index`` as a float32 (X, Y, Z) array, or (C, X, Y, Z) for C > 1 channels (a copy)."""
         k, row = self.locate(index)
         return np.array(self._array(self.files[k])[self.first_rows[k] + row], dtype=np.float32)
 

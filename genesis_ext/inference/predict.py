@@ -44,10 +44,12 @@ from ..data.io import (
     Source,
     Volume,
     VolumeError,
+    channel_cases,
     dicom_series,
     dicom_tag_of,
     find_sources,
     label_map_reason,
+    load_channels,
     load_volume,
     sitk_module,
 )
@@ -157,18 +159,25 @@ def resize_linear(data, scale, shape):
 
 
 def predict_volume(
-    predictor: Predictor, volume: Volume, *, overlap=0.5, batch_size=4, mirror=False, progress=False
+    predictor: Predictor, volume, *, overlap=0.5, batch_size=4, mirror=False, progress=False
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(label_map, probabilities)`` of ``volume`` on its own grid: uint8 ``(x, y, z)`` and float32
     ``(classes, x, y, z)`` (one channel per class of the record's ``labels``, in their order; softmax's background
-    channel left out). ``volume``'s data is in the record's input units (HU for CT). ``progress``: a bar over the
-    windows."""
+    channel left out). ``volume``: a :class:`Volume`, or a list of them, one per input channel, on one grid
+    (``io.load_channels``); data in the record's input units (HU for CT). ``progress``: a bar over the windows."""
     torch = _torch()
     from .sliding_window import sliding_window, window_boxes
 
     record = predictor.record
-    grid = resample(volume, record.spacing) if _needs_resampling(volume.spacing, record.spacing) else volume
-    image = torch.from_numpy(record.window.resolve(grid.data).apply(grid.data))[None].to(predictor.device)
+    channels = [volume] if isinstance(volume, Volume) else list(volume)
+    if len(channels) != record.in_channels:
+        raise PredictError(f"{channels[0].source}: {len(channels)} channel(s), the model takes {record.in_channels}")
+    volume = channels[0]
+    if _needs_resampling(volume.spacing, record.spacing):
+        channels = [resample(c, record.spacing) for c in channels]
+    grid = channels[0]
+    pixels = np.stack([record.window.resolve(c.data).apply(c.data) for c in channels])  # each channel on its own
+    image = torch.from_numpy(pixels).to(predictor.device)
     bar = progress_bar(
         len(window_boxes(grid.shape, record.patch, overlap)),
         Path(volume.source).name or "volume",
@@ -203,10 +212,13 @@ def case_name(source: Source) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("_.") or "volume"
 
 
-def _cases(inputs) -> list[tuple[str, Source]]:
-    """(case name, source) of every volume of ``inputs``; refuses inputs that do not exist or hold no volume, and
-    two volumes that would get the same name."""
+def _cases(inputs, channels: int = 1) -> list[tuple[str, Source]]:
+    """(case name, source) of every volume of ``inputs`` (for ``channels`` > 1, nnU-Net's channel files grouped into
+    cases, ``io.channel_cases``); refuses inputs that do not exist or hold no volume, a case with missing channel
+    files, and two volumes that would get the same name."""
     sources, problems = find_sources([str(i) for i in inputs])
+    sources, incomplete = channel_cases(sources, channels)
+    problems += incomplete
     if problems:
         raise PredictError("; ".join(f"{item}: {reason}" for item, reason in problems))
     cases = [(case_name(s), s) for s in sources if not _found_label_map(s)]
@@ -265,9 +277,9 @@ def _header_shape(source: Source) -> tuple:
     return (*size[:2], size[2] * len(files)) if path.is_dir() and len(size) == 3 else tuple(size)
 
 
-def _check_3d(source: Source) -> None:
-    """Refuses a volume that is not 3-D, from its header; a header that does not read is read as load_volume reads
-    it, which names what is wrong."""
+def _check_input(source: Source, channels: int) -> None:
+    """Refuses a volume that is not 3-D (or 4-D: 3-D channels), or whose channels are not the model's, from its
+    header; a header that does not read is read as load_volume reads it, which names what is wrong."""
     try:
         shape = _header_shape(source)
     except ImportError as err:
@@ -277,7 +289,13 @@ def _check_3d(source: Source) -> None:
         return
     while len(shape) > 3 and shape[-1] == 1:  # (x, y, z, 1): 3-D stored as 4-D, as load_volume reads it
         shape = shape[:-1]
-    _check_3d_shape(source.path, shape)
+    found = len(source.channels) or (shape[3] if len(shape) == 4 and channels > 1 else 1)
+    _check_3d_shape(source.path, shape[:3] if len(shape) == 4 and channels > 1 else shape)
+    if found != channels:
+        raise PredictError(
+            f"{source.path}: {found} channel(s), but the model takes {channels}: give a 4-D NIfTI (x, y, z, "
+            f"{channels}) or nnU-Net's <case>_0000.nii.gz .. <case>_{channels - 1:04d}.nii.gz files"
+        )
 
 
 def _on_input_grid(array: np.ndarray, source: Source, volume: Volume) -> tuple[np.ndarray, np.ndarray]:
@@ -326,20 +344,22 @@ def predict(
     PredictError, CheckpointError or VolumeError (all ValueErrors), before writing anything, for the bad input the
     module docstring lists."""
     out = Path(out)
-    cases = _cases(inputs)
-    _refuse_existing(out, cases, overwrite)
     predictor = load_predictor(weights, device, amp)
+    record = predictor.record
+    cases = _cases(inputs, record.in_channels)
+    _refuse_existing(out, cases, overwrite)
     for _, source in cases:
-        _check_3d(source)
-        _check_modality(source, predictor.record.modality)
+        _check_input(source, record.in_channels)
+        _check_modality(source, record.modality)
     written = []
     for case, source in cases:
-        volume = load_volume(source.path, series_uid=source.series_uid)
-        if warning := value_warning(volume, predictor.record.modality):
-            warnings.warn(f"{warning} (the model was fine-tuned on {predictor.record.modality})", ModalityWarning, 2)
+        channels = load_channels(source)
+        for warning in filter(None, (value_warning(c, record.modality) for c in channels)):
+            warnings.warn(f"{warning} (the model was fine-tuned on {record.modality})", ModalityWarning, 2)
         labels, probs = predict_volume(
-            predictor, volume, overlap=overlap, batch_size=batch_size, mirror=mirror, progress=progress
+            predictor, channels, overlap=overlap, batch_size=batch_size, mirror=mirror, progress=progress
         )
+        volume = channels[0]
         label_path, probs_path = _outputs(out, case)
         written.append(_write_nifti(label_path, *_on_input_grid(labels, source, volume)))
         if probabilities:

@@ -209,6 +209,18 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
         yield order[i : starts[k + 1] if k + 1 < len(starts) else n]
 
 
+def _channels(cases) -> int:
+    """The image channels all ``cases`` share; FinetuneError naming the first case that differs."""
+    first = cases[0]
+    for case in cases:
+        if len(case.image) != len(first.image):
+            raise FinetuneError(
+                f"case {case.name} has {len(case.image)} image channel(s), case {first.name} {len(first.image)}: "
+                "every case needs the same channels"
+            )
+    return len(first.image)
+
+
 class FinetuneTrainer(Trainer):
     """Fine-tuning on the Trainer loop: the data of ``FinetuneConfig``, the starting weights (read once), checkpoints
     ``last.pt`` / ``best.pt`` and ``log.csv`` in the run folder. The task subclasses say what a batch, the loss and
@@ -372,10 +384,11 @@ class SegmentationTrainer(FinetuneTrainer):
         except LabelledDataError as err:
             raise FinetuneError(str(err)) from None
         self.train_cases = cases
+        self.channels = _channels(cases + self.val_cases)
         self.loss_fn = LOSSES[cfg.loss or ("dice" if len(self.classes) == 1 else "dice_ce")]
         self.columns = ("val_dice", *(f"val_dice_{name}" for name in self.classes))
         n_train = len(cases) * cfg.patches_per_volume
-        labelled = sum(c.image.shape[2] if c.labelled_z is None else len(c.labelled_z) for c in cases)
+        labelled = sum(c.image.shape[-1] if c.labelled_z is None else len(c.labelled_z) for c in cases)
         self.log(
             f"segmentation of {list(self.classes)} ({self.loss_fn.name} loss) at {self.spacing} mm: {len(cases)} "
             f"training case(s), {labelled} labelled slice(s) ({n_train} patches of {self.patch} per epoch), "
@@ -390,7 +403,7 @@ class SegmentationTrainer(FinetuneTrainer):
         return ModelRecord(
             task="segmentation",
             dims=self.cfg.dims,
-            in_channels=1,
+            in_channels=self.channels,
             width=self.width,
             batchnorm=BATCHNORM[self.cfg.batchnorm],
             labels=dict(self.classes),
@@ -427,7 +440,8 @@ class SegmentationTrainer(FinetuneTrainer):
 
     @torch.no_grad()
     def predict_probabilities(self, image: np.ndarray) -> torch.Tensor:
-        """Whole-volume class probabilities (C, x, y, z) of a normalised image, by the sliding window of predict."""
+        """Whole-volume class probabilities (classes, x, y, z) of a normalised image (channels, x, y, z), by the sliding
+        window of predict."""
 
         record = self.record()
 
@@ -435,7 +449,7 @@ class SegmentationTrainer(FinetuneTrainer):
             out = self.forward(self.model, self.net_input(x)).float()
             return record.probabilities(out if self.cfg.dims == 3 else out[..., None])
 
-        volume = torch.from_numpy(np.ascontiguousarray(image))[None].to(self.device)
+        volume = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
         return sliding_window(forward, volume, self.patch, overlap=self.cfg.overlap, batch_size=self.cfg.batch_size)
 
     def validate(self, epoch: int) -> dict:
