@@ -705,7 +705,7 @@ def test_label_budget_of_slabs_trains_on_the_slabs_kept(seg_data, tmp_path):
         trainer = SegmentationTrainer(cfg, **QUIET)
         trainer.setup()
         (case,) = trainer.train_cases
-        assert case.image.shape[2] == 32 and int((case.target != IGNORE).all(axis=(0, 1)).sum()) == labelled, budget
+        assert case.image.shape[-1] == 32 and int((case.target != IGNORE).all(axis=(0, 1)).sum()) == labelled, budget
     with pytest.raises(FinetuneError, match="has 2 slabs"):
         SegmentationTrainer(tiny_finetune_config(seg_data, tmp_path / "c", label_budget=3, budget_unit="slabs"),
                             **QUIET).setup()  # fmt: skip
