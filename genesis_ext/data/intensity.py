@@ -74,8 +74,8 @@ def unit_range_problem(data) -> str | None:
     else:
         fix = (
             "scale it to [0, 1] first (MRI and other modalities without absolute units: "
-            "genesis_ext.data.PercentileWindow(), or MONAI's ScaleIntensityRangePercentilesd(keys, lower=0.5, "
-            "upper=99.5, b_min=0.0, b_max=1.0, clip=True))"
+            "genesis_ext.data.MR_WINDOW.resolve(volume).apply(volume), the body's 0.5-99.5th percentiles, or MONAI's "
+            "ScaleIntensityRangePercentilesd(keys, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True))"
         )
     return f"intensities {lo:g} .. {hi:g} are far outside [0, 1], the range Models Genesis deforms; {fix}"
 
