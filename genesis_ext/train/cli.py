@@ -16,6 +16,7 @@ from .._cli_options import (
     add_labels,
     add_log_every,
     add_max_minutes,
+    add_modality,
     add_quiet,
     add_resume_options,
     add_schedule_options,
@@ -101,6 +102,7 @@ def _add_data_and_randomness(g) -> None:
         help="volume inputs: cube size (default 64 64 32)",
     )
     g.add_argument("--per-volume", type=positive_int, default=32, help="volume inputs: cubes per volume and epoch")
+    add_modality(g, "what the cube stores record, else ct; volume inputs are windowed by it")
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
 
 
@@ -108,6 +110,14 @@ def _add_execution(g) -> None:
     add_device_options(g, device_default=None, training=True)
     g.add_argument("--threads", type=positive_int, help="torch CPU threads")
     add_max_minutes(g)
+    g.add_argument(
+        "--collapse-epochs",
+        type=int,
+        default=10,
+        metavar="N",
+        help="warn (once; training goes on) when the validation loss has stayed at or above the constant-mean "
+        "baseline for N epochs, or at once when the output is constant (default 10; 0: no check)",
+    )
     g.add_argument("--preview-every", type=int, default=1, help="epochs between PNG previews (0: none)")
     add_log_every(g)
     add_resume_options(
@@ -201,6 +211,8 @@ def run_pretrain(args) -> int:
             f"best validation loss {result.best_val:.5f} (identity baseline {result.baselines.get('identity', 0):.5f}, "
             f"mean baseline {result.baselines.get('mean', 0):.5f}); checkpoint {result.last_checkpoint}"
         )
+        if result.collapsed_since:
+            print(f"collapsed since epoch {result.collapsed_since}: see the warning in the log for what to try")
         return 0
 
     return _run_verb("pretrain", work)
@@ -254,13 +266,15 @@ def _add_finetune_inputs(p) -> None:
         help="running: BatchNorm evaluates with running statistics (default); batch_stats: with each batch's own, "
         "as the published network does",
     )
+    add_modality(p, "the --weights' modality, else ct")
     p.add_argument(
         "--window",
         nargs=2,
         type=float,
-        default=[-1000.0, 1000.0],
+        default=None,
         metavar=("LO", "HI"),
-        help="intensity window of the images in their units, mapped to [0, 1] (default: -1000 1000 HU)",
+        help="a fixed intensity window of the images in their units, mapped to [0, 1] (default: the modality's; ct: "
+        "-1000 1000 HU)",
     )
 
 
@@ -353,7 +367,7 @@ def run_finetune(args) -> int:
             args,
             patch=None if args.patch is None else tuple(args.patch),
             spacing=None if args.spacing is None else tuple(args.spacing),
-            window=tuple(args.window),
+            window=None if args.window is None else tuple(args.window),
             label_budget=None if args.label_budget is None else parse_budget(args.label_budget),
         )
         base = SegmentationTrainer if args.task == "segmentation" else ClassificationTrainer

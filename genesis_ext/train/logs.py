@@ -38,14 +38,14 @@ class CsvLog:
             os.fsync(f.fileno())
 
 
+_INTEGERS = ("epoch", "step", "samples", "bad_epochs", "collapsed")  # metrics.csv columns of whole numbers
+
+
 def read_csv(path) -> list[dict]:
     """The rows of a ``metrics.csv`` with numbers parsed."""
     with open(path, newline="") as f:
         return [
-            {
-                k: (float(v) if k not in ("epoch", "step", "samples", "bad_epochs") else int(v)) if v != "" else None
-                for k, v in r.items()
-            }
+            {k: (int(v) if k in _INTEGERS else float(v)) if v != "" else None for k, v in r.items()}
             for r in csv.DictReader(f)
         ]
 

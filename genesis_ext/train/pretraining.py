@@ -28,6 +28,11 @@ The command line is ``genesis-ext pretrain --data CUBES_OR_VOLUMES --out DIR``. 
 * Logs: ``metrics.csv`` (one row per epoch), TensorBoard under ``tensorboard/``, previews
   ``previews/epoch_XXXX.png`` (mid-Z slices: deformed input | target | restoration) and ``preview.png`` (latest),
   ``curve.png`` (training and validation loss against the steps, with both baselines).
+* Collapse (the model outputs a constant, as users of the published SGD lr 1.0 recipe report): after
+  ``collapse_epochs`` epochs in a row at or above the constant-mean baseline, or at once when the restorations' spread
+  (``val_spread``: their standard deviation over the validation voxels, relative to the targets') falls below
+  ``COLLAPSE_SPREAD``, rank 0 logs one warning with what to try, ``metrics.csv`` marks the epochs (``collapsed``), the
+  title of ``curve.png`` and the final summary say since when. It only warns: the run goes on.
 * The training loss is read on the host every ``log_every`` steps and at each epoch end (one GPU sync per read, not
   per step): per-step TensorBoard scalars, the progress bar and the non-finite check. A non-finite loss stops the
   run with :class:`NonFiniteLossError` at that read, before the next checkpoint: the checkpoints on disk (the
@@ -53,6 +58,7 @@ from .._util import deprecated_aliases
 from ..applied import applied
 from ..config import DeformConfig
 from ..data.cubes import PUBLISHED_CUBE
+from ..data.modality import DEFAULT_MODALITY, modality
 from ..models import UNet2D, UNet3D, load_pretrained
 from ..ops import genesis_pair, sample_params
 from . import distributed
@@ -76,6 +82,9 @@ RECIPES = {
         epochs=10000,
     ),
 }
+# A restoration whose spread (val_spread) is below this share of the targets' is taken for a constant output: a
+# collapsed network's is 0; tiny healthy CPU runs (16^3 cubes, both recipes, widths 1 and 0.25) measured 0.07 to 1.5.
+COLLAPSE_SPREAD = 0.01
 # PRESETS was this table's name, easily taken for the deformation presets (genesis_ext.config.ABLATIONS)
 __getattr__ = deprecated_aliases(__name__, {"PRESETS": ("genesis_ext.train.pretraining.RECIPES", lambda: RECIPES)})
 
@@ -126,12 +135,14 @@ class PretrainConfig:
     preview_every: int = 1  # epochs between PNG previews (0: never)
     log_every: int = 10  # steps between host reads of the loss (one GPU sync each)
     max_minutes: Optional[float] = None  # stop at the first epoch end after this much training time
+    collapse_epochs: int = 10  # warn of a collapse after this many epochs at or above the mean baseline (0: no check)
     resume: bool | str | os.PathLike = False  # True: OUT/checkpoints/last.pt, or a path
     resume_anyway: bool = False  # resume although the data/deformation/validation/batch settings differ (_RESUME_KEYS)
     init_weights: Optional[str | os.PathLike] = None  # start from these weights (e.g. the published checkpoint)
     cube: Sequence[int] = PUBLISHED_CUBE  # for volume inputs
     per_volume: int = 32  # for volume inputs
     volume_filter: str = "foreground"  # for volume inputs
+    modality: Optional[str] = None  # "ct", "mr" (data.modality); None: what the cube stores record, else ct
     progress: bool = True
     tensorboard: bool = True
 
@@ -147,6 +158,8 @@ class PretrainConfig:
         for name in ("batch_size", "epochs", "accumulate", "lr_step_epochs", "patience", "log_every", "val_repeats"):
             if int(getattr(cfg, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.collapse_epochs < 0:
+            raise ValueError(f"collapse_epochs must be >= 0 (0: no collapse check), got {cfg.collapse_epochs}")
         if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {cfg.steps_per_epoch}")
         if not (math.isfinite(cfg.lr) and cfg.lr > 0):
@@ -169,6 +182,7 @@ class PretrainResult:
     stopped: str  # "epochs", "early_stop", "time"
     last_checkpoint: Path
     best_checkpoint: Path
+    collapsed_since: Optional[int] = None  # the first epoch of a collapse still on at the end (rank 0), else None
 
 
 # Settings that must match for --resume to continue the same run; resume_anyway lets them differ.
@@ -180,6 +194,7 @@ _RESUME_KEYS = (
     "cube",
     "per_volume",
     "volume_filter",
+    "modality",
     "deform",
     "seed",
     "deform_seed",
@@ -218,6 +233,7 @@ def _dataset(paths, cfg: PretrainConfig):
             cube=tuple(cfg.cube),
             per_volume=cfg.per_volume,
             filter=cfg.volume_filter,
+            window=modality(cfg.modality or DEFAULT_MODALITY).intensity,
             seed=cfg.seed,
         )
     except ValueError as e:
@@ -227,6 +243,27 @@ def _dataset(paths, cfg: PretrainConfig):
                 "(genesis-ext extract), .npy cube arrays or CT volumes"
             ) from None
         raise
+
+
+def data_intensity(datasets, name: Optional[str]) -> dict:
+    """``{"modality", "intensity"}`` of the cubes, as their stores record them (ValueError naming the stores when they
+    disagree with each other or with ``name``); inputs that record nothing (bare arrays, volumes) are taken to be
+    ``name``, else CT, with that modality's intensity policy."""
+    recorded = {p: r for ds in datasets for p, r in getattr(getattr(ds, "store", None), "intensity", {}).items()}
+    named = {r["modality"] for r in recorded.values()}
+    listed = ", ".join(f"{p} ({r['modality']})" for p, r in recorded.items())
+    if len(named) > 1:
+        raise ValueError(f"the cube stores hold different modalities: {listed}; pre-train on one modality")
+    if name is not None and named - {name}:
+        raise ValueError(f"--modality {name}, but the cube store records another: {listed}; leave --modality out")
+    chosen = name or next(iter(named), DEFAULT_MODALITY)
+    windows = [r["intensity"] for r in recorded.values()]
+    return {"modality": chosen, "intensity": windows[0] if windows else modality(chosen).intensity.describe()}
+
+
+def _channels_of(ds) -> int:
+    """The channels of a dataset's cubes (a store of several channels; volumes and arrays: one)."""
+    return int(getattr(getattr(ds, "store", None), "channels", 1))
 
 
 def _cube_of(ds) -> tuple:
@@ -279,9 +316,10 @@ def pair_errors(
 
     Returns float64 arrays over the pairs: ``identity`` (MSE of the deformed input), ``model`` (MSE of
     ``restore(deformed)``, when given), and ``sum`` / ``sumsq`` (sums of the target and of its square), from which
-    :func:`mean_baseline` gives the MSE of the targets' mean. ``first``, when an empty list, receives the first
-    batch's deformed input, target and restoration as numpy arrays (the previews). One host read at the end."""
-    errors = {"identity": [], "model": [], "sum": [], "sumsq": []}
+    :func:`mean_baseline` gives the MSE of the targets' mean, and ``out_sum`` / ``out_sumsq`` those of the restoration
+    (for :func:`output_spread`). ``first``, when an empty list, receives the first batch's deformed input, target and
+    restoration as numpy arrays (the previews). One host read at the end."""
+    errors = {"identity": [], "model": [], "sum": [], "sumsq": [], "out_sum": [], "out_sumsq": []}
     offset = 0
     with torch.no_grad():
         for x in batches:
@@ -292,7 +330,10 @@ def pair_errors(
             errors["sumsq"].append((t * t).sum(1))
             if restore is not None:
                 restored = restore(xd).float()
-                errors["model"].append(((restored.flatten(1).double() - t) ** 2).mean(1))
+                r = restored.flatten(1).double()
+                errors["model"].append(((r - t) ** 2).mean(1))
+                errors["out_sum"].append(r.sum(1))
+                errors["out_sumsq"].append((r * r).sum(1))
                 if first is not None and not first:
                     first.extend(a.detach().float().cpu().numpy() for a in (xd, target, restored))
             offset += x.shape[0]
@@ -306,6 +347,18 @@ def mean_baseline(errors: dict) -> np.ndarray:
     n = errors["voxels"]
     mean = errors["sum"].sum() / (n * len(errors["sum"]))
     return (errors["sumsq"] - 2 * mean * errors["sum"]) / n + mean * mean
+
+
+def output_spread(errors: dict) -> float:
+    """The standard deviation of the restorations over all voxels of the pairs in ``errors`` (from :func:`pair_errors`
+    with ``restore``), relative to the targets': 0 for a constant output; nan when the targets are constant."""
+    n = errors["voxels"] * len(errors["sum"])
+
+    def std(total: np.ndarray, squares: np.ndarray) -> float:
+        return math.sqrt(max(squares.sum() / n - (total.sum() / n) ** 2, 0.0))
+
+    target = std(errors["sum"], errors["sumsq"])
+    return std(errors["out_sum"], errors["out_sumsq"]) / target if target > 0 else math.nan
 
 
 def _loader(dataset, batches: list, workers: int, pin: bool):
@@ -329,6 +382,7 @@ def pretrain(config: PretrainConfig, trainer: Optional[type] = None) -> Pretrain
                 f"stopped ({trainer.stopped}) after epoch {trainer.epoch}; best validation loss {trainer.best:.5f} "
                 f"(identity {trainer.base['identity']:.5f}, mean {trainer.base['mean']:.5f}); checkpoints in "
                 f"{trainer.last_path.parent}"
+                + (f"; COLLAPSED since epoch {trainer.collapsed_since}" if trainer.collapsed_since else "")
             )
         return PretrainResult(
             epochs=trainer.epoch,
@@ -338,6 +392,7 @@ def pretrain(config: PretrainConfig, trainer: Optional[type] = None) -> Pretrain
             stopped=trainer.stopped,
             last_checkpoint=trainer.last_path,
             best_checkpoint=trainer.best_path,
+            collapsed_since=trainer.collapsed_since,
         )
     finally:
         dd.close()
@@ -347,19 +402,21 @@ class PretrainTrainer(Trainer):
     """Models Genesis pre-training on the Trainer loop: the U-Net restores ``genesis_pair``-deformed cubes (MSE).
     Override ``loss`` (or any stage) in a subclass and pass the class to :func:`pretrain` (``trainer=``)."""
 
-    # the validation MSE of the pairs of one deformation branch, and the training samples seen so far
-    columns = (*(f"val_{b}" for b in BRANCHES), "samples")
+    # the validation MSE of the pairs of one deformation branch, the training samples seen so far, the restorations'
+    # spread (output_spread) and 1 while the run counts as collapsed
+    columns = (*(f"val_{b}" for b in BRANCHES), "samples", "val_spread", "collapsed")
     resume_keys = _RESUME_KEYS
     state_keys = (*Trainer.state_keys, "width", "dims")
 
     @property
     def title(self) -> str:
-        """curve.png's title: the best validation loss against the constant-mean baseline, so far."""
+        """curve.png's title: the best validation loss against the constant-mean baseline, so far, and a collapse."""
         if not self.base or not math.isfinite(self.best):
             return "pre-training"
         ratio = self.best / self.base["mean"]
         where = "below" if ratio < 1 else "above"
-        return f"pre-training: best validation {ratio:.2f}x the constant-mean baseline ({where})"
+        collapsed = f"COLLAPSED since epoch {self.collapsed_since}; " if self.collapsed_since else ""
+        return f"pre-training: {collapsed}best validation {ratio:.2f}x the constant-mean baseline ({where})"
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -372,6 +429,12 @@ class PretrainTrainer(Trainer):
         _check_pairs(self.spatial, cfg.deform)
         self.split = _Split(len(self.dataset), cfg, cfg.val_data is not None)
         self.val_items = self.split.val if self.split.val is not None else np.arange(len(self.val_dataset))
+        self.intensity = data_intensity([self.dataset, self.val_dataset], cfg.modality)
+        self.channels = _channels_of(self.dataset)
+        if _channels_of(self.val_dataset) != self.channels:
+            raise ValueError(
+                f"validation cubes have {_channels_of(self.val_dataset)} channel(s), training cubes {self.channels}"
+            )
         self._freeze_val_volumes()
         n_train, B = len(self.split.train), int(cfg.batch_size)
         if B > n_train:
@@ -396,6 +459,7 @@ class PretrainTrainer(Trainer):
         params = sample_params(n_val, self.spatial, seed=cfg.val_seed, config=cfg.deform, with_blocks=False)
         self.branch = branches(params, cfg.val_seed)
         self.base, self._first = None, None
+        self.stuck_since = self.collapsed_since = None  # _watch_collapse's state (rank 0)
 
     def _freeze_val_volumes(self) -> None:
         """Volumes: validation cuts from a frozen copy of the dataset; the training one moves on each epoch."""
@@ -410,7 +474,8 @@ class PretrainTrainer(Trainer):
             self.val_dataset.set_epoch(0)
 
     def build_model(self) -> torch.nn.Module:
-        model = (UNet2D if self.cfg.dims == 2 else UNet3D)(width=self.cfg.width)
+        network = UNet2D if self.cfg.dims == 2 else UNet3D
+        model = network(self.channels, self.channels, width=self.cfg.width)  # restores every channel
         if self.cfg.init_weights is not None:
             load_pretrained(model, self.cfg.init_weights)
         return model
@@ -458,16 +523,47 @@ class PretrainTrainer(Trainer):
         }
 
     def validate(self, epoch: int) -> dict:
-        """Validation MSE on the fixed pairs: over all pairs and per deformation branch (``val_outpaint``, ...)."""
+        """Validation MSE on the fixed pairs: over all pairs and per deformation branch (``val_outpaint``, ...); the
+        restorations' spread (``val_spread``) and whether the run has collapsed (``collapsed``, 0 or 1)."""
         every = self.cfg.preview_every
         self._first = [] if (every and epoch % every == 0) else None
         self.model.eval()
         loader = _loader(self.val_dataset, self.val_batches, self.cfg.workers, self.device.type == "cuda")
         restore = lambda xd: self.forward(self.model, xd)  # noqa: E731
         pairs = (self._cubes(b) for b in loader)
-        mse = pair_errors(pairs, self.cfg.val_seed, self.cfg.deform, restore, self._first, self.cfg.dims)["model"]
+        errors = pair_errors(pairs, self.cfg.val_seed, self.cfg.deform, restore, self._first, self.cfg.dims)
         self.model.train()
-        return {"samples": epoch * self.samples_per_epoch, "val_loss": float(mse.mean()), **self._by_branch(mse, "val")}
+        mse, spread = errors["model"], output_spread(errors)
+        loss = float(mse.mean())
+        return {
+            "samples": epoch * self.samples_per_epoch,
+            "val_loss": loss,
+            **self._by_branch(mse, "val"),
+            "val_spread": spread,
+            "collapsed": int(self._watch_collapse(epoch, loss, spread)),
+        }
+
+    def _watch_collapse(self, epoch: int, loss: float, spread: float) -> bool:
+        """Whether the run counts as collapsed after ``epoch``: its validation loss has stayed at or above the
+        constant-mean baseline for ``cfg.collapse_epochs`` epochs, or its output is constant (``COLLAPSE_SPREAD``).
+        It stays so until both recover; the start and the end are logged once each. Only a warning: rank 0 alone
+        validates, so nothing the ranks decide may depend on it."""
+        if not self.cfg.collapse_epochs:
+            return False
+        constant = spread < COLLAPSE_SPREAD
+        stuck = constant or loss >= self.base["mean"]
+        self.stuck_since = (self.stuck_since or epoch) if stuck else None
+        was = self.collapsed_since
+        long = stuck and epoch - self.stuck_since + 1 >= self.cfg.collapse_epochs
+        self.collapsed_since = self.stuck_since if stuck and (constant or long or was) else None
+        if self.collapsed_since and not was:
+            self.log(_collapse_warning(self.collapsed_since, loss, self.base["mean"], spread))
+        elif was and not self.collapsed_since:
+            self.log(
+                f"collapse over at epoch {epoch}: validation loss {loss:.5f} below the constant-mean baseline "
+                f"{self.base['mean']:.5f}, output spread {spread:.3f}"
+            )
+        return self.collapsed_since is not None
 
     def _baselines(self) -> dict:
         """Validation MSE of returning the deformed input (identity) and of returning the targets' mean (mean)."""
@@ -516,7 +612,18 @@ class PretrainTrainer(Trainer):
             self.tb.image("val/preview", img, row["step"])
 
     def checkpoint_extra(self, epoch: int) -> dict:
-        return {"sample_offset": epoch * self.samples_per_epoch, "val_loss": self.history[-1].get("val_loss")}
+        collapse = {"stuck_since": self.stuck_since, "collapsed_since": self.collapsed_since}
+        return {
+            **self.intensity,
+            "in_channels": self.channels,
+            "sample_offset": epoch * self.samples_per_epoch,
+            "val_loss": self.history[-1].get("val_loss"),
+            "collapse": collapse,
+        }
+
+    def load_extra(self, state: dict) -> None:
+        collapse = state.get("collapse", {})  # none in checkpoints of earlier versions
+        self.stuck_since, self.collapsed_since = collapse.get("stuck_since"), collapse.get("collapsed_since")
 
     def check_resume(self, state: dict) -> None:
         super().check_resume(state)
@@ -534,3 +641,14 @@ class PretrainTrainer(Trainer):
             f"epoch {row['epoch']}: train {row['train_loss']:.5f}  val {row['val_loss']:.5f} ({parts})  "
             f"best {row['best_val']:.5f}{'  *' if improved else ''}  ({row['seconds']:.1f} s)"
         )
+
+
+def _collapse_warning(since: int, loss: float, mean: float, spread: float) -> str:
+    """The line that says a run has collapsed, and what to try."""
+    return (
+        f"WARNING: collapse since epoch {since}: validation loss {loss:.5f} vs the constant-mean baseline {mean:.5f}, "
+        f"output spread {spread:.3f} of the targets' (constant below {COLLAPSE_SPREAD}). "
+        "Training goes on. Try a lower learning rate (--preset default, Adam lr 1e-3, instead of official's SGD lr "
+        "1.0, or --lr), another --preset, or data without mostly empty or constant cubes (genesis-ext extract "
+        "--filter official-lung or foreground; check the store)"
+    )

@@ -130,6 +130,9 @@ class Trainer:
         """More entries of the epoch's checkpoint (plain values)."""
         return {}
 
+    def load_extra(self, state: dict) -> None:
+        """On resume, after the checkpoint is loaded: the task's own state back from its ``checkpoint_extra``."""
+
     def check_resume(self, state: dict) -> None:
         """Refuse a checkpoint that does not belong to this run: one whose recorded ``state_keys`` or (unless
         ``cfg.resume_anyway``) ``resume_keys`` differ from this run's, each difference listed."""
@@ -225,6 +228,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.best, self.bad_epochs = int(state["epoch"]), float(state["best_val"]), int(state["bad_epochs"])
         self.best_epoch = state.get("best_epoch")
+        self.load_extra(state)
 
     def _open_logs(self) -> None:
         self.csv = self.tb = None
