@@ -4,7 +4,8 @@
 #   make test-quick  install, then the suite without the tests marked slow (a first check: about 7 minutes on 2 cores)
 #   make test-sanitize  the kernel tests against modules built with AddressSanitizer and UndefinedBehaviorSanitizer,
 #                    in their own venv (build/venv-sanitize) so your install stays as it is; any report fails
-#   make bench       install, then time the kernels against the numpy reference
+#   make bench       install, then time the kernels against the numpy reference, and the large-patch benchmark (pairs
+#                    and training steps up to 160^3, into build/patches_cpu.{csv,md}: a few minutes)
 #   make lint        the checks of CI: ruff check, ruff format --check, clang-format on csrc (tools: the [lint] extra)
 #   make format      rewrite the tree in that format
 # `install` builds into one persistent folder (build/<wheel tag>) without build isolation, so a second `make test`
@@ -71,6 +72,8 @@ bench: install
 	$(PYTHON) -m pytest benchmarks/bench_ops.py -q --benchmark-only --benchmark-json=bench.json
 	$(PYTHON) benchmarks/summarize.py bench.json --csv bench.csv
 	$(PYTHON) benchmarks/render_ops.py bench.csv --out-dir .
+	$(PYTHON) benchmarks/bench_patches.py --csv build/patches_cpu.csv
+	$(PYTHON) benchmarks/render_patches.py build/patches_cpu.csv --out-dir build
 
 lint-tools:
 	$(PYTHON) -m pip install -q $$($(PYTHON) -c "import tomllib; \

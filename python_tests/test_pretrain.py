@@ -1,16 +1,21 @@
 """Pre-training (genesis_ext.train, ``genesis-ext pretrain``) on tiny real-CT cubes: logs and checkpoints, exact
-resume after SIGKILL, DDP (2 gloo processes) == one process with the same micro-batches, and bad inputs.
+resume after SIGKILL, DDP (2 gloo processes, on one node or as two nodes) == one process with the same micro-batches,
+and bad inputs.
 
 Cubes are 16x16x16 (the smallest size the default DeformConfig and the U-Net both accept), batches of 2, a few steps:
 the U-Net at full width costs ~0.6 s per step on one CPU thread at this size."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -183,36 +188,99 @@ def test_validation_is_fixed_and_resume_after_sigkill_reproduces_losses(cubes, u
     assert _losses(run) == _losses(uninterrupted)  # exact equality: same bits on CPU with fixed threads
 
 
-@pytest.mark.slow
-def test_ddp_two_gloo_processes_match_one_process_with_the_same_micro_batches(cubes, tmp_path):
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    args = ["--data", cubes, *TINY, "--epochs", "2", "--preview-every", "0", "--no-tensorboard"]
-    rc, out, err = _run_cli([*args, "--out", single, "--accumulate", "2"])
+def _ddp_args(cubes) -> list[str]:
+    """The run every DDP test launches: 2 epochs of 2 global batches of 2, one micro-batch of 1 per process."""
+    return ["--data", str(cubes), *TINY, "--epochs", "2", "--preview-every", "0", "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def accumulate_2(cubes, tmp_path_factory) -> Path:
+    """One process with --accumulate 2: what every two-process launch must equal (trained once per module)."""
+    run = tmp_path_factory.mktemp("accumulate_2") / "run"
+    rc, out, err = _run_cli([*_ddp_args(cubes), "--out", run, "--accumulate", "2"])
     assert rc == 0, err
+    return run
+
+
+def _torchrun(launch: list[str], cubes, out: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "genesis_ext.cli", "pretrain",
+            *_ddp_args(cubes), "--out", str(out)]  # fmt: skip
+
+
+def _run_together(commands: list[list[str]], timeout: float = 300) -> list[tuple[int, str]]:
+    """Run the commands at once; (return code, stdout + stderr) of each. Whatever still runs when the timeout passes or
+    the test fails is stopped (its log says so), so a launcher left waiting for a dead peer leaves no orphans. Output
+    goes to files: a full pipe cannot stall a peer."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "genesis_ext.cli",
-        "pretrain",
-        *map(str, args),
-        "--out",
-        str(ddp),
-    ]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 process(es) x 1 micro-batch(es) of 1" in res.stdout + res.stderr
-    assert _losses(ddp) == _losses(single)
-    a = load_training_state(single / "checkpoints" / "last.pt")["state_dict"]
-    b = load_training_state(ddp / "checkpoints" / "last.pt")["state_dict"]
+    logs = [tempfile.TemporaryFile("w+") for _ in commands]
+    procs = [subprocess.Popen(c, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+             for c, log in zip(commands, logs)]  # fmt: skip
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        late = {p.pid for p in procs if p.poll() is None}
+    finally:
+        for p in procs:
+            _stop_launcher(p)
+    results = []
+    for p, log in zip(procs, logs):
+        log.seek(0)
+        results.append((p.returncode, log.read() + (f"\n[stopped after {timeout} s]" if p.pid in late else "")))
+        log.close()
+    return results
+
+
+def _stop_launcher(p: subprocess.Popen) -> None:
+    """SIGTERM, which torchrun passes on to its workers (each in a session of its own, out of our reach) and waits for;
+    SIGKILL if it has not ended in 30 s."""
+    if p.poll() is not None:
+        return
+    p.terminate()
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def _free_port() -> int:
+    """A port the system reports free (bound to port 0); released before torchrun binds it, a race we accept."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _assert_same_run(run: Path, expected: Path) -> None:
+    """The same losses in every row of metrics.csv and the same final weights, bit for bit."""
+    assert _losses(run) == _losses(expected)
+    a = load_training_state(expected / "checkpoints" / "last.pt")["state_dict"]
+    b = load_training_state(run / "checkpoints" / "last.pt")["state_dict"]
     for k in a:
         if "running_" not in k and "num_batches" not in k:  # BN buffers: DDP keeps rank 0's; never used
             assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_one_process_with_the_same_micro_batches(cubes, accumulate_2, tmp_path):
+    ((rc, log),) = _run_together([_torchrun(["--standalone", "--nproc_per_node", "2"], cubes, tmp_path / "ddp")])
+    assert rc == 0, log[-3000:]
+    assert "2 process(es) x 1 micro-batch(es) of 1" in log
+    _assert_same_run(tmp_path / "ddp", accumulate_2)
+
+
+@pytest.mark.slow
+def test_torchrun_on_two_nodes_matches_one_process_with_the_same_micro_batches(cubes, accumulate_2, tmp_path):
+    """Two torchrun launchers, as on two machines: --nnodes 2, one process each, meeting at a c10d rendezvous on
+    127.0.0.1 (ranks assigned by the rendezvous; gloo chosen on the CPU). Both name the same --out: rank 0 writes."""
+    launch = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", f"two-nodes-{os.getpid()}"]  # fmt: skip
+    nodes = _run_together([_torchrun(launch, cubes, tmp_path / "ddp") for _ in range(2)])
+    for rc, log in nodes:
+        assert rc == 0, log[-3000:]
+    assert "2 process(es) x 1 micro-batch(es) of 1" in "".join(log for _, log in nodes)
+    _assert_same_run(tmp_path / "ddp", accumulate_2)
 
 
 def _cfg(data, out, **kw):
