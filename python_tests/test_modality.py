@@ -4,6 +4,7 @@ volumes given under the wrong modality, and volumes thinner than the cube."""
 from __future__ import annotations
 
 import json
+import locale
 import warnings
 
 import numpy as np
@@ -35,8 +36,18 @@ def mr():
 
 
 def write_dicom_series(volume, folder, modality: str):
-    """``volume`` as an int16 DICOM series, one file per slice, with the given Modality tag."""
+    """``volume`` as an int16 DICOM series, one file per slice, with the given Modality tag. GDCM's writer sets the
+    process's locale to C (text files then open as ASCII, which breaks torch's inductor later in the session): it is
+    put back."""
     sitk = pytest.importorskip("SimpleITK")
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_series(sitk, volume, folder, modality)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series(sitk, volume, folder, modality: str):
     folder.mkdir()
     image = sitk.GetImageFromArray(np.round(volume.data).astype(np.int16).transpose(2, 1, 0))
     writer = sitk.ImageFileWriter()
