@@ -111,12 +111,13 @@ def _add_execution(g) -> None:
     g.add_argument("--threads", type=positive_int, help="torch CPU threads")
     add_max_minutes(g)
     g.add_argument(
-        "--collapse-epochs",
+        "--collapse-steps",
         type=int,
-        default=10,
+        default=1000,
         metavar="N",
         help="warn (once; training goes on) when the validation loss has stayed at or above the constant-mean "
-        "baseline for N epochs, or at once when the output is constant (default 10; 0: no check)",
+        "baseline for N training steps (whole epochs), or at once when the output is constant (default 1000; 0: no "
+        "check)",
     )
     g.add_argument("--preview-every", type=int, default=1, help="epochs between PNG previews (0: none)")
     add_log_every(g)

@@ -28,9 +28,9 @@ The command line is ``genesis-ext pretrain --data CUBES_OR_VOLUMES --out DIR``. 
 * Logs: ``metrics.csv`` (one row per epoch), TensorBoard under ``tensorboard/``, previews
   ``previews/epoch_XXXX.png`` (mid-Z slices: deformed input | target | restoration) and ``preview.png`` (latest),
   ``curve.png`` (training and validation loss against the steps, with both baselines).
-* Collapse (the model outputs a constant, as users of the published SGD lr 1.0 recipe report): after
-  ``collapse_epochs`` epochs in a row at or above the constant-mean baseline, or at once when the restorations' spread
-  (``val_spread``: their standard deviation over the validation voxels, relative to the targets') falls below
+* Collapse (the model outputs a constant, as users of the published SGD lr 1.0 recipe report): after epochs of
+  ``collapse_steps`` training steps in all at or above the constant-mean baseline, or at once when the restorations'
+  spread (``val_spread``: their standard deviation over the validation voxels, relative to the targets') falls below
   ``COLLAPSE_SPREAD``, rank 0 logs one warning with what to try, ``metrics.csv`` marks the epochs (``collapsed``), the
   title of ``curve.png`` and the final summary say since when. It only warns: the run goes on.
 * The training loss is read on the host every ``log_every`` steps and at each epoch end (one GPU sync per read, not
@@ -135,7 +135,7 @@ class PretrainConfig:
     preview_every: int = 1  # epochs between PNG previews (0: never)
     log_every: int = 10  # steps between host reads of the loss (one GPU sync each)
     max_minutes: Optional[float] = None  # stop at the first epoch end after this much training time
-    collapse_epochs: int = 10  # warn of a collapse after this many epochs at or above the mean baseline (0: no check)
+    collapse_steps: int = 1000  # warn of a collapse after this many steps at or above the mean baseline (0: no check)
     resume: bool | str | os.PathLike = False  # True: OUT/checkpoints/last.pt, or a path
     resume_anyway: bool = False  # resume although the data/deformation/validation/batch settings differ (_RESUME_KEYS)
     init_weights: Optional[str | os.PathLike] = None  # start from these weights (e.g. the published checkpoint)
@@ -158,8 +158,8 @@ class PretrainConfig:
         for name in ("batch_size", "epochs", "accumulate", "lr_step_epochs", "patience", "log_every", "val_repeats"):
             if int(getattr(cfg, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-        if cfg.collapse_epochs < 0:
-            raise ValueError(f"collapse_epochs must be >= 0 (0: no collapse check), got {cfg.collapse_epochs}")
+        if cfg.collapse_steps < 0:
+            raise ValueError(f"collapse_steps must be >= 0 (0: no collapse check), got {cfg.collapse_steps}")
         if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {cfg.steps_per_epoch}")
         if not (math.isfinite(cfg.lr) and cfg.lr > 0):
@@ -545,16 +545,17 @@ class PretrainTrainer(Trainer):
 
     def _watch_collapse(self, epoch: int, loss: float, spread: float) -> bool:
         """Whether the run counts as collapsed after ``epoch``: its validation loss has stayed at or above the
-        constant-mean baseline for ``cfg.collapse_epochs`` epochs, or its output is constant (``COLLAPSE_SPREAD``).
+        constant-mean baseline for epochs of ``cfg.collapse_steps`` steps in all, or its output is constant
+        (``COLLAPSE_SPREAD``).
         It stays so until both recover; the start and the end are logged once each. Only a warning: rank 0 alone
         validates, so nothing the ranks decide may depend on it."""
-        if not self.cfg.collapse_epochs:
+        if not self.cfg.collapse_steps:
             return False
         constant = spread < COLLAPSE_SPREAD
         stuck = constant or loss >= self.base["mean"]
         self.stuck_since = (self.stuck_since or epoch) if stuck else None
         was = self.collapsed_since
-        long = stuck and epoch - self.stuck_since + 1 >= self.cfg.collapse_epochs
+        long = stuck and (epoch - self.stuck_since + 1) * self.steps >= self.cfg.collapse_steps
         self.collapsed_since = self.stuck_since if stuck and (constant or long or was) else None
         if self.collapsed_since and not was:
             self.log(_collapse_warning(self.collapsed_since, loss, self.base["mean"], spread))
