@@ -44,7 +44,8 @@ def _not_hu(data: np.ndarray) -> str | None:
         return None
     return (
         f"its values ({lo:g} .. {hi:g}, 1st percentile {p1:g}) do not look like Hounsfield units: CT in HU has air "
-        "near -1000. An MRI? Use --modality mr. A CT without its rescale slope and intercept? Convert it to HU"
+        "near -1000. An MRI? Use --modality mr. A CT without its rescale slope and intercept? Convert it to HU. (A "
+        "crop without any air reads so too: then nothing is wrong)"
     )
 
 
