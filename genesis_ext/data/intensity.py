@@ -3,9 +3,9 @@
 Models Genesis clips CT to [-1000, 1000] HU and scales by ``(v + 1000) / 2000`` (:data:`CT_WINDOW`). Any fixed
 window works the same way; for modalities without absolute units (MRI, PET) a :class:`PercentileWindow` is resolved
 per volume from its own intensity percentiles: :data:`MR_WINDOW` takes the 0.5th and 99.5th percentiles of the body's
-voxels (:func:`body_mask`), so that the air around the patient, a quarter of a typical abdominal MR volume, does not
-set the window's floor. Every window describes itself as a dict (``describe``) and :func:`intensity_from` rebuilds
-it, so a store, a checkpoint and a prediction apply the same policy.
+voxels (:func:`body_mask`), so that the air around the patient does not set the window's floor. Every window
+describes itself as a dict (``describe``) and :func:`intensity_from` rebuilds it, so a store, a checkpoint and a
+prediction apply the same policy.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ SITK_SUFFIXES = (".mhd", ".mha", ".nrrd", ".nhdr")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 SUPPORTED = "NIfTI (.nii, .nii.gz), MetaImage (.mhd, .mha), NRRD (.nrrd, .nhdr), a DICOM series directory or .dcm file"
 _INSTALL_IO = "pip install 'genesis-ext[io]'"
+AFFINE_TOLERANCE = 1e-2  # mm: images that share a voxel grid (channels, an image and its labels) agree within this
 
 
 class VolumeError(ValueError):
@@ -186,7 +187,7 @@ def load_channels(source: Source | str) -> list[Volume]:
     for c, v in enumerate(volumes[1:], start=1):
         if v.shape != first.shape:
             problem = f"shape {v.shape}, channel 0 ({first.source}) {first.shape}"
-        elif not np.allclose(v.affine, first.affine, atol=1e-2):
+        elif not np.allclose(v.affine, first.affine, atol=AFFINE_TOLERANCE):
             problem = f"another voxel-to-patient map (affine) than channel 0 ({first.source}), both {first.shape}"
         else:
             continue

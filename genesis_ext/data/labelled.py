@@ -28,13 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from .intensity import resample, resample_nearest
-from .io import Source, Volume, VolumeError, _strip_suffix, load_channels, load_volume, read_spacing
+from .io import AFFINE_TOLERANCE, Source, Volume, VolumeError, _strip_suffix, load_channels, load_volume, read_spacing
 from .modality import ModalityWarning, value_warning
 
 FOREGROUND = {"foreground": 1}  # the published binary task: label > 0.5
 IGNORE = 255  # target value of unlabelled voxels (outside a label budget): no loss there
 _MAX_FG_CENTRES = 200_000  # patch centres kept per case: bounded memory on large volumes
-_AFFINE_TOLERANCE = 1e-2  # mm: an image and its labels must share their voxel-to-patient map within this
 
 
 class LabelledDataError(ValueError):
@@ -305,7 +304,7 @@ def _same_grid(image: Volume, label: Volume, image_path: Path, label_path: Path)
             f"{label_path}: label shape {label.shape} differs from its image {image_path} shape {image.shape}; "
             "a label must be on its image's voxel grid"
         )
-    if not np.allclose(image.affine, label.affine, atol=_AFFINE_TOLERANCE):
+    if not np.allclose(image.affine, label.affine, atol=AFFINE_TOLERANCE):
         raise LabelledDataError(
             f"{label_path}: its voxel-to-patient map (affine) differs from that of its image {image_path} (both "
             f"{image.shape}); a label must be on its image's grid: check that it belongs to this image, or resample it"

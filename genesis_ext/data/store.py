@@ -419,8 +419,6 @@ class CubeStore:
         self.intensity = {}  # input -> the modality and window of its manifest (stores only; bare arrays say nothing)
         cube = None
         for p in map(Path, paths):
-            if p.is_dir() and (p / MANIFEST_JSON).exists():
-                self.intensity[str(p)] = store_intensity(read_manifest(p))
             for f, n, shape, entry in self._scan(p):
                 if cube is not None and shape != cube:
                     raise ValueError(f"{f}: cubes of shape {shape} do not match {cube} from the other files")
@@ -438,11 +436,11 @@ class CubeStore:
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self._maps, self._verified = {}, set()
 
-    @staticmethod
-    def _scan(p: Path):
+    def _scan(self, p: Path):
         if p.is_dir() and (p / MANIFEST_JSON).exists():
             manifest = read_manifest(p)
             check_store(p, manifest)
+            self.intensity[str(p)] = store_intensity(manifest)
             for r in manifest["volumes"]:
                 yield p / r["shard"], int(r["count"]), item_shape(manifest), r
         elif p.is_dir():
@@ -450,7 +448,7 @@ class CubeStore:
             if not files:
                 raise ValueError(f"{p}: no manifest.json and no .npy cube arrays")
             for f in files:
-                yield from CubeStore._scan(f)
+                yield from self._scan(f)
         else:
             try:
                 shape, dtype = npy_layout(p)
