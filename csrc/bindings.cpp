@@ -146,6 +146,19 @@ PYBIND11_MODULE(GENESIS_MODULE, m) {
       },
       py::arg("op"), py::arg("input"), py::arg("out"), py::arg("target"), py::arg("batch"), py::arg("channels"),
       py::arg("spatial"), py::arg("seed"), py::arg("offset"), py::arg("config"), py::arg("num_threads"));
+  m.def(
+      "shuffle_sources",
+      [](uint64_t seed, uint64_t sample, const std::vector<uint32_t>& blocks, int32_t n) {
+        if (n < 1) throw std::invalid_argument("shuffle_sources: n must be >= 1");
+        py::array_t<int32_t> out({py::ssize_t(blocks.size()), py::ssize_t(n)});
+        int32_t* dst = out.mutable_data();
+        py::gil_scoped_release release;
+        for (const uint32_t b : blocks)
+          for (int32_t p = 0; p < n; ++p) *dst++ = shuffle_source(seed, sample, b, n, p);
+        return out;
+      },
+      py::arg("seed"), py::arg("sample"), py::arg("blocks"), py::arg("n"),
+      "pi(p) for p < n of each block index (of n voxels): shuffle_source, the kernels' per-voxel body.");
   m.def("sample_params", &sample_params, py::arg("batch"), py::arg("spatial"), py::arg("seed"), py::arg("offset"),
         py::arg("config"), py::arg("with_blocks"));
   m.def("build_info", &build_info);

@@ -132,7 +132,7 @@ GENESIS_HD SampleParams derive_params(uint64_t seed, uint64_t sample, const Defo
   return p;
 }
 
-// Geometry of local-shuffle block b (words 0-5 of its stream; Fisher–Yates draws follow from word 6).
+// Geometry of local-shuffle block b (words 0-5 of its stream; the permutation follows from Philox call 2).
 GENESIS_HD Box shuffle_block(Stream& st, const DeformConfig& cfg, const Shape& sh) {
   Box b{{0, 0, 0}, {1, 1, 1}};
   for (int a = 0; a < sh.ndim; ++a) {
@@ -142,27 +142,117 @@ GENESIS_HD Box shuffle_block(Stream& st, const DeformConfig& cfg, const Shape& s
   return b;
 }
 
-// Uniform permutation of 0..n-1 (Durstenfeld) from the block's words 6, 7, ...: the voxel at block-local position p
-// receives local position perm[p]. Words are drawn two Philox blocks at a time, so that the calls overlap.
-template <typename Index>
-GENESIS_HD void block_permutation(uint64_t seed, uint64_t sample, uint32_t block, Index* perm, int32_t n) {
-  constexpr uint32_t kCalls = 2;
-  for (int32_t k = 0; k < n; ++k) perm[k] = Index(k);
-  uint32_t words[4 * kCalls];
-  uint32_t w = 6;  // next word of the stream
-  for (int32_t k = n - 1; k > 0;) {
-    const uint32_t first = w >> 2;
-    for (uint32_t c = 0; c < kCalls; ++c) {
-      const U32x4 r = stream_block(seed, sample, BLOCK, block, first + c);
-      for (int lane = 0; lane < 4; ++lane) words[4 * c + lane] = r.v[lane];
+// ---- Local-shuffle permutations (docs/randomness.md, stream version 2): the voxel at block-local position p
+// receives local position pi(p), a pure function of (seed, sample, block, n, p). Blocks of up to kExactShuffleMax
+// voxels are exact; larger ones use a keyed Feistel bijection. Nothing is stored, so there is no size limit.
+constexpr int32_t kExactShuffleMax = 128;
+constexpr uint32_t kPermutationCall = 2;  // first Philox call of the block's stream that the permutation reads
+
+GENESIS_HD uint64_t mulhi64(uint64_t a, uint64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(a, b);
+#else
+  return uint64_t((unsigned __int128)a * b >> 64);
+#endif
+}
+
+// A binary fraction in [0, 1) of 128 bits, from one Philox call: (w0 w1 w2 w3) / 2^128.
+struct Frac128 {
+  uint64_t hi, lo;
+};
+
+GENESIS_HD Frac128 permutation_fraction(uint64_t seed, uint64_t sample, uint32_t block, uint32_t group) {
+  const U32x4 w = stream_block(seed, sample, BLOCK, block, kPermutationCall + group);
+  return Frac128{(uint64_t(w.v[0]) << 32) | w.v[1], (uint64_t(w.v[2]) << 32) | w.v[3]};
+}
+
+// The digits of Durstenfeld's shuffle, radices n, n-1, ..., 2 in that order, drawn in groups: a group is the
+// mixed-radix expansion of floor(u * P) for a fresh fraction u and P the product of its radices (below 2^64), so
+// every digit tuple of a group has probability 1/P within a relative 2^-64.
+struct ShuffleDigits {
+  uint64_t seed, sample;
+  uint32_t block, group = 0;
+  uint64_t product = 1;
+  Frac128 u;
+  GENESIS_HD ShuffleDigits(uint64_t seed_, uint64_t sample_, uint32_t block_)
+      : seed(seed_), sample(sample_), block(block_), u(permutation_fraction(seed_, sample_, block_, 0)) {}
+  // floor(u * m), and u keeps the fraction.
+  GENESIS_HD uint32_t next(uint32_t m) {
+    if (mulhi64(product, m) != 0) {  // product * m >= 2^64: a new group
+      u = permutation_fraction(seed, sample, block, ++group);
+      product = 1;
     }
-    for (; k > 0 && w < 4 * (first + kCalls); --k, ++w) {
-      const int32_t j = randint(words[w - 4 * first], 0, k);
-      const Index t = perm[k];
-      perm[k] = perm[j];
-      perm[j] = t;
-    }
+    product *= m;
+    const uint64_t carry = mulhi64(u.lo, m), mid = u.hi * m, top = mulhi64(u.hi, m);
+    u.lo *= m;
+    u.hi = mid + carry;
+    return uint32_t(top + (u.hi < mid));
   }
+};
+
+// Exact blocks: pi is the inverse of the shuffle the digits drive (step k = n-1 .. 1 swaps positions k and j, the
+// digit of radix k + 1), i.e. pi(e) = the final position of element e. One element traced forward: positions >= k
+// are final after step k, so the trace stops as soon as the element moves up.
+GENESIS_HD int32_t exact_shuffle_source(ShuffleDigits d, int32_t n, int32_t e) {
+  int32_t pos = e;
+  for (int32_t k = n - 1; k > 0; --k) {
+    const int32_t j = int32_t(d.next(uint32_t(k + 1)));
+    if (pos == k)
+      pos = j;
+    else if (pos == j)
+      return k;
+  }
+  return pos;
+}
+
+// murmur3's 32-bit finalizer: the Feistel round function.
+GENESIS_HD uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// Larger blocks: an 8-round Feistel network on the k = bit_width(n - 1) bits of a position (L the high floor(k/2)
+// bits, R the rest), cycle-walked onto [0, n) (Mitchell et al., ACM TOPC 2022). 8 rounds pass the uniformity tests
+// from k = 8 on (python_tests/test_statistics.py); smaller domains need more, hence the exact blocks.
+struct FeistelShuffle {
+  static constexpr int kRounds = 8;
+  uint32_t key[kRounds];
+  uint32_t n;
+  int low_bits;  // width of R
+  uint32_t high_mask, low_mask;
+  GENESIS_HD FeistelShuffle(uint64_t seed, uint64_t sample, uint32_t block, int32_t n_) : n(uint32_t(n_)) {
+    const U32x4 w = stream_block(seed, sample, BLOCK, block, kPermutationCall);
+    for (int r = 0; r < kRounds; ++r) key[r] = w.v[r & 3] + uint32_t(r >> 2) * 0x9E3779B9u;  // a Weyl step
+    int k = 0;
+    while ((uint32_t(1) << k) < n) ++k;
+    low_bits = k - k / 2;
+    high_mask = (1u << (k / 2)) - 1u;
+    low_mask = (1u << low_bits) - 1u;
+  }
+  GENESIS_HD uint32_t once(uint32_t x) const {
+    uint32_t high = x >> low_bits, low = x & low_mask;
+    for (int r = 0; r < kRounds; r += 2) {
+      high ^= fmix32(low ^ key[r]) & high_mask;
+      low ^= fmix32(high ^ key[r + 1]) & low_mask;
+    }
+    return (high << low_bits) | low;
+  }
+  GENESIS_HD int32_t operator()(int32_t p) const {
+    uint32_t x = uint32_t(p);
+    do x = once(x);
+    while (x >= n);
+    return int32_t(x);
+  }
+};
+
+// pi(p) of block `block` (n voxels): the one definition, evaluated per voxel by the CUDA kernels.
+GENESIS_HD int32_t shuffle_source(uint64_t seed, uint64_t sample, uint32_t block, int32_t n, int32_t p) {
+  if (n <= kExactShuffleMax) return exact_shuffle_source(ShuffleDigits(seed, sample, block), n, p);
+  return FeistelShuffle(seed, sample, block, n)(p);
 }
 
 // The ops: the fused pair, one single op per gated deformation, flip and the two paintings (exported as _C.OPS), as

@@ -12,11 +12,14 @@ namespace genesis {
 namespace {
 
 struct Scratch {
-  std::vector<int32_t> src;                  // shuffle: linear input index feeding each voxel
-  std::vector<int32_t> block_vox, block_in;  // shuffle: per local position, output voxel and flipped input voxel
-  std::vector<int32_t> perm;
-  std::vector<float> reversed, shuffled;  // one row
-  std::vector<float> blur_in;             // blur: the lines being blurred, as they were (edges repeated)
+  std::vector<int32_t> src;       // shuffle: linear input index feeding each voxel
+  std::vector<int32_t> block_in;  // shuffle: per local position of a block, its flipped input voxel
+  std::vector<int32_t> owned_at, owned_vox, owned_src;  // shuffle: local position, voxel, source of owned voxels
+  std::vector<int32_t> order, pi;                       // exact blocks: the shuffle and its inverse
+  std::vector<uint32_t> rounds;                         // Feistel blocks: the round functions as tables
+  std::vector<int32_t> walking;                         // Feistel blocks: evaluations still cycle-walking
+  std::vector<float> reversed, shuffled;                // one row
+  std::vector<float> blur_in;                           // blur: the lines being blurred, as they were (edges repeated)
   BezierTable table;
 };
 
@@ -29,8 +32,61 @@ struct Flipper {
   }
 };
 
+// pi of an exact block, s.pi[0 .. n), decoded whole: the shuffle in s.order, pi written as each position becomes
+// final (the per-voxel exact_shuffle_source, for all elements at once in O(n)).
+void exact_block(ShuffleDigits digits, int32_t n, Scratch& s) {
+  int32_t* order = s.order.data();
+  int32_t* pi = s.pi.data();
+  for (int32_t f = 0; f < n; ++f) order[f] = f;
+  for (int32_t k = n - 1; k > 0; --k) {
+    const int32_t j = int32_t(digits.next(uint32_t(k + 1)));
+    pi[order[j]] = k;
+    order[j] = order[k];
+  }
+  pi[order[0]] = 0;
+}
+
+// s.owned_src[i] = f(s.owned_at[i]) for i < m, bit for bit FeistelShuffle: each round function tabulated over its
+// half domain (a round is then a load and a xor), the evaluations batched in passes so that they overlap, each pass
+// applying the network once more to those still outside [0, n).
+void feistel_block(const FeistelShuffle& f, int32_t m, Scratch& s) {
+  const uint32_t low_size = f.low_mask + 1, step = low_size + f.high_mask + 1;
+  uint32_t* tables = s.rounds.data();  // per round pair: low -> high's mask, then high -> low's mask
+  for (int r = 0; r < FeistelShuffle::kRounds; r += 2) {
+    uint32_t* t = tables + (r / 2) * step;
+    for (uint32_t x = 0; x < low_size; ++x) t[x] = fmix32(x ^ f.key[r]) & f.high_mask;
+    for (uint32_t x = 0; x <= f.high_mask; ++x) t[low_size + x] = fmix32(x ^ f.key[r + 1]) & f.low_mask;
+  }
+  const auto once = [&](uint32_t x) {
+    uint32_t high = x >> f.low_bits, low = x & f.low_mask;
+    for (const uint32_t* t = tables; t < tables + FeistelShuffle::kRounds / 2 * step; t += step) {
+      high ^= t[low];
+      low ^= t[low_size + high];
+    }
+    return (high << f.low_bits) | low;
+  };
+  int32_t* out = s.owned_src.data();
+  int32_t* walking = s.walking.data();
+  int32_t left = 0;
+  for (int32_t i = 0; i < m; ++i) {  // branch-free compaction: whether a value walks on is random
+    out[i] = int32_t(once(uint32_t(s.owned_at[i])));
+    walking[left] = i;
+    left += uint32_t(out[i]) >= f.n;
+  }
+  while (left > 0) {
+    int32_t still = 0;
+    for (int32_t w = 0; w < left; ++w) {
+      const int32_t i = walking[w];
+      out[i] = int32_t(once(uint32_t(out[i])));
+      walking[still] = i;
+      still += uint32_t(out[i]) >= f.n;
+    }
+    left = still;
+  }
+}
+
 // src[v] for every voxel v after local shuffling. Blocks are visited from the last to the first, so the first block
-// to claim a voxel is its owner (the last writer of the sequential definition).
+// to claim a voxel is its owner (the last writer of the sequential definition); only owned voxels are permuted.
 void shuffle_sources(uint64_t seed, uint64_t sample, const DeformConfig& cfg, const Shape& sh, const Flipper& flipped,
                      Scratch& s) {
   const int64_t sy = sh.s[1], sz = sh.s[2];
@@ -38,20 +94,23 @@ void shuffle_sources(uint64_t seed, uint64_t sample, const DeformConfig& cfg, co
   for (int32_t b = cfg.num_blocks - 1; b >= 0; --b) {
     Stream st(seed, sample, BLOCK, uint32_t(b));
     const Box box = shuffle_block(st, cfg, sh);
-    int32_t n = 0, unclaimed = 0;
+    int32_t n = 0, m = 0;
     for (int32_t x = box.origin[0]; x < box.origin[0] + box.size[0]; ++x)
       for (int32_t y = box.origin[1]; y < box.origin[1] + box.size[1]; ++y)
         for (int32_t z = box.origin[2]; z < box.origin[2] + box.size[2]; ++z, ++n) {
           const int32_t v = int32_t((x * sy + y) * sz + z);
-          s.block_vox[n] = v;
           s.block_in[n] = int32_t(flipped(x, y, z));
-          unclaimed += s.src[v] < 0;
+          s.owned_at[m] = n;  // branch-free: the claimed/unclaimed pattern is random
+          s.owned_vox[m] = v;
+          m += s.src[v] < 0;
         }
-    if (unclaimed == 0) continue;
-    block_permutation(seed, sample, uint32_t(b), s.perm.data(), n);
-    for (int32_t p = 0; p < n; ++p) {
-      int32_t& dst = s.src[s.block_vox[p]];
-      dst = dst < 0 ? s.block_in[s.perm[p]] : dst;  // branch-free: the claimed/unclaimed pattern is random
+    if (m == 0) continue;
+    if (n <= kExactShuffleMax) {
+      exact_block(ShuffleDigits(seed, sample, uint32_t(b)), n, s);
+      for (int32_t i = 0; i < m; ++i) s.src[s.owned_vox[i]] = s.block_in[s.pi[s.owned_at[i]]];
+    } else {
+      feistel_block(FeistelShuffle(seed, sample, uint32_t(b), n), m, s);
+      for (int32_t i = 0; i < m; ++i) s.src[s.owned_vox[i]] = s.block_in[s.owned_src[i]];
     }
   }
   int64_t v = 0;
@@ -102,6 +161,13 @@ void blur_sample(float* out, int64_t channels, const Shape& sh, const SamplePara
       }
     }
   }
+}
+
+// Entries of the Feistel round tables for blocks of up to max_block voxels.
+size_t feistel_table_entries(int32_t max_block) {
+  int k = 0;
+  while ((int64_t(1) << k) < max_block) ++k;
+  return size_t(FeistelShuffle::kRounds / 2) * ((size_t(1) << (k / 2)) + (size_t(1) << (k - k / 2)));
 }
 
 void deform_sample(Op op, const float* in, float* out, float* target, int64_t channels, const Shape& sh, uint64_t seed,
@@ -181,9 +247,10 @@ void deform_cpu(Op op, const float* in, float* out, float* target, int64_t batch
   {
     Scratch s;
     s.src.resize(sh.voxels());
-    s.block_vox.resize(max_block);
-    s.block_in.resize(max_block);
-    s.perm.resize(max_block);
+    for (auto* v : {&s.block_in, &s.owned_at, &s.owned_vox, &s.owned_src, &s.walking}) v->resize(max_block);
+    s.order.resize(std::min(max_block, kExactShuffleMax));
+    s.pi.resize(std::min(max_block, kExactShuffleMax));
+    s.rounds.resize(feistel_table_entries(max_block));
     s.reversed.resize(sh.s[2]);
     s.shuffled.resize(sh.s[2]);
     // The slab of every line side by side, or one contiguous line (along the last spatial axis) with its edges.

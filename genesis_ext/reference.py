@@ -163,39 +163,116 @@ def _shuffle_blocks(seed, index, shape, num_blocks, block_div):
     return blocks
 
 
-def block_permutations(seed: int, index: int, blocks) -> list:
-    """Fisher–Yates permutation of every block (docs/randomness.md): block b of n voxels starts from the identity and,
-    for t, k in enumerate(n-1 .. 1), swaps perm[k] and perm[j], j = randint(word(seed, index,
-    BLOCK, b, 6 + t), 0, k).
-    Returns a list of int64 arrays; the voxel at block-local position p receives local position perm[p].
+_EXACT_MAX = 128  # blocks of at most this many voxels get an exact Fisher–Yates; larger ones the Feistel network
+_U64_MAX = np.uint64(2**64 - 1)
+_LIMB = np.uint64(0xFFFFFFFF)
+_WEYL = np.uint32(0x9E3779B9)
 
-    The per-block loops run side by side over all blocks (step t of every block at once); each block's result is
-    exactly the sequential loop above."""
+
+def _fraction_limbs(seed, index, majors, calls):
+    """The 128-bit fraction of Philox call ``calls`` of streams (BLOCK, ``majors``): four 32-bit limbs, most
+    significant first, each in a uint64 array (so that a limb times a radix <= 128, plus a carry, stays exact)."""
+    w = stream_blocks(seed, index, Purpose.BLOCK, majors, calls).astype(np.uint64)
+    return [w[:, 0], w[:, 1], w[:, 2], w[:, 3]]
+
+
+def _exact_permutations(seed, index, majors, n):
+    """pi of blocks ``majors`` of n <= 128 voxels (the exact case of ``block_permutations``): int64 (len, max n),
+    row r's first n[r] entries are its pi, the rest the identity."""
+    n_max = int(n.max())
+    order = np.tile(np.arange(n_max, dtype=np.int64), (len(n), 1))
+    c = np.zeros(len(n), dtype=np.uint64)  # the group: Philox call 2 + c
+    u = _fraction_limbs(seed, index, majors, 2)  # the group's fraction, what its digits have left
+    prod = np.ones(len(n), dtype=np.uint64)  # the product of the group's radices so far
+    for t in range(n_max - 1):  # digit t of every block at once: radix m = n - t, swap position k = m - 1
+        r = np.nonzero(n - t >= 2)[0]
+        m = (n[r] - t).astype(np.uint64)
+        new = r[prod[r] > _U64_MAX // m]  # prod * m >= 2^64: this radix starts the next group
+        if len(new):
+            c[new] += np.uint64(1)
+            for limb, fresh in zip(u, _fraction_limbs(seed, index, majors[new], np.uint64(2) + c[new])):
+                limb[new] = fresh
+            prod[new] = 1
+        prod[r] *= m
+        carry = np.zeros(len(r), dtype=np.uint64)  # u * m, from the least significant limb up
+        for limb in reversed(u):
+            v = limb[r] * m + carry
+            limb[r] = v & _LIMB
+            carry = v >> np.uint64(32)
+        j = carry.astype(np.int64)  # the integer part of u * m: the digit, in [0, m)
+        k = n[r] - 1 - t
+        order_k, order_j = order[r, k], order[r, j]
+        order[r, k] = order_j
+        order[r, j] = order_k
+    pi = np.empty_like(order)  # the inverse: pi[order[f]] = f
+    np.put_along_axis(pi, order, np.arange(n_max, dtype=np.int64)[None, :], axis=1)
+    return pi
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser on uint32 arrays (products mod 2^32)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _feistel_permutations(seed, index, majors, n, k):
+    """pi of blocks ``majors`` of n > 128 voxels, all with bit_width(n - 1) = k (the Feistel case of
+    ``block_permutations``): the concatenation of their pi's, int64."""
+    la = k // 2
+    lb = k - la
+    ma, mb, shift = np.uint32(2**la - 1), np.uint32(2**lb - 1), np.uint32(lb)
+    w = stream_blocks(seed, index, Purpose.BLOCK, majors, 2)
+    keys = [w[:, r & 3] + _WEYL * np.uint32(r >> 2) for r in range(8)]  # mod 2^32
+    owner = np.repeat(np.arange(len(n)), n)
+    x = (np.arange(len(owner)) - np.repeat(np.cumsum(n) - n, n)).astype(np.uint32)  # p, then once(p), ...
+    walking = np.arange(len(x))
+    while len(walking):  # x = once(x) until x < n
+        block = owner[walking]
+        y = x[walking]
+        left, right = y >> shift, y & mb
+        for r in (0, 2, 4, 6):
+            left ^= _fmix32(right ^ keys[r][block]) & ma
+            right ^= _fmix32(left ^ keys[r + 1][block]) & mb
+        x[walking] = (left << shift) | right
+        walking = walking[x[walking] >= n[owner[walking]]]
+    return x.astype(np.int64)
+
+
+def block_permutations(seed: int, index: int, blocks) -> list:
+    """The permutation pi of every block (docs/randomness.md, "Local-shuffle permutations"): the voxel at block-local
+    position p (C order) receives local position pi(p). Block b of n voxels draws from Philox calls 2, 3, … of
+    stream (seed, index, BLOCK, major b) (words 0-5 are its geometry, 6 and 7 unused).
+
+    - n <= 128, exact: Durstenfeld with digits in groups. A group's fraction is u = (w0 w1 w2 w3 of call 2 + c) / 2^128.
+      Starting with c = 0, prod = 1, for radix m = n, n-1, …, 2: if prod * m >= 2^64, the next group (c += 1, its u,
+      prod = 1); then prod *= m, digit = floor(u * m), u = frac(u * m), exactly. From order = identity, for
+      k = n-1 … 1 swap order[k] and order[digit of radix k + 1]; pi is the inverse of order: pi[order[f]] = f.
+    - n > 128, a Feistel network of 8 rounds, cycle-walked, in uint32: k = bit_width(n - 1), L the high la = k // 2
+      bits, R the low lb = k - la; key[r] = w[r & 3] + (r >> 2) * 0x9E3779B9 from call 2; round pair r = 0, 2, 4, 6:
+      L ^= fmix32(R ^ key[r]) & (2^la - 1), R ^= fmix32(L ^ key[r+1]) & (2^lb - 1). pi(p) applies it to p until the
+      value is < n.
+
+    Returns a list of int64 arrays. Vectorised: the exact case steps all blocks' digits side by side, the Feistel case
+    runs every position of the blocks of one k at once."""
     blocks = np.asarray(blocks)
     n = np.prod(blocks[:, 1, :].astype(np.int64), axis=1)
-    nb = len(n)
-    if nb == 0:
-        return []
-    n_max = int(n.max())
-    # Philox blocks (calls) holding words 6 .. 6 + n - 2 of each block's stream, and only those.
-    last_call = (6 + n - 2) // 4
-    counts = np.where(n >= 2, last_call, 0)  # calls 1 .. last_call
-    rows = np.repeat(np.arange(nb), counts)
-    calls = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + 1
-    drawn = np.zeros((nb, int(last_call.max()) + 1, 4), dtype=np.uint32)
-    drawn[rows, calls] = stream_blocks(seed, index, Purpose.BLOCK, rows, calls)
-    drawn = drawn.reshape(nb, -1)
-
-    perm = np.tile(np.arange(n_max, dtype=np.int64), (nb, 1))
-    for t in range(n_max - 1):
-        k = n - 1 - t
-        r = np.nonzero(k >= 1)[0]
-        k = k[r]
-        j = randint(drawn[r, 6 + t], 0, k)
-        perm_k, perm_j = perm[r, k], perm[r, j]
-        perm[r, k] = perm_j
-        perm[r, j] = perm_k
-    return [perm[b, : n[b]] for b in range(nb)]
+    perms = [None] * len(n)
+    exact = np.nonzero(n <= _EXACT_MAX)[0]
+    if len(exact):
+        pi = _exact_permutations(seed, index, exact, n[exact])
+        for row, b in enumerate(exact):
+            perms[b] = pi[row, : n[b]]
+    width = np.zeros(len(n), dtype=np.int64)  # bit_width(n - 1) of the large blocks
+    width[n > _EXACT_MAX] = [int(v - 1).bit_length() for v in n[n > _EXACT_MAX]]
+    for k in np.unique(width[width > 0]):
+        large = np.nonzero(width == k)[0]
+        flat = _feistel_permutations(seed, index, large, n[large], int(k))
+        for b, part in zip(large, np.split(flat, np.cumsum(n[large])[:-1])):
+            perms[b] = part
+    return perms
 
 
 def noise(seed: int, index: int, shape) -> np.ndarray:

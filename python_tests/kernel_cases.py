@@ -97,8 +97,10 @@ CASES = [
     ("odd", (3, 1, 23, 41, 17), DeformConfig()),
     ("odd-c3-scrambled", (3, 3, 23, 41, 17), SCRAMBLED),
     ("odd-c3-scrambled-compat", (3, 3, 23, 41, 17), SCRAMBLED.replace(flip_compat=True)),
-    # block_div 3: blocks up to 7 x 13 x 5 = 455 voxels, the kernels' larger permutation array (up to 1,024)
+    # block_div 3: blocks up to 7 x 13 x 5 = 455 voxels, the Feistel permutations (exact up to 128)
     ("odd-c2-edge", (3, 2, 23, 41, 17), EDGE.replace(block_div=3)),
+    # block_div 2: blocks up to 11 x 20 x 8 = 1,760 voxels (the kernels of stream version 1 refused more than 1,024)
+    ("odd-edge", (2, 1, 23, 41, 17), EDGE),
     ("tiny-c2-edge", (3, 2, 17, 9, 5), EDGE),
     ("2d-c3", (4, 3, 64, 64), DeformConfig()),
     ("2d-scrambled", (4, 1, 41, 23), SCRAMBLED),
@@ -112,6 +114,14 @@ BIG_CASES = [
     ("odd-c2-scrambled", (257, 2, 23, 41, 17), SCRAMBLED, 3),
     ("2d-c3", (257, 3, 64, 64), DeformConfig(), 2**40),
 ]
+
+# (id, shape, config): the published block rule at large cubes, blocks up to 12x12x6 = 864 and 16x16x16 = 4,096
+# voxels (the published code's S // 10 sides); the local shuffle fires on every sample.
+LARGE_CASES = [
+    ("published-128x128x64", (2, 1, 128, 128, 64), DeformConfig(local_rate=1.0)),
+    ("published-160^3", (2, 1, 160, 160, 160), DeformConfig(local_rate=1.0)),
+]
+LARGE_OPS = ("local_shuffle", "genesis_pair")
 
 # More samples than one launch takes (65,535, the grid's y limit): (id, shape, config, offset), for the ops given.
 MULTI_LAUNCH_CASE = (

@@ -28,6 +28,8 @@ from kernel_cases import (
     BIG_CASES,
     CASES,
     EDGE,
+    LARGE_CASES,
+    LARGE_OPS,
     MULTI_LAUNCH_CASE,
     MULTI_LAUNCH_OPS,
     NONFINITE_CASES,
@@ -591,12 +593,15 @@ def test_cuda_philox_known_answers_and_cpu_equality(dev):
     assert_philox_outputs(got, ctr, key)
 
 
-@pytest.mark.parametrize("op", ("local_shuffle", "genesis_pair"))
-def test_shuffle_blocks_beyond_the_cuda_limit_raise_clearly(op):
-    # EDGE on (23, 41, 17): blocks up to 11 x 20 x 8 = 1,760 voxels; the CUDA kernels hold permutations of <= 1,024
-    x = torch.rand(1, 1, 23, 41, 17, device="cuda")
-    with pytest.raises(ValueError, match="1760 voxels exceed the CUDA kernels' limit of 1024"):
-        run(op, x, seed=0, config=EDGE)
+@pytest.mark.parametrize("case", LARGE_CASES, ids=[c[0] for c in LARGE_CASES])
+@pytest.mark.parametrize("op", LARGE_OPS)
+def test_cuda_equals_cpu_at_large_cubes(dev, op, case):
+    """Blocks of any size run: the published rule at 128x128x64 and 160^3 (blocks up to 4,096 voxels)."""
+    name, shape, config = case
+    x = torch.from_numpy(case_input(name, shape))
+    for seed, offset in case_seed_offsets(op, name)[:2]:
+        kw = dict(seed=seed, offset=offset, config=config)
+        assert_matches_cpu(op, run(op, x.to(dev), **kw), x, f"{op} {name} seed={seed}", **kw)
 
 
 def test_user_deformation_in_the_pair_on_cuda_equals_cpu(dev):

@@ -29,7 +29,8 @@ from kernel_cases import (
     ALL_OPS,
     BIG_CASES,
     CASES,
-    EDGE,
+    LARGE_CASES,
+    LARGE_OPS,
     MULTI_LAUNCH_CASE,
     MULTI_LAUNCH_OPS,
     N_SEED_OFFSETS,
@@ -144,12 +145,15 @@ def test_emulated_philox_known_answers_and_cpu_equality():
     assert_philox_outputs(_emulated.philox(ctr, key), ctr, key)
 
 
-@pytest.mark.parametrize("op", ("local_shuffle", "genesis_pair"))
-def test_shuffle_blocks_beyond_the_kernel_limit_raise_clearly(op):
-    # EDGE on (23, 41, 17): blocks up to 11 x 20 x 8 = 1,760 voxels; the CUDA kernels hold permutations of <= 1,024
-    x = make_input((1, 1, 23, 41, 17), seed=1)
-    with pytest.raises(ValueError, match="1760 voxels exceed the CUDA kernels' limit of 1024"):
-        emulated(op, x, seed=0, config=EDGE)
+@pytest.mark.parametrize("case", LARGE_CASES, ids=[c[0] for c in LARGE_CASES])
+@pytest.mark.parametrize("op", LARGE_OPS)
+def test_emulated_equals_cpu_at_large_cubes(op, case):
+    """Blocks of any size run (no permutation array, no cap): the published rule at 128x128x64 and 160^3."""
+    name, shape, config = case
+    for seed, offset in case_seed_offsets(op, name)[:2]:
+        assert_matches_cpu(
+            op, case_input(name, shape), f"{op} {name} seed={seed}", seed=seed, offset=offset, config=config
+        )
 
 
 def test_build_info_of_the_emulated_module():

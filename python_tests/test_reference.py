@@ -256,18 +256,81 @@ def test_derive_params_rejects_shapes_too_small():
 # ----------------------------------------------------------------------------------------------- local shuffle
 
 
-def test_block_permutations_follow_the_written_loop():
-    p = R.derive_params(SEED, 3, SHAPE)
-    perms = R.block_permutations(SEED, 3, p["blocks"])
-    assert len(perms) == len(p["blocks"])
-    for b in (0, 1, 2, 500, 9999) + tuple(np.argsort(-np.prod(p["blocks"][:, 1], axis=1))[:3]):
-        n = int(np.prod(p["blocks"][b, 1]))
-        perm = list(range(n))
-        for t, k in enumerate(range(n - 1, 0, -1)):
-            j = (int(R.word(SEED, 3, P.BLOCK, int(b), 6 + t)) * (k + 1)) >> 32
-            perm[k], perm[j] = perm[j], perm[k]
-        assert list(perms[b]) == perm
-    assert all(sorted(q.tolist()) == list(range(len(q))) for q in perms)
+def _philox_call(index, b, call):
+    return [int(v) for v in R.stream_blocks(SEED, index, P.BLOCK, b, call)]
+
+
+def _written_permutation(index, b, n):
+    """docs/randomness.md's pi of block b (n voxels), with Python ints: pi[p] is the local position p receives."""
+    if n <= 128:  # Durstenfeld, digits drawn in groups from 128-bit fractions
+        calls = iter(range(2, 2**24))
+
+        def fraction():
+            w0, w1, w2, w3 = _philox_call(index, b, next(calls))
+            return w0 << 96 | w1 << 64 | w2 << 32 | w3  # u * 2^128
+
+        u, prod, digits = fraction(), 1, {}
+        for m in range(n, 1, -1):
+            if prod * m >= 2**64:
+                u, prod = fraction(), 1
+            prod *= m
+            digits[m], u = divmod(u * m, 2**128)
+        order = list(range(n))
+        for k in range(n - 1, 0, -1):
+            j = digits[k + 1]
+            order[k], order[j] = order[j], order[k]
+        pi = [0] * n
+        for f, e in enumerate(order):
+            pi[e] = f
+        return pi
+    k = (n - 1).bit_length()  # Feistel-8, cycle-walked
+    la, lb = k // 2, k - k // 2
+    w = _philox_call(index, b, 2)
+    key = [(w[r % 4] + (r // 4) * 0x9E3779B9) % 2**32 for r in range(8)]
+
+    def fmix32(h):
+        h ^= h >> 16
+        h = h * 0x85EBCA6B % 2**32
+        h ^= h >> 13
+        h = h * 0xC2B2AE35 % 2**32
+        return h ^ (h >> 16)
+
+    def once(x):
+        left, right = x >> lb, x % 2**lb
+        for r in (0, 2, 4, 6):
+            left ^= fmix32(right ^ key[r]) % 2**la
+            right ^= fmix32(left ^ key[r + 1]) % 2**lb
+        return left << lb | right
+
+    pi = []
+    for p in range(n):
+        x = once(p)
+        while x >= n:
+            x = once(x)
+        pi.append(x)
+    return pi
+
+
+def test_block_permutations_follow_the_written_definition():
+    # n = 1, 2, 3, small, 20 (20! < 2^64: one group), 21 (21! > 2^64: two), 27, 64, 108, 127, 128 (the last exact),
+    # 129 (the first Feistel), 256, 300, 864, 4096; twice each (other majors, other words)
+    sizes = [(1, 1, 1), (2, 1, 1), (1, 3, 1), (1, 2, 3), (2, 2, 5), (1, 3, 7), (3, 3, 3), (4, 4, 4), (6, 6, 3)]
+    sizes += [(127, 1, 1), (4, 8, 4), (1, 3, 43), (8, 8, 4), (10, 3, 10), (12, 12, 6), (16, 16, 16)]
+    blocks = np.zeros((2 * len(sizes), 2, 3), dtype=np.int32)
+    blocks[:, 1] = sizes * 2
+    perms = R.block_permutations(SEED, 5, blocks)
+    assert len(perms) == len(blocks)
+    for b, box in enumerate(blocks):
+        assert perms[b].dtype == np.int64 and perms[b].tolist() == _written_permutation(5, b, int(np.prod(box[1])))
+    # real blocks: a sample's first ones and its largest, at the published 64x64x32 and at 160^3 (Feistel blocks)
+    for shape in (SHAPE, (160, 160, 160)):
+        p = R.derive_params(SEED, 3, shape)
+        n = np.prod(p["blocks"][:, 1].astype(np.int64), axis=1)
+        perms = R.block_permutations(SEED, 3, p["blocks"])
+        assert len(perms) == len(p["blocks"])
+        assert all(sorted(q.tolist()) == list(range(len(q))) for q in perms)
+        for b in (0, 1, 2, 500, 9999) + tuple(np.argsort(-n)[:2]) + tuple(np.nonzero((n > 20) & (n < 40))[0][:3]):
+            assert perms[b].tolist() == _written_permutation(3, int(b), int(n[b]))
 
 
 def test_block_permutations_uniform_for_pairs():
@@ -278,6 +341,14 @@ def test_block_permutations_uniform_for_pairs():
     perms = np.array(R.block_permutations(SEED, 1, blocks3))
     _, counts = np.unique(perms, axis=0, return_counts=True)
     assert len(counts) == 6 and all(sigma_ok(c / 6000, 1 / 6, 6000) for c in counts)
+    # the first Feistel size (129 voxels): where positions 0 and 128 go spreads evenly (chi-square, 128 degrees of
+    # freedom: mean 128, sd 16), and the two keep their order half the time
+    blocks129 = np.array([[[0, 0, 0], [1, 3, 43]]] * 6000, dtype=np.int32)
+    perms = np.array(R.block_permutations(SEED, 2, blocks129))
+    for p in (0, 128):
+        chi2 = np.sum((np.bincount(perms[:, p], minlength=129) - 6000 / 129) ** 2 / (6000 / 129))
+        assert chi2 < 128 + 4 * 16
+    assert sigma_ok(np.mean(perms[:, 0] < perms[:, 128]), 0.5, 6000)
 
 
 def test_local_shuffle_by_hand():

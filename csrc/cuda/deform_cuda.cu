@@ -3,10 +3,10 @@
 //  1. prepare_kernel (one thread block per sample): the sample's parameters, its Bézier table, the geometry of its
 //     shuffle blocks and, per tile of the sample, the list of blocks crossing it; into the caller's scratch buffer;
 //  2. deform_kernel (one thread block per tile of a sample): in shared memory, the owner (highest block index) of
-//     each voxel of the tile by atomicMax over the blocks crossing it, then each owning block's Fisher–Yates
-//     permutation gives the tile's shuffle sources; then one pass reads the inputs and writes the deformed input and
-//     the target. A block crossing several tiles is permuted once per tile (the same permutation: it is a pure
-//     function of its stream): cheaper than a global owner map and its extra DRAM traffic;
+//     each voxel of the tile by atomicMax over the blocks crossing it; then one pass over the tile's voxels, each
+//     thread computing its voxel's shuffle source from the owner's permutation (shuffle_source: a pure function of
+//     the block's stream, so nothing is stored and blocks of any size run), reading the inputs and writing the
+//     deformed input and the target;
 //  3. blur_kernel, once per spatial axis, where the blur can fire;
 //  4. finish_kernel, where a per-voxel deformation (Gaussian noise) or the blur can fire: the per-voxel stages, and
 //     painting after a blur.
@@ -25,9 +25,8 @@ namespace genesis::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTileVoxels = 4096;          // owner and source maps: 2 x 16 KiB of shared memory
+constexpr int kTileVoxels = 4096;          // the owner map: 16 KiB of shared memory
 constexpr int kMaxBatchPerLaunch = 65535;  // gridDim.y limit
-constexpr int32_t kMaxBlockVolume = 1024;  // largest shuffle block the kernels' permutation array holds
 
 // Shuffle-block geometry kept between the two kernels (int16: 12 bytes per block, L2-resident for large batches).
 struct BlockBox {
@@ -49,12 +48,6 @@ Tiles make_tiles(const Shape& sh) {
   }
   for (int a = 0; a < 3; ++a) t.count[a] = (sh.s[a] + t.extent[a] - 1) / t.extent[a];
   return t;
-}
-
-int32_t max_block_volume(const Shape& sh, const DeformConfig& cfg) {
-  int32_t v = 1;
-  for (int a = 0; a < sh.ndim; ++a) v *= std::max(1, sh.s[a] / cfg.block_div);
-  return v;
 }
 
 size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
@@ -170,16 +163,23 @@ __device__ __forceinline__ void clip(const BlockBox& b, const int32_t lo[3], con
   }
 }
 
-// Cap: largest block volume the per-thread permutation array holds; Index: its element type.
-template <int Cap, typename Index>
+// Linear index, in the unflipped input, of the shuffle source of tile voxel (x, y, z), owned by block b.
+__device__ __forceinline__ int64_t shuffled_index(const SampleParams& p, bool flip, const Shape& sh, uint64_t seed,
+                                                  uint64_t sample, int32_t b, const BlockBox& box, int32_t x, int32_t y,
+                                                  int32_t z) {
+  const int32_t sy = box.size[1], sz = box.size[2];
+  const int32_t local = ((x - box.origin[0]) * sy + y - box.origin[1]) * sz + z - box.origin[2];
+  const int32_t q = shuffle_source(seed, sample, uint32_t(b), int32_t(box.size[0]) * sy * sz, local);
+  return flipped_index(p, flip, sh, box.origin[0] + q / (sy * sz), box.origin[1] + q / sz % sy, box.origin[2] + q % sz);
+}
+
 __global__ void __launch_bounds__(kThreads)
     deform_kernel(Op op, DeformConfig cfg, Shape sh, Tiles tiles, uint64_t seed, uint64_t offset, int64_t channels,
                   const SampleParams* params, const BezierTable* tables, const BlockBox* boxes, const int32_t* starts,
                   const int32_t* lists, int32_t list_capacity, const float* in, float* out, float* target) {
   __shared__ SampleParams p;
   __shared__ BezierTable table;
-  __shared__ int32_t owner[kTileVoxels];   // highest block index covering each tile voxel, -1 for none
-  __shared__ int32_t source[kTileVoxels];  // its shuffled source: linear index into the unflipped input
+  __shared__ int32_t owner[kTileVoxels];  // highest block index covering each tile voxel, -1 for none
   __shared__ uint32_t noise_bits[kTileVoxels / 32];
 
   const int64_t n = blockIdx.y;
@@ -202,8 +202,8 @@ __global__ void __launch_bounds__(kThreads)
   const int32_t ey = hi[1] - lo[1], ez = hi[2] - lo[2];
   const int32_t tile_voxels = (hi[0] - lo[0]) * ey * ez;
 
+  const BlockBox* sample_boxes = boxes + n * cfg.num_blocks;
   if (plan.local) {
-    const BlockBox* sample_boxes = boxes + n * cfg.num_blocks;
     const int32_t* start = starts + n * (tiles.per_sample() + 1) + blockIdx.x;
     const int32_t* crossing = lists + n * list_capacity + start[0];  // the blocks crossing this tile
     const int32_t n_crossing = start[1] - start[0];
@@ -217,33 +217,6 @@ __global__ void __launch_bounds__(kThreads)
         for (int32_t y = from[1]; y < to[1]; ++y)
           for (int32_t z = from[2]; z < to[2]; ++z)
             atomicMax(&owner[((x - lo[0]) * ey + y - lo[1]) * ez + z - lo[2]], b);
-    }
-    __syncthreads();
-    Index perm[Cap];
-    for (int32_t j = threadIdx.x; j < n_crossing; j += blockDim.x) {
-      const int32_t b = crossing[j];
-      const BlockBox box = sample_boxes[b];
-      int32_t from[3], to[3];
-      clip(box, lo, hi, from, to);
-      bool owns = false;
-      for (int32_t x = from[0]; x < to[0] && !owns; ++x)
-        for (int32_t y = from[1]; y < to[1] && !owns; ++y)
-          for (int32_t z = from[2]; z < to[2] && !owns; ++z)
-            owns = owner[((x - lo[0]) * ey + y - lo[1]) * ez + z - lo[2]] == b;
-      if (!owns) continue;
-      block_permutation(seed, sample, uint32_t(b), perm, int32_t(box.size[0]) * box.size[1] * box.size[2]);
-      for (int32_t x = from[0]; x < to[0]; ++x)
-        for (int32_t y = from[1]; y < to[1]; ++y)
-          for (int32_t z = from[2]; z < to[2]; ++z) {
-            const int32_t i = ((x - lo[0]) * ey + y - lo[1]) * ez + z - lo[2];
-            if (owner[i] != b) continue;
-            const int32_t q =
-                perm[((x - box.origin[0]) * box.size[1] + y - box.origin[1]) * box.size[2] + z - box.origin[2]];
-            const int32_t qz = q % box.size[2], qy = q / box.size[2] % box.size[1],
-                          qx = q / (box.size[2] * box.size[1]);
-            source[i] =
-                int32_t(flipped_index(p, plan.flip, sh, box.origin[0] + qx, box.origin[1] + qy, box.origin[2] + qz));
-          }
     }
   }
   const Paint paint = plan.early_paint();
@@ -270,7 +243,9 @@ __global__ void __launch_bounds__(kThreads)
     const int32_t x = lo[0] + i / (ey * ez), y = lo[1] + i / ez % ey, z = lo[2] + i % ez;
     const int64_t v = (int64_t(x) * sh.s[1] + y) * sh.s[2] + z;
     const int64_t unshuffled = flipped_index(p, plan.flip, sh, x, y, z);
-    const int64_t src = plan.local && owner[i] >= 0 ? source[i] : unshuffled;
+    const int32_t b = plan.local ? owner[i] : -1;
+    const int64_t src =
+        b >= 0 ? shuffled_index(p, plan.flip, sh, seed, sample, b, sample_boxes[b], x, y, z) : unshuffled;
     const bool noise = paint != NO_PAINT && ((noise_bits[i >> 5] >> (i & 31)) & 1u);
     for (int64_t c = 0; c < channels; ++c) {
       const int64_t e = c * voxels;
@@ -357,11 +332,6 @@ void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batc
   if (scratch_size < layout.total) throw std::invalid_argument("genesis_ext CUDA: scratch buffer too small");
   for (int a = 0; a < 3; ++a)
     if (sh.s[a] > 32767) throw std::invalid_argument("genesis_ext CUDA: spatial axes longer than 32767 voxels");
-  const int32_t block_volume = max_block_volume(sh, cfg);
-  if (may_local(op, cfg) && block_volume > kMaxBlockVolume)
-    throw std::invalid_argument("genesis_ext CUDA: shuffle blocks of up to " + std::to_string(block_volume) +
-                                " voxels exceed the CUDA kernels' limit of " + std::to_string(kMaxBlockVolume) +
-                                "; raise block_div or use the CPU");
   if (batch <= 0) return;
   DeviceGuard guard(device);
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
@@ -376,9 +346,8 @@ void deform_cuda(Op op, const float* in, float* out, float* target, int64_t batc
     const float* x = in + first * sample_size;
     float* y = out + first * sample_size;
     float* t = target != nullptr ? target + first * sample_size : nullptr;
-    launch(block_volume <= 128 ? deform_kernel<128, uint8_t> : deform_kernel<kMaxBlockVolume, uint16_t>, grid, kThreads,
-           stream, op, cfg, sh, tiles, seed, offset + first, channels, s.params, s.tables, s.boxes, s.starts, s.lists,
-           layout.list_capacity, x, y, t);
+    launch(deform_kernel, grid, kThreads, stream, op, cfg, sh, tiles, seed, offset + first, channels, s.params,
+           s.tables, s.boxes, s.starts, s.lists, layout.list_capacity, x, y, t);
     check(cudaGetLastError(), "deform kernel launch");
     if (may_blur(op, cfg))
       for (int a = 0; a < sh.ndim; ++a) {
