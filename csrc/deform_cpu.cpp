@@ -13,6 +13,7 @@ namespace {
 
 struct Scratch {
   std::vector<int32_t> src;       // shuffle: linear input index feeding each voxel
+  std::vector<uint64_t> claimed;  // shuffle: one bit per voxel, set once a block owns it
   std::vector<int32_t> block_in;  // shuffle: per local position of a block, its flipped input voxel
   std::vector<int32_t> owned_at, owned_vox, owned_src;  // shuffle: local position, voxel, source of owned voxels
   std::vector<int32_t> order, pi;                       // exact blocks: the shuffle and its inverse
@@ -87,10 +88,14 @@ void feistel_block(const FeistelShuffle& f, int32_t m, Scratch& s) {
 
 // src[v] for every voxel v after local shuffling. Blocks are visited from the last to the first, so the first block
 // to claim a voxel is its owner (the last writer of the sequential definition); only owned voxels are permuted.
+// Claims are bits (a 160^3 cube's fit in L2, where src would not): whether a voxel is owned yet is the loop's most
+// frequent question.
 void shuffle_sources(uint64_t seed, uint64_t sample, const DeformConfig& cfg, const Shape& sh, const Flipper& flipped,
                      Scratch& s) {
   const int64_t sy = sh.s[1], sz = sh.s[2];
-  std::fill(s.src.begin(), s.src.end(), -1);
+  uint64_t* claimed = s.claimed.data();
+  const auto is_claimed = [claimed](int32_t v) { return (claimed[v >> 6] >> (v & 63)) & 1u; };
+  std::fill(s.claimed.begin(), s.claimed.end(), 0);
   for (int32_t b = cfg.num_blocks - 1; b >= 0; --b) {
     Stream st(seed, sample, BLOCK, uint32_t(b));
     const Box box = shuffle_block(st, cfg, sh);
@@ -102,9 +107,10 @@ void shuffle_sources(uint64_t seed, uint64_t sample, const DeformConfig& cfg, co
           s.block_in[n] = int32_t(flipped(x, y, z));
           s.owned_at[m] = n;  // branch-free: the claimed/unclaimed pattern is random
           s.owned_vox[m] = v;
-          m += s.src[v] < 0;
+          m += !is_claimed(v);
         }
     if (m == 0) continue;
+    for (int32_t i = 0; i < m; ++i) claimed[s.owned_vox[i] >> 6] |= uint64_t(1) << (s.owned_vox[i] & 63);
     if (n <= kExactShuffleMax) {
       exact_block(ShuffleDigits(seed, sample, uint32_t(b)), n, s);
       for (int32_t i = 0; i < m; ++i) s.src[s.owned_vox[i]] = s.block_in[s.pi[s.owned_at[i]]];
@@ -113,11 +119,11 @@ void shuffle_sources(uint64_t seed, uint64_t sample, const DeformConfig& cfg, co
       for (int32_t i = 0; i < m; ++i) s.src[s.owned_vox[i]] = s.block_in[s.owned_src[i]];
     }
   }
-  int64_t v = 0;
+  int32_t v = 0;
   for (int32_t x = 0; x < sh.s[0]; ++x)
     for (int32_t y = 0; y < sh.s[1]; ++y)
       for (int32_t z = 0; z < sh.s[2]; ++z, ++v)
-        if (s.src[v] < 0) s.src[v] = int32_t(flipped(x, y, z));
+        if (!is_claimed(v)) s.src[v] = int32_t(flipped(x, y, z));
 }
 
 // out[t] = sum over k = -r .. r, in that order, of w[|k|] * in[k][t], for t < inner: blur_line's arithmetic for
@@ -248,6 +254,7 @@ void deform_cpu(Op op, const float* in, float* out, float* target, int64_t batch
     Scratch s;
     s.src.resize(sh.voxels());
     for (auto* v : {&s.block_in, &s.owned_at, &s.owned_vox, &s.owned_src, &s.walking}) v->resize(max_block);
+    s.claimed.resize(size_t(sh.voxels() + 63) / 64);
     s.order.resize(std::min(max_block, kExactShuffleMax));
     s.pi.resize(std::min(max_block, kExactShuffleMax));
     s.rounds.resize(feistel_table_entries(max_block));
