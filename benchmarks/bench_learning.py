@@ -57,6 +57,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--cube", type=int, nargs=3, default=[32, 32, 16], metavar=("X", "Y", "Z"))
     p.add_argument("--per-volume", type=int, default=340, help="cubes cut per volume, at most (default 340)")
     p.add_argument("--seed", type=int, default=0, help="initial weights, split and batch order (default 0)")
+    p.add_argument("--deform-seed", type=int, default=1, help="seed of the training deformations (default 1)")
     p.add_argument("--val-repeats", type=int, default=4, help="validation deformations per held-out cube")
     p.add_argument("--threads", type=int, default=None, help="threads per recipe")
     p.add_argument(
@@ -92,6 +93,7 @@ def train(recipe: str, store: Path, args) -> Path:
         patience=10**6,
         val_repeats=args.val_repeats,
         seed=args.seed,
+        deform_seed=args.deform_seed,
         threads=args.threads,
         preview_every=0,
         tensorboard=False,

@@ -181,6 +181,7 @@ PYBIND11_MODULE(GENESIS_MODULE, m) {
   GENESIS_PURPOSES(GENESIS_PURPOSE_ENTRY)
 #undef GENESIS_PURPOSE_ENTRY
   m.attr("PURPOSES") = purposes;  // docs/randomness.md: name -> the counter's purpose word
+  m.attr("STREAM_VERSION") = kStreamVersion;
 #ifdef GENESIS_WITH_CUDA
   m.def(
       "cuda_philox4x32_10",

@@ -50,6 +50,10 @@ GENESIS_HD U32x4 philox4x32_10(U32x4 ctr, uint32_t k0, uint32_t k1) {
   X(BLUR_SIGMA, 11)         \
   X(USER, 12)
 
+// The version of the rules that turn (seed, sample) into deformations (docs/randomness.md, "Stream versions"),
+// exported as _C.STREAM_VERSION and checked against genesis_ext.streams.STREAM_VERSION at import.
+constexpr int kStreamVersion = 2;
+
 #define GENESIS_PURPOSE_VALUE(name, value) name = value,
 enum Purpose : uint32_t { GENESIS_PURPOSES(GENESIS_PURPOSE_VALUE) };
 #undef GENESIS_PURPOSE_VALUE

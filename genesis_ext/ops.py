@@ -33,7 +33,7 @@ except ImportError:  # numpy-only installs
 
 from . import _C
 from .config import MAX_SHUFFLE_COVERAGE, PAIR_STAGES, SINGLE_OPS, DeformConfig
-from .streams import Purpose
+from .streams import STREAM_VERSION, Purpose
 from .user_deformations import PixelDeformation, check_deformations, pair_with
 
 
@@ -61,6 +61,12 @@ def _check_core_declarations() -> None:
         raise ImportError(
             f"genesis_ext: streams.Purpose {python_purposes} differs from the compiled core's purposes "
             f"{dict(_C.PURPOSES)}: rebuild the extension or align genesis_ext/streams.py and csrc/philox.h"
+        )
+    if _C.STREAM_VERSION != STREAM_VERSION:
+        raise ImportError(
+            f"genesis_ext: streams.STREAM_VERSION is {STREAM_VERSION}, the compiled core draws stream version "
+            f"{_C.STREAM_VERSION}: rebuild the extension (pip install .) or align genesis_ext/streams.py and "
+            "csrc/philox.h"
         )
 
 
@@ -486,7 +492,10 @@ def sample_params(
     float64 (x1, y1, x2, y2), ``increasing`` (batch,) bool, ``n_holes`` / ``n_windows`` (batch,), ``holes`` (batch,
     max_holes, 2, d) and ``windows`` (batch, max_windows, 2, d) int32 with [..., 0, :] the origin and [..., 1, :] the
     size (unused slots 0), and with ``with_blocks`` the shuffle blocks ``blocks`` (batch, num_blocks, 2, d). The noise
-    values and block permutations are functions of (seed, index) too: see docs/randomness.md.
+    values and block permutations are functions of (seed, index) too: see docs/randomness.md. ``stream_version`` (an
+    int, not an array: skip it when slicing the arrays per sample) is ``genesis_ext.streams.STREAM_VERSION``, the
+    version of the rules that turned (seed, index) into these parameters and permutations; another version gives
+    other deformations at the same seed.
     """
     if config is None:
         config = DeformConfig()
@@ -498,4 +507,5 @@ def sample_params(
     _check_seed(seed, offset, int(batch))
     params = _C.sample_params(int(batch), spatial, int(seed), int(offset), config.to_vector(), bool(with_blocks))
     params["index"] = np.arange(int(offset), int(offset) + int(batch), dtype=np.int64)
+    params["stream_version"] = STREAM_VERSION
     return params

@@ -5,6 +5,10 @@ Every random quantity of the package is a word of one stream, so it is a pure fu
 sample index, whatever the batch split or device. ``Purpose`` mirrors the compiled core's table (csrc/philox.h
 ``GENESIS_PURPOSES``); ``genesis_ext.ops`` checks the two at import. The kernels, the NumPy reference, the user
 deformations (``Purpose.USER``) and ``GenesisDeform``'s coin (``Purpose.DEFORM_PROB``) all draw from here.
+
+``STREAM_VERSION`` numbers the rules that turn these words into deformations; it changes when the same seed and
+index give other deformations. ``sample_params`` and pre-training checkpoints record it, and ``--resume`` refuses a
+run written with another version.
 """
 
 from __future__ import annotations
@@ -12,6 +16,15 @@ from __future__ import annotations
 import enum
 
 import numpy as np
+
+# The version of the random streams (docs/randomness.md, "Stream versions"): which deformation a seed and a sample
+# index give. A change that moves any drawn quantity gets a new version.
+#   1: every release before versions were recorded. Block b's local-shuffle permutation is a Fisher-Yates shuffle
+#      drawn from BLOCK words 6, 7, ...; the CUDA kernels held it in a per-thread array of at most 1,024 voxels.
+#   2: the permutation uses Philox calls 2, 3, ... of BLOCK stream b (words 6 and 7 unused): exact Durstenfeld digits
+#      drawn in groups for blocks of up to 128 voxels, an 8-round Feistel network cycle-walked onto the block beyond;
+#      each voxel traces its own source, so the CUDA kernels take blocks of any size.
+STREAM_VERSION = 2
 
 
 class Purpose(enum.IntEnum):

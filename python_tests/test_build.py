@@ -105,7 +105,7 @@ PARAM_KEYS = tuple(R.derive_params(0, 0, (64, 64, 32), DeformConfig()))
 
 def _assert_params_equal(seed, offset, batch, spatial, config):
     got = genesis_ext.sample_params(batch, spatial, seed=seed, offset=offset, config=config)
-    assert set(PARAM_KEYS) | {"index"} == set(got)
+    assert set(PARAM_KEYS) | {"index", "stream_version"} == set(got)
     assert np.array_equal(got["index"], np.arange(offset, offset + batch))
     d = len(spatial)
     assert got["flip"].shape == (batch, d) and got["bezier"].shape == (batch, 4)

@@ -133,6 +133,15 @@ def test_one_registry_of_random_streams(monkeypatch):
         genesis_ext.ops._check_core_declarations()
 
 
+def test_python_and_the_core_draw_one_stream_version(monkeypatch):
+    """A core built from other stream rules than genesis_ext.streams says (an old build beside new Python) would
+    record one version while drawing another: genesis_ext refuses to import."""
+    assert _C.STREAM_VERSION == genesis_ext.streams.STREAM_VERSION
+    monkeypatch.setattr(_C, "STREAM_VERSION", 1)
+    with pytest.raises(ImportError, match="the compiled core draws stream version 1: rebuild"):
+        genesis_ext.ops._check_core_declarations()
+
+
 def _resolve(dotted: str):
     """The object a dotted name names: its longest importable module prefix, then attributes."""
     parts = dotted.split(".")

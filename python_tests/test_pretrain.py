@@ -30,6 +30,7 @@ from genesis_ext import DeformConfig  # noqa: E402
 from genesis_ext.data import ExtractSettings, Foreground, run_extract  # noqa: E402
 from genesis_ext.models import CheckpointError, UNet3D, load_pretrained, save_checkpoint  # noqa: E402
 from genesis_ext.models.weights import atomic_save, seal  # noqa: E402
+from genesis_ext.streams import STREAM_VERSION  # noqa: E402
 from genesis_ext.train import NonFiniteLossError, PretrainConfig, load_training_state, pretrain, read_csv  # noqa: E402
 from genesis_ext.train.pretraining import _epoch_positions  # noqa: E402
 
@@ -586,3 +587,56 @@ def test_resume_with_other_settings_from_the_command_line(uninterrupted, cubes):
     assert rc == 2 and "width: 1.0 recorded vs 0.25 now" in err and "--resume-anyway cannot change width" in err, err
     assert "deform.paint_rate" not in err, err
     assert _checkpoints(uninterrupted) == before
+
+
+def test_sample_params_record_the_stream_version():
+    """The parameters say which version of the random streams drew them (docs/randomness.md, "Stream versions")."""
+    from genesis_ext import sample_params
+
+    assert STREAM_VERSION == 2
+    for with_blocks in (True, False):
+        p = sample_params(2, CUBE, seed=5, offset=3, with_blocks=with_blocks)
+        assert p["stream_version"] == STREAM_VERSION and type(p["stream_version"]) is int
+
+
+def test_resume_refuses_a_run_of_another_stream_version(cubes, small_run, tmp_path):
+    """A run's pairs are drawn with its stream version, recorded in its checkpoints and config.json. --resume of a
+    checkpoint that records another version, or none (written before versions were recorded: version 1), is refused
+    naming both versions and the fix, with --resume-anyway too (Python API and command line), nothing written. Its
+    weights still start a new run (--init); restoring the version lets the run resume."""
+    import json
+
+    run = _copy(small_run, tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    state = load_training_state(last)
+    assert state["stream_version"] == STREAM_VERSION and state["config"]["stream_version"] == STREAM_VERSION
+    assert json.loads((run / "config.json").read_text())["stream_version"] == STREAM_VERSION
+    unrecorded = {k: v for k, v in state.items() if k != "stream_version"}  # as a release before versions wrote it
+    unrecorded["config"] = {k: v for k, v in state["config"].items() if k != "stream_version"}
+    cases = {
+        "none": (unrecorded, "records no random stream version: it was written before versions were recorded, with "
+                 "version 1"),
+        "newer": ({**state, "stream_version": STREAM_VERSION + 1}, f"was written with random stream version "
+                  f"{STREAM_VERSION + 1}"),
+    }  # fmt: skip
+    for name, (faked, said) in cases.items():
+        atomic_save(seal(faked), last)
+        before = _checkpoints(run), (run / "config.json").read_bytes(), (run / "metrics.csv").read_bytes()
+        for anyway in (False, True):
+            with pytest.raises(ValueError) as err:
+                pretrain(_cfg(cubes, run, width=0.25, epochs=2, resume=True, resume_anyway=anyway))
+            message = str(err.value)
+            for part in (
+                f"{last} {said}; this genesis_ext draws stream version {STREAM_VERSION}",
+                "--resume-anyway cannot change this",
+                f"Start a new run in another --out (from these weights: --init {last})",
+                "the genesis_ext release that wrote it",
+            ):
+                assert part in message, (name, message)
+        assert (_checkpoints(run), (run / "config.json").read_bytes(), (run / "metrics.csv").read_bytes()) == before
+    rc, out, err = _run_cli(["--data", cubes, "--out", run, *SMALL, "--epochs", "2", "--resume", "--resume-anyway"])
+    assert rc == 2 and "Traceback" not in err and f"stream version {STREAM_VERSION + 1}" in err, err
+    # the weights are weights: they start a new run
+    assert pretrain(_cfg(cubes, tmp_path / "new", width=0.25, init_weights=last)).epochs == 1
+    atomic_save(seal(state), last)
+    assert pretrain(_cfg(cubes, run, width=0.25, epochs=2, resume=True)).epochs == 2

@@ -24,7 +24,9 @@ The command line is ``genesis-ext pretrain --data CUBES_OR_VOLUMES --out DIR``. 
   written atomically and sealed with checksums. ``resume`` continues after the last completed epoch; on the CPU with
   the same thread count it reproduces the uninterrupted run's losses exactly. It refuses a checkpoint recorded with
   other data, deformation, validation, seed, batch or model settings, listing each difference (``resume_anyway``
-  accepts other data, deformation, validation, seed and batch settings).
+  accepts other data, deformation, validation, seed and batch settings), and one written with another random stream
+  version (``genesis_ext.streams.STREAM_VERSION``, recorded in the checkpoints and ``config.json``; none recorded:
+  version 1), which would deform the rest of the run differently at the same seeds.
 * Logs: ``metrics.csv`` (one row per epoch), TensorBoard under ``tensorboard/``, previews
   ``previews/epoch_XXXX.png`` (mid-Z slices: deformed input | target | restoration) and ``preview.png`` (latest),
   ``curve.png`` (training and validation loss against the steps, with both baselines).
@@ -61,6 +63,7 @@ from ..data.cubes import PUBLISHED_CUBE
 from ..data.modality import DEFAULT_MODALITY, modality
 from ..models import UNet2D, UNet3D, load_pretrained
 from ..ops import genesis_pair, sample_params
+from ..streams import STREAM_VERSION
 from . import distributed
 from .logs import preview_image, save_png
 from .trainer import NonFiniteLossError, Trainer  # noqa: F401 (NonFiniteLossError: public here)
@@ -612,11 +615,16 @@ class PretrainTrainer(Trainer):
             save_png(img, self.out / "preview.png")
             self.tb.image("val/preview", img, row["step"])
 
+    def summary(self) -> dict:
+        """The settings, and the random stream version the run's pairs are drawn with (config.json, checkpoints)."""
+        return {**super().summary(), "stream_version": STREAM_VERSION}
+
     def checkpoint_extra(self, epoch: int) -> dict:
         collapse = {"stuck_since": self.stuck_since, "collapsed_since": self.collapsed_since}
         return {
             **self.intensity,
             "in_channels": self.channels,
+            "stream_version": STREAM_VERSION,  # check_resume refuses a checkpoint of another version
             "sample_offset": epoch * self.samples_per_epoch,
             "val_loss": self.history[-1].get("val_loss"),
             "collapse": collapse,
@@ -627,6 +635,7 @@ class PretrainTrainer(Trainer):
         self.stuck_since, self.collapsed_since = collapse.get("stuck_since"), collapse.get("collapsed_since")
 
     def check_resume(self, state: dict) -> None:
+        _check_stream_version(state, self.resume_path)
         super().check_resume(state)
         offset = int(state.get("sample_offset", -1))
         if not self.cfg.resume_anyway and offset != int(state["epoch"]) * self.samples_per_epoch:
@@ -642,6 +651,27 @@ class PretrainTrainer(Trainer):
             f"epoch {row['epoch']}: train {row['train_loss']:.5f}  val {row['val_loss']:.5f} ({parts})  "
             f"best {row['best_val']:.5f}{'  *' if improved else ''}  ({row['seconds']:.1f} s)"
         )
+
+
+def _check_stream_version(state: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint whose pairs were drawn with another random stream version (none recorded:
+    version 1), even with resume_anyway: no setting brings the other version's deformations back."""
+    recorded = state.get("stream_version", 1)
+    if recorded == STREAM_VERSION:
+        return
+    if "stream_version" in state:
+        written = f"was written with random stream version {recorded}"
+    else:
+        written = (
+            f"records no random stream version: it was written before versions were recorded, with version {recorded}"
+        )
+    raise ValueError(
+        f"--resume: {path} {written}; this genesis_ext draws stream version {STREAM_VERSION} (docs/randomness.md, "
+        '"Stream versions"): the same seeds would give the rest of the run other deformations and other '
+        "validation pairs. Nothing was loaded or written, and --resume-anyway cannot change this. Start a new run in "
+        f"another --out (from these weights: --init {path}), or continue this run with the genesis_ext release that "
+        f"wrote it (stream version {recorded})."
+    )
 
 
 def _collapse_warning(since: int, loss: float, mean: float, spread: float) -> str:
