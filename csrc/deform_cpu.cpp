@@ -60,7 +60,9 @@ void feistel_block(const FeistelShuffle& f, int32_t m, Scratch& s) {
   }
   const auto once = [&](uint32_t x) {
     uint32_t high = x >> f.low_bits, low = x & f.low_mask;
-    for (const uint32_t* t = tables; t < tables + FeistelShuffle::kRounds / 2 * step; t += step) {
+#pragma GCC unroll 4
+    for (int r = 0; r < FeistelShuffle::kRounds / 2; ++r) {
+      const uint32_t* t = tables + r * step;
       high ^= t[low];
       low ^= t[low_size + high];
     }

@@ -18,6 +18,7 @@ RENDERED = [  # (renderer, the CSV it renders; the committed .md lies beside the
     ("benchmarks/render_learning_parity.py", "docs/results/learning_parity.csv"),
     ("benchmarks/render_ops.py", "docs/results/ops_cpu.csv"),
     ("benchmarks/render_patches.py", "docs/results/patches_cpu.csv"),
+    ("benchmarks/render_shuffle.py", "docs/results/shuffle_cpu.csv"),
 ]
 TEST_COMMAND = "python -m pytest python_tests -q"
 README_MAX_LINES = 160
