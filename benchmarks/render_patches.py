@@ -4,8 +4,8 @@
     python benchmarks/render_patches.py docs/results/patches_cpu.csv --check   # CI: 1 if .md is stale
 
 Per cube size: the pair's time per cube and per voxel and its peak memory, the training step's time and memory at
-each width, the pair's share of a step, and the published shuffle rule's largest block against the CUDA kernels'
-limit. Every figure is the CSV's or computed here from it.
+each width, the pair's share of a step, and the published shuffle rule's largest block with whether the CUDA kernels,
+run on the CPU by HIP-CPU, took that size. Every figure is the CSV's or computed here from it.
 """
 
 from __future__ import annotations
@@ -33,18 +33,30 @@ ONE_CUBE = (
     " A step's pair makes one cube: a second thread does not help (the CPU kernel splits a batch by cube) "
     "and that cube's draws set the cost, so it costs more per cube, and varies more, than at the pairs' batch."
 )
-INTS = ("batch", "repeats", "block_voxels", "cuda_block_div", "threads", "cores")
+INTS = ("batch", "repeats", "block_voxels", "threads", "cores")
 FLOATS = ("width", "pair_ms", "train_ms", "base_mib", "peak_mib", "resample", "load")
+CUDA = ("takes", "not checked")  # the CSV's cuda column: the emulated kernels made a pair of the size, or are not built
+EXACT_MAX_VOXELS = 128  # docs/randomness.md: blocks up to this size get an exact permutation, larger ones a Feistel one
+SHUFFLE = "../randomness.md#local-shuffle-permutations"
 
 
-def read_rows(path) -> list[dict]:
-    """The CSV's rows, numbers parsed (a blank cell: None)."""
+def read_rows(path, ints=INTS, floats=FLOATS) -> list[dict]:
+    """The CSV's rows, the columns ``ints`` and ``floats`` parsed (a blank cell: None)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
-        for k in INTS + FLOATS:
-            r[k] = None if r[k] == "" else (int if k in INTS else float)(r[k])
+        for k in ints + floats:
+            r[k] = None if r[k] == "" else (int if k in ints else float)(r[k])
     return rows
+
+
+def check_cuda(pairs: list[dict]) -> None:
+    """A CSV whose cuda column says other than CUDA (the previous release's wrote "refuses" where blocks exceeded its
+    1,024-voxel cap) is not a run of this tree: rerun bench_patches.py."""
+    stale = [f"{p['cube']}: {p.get('cuda')!r}" for p in pairs if p.get("cuda") not in CUDA]
+    if stale:
+        raise SystemExit(f"the CSV's cuda column holds {', '.join(stale)}, not one of {CUDA}: a run of a release "
+                         "with the CUDA block cap? Rerun benchmarks/bench_patches.py")  # fmt: skip
 
 
 def voxels(cube: str) -> int:
@@ -59,11 +71,6 @@ def fig(value: float) -> str:
 
 def share(step: dict) -> str:
     return f"{100 * step['pair_ms'] / (step['pair_ms'] + step['train_ms']):.2f} %"
-
-
-def largest_block(cube: str, block_div: int) -> str:
-    """The published shuffle rule's largest block: sides S // block_div (at least 1) per axis."""
-    return "x".join(str(max(1, int(s) // block_div)) for s in cube.split("x"))
 
 
 def summary(pairs: list[dict], steps: list[dict]) -> list[str]:
@@ -101,12 +108,11 @@ def step_table(steps: list[dict]) -> list[str]:
 
 
 def block_table(pairs: list[dict]) -> list[str]:
-    lines = ["| cube | largest block (S // 10 per axis) | voxels | CUDA kernels | smallest block_div they take | "
-             "checked by |", "|---|---|---:|---|---:|---|"]  # fmt: skip
+    lines = ["| cube | largest block (S // 10 per axis) | voxels | its permutation | CUDA kernels |",
+             "|---|---|---:|---|---|"]  # fmt: skip
     for p in pairs:
-        d = p["cuda_block_div"]
-        lines.append(f"| {p['cube']} | {p['largest_block']} | {p['block_voxels']:,} | {p['cuda']} | {d} "
-                     f"({largest_block(p['cube'], d)}) | {p['cuda_checked']} |")  # fmt: skip
+        kind = "exact" if p["block_voxels"] <= EXACT_MAX_VOXELS else "Feistel"
+        lines.append(f"| {p['cube']} | {p['largest_block']} | {p['block_voxels']:,} | {kind} | {p['cuda']} |")
     return lines
 
 
@@ -124,23 +130,30 @@ def full_width(steps: list[dict]) -> str:
     )
 
 
-def refusals(pairs: list[dict]) -> str:
-    """What the CUDA path does today where the published rule's blocks are too large for it."""
-    too_large = [p for p in pairs if p["cuda"] == "refuses"]
-    if not too_large:
-        return "The CUDA kernels take the published rule's blocks at every size measured."
-    said = [f"at {p['cube']} the published rule gives blocks of up to {p['largest_block']} = {p['block_voxels']:,} "
-            f"voxels, and `genesis_pair` on CUDA data raises `ValueError` (\"shuffle blocks of up to "
-            f"{p['block_voxels']} voxels exceed the CUDA kernels' limit of 1024; raise block_div or use the CPU\"): "
-            f"`DeformConfig(block_div={p['cuda_block_div']})` (blocks of up to "
-            f"{largest_block(p['cube'], p['cuda_block_div'])}) is the smallest change they take, or the pairs are "
-            "made on the CPU at the cost above" for p in too_large]  # fmt: skip
-    return "Today " + "; ".join(said) + "."
+def joined(items: list[str]) -> str:
+    """a; a and b; a, b and c."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def emulated(pairs: list[dict]) -> str:
+    """What this run's emulated CUDA kernels showed."""
+    took = [p["cube"] for p in pairs if p["cuda"] == "takes"]
+    unchecked = [p["cube"] for p in pairs if p["cuda"] == "not checked"]
+    said = []
+    if took:
+        said.append(f"made a pair at {joined(took)} after the timings")
+    if unchecked:
+        said.append(
+            f"were not built for this run, so {joined(unchecked)} {'is' if len(unchecked) == 1 else 'are'} "
+            "*not checked*"
+        )
+    return "Here the CUDA kernels, run on the CPU by HIP-CPU (`genesis_ext._C_emu`), " + "; ".join(said) + "."
 
 
 def markdown(rows: list[dict]) -> str:
     pairs = [r for r in rows if r["kind"] == "pair"]
     steps = [r for r in rows if r["kind"] == "step"]
+    check_cuda(pairs)
     first, loads = rows[0], [r["load"] for r in rows]
     resampled = ", ".join(f"{p['cube']} by {p['resample']:.2f}" for p in pairs if p["resample"] > 1) or "none"
     lines = [
@@ -168,7 +181,8 @@ def markdown(rows: list[dict]) -> str:
         f"Pairs at batch {pairs[0]['batch']}; a step is one pre-training step of batch {steps[0]['batch']} "
         "(`genesis_pair`, the U-Net's forward and backward pass, an Adam step), and the pair's share is its part of "
         "that step. The largest shuffle block is the published rule's (sides up to a tenth of each axis); the CUDA "
-        "kernels hold blocks of up to 1,024 voxels (`kMaxBlockVolume`, `csrc/cuda/deform_cuda.cu`).",
+        f"kernels take blocks of any size (issue 25, [local-shuffle permutations]({SHUFFLE})): *takes* where they, run "
+        "on the CPU by HIP-CPU, made a pair of that size for this run; *not checked* where they were not built.",
         "",
         *summary(pairs, steps),
         "",
@@ -184,9 +198,11 @@ def markdown(rows: list[dict]) -> str:
         "",
         "## The shuffle rule and the CUDA kernels",
         "",
-        "No GPU was used: the rule gives the largest block and the kernels' limit decides; where `genesis_ext._C_emu` "
-        "is built, the CUDA kernels themselves, run on the CPU by HIP-CPU, made (or refused) one pair of each size "
-        f"and agreed. {refusals(pairs)}",
+        "Since issue 25 the CUDA kernels hold no permutation: each voxel computes its own source in its block, "
+        f"exactly in blocks of up to {EXACT_MAX_VOXELS} voxels and by a Feistel bijection in larger ones "
+        f"([local-shuffle permutations]({SHUFFLE})), so they take blocks of every size; the previous release's kernels "
+        "refused blocks of more than 1,024 voxels, the published rule's at 160x160x160 among them. No GPU was used: "
+        f"this page holds no GPU timing. {emulated(pairs)}",
         "",
         *block_table(pairs),
         "",
