@@ -45,12 +45,14 @@ PLAN = (((64, 64, 32), 16), ((128, 128, 64), 4), ((160, 160, 160), 2))  # (cube,
 COPIES = ("copy", "clone")  # the floor, after the ops (STAGES)
 
 
-def pair_rates(config) -> dict[str, float]:
-    """The share of the pair's samples each stage deforms: its gate's rate (painting: in- or out-painting's share
-    of it). The flip op draws its flips as the pair does, so all of its cost is the pair's."""
-    painted = config.paint_rate
-    return {"flip": 1.0, "local_shuffle": config.local_rate, "bezier_remap": config.nonlinear_rate,
-            "inpaint": painted * config.inpaint_rate, "outpaint": painted * (1 - config.inpaint_rate)}  # fmt: skip
+def pair_shares(genesis_ext, cube, batch: int, draws: int) -> dict[str, float]:
+    """The share of the pair's timed samples (offsets batch .. batch * (draws + 1) - 1) each stage deforms, from their
+    gates: at a batch of 2 it can be far from the gate's rate. The flip op draws its flips as the pair does, so all of
+    its cost is the pair's."""
+    p = genesis_ext.sample_params(batch * draws, cube, seed=SEED, offset=batch, with_blocks=False)
+    paint, inpaint = p["paint"], p["paint"] & p["inpaint"]
+    return {"flip": 1.0, "local_shuffle": p["local"].mean(), "bezier_remap": p["nonlinear"].mean(),
+            "inpaint": inpaint.mean(), "outpaint": (paint & ~inpaint).mean()}  # fmt: skip
 
 
 def import_from(folder: str) -> None:
@@ -91,7 +93,7 @@ def child(args) -> int:
     calls["copy"] = lambda offset: into.copy_(x)
     calls["clone"] = lambda offset: x.clone()
     stages = {name: timed(call, len(x), args.draws, args.min_time) for name, call in calls.items()}
-    rates = pair_rates(genesis_ext.DeformConfig())
+    rates = {k: float(v) for k, v in pair_shares(genesis_ext, x.shape[2:], len(x), args.draws).items()}
     print(json.dumps({"module": genesis_ext.__file__, "version": genesis_ext.__version__, "rates": rates,
                       "stages": stages, "threads": torch.get_num_threads()}))  # fmt: skip
     return 0
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="measurements of each implementation, alternating")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--cube", type=cube_and_batch, nargs="+", default=list(PLAN), help="XxYxZ:BATCH ...")
-    p.add_argument("--draws", type=int, default=2, help="deformations each stage cycles through")
+    p.add_argument("--draws", type=int, default=4, help="deformations each stage cycles through")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls per stage, at least")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cubes", type=Path, help=argparse.SUPPRESS)

@@ -46,7 +46,7 @@ class Run:
         self.rounds: dict[tuple, dict[int, float]] = {}
         for r in rows:
             self.rounds.setdefault((r["impl"], r["stage"], r["cube"], r["threads"]), {})[r["round"]] = r["ms_per_cube"]
-        self.rate = {r["stage"]: r["rate"] for r in rows if r["impl"] == "new" and r["rate"] is not None}
+        self.rate = {(r["stage"], r["cube"]): r["rate"] for r in rows if r["impl"] == "new" and r["rate"] is not None}
 
     def median(self, impl: str, stage: str, cube: str, threads: int) -> float:
         return statistics.median(self.rounds[impl, stage, cube, threads].values())
@@ -72,7 +72,7 @@ class Run:
         """The new stage's part of a pair's cube: its op's time beyond a copy into a new batch, times the share of
         the pair's samples it deforms."""
         clone = self.median("new", "clone", cube, threads)
-        return self.rate[stage] * (self.median("new", stage, cube, threads) - clone)
+        return self.rate[stage, cube] * (self.median("new", stage, cube, threads) - clone)
 
 
 def stage_table(run: Run, threads: int) -> list[str]:
@@ -95,18 +95,19 @@ def stage_table(run: Run, threads: int) -> list[str]:
 def parts(run: Run, cube: str, threads: int) -> dict[str, float]:
     """The new pair's ms per cube by part: its two new arrays, then each stage beyond its copy (rate-weighted)."""
     return {"arrays": 2 * run.median("new", "clone", cube, threads),
-            **{s: run.beyond_copy(s, cube, threads) for s in STAGES if s in run.rate}}  # fmt: skip
+            **{s: run.beyond_copy(s, cube, threads) for s in STAGES if (s, cube) in run.rate}}  # fmt: skip
 
 
 def parts_table(run: Run, threads: int) -> list[str]:
-    lines = ["| ms per cube of the pair (share of it) |" + "".join(f" {c} |" for c in run.cubes),
-             "|---|" + "---:|" * len(run.cubes)]  # fmt: skip
+    head = "| ms per cube of the pair (share of it; × the stage's share of the samples) |"
+    lines = [head + "".join(f" {c} |" for c in run.cubes), "|---|" + "---:|" * len(run.cubes)]
     pair = {c: run.median("new", "genesis_pair", c, threads) for c in run.cubes}
     by_cube = {c: parts(run, c, threads) for c in run.cubes}
     labels = {"arrays": "its two new arrays (2 copies into a new batch)"}
-    labels.update({s: f"{NAMES[s]} beyond its copy, × {run.rate[s]:.2f}" for s in STAGES if s in run.rate})
+    labels.update({s: f"{NAMES[s]} beyond its copy" for s in STAGES if (s, run.cubes[0]) in run.rate})
     for part, label in labels.items():
-        cells = [f"{fig(by_cube[c][part])} ({100 * by_cube[c][part] / pair[c]:.0f} %)" for c in run.cubes]
+        share = {c: "" if part == "arrays" else f"; × {run.rate[part, c]:.2f}" for c in run.cubes}
+        cells = [f"{fig(by_cube[c][part])} ({100 * by_cube[c][part] / pair[c]:.0f} %{share[c]})" for c in run.cubes]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     sums = [f"{fig(sum(by_cube[c].values()))} ({100 * sum(by_cube[c].values()) / pair[c]:.0f} %)" for c in run.cubes]
     lines.append("| sum of the parts | " + " | ".join(sums) + " |")
@@ -136,7 +137,8 @@ def verdict(run: Run, threads: int) -> str:
         f"At {cube} with {thread_words(threads)} the pair takes {fig(pair)} ms per cube{before}; a copy of the cube "
         f"takes {fig(copy)} ms into an allocated batch and {fig(clone)} ms into a new one, and the pair makes two new "
         f"arrays. Beyond the copies, the largest stage is the {NAMES[name]}: {fig(top)} ms per cube of the pair "
-        f"({100 * top / pair:.0f} %; its op {fig(each)} ms per cube beyond the copy, × {run.rate[name]:.2f}){then}."
+        f"({100 * top / pair:.0f} %; its op {fig(each)} ms per cube beyond the copy, × {run.rate[name, cube]:.2f})"
+        f"{then}."
     )
 
 
@@ -182,7 +184,8 @@ def markdown(rows: list[dict]) -> str:
         "## Where the new pair's time goes",
         "",
         "A single op's time beyond a copy into a new batch is its stage's own work; times the share of the pair's "
-        "samples the stage deforms (its gate's published rate), it estimates the stage's part of a pair. The pair "
+        "timed samples the stage deforms (from their gates: at a batch of 2 the share can be far from the published "
+        "rate), it estimates the stage's part of a pair. The pair "
         "returns two new arrays (the deformed batch and the target), at least two copies. The sum of the parts "
         "against the measured pair says how much the fused pass saves over the ops one by one.",
     ]
