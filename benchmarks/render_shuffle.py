@@ -93,7 +93,8 @@ def stage_table(run: Run, threads: int) -> list[str]:
 
 
 def parts(run: Run, cube: str, threads: int) -> dict[str, float]:
-    """The new pair's ms per cube by part: its two new arrays, then each stage beyond its copy (rate-weighted)."""
+    """The new pair's ms per cube by part: its two new arrays, then each stage beyond its copy, times its share of the
+    pair's timed samples."""
     return {"arrays": 2 * run.median("new", "clone", cube, threads),
             **{s: run.beyond_copy(s, cube, threads) for s in STAGES if (s, cube) in run.rate}}  # fmt: skip
 

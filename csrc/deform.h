@@ -217,7 +217,7 @@ GENESIS_HD uint32_t fmix32(uint32_t h) {
 
 // Larger blocks: an 8-round Feistel network on the k = bit_width(n - 1) bits of a position (L the high floor(k/2)
 // bits, R the rest), cycle-walked onto [0, n) (Mitchell et al., ACM TOPC 2022). 8 rounds pass the uniformity tests
-// from k = 8 on (python_tests/test_statistics.py); smaller domains need more, hence the exact blocks.
+// from k = 8 on (python_tests/test_permutations.py); smaller domains need more, hence the exact blocks.
 struct FeistelShuffle {
   static constexpr int kRounds = 8;
   uint32_t key[kRounds];
@@ -233,11 +233,15 @@ struct FeistelShuffle {
     high_mask = (1u << (k / 2)) - 1u;
     low_mask = (1u << low_bits) - 1u;
   }
+  // Round r's function of the other half: even rounds map R onto L's bits, odd rounds L onto R's.
+  GENESIS_HD uint32_t round(int r, uint32_t half) const {
+    return fmix32(half ^ key[r]) & (r & 1 ? low_mask : high_mask);
+  }
   GENESIS_HD uint32_t once(uint32_t x) const {
     uint32_t high = x >> low_bits, low = x & low_mask;
     for (int r = 0; r < kRounds; r += 2) {
-      high ^= fmix32(low ^ key[r]) & high_mask;
-      low ^= fmix32(high ^ key[r + 1]) & low_mask;
+      high ^= round(r, low);
+      low ^= round(r + 1, high);
     }
     return (high << low_bits) | low;
   }

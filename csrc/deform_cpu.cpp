@@ -55,8 +55,8 @@ void feistel_block(const FeistelShuffle& f, int32_t m, Scratch& s) {
   uint32_t* tables = s.rounds.data();  // per round pair: low -> high's mask, then high -> low's mask
   for (int r = 0; r < FeistelShuffle::kRounds; r += 2) {
     uint32_t* t = tables + (r / 2) * step;
-    for (uint32_t x = 0; x < low_size; ++x) t[x] = fmix32(x ^ f.key[r]) & f.high_mask;
-    for (uint32_t x = 0; x <= f.high_mask; ++x) t[low_size + x] = fmix32(x ^ f.key[r + 1]) & f.low_mask;
+    for (uint32_t x = 0; x < low_size; ++x) t[x] = f.round(r, x);
+    for (uint32_t x = 0; x <= f.high_mask; ++x) t[low_size + x] = f.round(r + 1, x);
   }
   const auto once = [&](uint32_t x) {
     uint32_t high = x >> f.low_bits, low = x & f.low_mask;
