@@ -11,14 +11,20 @@ namespace genesis {
 
 namespace {
 
+// Loops the compiler vectorises get an AVX2 clone, chosen at load time, beside the baseline x86-64 build.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define GENESIS_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define GENESIS_VECTOR_CLONES
+#endif
+
 struct Scratch {
   std::vector<int32_t> src;       // shuffle: linear input index feeding each voxel
   std::vector<uint64_t> claimed;  // shuffle: one bit per voxel, set once a block owns it
   std::vector<int32_t> block_in;  // shuffle: per local position of a block, its flipped input voxel
   std::vector<int32_t> owned_at, owned_vox, owned_src;  // shuffle: local position, voxel, source of owned voxels
   std::vector<int32_t> order, pi;                       // exact blocks: the shuffle and its inverse
-  std::vector<uint32_t> rounds;                         // Feistel blocks: the round functions as tables
-  std::vector<int32_t> walking;                         // Feistel blocks: evaluations still cycle-walking
+  std::vector<int32_t> walking, walking_at;             // Feistel blocks: values still cycle-walking, and where
   std::vector<float> reversed, shuffled;                // one row
   std::vector<float> blur_in;                           // blur: the lines being blurred, as they were (edges repeated)
   BezierTable table;
@@ -47,85 +53,91 @@ void exact_block(ShuffleDigits digits, int32_t n, Scratch& s) {
   pi[order[0]] = 0;
 }
 
-// s.owned_src[i] = f(s.owned_at[i]) for i < m, bit for bit FeistelShuffle: each round function tabulated over its
-// half domain (a round is then a load and a xor), the evaluations batched in passes so that they overlap, each pass
-// applying the network once more to those still outside [0, n).
+// out[i] = f.once(in[i]) for i < count: the network's one body, in a loop without branches, which the compiler
+// vectorises (AVX2 where the CPU has it: eight lanes of 32-bit multiplies).
+GENESIS_VECTOR_CLONES void feistel_once(const FeistelShuffle& f, const int32_t* in, int32_t* out, int32_t count) {
+  const FeistelShuffle g = f;  // a local copy: its keys stay in registers
+  for (int32_t i = 0; i < count; ++i) out[i] = int32_t(g.once(uint32_t(in[i])));
+}
+
+// s.owned_src[i] = f(s.owned_at[i]) for i < m, bit for bit FeistelShuffle: the network applied to all at once, then
+// again to those still outside [0, n) (cycle-walking), gathered into s.walking; s.walking_at says where they go.
 void feistel_block(const FeistelShuffle& f, int32_t m, Scratch& s) {
-  const uint32_t low_size = f.low_mask + 1, step = low_size + f.high_mask + 1;
-  uint32_t* tables = s.rounds.data();  // per round pair: low -> high's mask, then high -> low's mask
-  for (int r = 0; r < FeistelShuffle::kRounds; r += 2) {
-    uint32_t* t = tables + (r / 2) * step;
-    for (uint32_t x = 0; x < low_size; ++x) t[x] = f.round(r, x);
-    for (uint32_t x = 0; x <= f.high_mask; ++x) t[low_size + x] = f.round(r + 1, x);
-  }
-  const auto once = [&](uint32_t x) {
-    uint32_t high = x >> f.low_bits, low = x & f.low_mask;
-#pragma GCC unroll 4
-    for (int r = 0; r < FeistelShuffle::kRounds / 2; ++r) {
-      const uint32_t* t = tables + r * step;
-      high ^= t[low];
-      low ^= t[low_size + high];
-    }
-    return (high << f.low_bits) | low;
-  };
   int32_t* out = s.owned_src.data();
   int32_t* walking = s.walking.data();
+  int32_t* at = s.walking_at.data();
+  feistel_once(f, s.owned_at.data(), out, m);
   int32_t left = 0;
   for (int32_t i = 0; i < m; ++i) {  // branch-free compaction: whether a value walks on is random
-    out[i] = int32_t(once(uint32_t(s.owned_at[i])));
-    walking[left] = i;
+    at[left] = i;
     left += uint32_t(out[i]) >= f.n;
   }
   while (left > 0) {
+    for (int32_t w = 0; w < left; ++w) walking[w] = out[at[w]];
+    feistel_once(f, walking, walking, left);
     int32_t still = 0;
     for (int32_t w = 0; w < left; ++w) {
-      const int32_t i = walking[w];
-      out[i] = int32_t(once(uint32_t(out[i])));
-      walking[still] = i;
-      still += uint32_t(out[i]) >= f.n;
+      out[at[w]] = walking[w];
+      at[still] = at[w];
+      still += uint32_t(walking[w]) >= f.n;
     }
     left = still;
   }
 }
 
+// The claim bits of voxels v .. v + len - 1 (len <= 64) as one word, which are then all set: after a block visits a
+// row, every voxel of the row is claimed (by it or by a later block). Bit i of the result is voxel v + i's.
+uint64_t claim_row(uint64_t* claimed, int32_t v, int32_t len) {
+  const int32_t w = v >> 6, shift = v & 63;
+  const uint64_t mask = len == 64 ? ~uint64_t(0) : (uint64_t(1) << len) - 1;
+  const uint64_t bits = (claimed[w] >> shift) | (shift != 0 ? claimed[w + 1] << (64 - shift) : 0);
+  claimed[w] |= mask << shift;
+  if (shift != 0) claimed[w + 1] |= mask >> (64 - shift);  // the vector has a spare word at the end
+  return bits & mask;
+}
+
 // src[v] for every voxel v after local shuffling. Blocks are visited from the last to the first, so the first block
 // to claim a voxel is its owner (the last writer of the sequential definition); only owned voxels are permuted.
-// Claims are bits (a 160^3 cube's fit in L2, where src would not): whether a voxel is owned yet is the loop's most
-// frequent question.
+// Claims are bits (a 160^3 cube's fit in L2, where src would not), read and set a row at a time: whether a voxel is
+// owned yet is the loop's most frequent question.
 void shuffle_sources(uint64_t seed, uint64_t sample, const DeformConfig& cfg, const Shape& sh, const Flipper& flipped,
                      Scratch& s) {
   const int64_t sy = sh.s[1], sz = sh.s[2];
-  uint64_t* claimed = s.claimed.data();
-  const auto is_claimed = [claimed](int32_t v) { return (claimed[v >> 6] >> (v & 63)) & 1u; };
+  const int32_t step = flipped.f[2] ? -1 : 1;  // along a row, the flipped input index moves by one voxel
+  int32_t* src = s.src.data();
+  for (int32_t x = 0, v = 0; x < sh.s[0]; ++x)  // unowned voxels keep their own (flipped) input
+    for (int32_t y = 0; y < sh.s[1]; ++y, v += int32_t(sz)) {
+      const int32_t first = int32_t(flipped(x, y, 0));
+      for (int32_t z = 0; z < sz; ++z) src[v + z] = first + step * z;
+    }
   std::fill(s.claimed.begin(), s.claimed.end(), 0);
   for (int32_t b = cfg.num_blocks - 1; b >= 0; --b) {
     Stream st(seed, sample, BLOCK, uint32_t(b));
     const Box box = shuffle_block(st, cfg, sh);
+    const int32_t len = box.size[2];
     int32_t n = 0, m = 0;
     for (int32_t x = box.origin[0]; x < box.origin[0] + box.size[0]; ++x)
       for (int32_t y = box.origin[1]; y < box.origin[1] + box.size[1]; ++y)
-        for (int32_t z = box.origin[2]; z < box.origin[2] + box.size[2]; ++z, ++n) {
-          const int32_t v = int32_t((x * sy + y) * sz + z);
-          s.block_in[n] = int32_t(flipped(x, y, z));
-          s.owned_at[m] = n;  // branch-free: the claimed/unclaimed pattern is random
-          s.owned_vox[m] = v;
-          m += !is_claimed(v);
+        for (int32_t z0 = 0; z0 < len; z0 += 64) {
+          const int32_t v = int32_t((x * sy + y) * sz + box.origin[2] + z0), chunk = std::min(len - z0, 64);
+          const int32_t first = int32_t(flipped(x, y, box.origin[2] + z0));
+          const uint64_t free = ~claim_row(s.claimed.data(), v, chunk);
+          for (int32_t z = 0; z < chunk; ++z, ++n) {
+            s.block_in[n] = first + step * z;
+            s.owned_at[m] = n;  // branch-free: the claimed/unclaimed pattern is random
+            s.owned_vox[m] = v + z;
+            m += int32_t((free >> z) & 1u);
+          }
         }
     if (m == 0) continue;
-    for (int32_t i = 0; i < m; ++i) claimed[s.owned_vox[i] >> 6] |= uint64_t(1) << (s.owned_vox[i] & 63);
     if (n <= kExactShuffleMax) {
       exact_block(ShuffleDigits(seed, sample, uint32_t(b)), n, s);
-      for (int32_t i = 0; i < m; ++i) s.src[s.owned_vox[i]] = s.block_in[s.pi[s.owned_at[i]]];
+      for (int32_t i = 0; i < m; ++i) src[s.owned_vox[i]] = s.block_in[s.pi[s.owned_at[i]]];
     } else {
       feistel_block(FeistelShuffle(seed, sample, uint32_t(b), n), m, s);
-      for (int32_t i = 0; i < m; ++i) s.src[s.owned_vox[i]] = s.block_in[s.owned_src[i]];
+      for (int32_t i = 0; i < m; ++i) src[s.owned_vox[i]] = s.block_in[s.owned_src[i]];
     }
   }
-  int32_t v = 0;
-  for (int32_t x = 0; x < sh.s[0]; ++x)
-    for (int32_t y = 0; y < sh.s[1]; ++y)
-      for (int32_t z = 0; z < sh.s[2]; ++z, ++v)
-        if (!is_claimed(v)) s.src[v] = int32_t(flipped(x, y, z));
 }
 
 // out[t] = sum over k = -r .. r, in that order, of w[|k|] * in[k][t], for t < inner: blur_line's arithmetic for
@@ -169,13 +181,6 @@ void blur_sample(float* out, int64_t channels, const Shape& sh, const SamplePara
       }
     }
   }
-}
-
-// Entries of the Feistel round tables for blocks of up to max_block voxels.
-size_t feistel_table_entries(int32_t max_block) {
-  int k = 0;
-  while ((int64_t(1) << k) < max_block) ++k;
-  return size_t(FeistelShuffle::kRounds / 2) * ((size_t(1) << (k / 2)) + (size_t(1) << (k - k / 2)));
 }
 
 void deform_sample(Op op, const float* in, float* out, float* target, int64_t channels, const Shape& sh, uint64_t seed,
@@ -255,11 +260,11 @@ void deform_cpu(Op op, const float* in, float* out, float* target, int64_t batch
   {
     Scratch s;
     s.src.resize(sh.voxels());
-    for (auto* v : {&s.block_in, &s.owned_at, &s.owned_vox, &s.owned_src, &s.walking}) v->resize(max_block);
-    s.claimed.resize(size_t(sh.voxels() + 63) / 64);
+    for (auto* v : {&s.block_in, &s.owned_at, &s.owned_vox, &s.owned_src, &s.walking, &s.walking_at})
+      v->resize(max_block);
+    s.claimed.resize(size_t(sh.voxels() + 63) / 64 + 1);
     s.order.resize(std::min(max_block, kExactShuffleMax));
     s.pi.resize(std::min(max_block, kExactShuffleMax));
-    s.rounds.resize(feistel_table_entries(max_block));
     s.reversed.resize(sh.s[2]);
     s.shuffled.resize(sh.s[2]);
     // The slab of every line side by side, or one contiguous line (along the last spatial axis) with its edges.
