@@ -106,3 +106,29 @@ def add_resume_options(g, *, last: str, anyway: str) -> None:
         "with other settings",
     )
     g.add_argument("--resume-anyway", action="store_true", help=f"with --resume: continue although {anyway}")
+
+
+# genesis_ext.models.backbones.BACKBONES' names (that module needs torch; test_cli checks that this list matches)
+ARCH_NAMES = ("unet3d", "resenc-l", "resenc-s", "plain-s", "nnunet", "segresnet")
+
+
+def add_arch_options(p, default: str) -> None:
+    """``--arch``, ``--arch-kwargs``, ``--plans`` and ``--configuration``: the network. pretrain, finetune."""
+    p.add_argument(
+        "--arch",
+        metavar="NAME",
+        help=f"the network: {', '.join(n for n in ARCH_NAMES if n != 'nnunet')}, or MODULE:FACTORY (a function "
+        f"(in_channels, out_channels, dims, **kwargs) -> nn.Module); nnunet with --plans (default: {default})",
+    )
+    p.add_argument(
+        "--arch-kwargs",
+        metavar="JSON",
+        help="the architecture's arguments as a JSON object, e.g. '{\"features_per_stage\": [8, 16, 32, 64]}'",
+    )
+    p.add_argument(
+        "--plans",
+        metavar="PLANS.json",
+        help="the network of an nnU-Net v2 plans file (nnUNetPlans.json of nnUNetv2_plan_and_preprocess): weights "
+        "that genesis-ext export --nnunet hands to nnUNetv2_train -pretrained_weights",
+    )
+    p.add_argument("--configuration", help="the plans' configuration (default 3d_fullres; 2d with --dims 2)")

@@ -1,10 +1,12 @@
 """``ModelRecord``: what prediction needs to rebuild a fine-tuned network and prepare its input.
 
 Every fine-tuning checkpoint stores one under ``"model_record"`` as a plain dict (``record.to_dict()``), so that
-``genesis-ext predict`` needs nothing but the checkpoint: the network's shape (``dims``, ``in_channels``, ``width``,
-``batchnorm``, ``activation``, the classes in ``labels``) and its input (``patch``, the ``intensity`` policy that maps
+``genesis-ext predict`` needs nothing but the checkpoint: the network (its architecture ``arch``, see
+``genesis_ext.models.backbones``; ``dims``, ``in_channels``, ``activation``, the classes in ``labels``; the U-Net's
+``width`` and ``batchnorm``) and its input (``patch``, the ``intensity`` policy that maps
 a scan to [0, 1] as ``describe()`` writes it, ``spacing``, the ``modality``). Records written before modalities hold a
-fixed ``window`` [lo, hi] instead of ``intensity``: they read as that window, CT.
+fixed ``window`` [lo, hi] instead of ``intensity``: they read as that window, CT; records written before
+architectures have no ``arch``: they are the published U-Net's.
 
 ``ModelRecord.from_dict(d, source=path)`` validates every field and raises ``CheckpointError`` naming the file and the
 field that is missing or wrong; constructing a record with a wrong value raises ``ValueError`` naming the field.
@@ -14,14 +16,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 
 from ..data.intensity import Window, intensity_from
 from ..data.modality import MODALITIES
-from .unet3d import BATCHNORM_MODES, UNet2D, UNet3D
+from .backbones import DEFAULT_ARCH, BackboneError, backbone, build_backbone, resolve_arch
+from .unet3d import BATCHNORM_MODES
 from .weights import CheckpointError
 
 TASKS = ("segmentation", "classification")
@@ -59,14 +62,20 @@ def _check_labels(labels, task: str) -> dict:
     return {name: int(value) for name, value in labels.items()}
 
 
-def _check_patch(patch, dims: int) -> tuple:
-    """X, Y, Z voxels, each spanned axis a multiple of 8 (the U-Net's three 2x poolings); 2-D patches are (X, Y, 1)."""
+def _check_patch(patch, dims: int, arch: dict) -> tuple:
+    """X, Y, Z voxels, each spanned axis a multiple of the network's downsampling (8 for the U-Net's three 2x
+    poolings); 2-D patches are (X, Y, 1)."""
     patch = _numbers("patch", patch, 3)
+    divisors = backbone(arch).divisor(arch["kwargs"], dims)
+    multiple = str(divisors[0]) if len(set(divisors)) == 1 else "x".join(map(str, divisors))
     spanned = patch[:dims]
-    if not all(_is_int(p) and p >= 8 and p % 8 == 0 for p in spanned) or (dims == 2 and patch[2] != 1):
+    if not all(_is_int(p) and p >= d and p % d == 0 for p, d in zip(spanned, divisors)) or (
+        dims == 2 and patch[2] != 1
+    ):
         shape = "[X, Y, Z]" if dims == 3 else "[X, Y, 1]"
         raise ValueError(
-            f"field 'patch' must be {shape} with X, Y{', Z' if dims == 3 else ''} multiples of 8, got {list(patch)}"
+            f"field 'patch' must be {shape} with {', '.join('XYZ'[:dims])} multiples of "
+            f"{multiple} (architecture {arch['name']!r}), got {list(patch)}"
         )
     return tuple(int(p) for p in patch)
 
@@ -91,6 +100,7 @@ class ModelRecord:
     intensity: dict
     spacing: tuple | None = None
     modality: str = "ct"
+    arch: dict = field(default_factory=lambda: dict(DEFAULT_ARCH))
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise once, here, to plain Python values (torch.load(weights_only))
@@ -105,9 +115,18 @@ class ModelRecord:
         set_(self, "in_channels", int(self.in_channels))
         set_(self, "width", float(self.width))
         _check_choice("batchnorm", self.batchnorm, BATCHNORM_MODES)
+        try:
+            set_(self, "arch", resolve_arch(self.arch))
+        except BackboneError as err:
+            raise ValueError(f"field 'arch': {err}") from None
+        if self.arch["name"] != "unet3d" and self.width != 1.0:
+            name = self.arch["name"]
+            raise ValueError(
+                f"field 'width' must be 1 for architecture {name!r} (it scales the unet3d's channels only)"
+            )
         set_(self, "labels", _check_labels(self.labels, self.task))
         _check_choice("activation", self.activation, ACTIVATIONS)
-        set_(self, "patch", _check_patch(self.patch, self.dims))
+        set_(self, "patch", _check_patch(self.patch, self.dims, self.arch))
         try:
             set_(self, "intensity", self.window.describe())
         except (ValueError, TypeError) as err:
@@ -133,14 +152,21 @@ class ModelRecord:
         """The network's output channels: one per class (sigmoid), or background + one per class (softmax)."""
         return len(self.labels) + (self.activation == "softmax")
 
-    def build_model(self) -> UNet3D:
-        """The untrained segmentation U-Net this record describes (UNet2D for ``dims == 2``); softmax records give
-        logits (``activation="none"``): ``probabilities`` applies the softmax."""
+    @property
+    def network_arch(self) -> dict:
+        """``arch`` as ``build_backbone`` takes it: the U-Net's with this record's ``width`` and ``batchnorm``."""
+        if self.arch["name"] != "unet3d":
+            return self.arch
+        return {"name": "unet3d", "kwargs": {**self.arch["kwargs"], "width": self.width, "batchnorm": self.batchnorm}}
+
+    def build_model(self) -> torch.nn.Module:
+        """The untrained segmentation network this record describes (the U-Net: ``UNet3D``, or ``UNet2D`` for
+        ``dims == 2``): sigmoid records give probabilities, softmax records logits (``probabilities`` applies the
+        softmax)."""
         if self.task != "segmentation":
             raise ValueError(f"build_model builds segmentation networks; this record's task is {self.task!r}")
-        network = UNet3D if self.dims == 3 else UNet2D
-        activation = "sigmoid" if self.activation == "sigmoid" else "none"
-        return network(self.in_channels, self.n_outputs, self.batchnorm, self.width, activation)
+        sigmoid = self.activation == "sigmoid"
+        return build_backbone(self.network_arch, self.in_channels, self.n_outputs, self.dims, sigmoid=sigmoid)
 
     def probabilities(self, output: torch.Tensor) -> torch.Tensor:
         """The network's output ``(N, n_outputs, ...)`` as probabilities: sigmoid networks give them already;
@@ -185,6 +211,8 @@ class ModelRecord:
             d = {k: v for k, v in d.items() if k != "window"}
             d["intensity"] = {"kind": "fixed", "lo": window[0], "hi": window[1]} if _pair(window) else window
             d.setdefault("modality", "ct")
+        if "arch" not in d:  # written before architectures: the published U-Net
+            d = {**d, "arch": DEFAULT_ARCH}
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in d]
         unknown = [n for n in d if n not in names]

@@ -6,11 +6,13 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from typing import Callable
 
 from .._cli_options import (
+    add_arch_options,
     add_device_options,
     add_dims,
     add_labels,
@@ -79,6 +81,7 @@ def _add_optimisation(g) -> None:
         "e.g. 0.25 to study pre-training on a CPU)",
     )
     add_dims(g, "UNet2D on axial patches from extract --dims 2, cubes of one slice")
+    add_arch_options(g, "unet3d, the published U-Net")
 
 
 def _add_data_and_randomness(g) -> None:
@@ -145,6 +148,31 @@ def _add_trainer(g, base: str) -> None:
     )
 
 
+def arch_from_args(args):
+    """--arch, --arch-kwargs, --plans and --configuration as a config's ``arch`` (None where none is given)."""
+    from ..models.backbones import arch_from_plans
+
+    if args.plans is not None:
+        if args.arch not in (None, "nnunet") or args.arch_kwargs:
+            raise ValueError("--plans gives the network (nnunet): leave out --arch and --arch-kwargs")
+        return arch_from_plans(args.plans, args.configuration or ("2d" if args.dims == 2 else "3d_fullres"))
+    if args.configuration is not None:
+        raise ValueError("--configuration names a configuration of --plans: pass --plans too")
+    kwargs = {}
+    if args.arch_kwargs:
+        try:
+            kwargs = json.loads(args.arch_kwargs)
+        except ValueError as err:
+            raise ValueError(
+                f"--arch-kwargs is not JSON ({err}): give an object, e.g. '{{\"init_filters\": 16}}'"
+            ) from None
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--arch-kwargs must be a JSON object, got {args.arch_kwargs!r}")
+        if args.arch is None:
+            raise ValueError("--arch-kwargs goes with --arch: name the architecture they are for")
+    return None if args.arch is None else {"name": args.arch, "kwargs": kwargs}
+
+
 def config_from_args(cls, args, **values):
     """The config dataclass ``cls`` from parsed arguments: every field with an argument of its name (argparse ``dest``),
     then ``values`` (conversions)."""
@@ -206,7 +234,8 @@ def run_pretrain(args) -> int:
         from .pretraining import PretrainConfig, PretrainTrainer, pretrain
 
         deform = DeformConfig.preset(args.deformations)
-        cfg = config_from_args(PretrainConfig, args, deform=deform, cube=tuple(args.cube))
+        arch = arch_from_args(args) or "unet3d"
+        cfg = config_from_args(PretrainConfig, args, deform=deform, cube=tuple(args.cube), arch=arch)
         result = pretrain(cfg, trainer=load_trainer(args.trainer, PretrainTrainer))
         print(
             f"best validation loss {result.best_val:.5f} (identity baseline {result.baselines.get('identity', 0):.5f}, "
@@ -255,6 +284,7 @@ def _add_finetune_inputs(p) -> None:
         "X Y with --dims 2 (default: 64 64)",
     )
     add_dims(p, "UNet2D on axial patches, e.g. weights from pretrain --dims 2")
+    add_arch_options(p, "the --weights' network, else unet3d")
     p.add_argument(
         "--width",
         type=float,
@@ -370,6 +400,7 @@ def run_finetune(args) -> int:
             spacing=None if args.spacing is None else tuple(args.spacing),
             window=None if args.window is None else tuple(args.window),
             label_budget=None if args.label_budget is None else parse_budget(args.label_budget),
+            arch=arch_from_args(args),
         )
         base = SegmentationTrainer if args.task == "segmentation" else ClassificationTrainer
         summary = finetune(cfg, trainer=load_trainer(args.trainer, base))

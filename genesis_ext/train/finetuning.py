@@ -54,6 +54,7 @@ from ..data.labelled import (
 from ..data.modality import DEFAULT_MODALITY, modality
 from ..evaluation.metrics import dice, multiclass_auc
 from ..inference.sliding_window import sliding_window
+from ..models.backbones import DEFAULT_ARCH, BackboneError, backbone, check_backbone, resolve_arch
 from ..models.record import ModelRecord
 from ..models.weights import load_state, read_weights
 from .losses import LOSSES
@@ -74,7 +75,8 @@ class FinetuneConfig:
     weights: str | None = None
     patch: tuple | None = None  # default: 64 64 32 (2-D: 64 64)
     dims: int = 3  # 2: Models Genesis 2D (UNet2D / GenesisClassifier2D on axial patches)
-    width: float | None = None  # the network's channel multiplier; default: the weights', else 1
+    arch: str | dict | None = None  # the network (genesis_ext.models.backbones); None: the weights', else unet3d
+    width: float | None = None  # the U-Net's channel multiplier; default: the weights', else 1
     labels: str | dict | None = None  # segmentation classes (genesis_ext.data.labelled); None: from the data
     loss: str | None = None  # "dice" (published) or "dice_ce"; None: dice for one class, dice_ce for more
     batchnorm: str = "running"  # "running" (torch's BatchNorm) or "batch_stats" (published)
@@ -183,17 +185,20 @@ BATCHNORM = {"running": "standard", "batch_stats": "batch_stats"}  # --batchnorm
 LR_SCHEDULES = ("poly", "step", "constant")
 
 
-def _check_patch(patch, dims: int) -> tuple[int, int, int]:
-    """The patch as three sizes: X Y Z (3-D), or X Y 1 (2-D: axial patches of one slice)."""
+def _check_patch(patch, dims: int, arch: dict) -> tuple[int, int, int]:
+    """The patch as three sizes: X Y Z (3-D), or X Y 1 (2-D: axial patches of one slice), each a multiple of the
+    network's downsampling (the U-Net's: 8)."""
     if patch is None:
         return published_cube(dims)
     patch = tuple(int(p) for p in patch)
     if dims == 2 and len(patch) == 3 and patch[2] == 1:
         patch = patch[:2]
-    if len(patch) != dims or any(p < 8 or p % 8 for p in patch):
+    divisors = backbone(arch).divisor(arch["kwargs"], dims)
+    if len(patch) != dims or any(p < d or p % d for p, d in zip(patch, divisors)):
+        multiple = str(divisors[0]) if len(set(divisors)) == 1 else "x".join(map(str, divisors))
         raise FinetuneError(
-            f"--patch must be {dims} sizes with --dims {dims}, each a positive multiple of 8 (the U-Net pools three "
-            f"times), got {patch}"
+            f"--patch must be {dims} sizes with --dims {dims}, each a positive multiple of {multiple} (the "
+            f"downsampling of architecture {arch['name']!r}), got {patch}"
         )
     return patch if dims == 3 else slice_cube(patch)
 
@@ -232,7 +237,7 @@ class FinetuneTrainer(Trainer):
     resume_keys = ("data", "val_data", "seed", "patch", "window", "modality", "batch_size", "patches_per_volume",
                    "fg_fraction", "val_fraction", "overlap", "label_budget", "budget_unit", "slab_depth",
                    "spacing")  # fmt: skip
-    state_keys = (*Trainer.state_keys, "lr_schedule", "task", "dims", "width", "labels", "loss", "batchnorm")
+    state_keys = (*Trainer.state_keys, "lr_schedule", "task", "arch", "dims", "width", "labels", "loss", "batchnorm")
 
     def __init__(self, cfg: FinetuneConfig, dd=None, log=print):
         try:
@@ -242,7 +247,9 @@ class FinetuneTrainer(Trainer):
         self.log = log
         if cfg.dims not in (2, 3):
             raise FinetuneError(f"--dims must be 2 or 3, got {cfg.dims!r}")
-        self.patch = _check_patch(cfg.patch, cfg.dims)  # X Y Z, or X Y 1 for 2-D
+        if cfg.width is not None and self.arch["name"] != "unet3d":
+            raise FinetuneError(f"--width scales the unet3d's channels only, not architecture {self.arch['name']!r}")
+        self.patch = _check_patch(cfg.patch, cfg.dims, self.arch)  # X Y Z, or X Y 1 for 2-D
         self.modality = cfg.modality or self.weights_modality or DEFAULT_MODALITY
         try:
             self.window = modality(self.modality).intensity if cfg.window is None else Window(*cfg.window)
@@ -261,6 +268,35 @@ class FinetuneTrainer(Trainer):
     def initial(self) -> tuple[dict, dict] | None:
         """The --weights file's (state_dict, checkpoint), read and verified once."""
         return read_weights(self.cfg.weights) if self.cfg.weights else None
+
+    @functools.cached_property
+    def arch(self) -> dict:
+        """The network: ``cfg.arch``, else the --weights' (a pre-training checkpoint's ``arch``, a fine-tuned one's
+        record), else the published U-Net. A ``cfg.arch`` other than the weights' is refused."""
+        try:
+            given = None if self.cfg.arch is None else resolve_arch(self.cfg.arch)
+        except BackboneError as err:
+            raise FinetuneError(f"--arch: {err}") from None
+        recorded = self.weights_arch
+        if given is not None and recorded is not None and given != recorded:
+            raise FinetuneError(
+                f"--arch {given['name']} ({given['kwargs']}) is not the network of --weights {self.cfg.weights}: "
+                f"{recorded['name']} ({recorded['kwargs']}); leave --arch out to fine-tune the weights' network"
+            )
+        return given or recorded or resolve_arch(DEFAULT_ARCH)
+
+    @functools.cached_property
+    def weights_arch(self) -> dict | None:
+        """The architecture the --weights record (none: the published U-Net's, or no weights)."""
+        checkpoint = self.initial[1] if self.initial is not None else None
+        if not isinstance(checkpoint, dict):
+            return None
+        record = checkpoint.get("model_record")
+        arch = record.get("arch", DEFAULT_ARCH) if isinstance(record, dict) else checkpoint.get("arch")
+        try:
+            return None if arch is None else resolve_arch(arch)
+        except BackboneError as err:
+            raise FinetuneError(f"--weights {self.cfg.weights}: its recorded architecture: {err}") from None
 
     @functools.cached_property
     def width(self) -> float:
@@ -344,7 +380,7 @@ class FinetuneTrainer(Trainer):
 
     def summary(self) -> dict:
         """The settings, with the width as built (``cfg.width`` None: the weights') and the task's extras."""
-        return {**super().summary(), "width": self.width, **self.summary_extra()}
+        return {**super().summary(), "arch": self.arch, "width": self.width, **self.summary_extra()}
 
     def check_resume(self, state: dict) -> None:
         config = state.get("config", {})
@@ -395,6 +431,11 @@ class SegmentationTrainer(FinetuneTrainer):
             f"{len(self.val_cases)} whole validation volume(s)"
         )
         self._set_steps(n_train, "patches per epoch; lower it or raise --patches-per-volume")
+        record = self.record()
+        try:
+            check_backbone(record.network_arch, self.channels, record.n_outputs, cfg.dims, self.patch)
+        except BackboneError as err:
+            raise FinetuneError(str(err)) from None
 
     def new_model(self):
         return self.record().build_model()
@@ -412,20 +453,21 @@ class SegmentationTrainer(FinetuneTrainer):
             intensity=self.window.describe(),
             spacing=list(self.spacing),
             modality=self.modality,
+            arch=self.arch,
         )
 
     def load_weights(self, model, state: dict) -> None:
-        own = model.state_dict()
-        head = [k for k in own if k.startswith("out_tr.")]
+        own, prefixes = model.state_dict(), backbone(self.arch).head
+        head = [k for k in own if k.startswith(prefixes)]
         if all(k in state and state[k].shape == own[k].shape for k in head):
             load_state(model, state, self.cfg.weights, fix=_WEIGHTS_FIX)
-            self.log(f"loaded {self.cfg.weights} (whole U-Net)")
+            self.log(f"loaded {self.cfg.weights} (the whole {self.arch['name']})")
             return
-        body = {k: v for k, v in state.items() if not k.startswith("out_tr.")}
+        body = {k: v for k, v in state.items() if not k.startswith(prefixes)}
         load_state(model, {**body, **{k: own[k] for k in head}}, self.cfg.weights, fix=_WEIGHTS_FIX)
         self.log(
-            f"loaded {self.cfg.weights} except its output layer (this task has {own[head[0]].shape[0]} outputs); "
-            "out_tr is freshly initialised"
+            f"loaded {self.cfg.weights} except its output layer (this task has {self.record().n_outputs} outputs); "
+            f"{', '.join(p.rstrip('.') for p in prefixes)} freshly initialised"
         )
 
     def epoch_data(self, rng):
@@ -485,6 +527,11 @@ class ClassificationTrainer(FinetuneTrainer):
 
     def setup(self) -> None:
         cfg = self.cfg
+        if self.arch["name"] != "unet3d":
+            raise FinetuneError(
+                f"classification fine-tunes the published U-Net's encoder (architecture unet3d); architecture "
+                f"{self.arch['name']!r} is for segmentation"
+            )
         try:
             self.cubes, self.labels, self.classes = load_classification(cfg.data, self.patch, self.window)
             self.train_idx, val_idx = split_indices(

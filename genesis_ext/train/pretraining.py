@@ -61,7 +61,8 @@ from ..applied import applied
 from ..config import DeformConfig
 from ..data.cubes import PUBLISHED_CUBE
 from ..data.modality import DEFAULT_MODALITY, modality
-from ..models import UNet2D, UNet3D, load_pretrained
+from ..models import load_pretrained
+from ..models.backbones import backbone, build_backbone, check_backbone, resolve_arch
 from ..ops import genesis_pair, sample_params
 from ..streams import STREAM_VERSION
 from . import distributed
@@ -129,6 +130,7 @@ class PretrainConfig:
     device: Optional[str] = None  # default: cuda if available, else cpu
     amp: str = "auto"  # "auto" (bf16 on CUDA), "bf16", "off"
     compile: bool = False
+    arch: str | dict = "unet3d"  # the network: a name or {"name", "kwargs"} (genesis_ext.models.backbones)
     width: float = 1.0  # the U-Net's channel multiplier (1: the published network; e.g. 0.25 to study on a CPU)
     dims: int = 3  # 2: Models Genesis 2D (UNet2D on cubes of one slice, (X, Y, 1), e.g. from extract --dims 2)
     channels_last: Optional[bool] = None  # default: on CUDA
@@ -169,6 +171,12 @@ class PretrainConfig:
             raise ValueError(f"lr must be a positive number, got {cfg.lr}")
         if cfg.dims not in (2, 3):
             raise ValueError(f"dims must be 2 or 3, got {cfg.dims!r}")
+        cfg.arch = resolve_arch(cfg.arch)
+        if cfg.arch["name"] != "unet3d" and cfg.width != 1.0:
+            raise ValueError(
+                f"width scales the unet3d's channels only; architecture {cfg.arch['name']!r} takes its size in its "
+                "kwargs (--arch-kwargs)"
+            )
         if cfg.val_data is None and not 0.0 < cfg.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
         if cfg.resume_anyway and not cfg.resume:
@@ -409,7 +417,7 @@ class PretrainTrainer(Trainer):
     # spread (output_spread) and 1 while the run counts as collapsed
     columns = (*(f"val_{b}" for b in BRANCHES), "samples", "val_spread", "collapsed")
     resume_keys = _RESUME_KEYS
-    state_keys = (*Trainer.state_keys, "width", "dims")
+    state_keys = (*Trainer.state_keys, "arch", "width", "dims")
 
     @property
     def title(self) -> str:
@@ -438,6 +446,7 @@ class PretrainTrainer(Trainer):
             raise ValueError(
                 f"validation cubes have {_channels_of(self.val_dataset)} channel(s), training cubes {self.channels}"
             )
+        check_backbone(self.network_arch, self.channels, self.channels, cfg.dims, self.spatial)
         self._freeze_val_volumes()
         n_train, B = len(self.split.train), int(cfg.batch_size)
         if B > n_train:
@@ -476,9 +485,17 @@ class PretrainTrainer(Trainer):
                 self.val_dataset._cache = type(self.dataset._cache)()
             self.val_dataset.set_epoch(0)
 
+    @property
+    def network_arch(self) -> dict:
+        """The architecture as ``build_backbone`` takes it (the U-Net's with ``cfg.width``)."""
+        arch = self.cfg.arch
+        return {**arch, "kwargs": {**arch["kwargs"], "width": self.cfg.width}} if arch["name"] == "unet3d" else arch
+
     def build_model(self) -> torch.nn.Module:
-        network = UNet2D if self.cfg.dims == 2 else UNet3D
-        model = network(self.channels, self.channels, width=self.cfg.width)  # restores every channel
+        # restores every channel; the published U-Net with its sigmoid, other networks with raw outputs (as nnssl's
+        # Models Genesis trainer)
+        arch = self.network_arch
+        model = build_backbone(arch, self.channels, self.channels, self.cfg.dims, sigmoid=backbone(arch).own_sigmoid)
         if self.cfg.init_weights is not None:
             load_pretrained(model, self.cfg.init_weights)
         return model
@@ -624,6 +641,8 @@ class PretrainTrainer(Trainer):
         return {
             **self.intensity,
             "in_channels": self.channels,
+            "arch": self.cfg.arch,  # with the config's width and dims, what fine-tuning rebuilds
+            "dims": self.cfg.dims,
             "stream_version": STREAM_VERSION,  # check_resume refuses a checkpoint of another version
             "sample_offset": epoch * self.samples_per_epoch,
             "val_loss": self.history[-1].get("val_loss"),
