@@ -5,6 +5,7 @@
     genesis-ext finetune --task segmentation|classification --data DATA --out DIR [--weights W]
     genesis-ext evaluate --pred PRED --ref REF [--labels liver=1,spleen=2] [--out CSV]  Dice, HD95 per class
     genesis-ext predict --weights CKPT INPUT... --out DIR  segment CT volumes: label maps on each input's grid
+    genesis-ext export --weights CKPT --nnunet PLANS.json --out FILE | --monai-bundle DIR
 
 A verb is a ``(help, add_arguments, run)`` entry in :data:`VERBS`; ``run(args)`` returns the exit status.
 """
@@ -260,6 +261,12 @@ def _predict():
     return predict
 
 
+def _export():
+    from .export import cli  # argument parsing only: no torch
+
+    return cli
+
+
 VERBS = {
     "extract": ("cut training cubes from CT volumes into a cube store", _add_extract, _run_extract),
     "pretrain": (
@@ -281,6 +288,11 @@ VERBS = {
         "segment CT volumes with a fine-tuned checkpoint (label maps on each input's own grid)",
         lambda p: _predict().add_arguments(p),
         lambda args: _predict().run(args),
+    ),
+    "export": (
+        "hand weights to nnU-Net v2 (-pretrained_weights) or write a MONAI bundle",
+        lambda p: _export().add_arguments(p),
+        lambda args: _export().run(args),
     ),
 }
 

@@ -278,6 +278,16 @@ def backbone(arch: dict) -> Backbone:
     return Backbone(factory, tuple(getattr(factory, "genesis_head", ())), lambda kwargs, dims: (divisor,) * dims, name)
 
 
+def recorded_arch(checkpoint) -> dict | None:
+    """The architecture a checkpoint of ours records: a fine-tuned one's ``model_record`` (none there: the published
+    U-Net, recorded before architectures were), a pre-training one's ``arch``; None for other files."""
+    if not isinstance(checkpoint, dict):
+        return None
+    record = checkpoint.get("model_record")
+    arch = record.get("arch", DEFAULT_ARCH) if isinstance(record, dict) else checkpoint.get("arch")
+    return None if arch is None else resolve_arch(arch)
+
+
 def _sigmoid_output(module, args, output):
     return torch.sigmoid(output)
 

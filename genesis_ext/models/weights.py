@@ -5,6 +5,7 @@ Checkpoint formats read by ``load_pretrained``:
   ..., "epoch": ...}``;
 - ours, written by ``save_checkpoint``: ``{"state_dict": {"<key>": tensor, ...}, **extra}`` (the same layout without
   the DataParallel prefix);
+- nnU-Net v2's (its checkpoints, and ``genesis-ext export --nnunet``'s files): ``{"network_weights": state_dict, ...}``;
 - a ``{"model": state_dict}`` dict, or a bare state_dict.
 Key prefixes added by wrappers (``module.`` from DataParallel/DDP, ``_orig_mod.`` from ``torch.compile``) are removed.
 
@@ -248,7 +249,7 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The state_dict inside a loaded checkpoint, with wrapper prefixes removed."""
     state = obj
     if isinstance(obj, Mapping):
-        for entry in ("state_dict", "model"):
+        for entry in ("state_dict", "network_weights", "model"):
             if isinstance(obj.get(entry), Mapping):
                 state = obj[entry]
                 break
@@ -256,7 +257,7 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         found = f"a dict with keys {_listing(list(obj))}" if isinstance(obj, Mapping) else type(obj).__name__
         raise CheckpointError(
             f"genesis_ext: {path} holds no state_dict: expected a mapping of parameter names to "
-            f"tensors, or a dict with one under 'state_dict' or 'model'; found {found}"
+            f"tensors, or a dict with one under 'state_dict', 'network_weights' or 'model'; found {found}"
         )
     stripped: dict[str, torch.Tensor] = {}
     for key, value in state.items():

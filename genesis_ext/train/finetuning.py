@@ -54,7 +54,7 @@ from ..data.labelled import (
 from ..data.modality import DEFAULT_MODALITY, modality
 from ..evaluation.metrics import dice, multiclass_auc
 from ..inference.sliding_window import sliding_window
-from ..models.backbones import DEFAULT_ARCH, BackboneError, backbone, check_backbone, resolve_arch
+from ..models.backbones import DEFAULT_ARCH, BackboneError, backbone, check_backbone, recorded_arch, resolve_arch
 from ..models.record import ModelRecord
 from ..models.weights import load_state, read_weights
 from .losses import LOSSES
@@ -288,13 +288,8 @@ class FinetuneTrainer(Trainer):
     @functools.cached_property
     def weights_arch(self) -> dict | None:
         """The architecture the --weights record (none: the published U-Net's, or no weights)."""
-        checkpoint = self.initial[1] if self.initial is not None else None
-        if not isinstance(checkpoint, dict):
-            return None
-        record = checkpoint.get("model_record")
-        arch = record.get("arch", DEFAULT_ARCH) if isinstance(record, dict) else checkpoint.get("arch")
         try:
-            return None if arch is None else resolve_arch(arch)
+            return recorded_arch(self.initial[1]) if self.initial is not None else None
         except BackboneError as err:
             raise FinetuneError(f"--weights {self.cfg.weights}: its recorded architecture: {err}") from None
 

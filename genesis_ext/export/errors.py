@@ -1,0 +1,26 @@
+"""What the exports share: their error, the refusal to overwrite, the provenance of the weights."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+class ExportError(ValueError):
+    """Weights or a destination an export refuses, with what to do instead."""
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing ``out`` unless ``overwrite``."""
+    if out.exists() and not overwrite:
+        raise ExportError(f"genesis_ext: {out} exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def source_of(weights: str | os.PathLike) -> dict:
+    """The weights file's name and SHA-256: which checkpoint an export came from."""
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return {"file": Path(weights).name, "sha256": digest.hexdigest()}
