@@ -33,10 +33,15 @@ CPP_SOURCES = $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.h csrc/cuda/*.cu csrc/c
 
 .PHONY: install demo test test-quick test-sanitize bench lint format lint-tools
 
+# The installed torch stays (TORCH_PIN): the test extra's nnunetv2 would let pip replace it with another build.
+TORCH_PIN = mkdir -p build && $(1) -c "import torch; print('torch==' + torch.__version__)" > build/torch-pin.txt
+
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(PYTHON) -c "import scikit_build_core, pybind11, ninja" 2>/dev/null || $(PYTHON) -m pip install $(BUILD_REQUIRES)
-	GENESIS_CUDA=$(if $(CUDA_ARCHS),ON,OFF) $(PYTHON) -m pip install -v -e ".[test]" $(BUILD_ARGS) $(PIP_ARGS)
+	$(call TORCH_PIN,$(PYTHON))
+	GENESIS_CUDA=$(if $(CUDA_ARCHS),ON,OFF) $(PYTHON) -m pip install -v -e ".[test]" -c build/torch-pin.txt \
+		$(BUILD_ARGS) $(PIP_ARGS)
 	$(PYTHON) -c "import genesis_ext; print('genesis_ext', genesis_ext.build_info())"
 
 demo: install
@@ -63,7 +68,9 @@ test-sanitize:
 	test -x $(SANITIZE_PY) || $(PYTHON) -m venv $(SANITIZE_VENV)
 	$(SANITIZE_PY) -c "import torch" 2>/dev/null || $(SANITIZE_PY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(SANITIZE_PY) -m pip install $(BUILD_REQUIRES)
-	GENESIS_CUDA=OFF $(SANITIZE_PY) -m pip install -e ".[test]" --no-build-isolation -Cbuild-dir=build/sanitize \
+	$(call TORCH_PIN,$(SANITIZE_PY))
+	GENESIS_CUDA=OFF $(SANITIZE_PY) -m pip install -e ".[test]" -c build/torch-pin.txt --no-build-isolation \
+		-Cbuild-dir=build/sanitize \
 		-Ccmake.build-type=RelWithDebInfo -Cinstall.strip=false -Ccmake.define.GENESIS_SANITIZE=ON \
 		$(if $(HIP_CPU),-Ccmake.define.GENESIS_HIP_CPU=$(abspath $(HIP_CPU))) $(PIP_ARGS)
 	$(SANITIZE_ENV) $(SANITIZE_PY) -m pytest $(SANITIZE_TESTS) -q -p no:cacheprovider -m "not slow" --capture=sys

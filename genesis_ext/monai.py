@@ -18,6 +18,10 @@ A plain torch DataLoader with workers re-seeds nothing: every worker would start
 same deformations, so ``GenesisPaird`` refuses to run there unless its state was set in that worker (pass
 ``worker_init_fn=monai.data.utils.worker_init_fn``, as MONAI's DataLoader does).
 
+- ``Intensityd``: a genesis-ext intensity policy (as model records and cube stores describe it, e.g. MR's per-volume
+  body percentiles) on channel-first images, each channel mapped to [0, 1] as ``genesis-ext predict`` does; the MONAI
+  bundles of ``genesis-ext export`` use it for policies that MONAI's own transforms do not express.
+
 MetaTensors keep their metadata; the applied deformation (seed, sample index, which deformations fired) is recorded
 in ``meta["genesis_ext"]``.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
@@ -34,7 +39,7 @@ from monai.transforms import MapTransform, Randomizable
 from . import ops
 from .applied import applied, deformation_names
 from .config import DeformConfig
-from .data.intensity import unit_range_problem
+from .data.intensity import intensity_from, unit_range_problem
 from .data.io import label_map_reason
 from .transforms import GenesisPair
 from .user_deformations import check_deformations
@@ -49,12 +54,13 @@ def _applied(seed: int, index: int, spatial, config: DeformConfig, deformations)
     return applied(p, seed, deformations)[0].as_dict(deformation_names(deformations))
 
 
-def _wrap(result: torch.Tensor, like, record: dict):
-    """result as a MetaTensor with like's metadata and the record, when like is one."""
+def _wrap(result: torch.Tensor, like, record: dict | None = None):
+    """result as a MetaTensor with like's metadata (and the record, where given), when like is one."""
     if not isinstance(like, MetaTensor):
         return result
     out = MetaTensor(result, meta=copy.deepcopy(like.meta), applied_operations=copy.deepcopy(like.applied_operations))
-    out.meta["genesis_ext"] = record
+    if record is not None:
+        out.meta["genesis_ext"] = record
     return out
 
 
@@ -223,3 +229,21 @@ class GenesisPairBatchd(MapTransform):
 
     def load_state_dict(self, state: dict) -> None:
         self.pair.load_state_dict(state)
+
+
+class Intensityd(MapTransform):
+    """``intensity`` (a policy's description, ``{"kind": "fixed", ...}`` or ``{"kind": "percentile", ...}``) applied
+    to each channel of ``(C, *spatial)`` images under ``keys``: float32 in [0, 1], metadata kept. Not invertible
+    (``Invertd`` passes over it)."""
+
+    def __init__(self, keys, intensity: dict, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.policy = intensity_from(intensity)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = _as_tensor(d[key]).detach().cpu().numpy()
+            mapped = torch.from_numpy(np.stack([self.policy.resolve(c).apply(c) for c in image]))
+            d[key] = _wrap(mapped, d[key])
+        return d
