@@ -1,14 +1,18 @@
 """docs/results/backbones.md from bench_backbones.py's CSV and JSON: every figure is the CSV's.
 
 python benchmarks/render_backbones.py docs/results/backbones.csv
+python benchmarks/render_backbones.py docs/results/backbones.csv --check   # CI: 1 if .md is stale
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results_page import parse, write_or_check  # noqa: E402
 
 
 def _number(value: str, digits: int = 3) -> str:
@@ -49,14 +53,12 @@ def render(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("csv", type=Path)
-    args = p.parse_args(argv)
+def main(argv=None) -> int:
+    args = parse(__doc__.split("\n\n")[0], "backbones.csv (bench_backbones.py's rows; its .json beside it)", argv)
     with open(args.csv) as f:
         rows = list(csv.DictReader(f))
     meta = json.loads(args.csv.with_suffix(".json").read_text())
-    args.csv.with_suffix(".md").write_text(render(rows, meta))
+    return write_or_check(args.out_dir / "backbones.md", render(rows, meta), args.check)
 
 
 def test_every_row_and_figure_comes_from_the_csv():
@@ -72,4 +74,4 @@ def test_every_row_and_figure_comes_from_the_csv():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -148,6 +148,9 @@ def test_bad_architectures_are_refused_with_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "dynamic_network_architectures.architectures.unet", None)
     with pytest.raises(BackboneError, match=r"pip install 'genesis-ext\[nnunet\]'"):
         build_backbone("plain-s", 1, 1, 3)
+    monkeypatch.setitem(__import__("sys").modules, "monai.networks.nets", None)
+    with pytest.raises(BackboneError, match=r"needs the 'monai' package .* pip install 'genesis-ext\[monai\]'"):
+        build_backbone("segresnet", 1, 1, 3)
 
 
 FACTORIES = """

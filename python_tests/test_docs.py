@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").rglob("*.md"))]
 RENDERED = [  # (renderer, the CSV it renders; the committed .md lies beside the CSV)
+    ("benchmarks/render_backbones.py", "docs/results/backbones.csv"),
     ("benchmarks/render_label_efficiency.py", "docs/results/label_efficiency.csv"),
     ("benchmarks/render_learning_parity.py", "docs/results/learning_parity.csv"),
     ("benchmarks/render_ops.py", "docs/results/ops_cpu.csv"),

@@ -29,6 +29,7 @@ from test_models import flip_bit, offset_of  # noqa: E402
 from genesis_ext import DeformConfig  # noqa: E402
 from genesis_ext.data import ExtractSettings, Foreground, run_extract  # noqa: E402
 from genesis_ext.models import CheckpointError, UNet3D, load_pretrained, save_checkpoint  # noqa: E402
+from genesis_ext.models.backbones import build_backbone  # noqa: E402
 from genesis_ext.models.weights import atomic_save, seal  # noqa: E402
 from genesis_ext.streams import STREAM_VERSION  # noqa: E402
 from genesis_ext.train import NonFiniteLossError, PretrainConfig, load_training_state, pretrain, read_csv  # noqa: E402
@@ -272,6 +273,19 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_micro_batches(cu
 
 
 @pytest.mark.slow
+def test_ddp_trains_an_nnunet_network_like_one_process(cubes, tmp_path):
+    """DistributedDataParallel over a dynamic-network-architectures U-Net, whose unused deep-supervision heads take
+    no gradient: two gloo processes equal one with --accumulate 2."""
+    pytest.importorskip("dynamic_network_architectures")
+    rc, _, err = _run_cli([*_ddp_args(cubes), "--arch", "resenc-s", "--out", tmp_path / "one", "--accumulate", "2"])
+    assert rc == 0, err
+    command = _torchrun(["--standalone", "--nproc_per_node", "2"], cubes, tmp_path / "ddp")
+    ((rc, log),) = _run_together([[*command, "--arch", "resenc-s"]])
+    assert rc == 0, log[-3000:]
+    _assert_same_run(tmp_path / "ddp", tmp_path / "one")
+
+
+@pytest.mark.slow
 def test_torchrun_on_two_nodes_matches_one_process_with_the_same_micro_batches(cubes, accumulate_2, tmp_path):
     """Two torchrun launchers, as on two machines: --nnodes 2, one process each, meeting at a c10d rendezvous on
     127.0.0.1 (ranks assigned by the rendezvous; gloo chosen on the CPU). Both name the same --out: rank 0 writes."""
@@ -341,16 +355,21 @@ def test_reading_the_loss_every_step_changes_nothing(cubes, uninterrupted, tmp_p
 
 
 @pytest.mark.slow
-def test_bf16_compile_and_channels_last_train_like_fp32(cubes, tmp_path):
-    """The GPU options of the loop, run on the CPU: bf16 autocast, torch.compile and channels-last 3D. The first
-    step sees the same weights and pairs as the fp32 eager run, so its loss differs only by bf16 rounding."""
-    eager = pretrain(_cfg(cubes, tmp_path / "fp32", amp="off"))
-    fast = pretrain(_cfg(cubes, tmp_path / "fast", amp="bf16", compile=True, channels_last=True))
+@pytest.mark.parametrize("arch", ["unet3d", "resenc-s"])
+def test_bf16_compile_and_channels_last_train_like_fp32(cubes, tmp_path, arch):
+    """The GPU options of the loop, run on the CPU: bf16 autocast, torch.compile and channels-last 3D, for the
+    published U-Net and an nnU-Net network. The first step sees the same weights and pairs as the fp32 eager run, so
+    its loss differs only by bf16 rounding."""
+    if arch != "unet3d":
+        pytest.importorskip("dynamic_network_architectures")
+    eager = pretrain(_cfg(cubes, tmp_path / "fp32", amp="off", arch=arch))
+    fast = pretrain(_cfg(cubes, tmp_path / "fast", amp="bf16", compile=True, channels_last=True, arch=arch))
     a, b = eager.history[0], fast.history[0]
     assert b["train_loss"] != a["train_loss"]  # bf16 really ran
-    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.01)  # measured: 0.09%
-    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=0.02)  # measured: 0.36%
-    load_pretrained(UNet3D(), tmp_path / "fast" / "checkpoints" / "last.pt")  # plain keys, no _orig_mod. prefix
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.01)  # measured: 0.09% (unet3d)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=0.02)  # measured: 0.36% (unet3d)
+    network = build_backbone(arch, 1, 1, 3)
+    load_pretrained(network, tmp_path / "fast" / "checkpoints" / "last.pt")  # plain keys, no _orig_mod. prefix
 
 
 @pytest.mark.cuda

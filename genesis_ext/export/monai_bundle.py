@@ -43,10 +43,10 @@ from .. import __version__
 from ..data.cubes import PUBLISHED_CUBE
 from ..data.intensity import CT_WINDOW
 from ..inference.sliding_window import SIGMA_SCALE
-from ..models.backbones import BackboneError, backbone, recorded_arch
+from ..models.backbones import backbone
 from ..models.record import ModelRecord
 from ..models.weights import read_weights
-from .errors import ExportError, check_out, source_of
+from .common import ExportError, check_out, checkpoint_arch, source_of
 
 # nnU-Net's Gaussian window weights as genesis-ext predict computes them (gaussian_importance), as a config
 # expression of the patch: test_export checks that the two agree bit for bit.
@@ -72,14 +72,7 @@ class _Network:
 
 
 def _network_of(checkpoint, path) -> _Network:
-    try:
-        arch = recorded_arch(checkpoint)
-    except BackboneError as err:
-        raise ExportError(f"genesis_ext: {path}: its recorded architecture: {err}") from None
-    if arch is None:
-        raise ExportError(
-            f"genesis_ext: {path} records no network: export a checkpoint of genesis-ext pretrain or finetune"
-        )
+    arch = checkpoint_arch(checkpoint, path)
     if "model_record" in checkpoint:
         r = ModelRecord.from_dict(checkpoint["model_record"], source=path)
         if r.task != "segmentation":

@@ -20,23 +20,16 @@ import os
 from pathlib import Path
 
 from .. import __version__
-from ..models.backbones import BackboneError, arch_from_plans, build_backbone, recorded_arch
+from ..models.backbones import arch_from_plans, build_backbone
 from ..models.weights import atomic_save, read_weights, seal
-from .errors import ExportError, check_out, source_of
+from .common import ExportError, check_out, checkpoint_arch, source_of
 
 SEG_LAYERS = ".seg_layers."  # nnU-Net's load_pretrained_weights skips the keys holding this
 
 
 def _network_of(checkpoint, path) -> tuple[dict, int, int]:
     """(architecture, input channels, dims) of a pre-training or fine-tuning checkpoint of ours."""
-    try:
-        arch = recorded_arch(checkpoint)
-    except BackboneError as err:
-        raise ExportError(f"genesis_ext: {path}: its recorded architecture: {err}") from None
-    if arch is None:
-        raise ExportError(
-            f"genesis_ext: {path} records no architecture: export a checkpoint of genesis-ext pretrain or finetune"
-        )
+    arch = checkpoint_arch(checkpoint, path)
     if arch["name"] == "unet3d":
         raise ExportError(
             f"genesis_ext: {path} holds the published Models Genesis U-Net (unet3d), which no nnU-Net network "

@@ -1,4 +1,5 @@
-"""What the exports share: their error, the refusal to overwrite, the provenance of the weights."""
+"""What the exports share: their error, the checkpoint's architecture, the refusal to overwrite, the provenance of
+the weights."""
 
 from __future__ import annotations
 
@@ -6,9 +7,24 @@ import hashlib
 import os
 from pathlib import Path
 
+from ..models.backbones import BackboneError, recorded_arch
+
 
 class ExportError(ValueError):
     """Weights or a destination an export refuses, with what to do instead."""
+
+
+def checkpoint_arch(checkpoint, path) -> dict:
+    """The architecture a genesis-ext checkpoint records; ExportError for one that records none or a bad one."""
+    try:
+        arch = recorded_arch(checkpoint)
+    except BackboneError as err:
+        raise ExportError(f"genesis_ext: {path}: its recorded architecture: {err}") from None
+    if arch is None:
+        raise ExportError(
+            f"genesis_ext: {path} records no architecture: export a checkpoint of genesis-ext pretrain or finetune"
+        )
+    return arch
 
 
 def check_out(out: Path, overwrite: bool) -> None:
