@@ -456,7 +456,9 @@ class SegmentationTrainer(FinetuneTrainer):
         head = [k for k in own if k.startswith(prefixes)]
         if all(k in state and state[k].shape == own[k].shape for k in head):
             load_state(model, state, self.cfg.weights, fix=_WEIGHTS_FIX)
-            self.log(f"loaded {self.cfg.weights} (the whole {self.arch['name']})")
+            self.log(
+                f"loaded {self.cfg.weights} (whole {'U-Net' if self.arch['name'] == 'unet3d' else self.arch['name']})"
+            )
             return
         body = {k: v for k, v in state.items() if not k.startswith(prefixes)}
         load_state(model, {**body, **{k: own[k] for k in head}}, self.cfg.weights, fix=_WEIGHTS_FIX)
