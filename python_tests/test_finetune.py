@@ -819,9 +819,10 @@ def test_every_option_of_a_verb_sets_its_config_field(verb):
     from genesis_ext.train import cli
     from genesis_ext.train.pretraining import PretrainConfig
 
+    arch = {"arch_kwargs", "plans", "configuration"}  # arch_from_args makes them the config's arch
     add, config, converted, python_only = {
-        "finetune": (cli.add_finetune_arguments, FinetuneConfig, {"trainer"}, {"channels_last", "lr_gamma"}),
-        "pretrain": (cli.add_pretrain_arguments, PretrainConfig, {"trainer", "deformations"},
+        "finetune": (cli.add_finetune_arguments, FinetuneConfig, {"trainer", *arch}, {"channels_last", "lr_gamma"}),
+        "pretrain": (cli.add_pretrain_arguments, PretrainConfig, {"trainer", "deformations", *arch},
                      {"channels_last", "lr_gamma", "deform", "volume_filter"}),
     }[verb]  # fmt: skip
     parser = argparse.ArgumentParser()
