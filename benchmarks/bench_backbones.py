@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # bench_patches beside this file (pytest's importlib mode adds none)
+from bench_patches import machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
@@ -38,7 +39,7 @@ ARCHS = [
     ("segresnet", {"name": "segresnet", "kwargs": {}}, [(64, 64, 32), (128, 128, 64)], True),
 ]
 FIELDS = ("arch", "name", "kwargs", "parameters", "cube", "batch", "threads", "step_s", "step_spread", "peak_mib",
-          "train_steps", "val_loss", "mean_baseline", "ratio")  # fmt: skip
+          "train_steps", "val_loss", "mean_baseline", "ratio", "ratio_curve")  # fmt: skip
 
 # One measurement in a fresh process: its peak RSS is that cube's alone.
 _STEP = r"""
@@ -88,7 +89,8 @@ def step(arch: dict, cube, batch: int, steps: int, threads: int) -> dict:
 
 
 def learning(arch: dict, train_steps: int, threads: int, work: Path) -> dict:
-    """The default recipe's validation loss after ``train_steps`` steps, and the constant-mean baseline."""
+    """The default recipe's validation loss after ``train_steps`` steps, the constant-mean baseline, and the ratio of
+    the two after each epoch of 50 steps (the curve, space-separated)."""
     from genesis_ext.train import PretrainConfig, pretrain
 
     width = arch["kwargs"].get("width", 1.0)
@@ -100,8 +102,9 @@ def learning(arch: dict, train_steps: int, threads: int, work: Path) -> dict:
     result = pretrain(cfg)
     val = float(result.history[-1]["val_loss"])
     mean = float(result.baselines["mean"])
+    curve = " ".join(f"{float(row['val_loss']) / mean:.3f}" for row in result.history)
     return {"train_steps": epochs * (train_steps // epochs), "val_loss": val, "mean_baseline": mean,
-            "ratio": val / mean}  # fmt: skip
+            "ratio": val / mean, "ratio_curve": curve}  # fmt: skip
 
 
 def run(out: Path, steps: int, train_steps: int, threads: int, only: list[str] | None) -> list[dict]:
@@ -124,8 +127,7 @@ def run(out: Path, steps: int, train_steps: int, threads: int, only: list[str] |
         writer = csv.DictWriter(f, FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-            "steps": steps, "train_steps": train_steps, "threads": threads}  # fmt: skip
+    meta = {**machine(), "steps": steps, "train_steps": train_steps, "threads": threads}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return rows
 
@@ -136,7 +138,7 @@ def main(argv=None) -> None:
         "--out", type=Path, default=Path("build/backbones"), help="OUT.csv, OUT.json (default build/backbones)"
     )
     p.add_argument("--steps", type=int, default=3, help="timed steps per cube (default 3)")
-    p.add_argument("--train-steps", type=int, default=150, help="learning check steps (default 150; 0: none)")
+    p.add_argument("--train-steps", type=int, default=400, help="learning check steps (default 400; 0: none)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--only", nargs="+", metavar="ARCH", help="these rows' labels only")
     args = p.parse_args(argv)
@@ -151,7 +153,7 @@ def test_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ARCHS", small)
     rows = run(tmp_path / "b", steps=1, train_steps=4, threads=1, only=None)
     assert [r["arch"] for r in rows] == ["resenc-s", "plain-s"]
-    assert rows[0]["parameters"] > 1e6 and rows[0]["ratio"] > 0
+    assert rows[0]["parameters"] > 1e6 and rows[0]["ratio"] > 0 and len(rows[0]["ratio_curve"].split()) == 1
     with open(tmp_path / "b.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
 
