@@ -177,3 +177,13 @@ def test_a_pretrained_bundle_takes_a_new_head_the_monai_way(cubes, tmp_path, cap
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert cli_main(["export", "--weights", str(ckpt), "--monai-bundle", str(bundle), "--overwrite"]) == 0
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["genesis"]  # no staging folder left
+
+
+def test_a_pretrained_unet_bundle_holds_the_checkpoints_width(cubes, tmp_path):
+    """A width-0.25 U-Net's restoration bundle: monai.bundle.load builds that width and takes every weight."""
+    pretrain(tiny_pretrain_config(cubes, tmp_path / "pre", width=0.25, threads=1))
+    ckpt = tmp_path / "pre" / "checkpoints" / "last.pt"
+    assert cli_main(["export", "--weights", str(ckpt), "--monai-bundle", str(tmp_path / "bundles" / "unet")]) == 0
+    network = monai_bundle.load(name="unet", bundle_dir=str(tmp_path / "bundles"), workflow_type="inference")
+    state = load_training_state(ckpt)["state_dict"]
+    assert network.width == 0.25 and all(torch.equal(v, state[k]) for k, v in network.state_dict().items())

@@ -43,7 +43,7 @@ from .. import __version__
 from ..data.cubes import PUBLISHED_CUBE
 from ..data.intensity import CT_WINDOW
 from ..inference.sliding_window import SIGMA_SCALE
-from ..models.backbones import backbone
+from ..models.backbones import as_built, backbone
 from ..models.record import ModelRecord
 from ..models.weights import read_weights
 from .common import ExportError, check_out, checkpoint_arch, source_of
@@ -80,8 +80,9 @@ def _network_of(checkpoint, path) -> _Network:
         spacing = None if r.spacing is None else list(r.spacing)
         return _Network(r.network_arch, r, r.in_channels, r.dims, list(r.patch[: r.dims]), r.intensity, r.modality,
                         spacing)  # fmt: skip
-    dims = int(checkpoint.get("dims", 3))
-    cube = checkpoint.get("config", {}).get("cube") or PUBLISHED_CUBE
+    dims, config = int(checkpoint.get("dims", 3)), checkpoint.get("config", {})
+    cube = config.get("cube") or PUBLISHED_CUBE
+    arch = as_built(arch, width=float(config.get("width", 1.0)))  # pre-training's U-Net: its width, default BatchNorm
     intensity = checkpoint.get("intensity") or CT_WINDOW.describe()  # recorded since modalities; before: CT
     return _Network(arch, None, int(checkpoint.get("in_channels", 1)), dims, [int(c) for c in cube[:dims]], intensity,
                     checkpoint.get("modality", "ct"), None)  # fmt: skip

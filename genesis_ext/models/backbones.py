@@ -278,6 +278,12 @@ def backbone(arch: dict) -> Backbone:
     return Backbone(factory, tuple(getattr(factory, "genesis_head", ())), lambda kwargs, dims: (divisor,) * dims, name)
 
 
+def as_built(arch: dict, **unet3d) -> dict:
+    """``arch`` as ``build_backbone`` takes it: the published U-Net's with its options ``unet3d`` (``width``,
+    ``batchnorm``, which records and configs keep apart from ``arch``), any other network's as it is."""
+    return {"name": "unet3d", "kwargs": {**arch["kwargs"], **unet3d}} if arch["name"] == "unet3d" else arch
+
+
 def recorded_arch(checkpoint) -> dict | None:
     """The architecture a checkpoint of ours records: a fine-tuned one's ``model_record`` (none there: the published
     U-Net, recorded before architectures were), a pre-training one's ``arch``; None for other files."""

@@ -23,7 +23,7 @@ import torch
 
 from ..data.intensity import Window, intensity_from
 from ..data.modality import MODALITIES
-from .backbones import DEFAULT_ARCH, BackboneError, backbone, build_backbone, resolve_arch
+from .backbones import DEFAULT_ARCH, BackboneError, as_built, backbone, build_backbone, resolve_arch
 from .unet3d import BATCHNORM_MODES
 from .weights import CheckpointError
 
@@ -155,9 +155,7 @@ class ModelRecord:
     @property
     def network_arch(self) -> dict:
         """``arch`` as ``build_backbone`` takes it: the U-Net's with this record's ``width`` and ``batchnorm``."""
-        if self.arch["name"] != "unet3d":
-            return self.arch
-        return {"name": "unet3d", "kwargs": {**self.arch["kwargs"], "width": self.width, "batchnorm": self.batchnorm}}
+        return as_built(self.arch, width=self.width, batchnorm=self.batchnorm)
 
     def build_model(self) -> torch.nn.Module:
         """The untrained segmentation network this record describes (the U-Net: ``UNet3D``, or ``UNet2D`` for

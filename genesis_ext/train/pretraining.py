@@ -62,7 +62,7 @@ from ..config import DeformConfig
 from ..data.cubes import PUBLISHED_CUBE
 from ..data.modality import DEFAULT_MODALITY, modality
 from ..models import load_pretrained
-from ..models.backbones import backbone, build_backbone, check_backbone, resolve_arch
+from ..models.backbones import as_built, backbone, build_backbone, check_backbone, resolve_arch
 from ..ops import genesis_pair, sample_params
 from ..streams import STREAM_VERSION
 from . import distributed
@@ -488,8 +488,7 @@ class PretrainTrainer(Trainer):
     @property
     def network_arch(self) -> dict:
         """The architecture as ``build_backbone`` takes it (the U-Net's with ``cfg.width``)."""
-        arch = self.cfg.arch
-        return {**arch, "kwargs": {**arch["kwargs"], "width": self.cfg.width}} if arch["name"] == "unet3d" else arch
+        return as_built(self.cfg.arch, width=self.cfg.width)
 
     def build_model(self) -> torch.nn.Module:
         # restores every channel; the published U-Net with its sigmoid, other networks with raw outputs (as nnssl's
