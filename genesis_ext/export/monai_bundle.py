@@ -127,7 +127,7 @@ def _preprocessing(net: _Network) -> list:
                 "b_min": 0.0,
                 "b_max": 1.0,
                 "clip": True,
-            }  # fmt: skip
+            }
         )
     else:  # per-volume percentiles of the body: genesis-ext's own rule
         steps.append({"_target_": "genesis_ext.monai.Intensityd", "keys": "image", "intensity": net.intensity})
@@ -155,7 +155,7 @@ def _label_map(record: ModelRecord) -> list:
             "orig_labels": list(range(len(values))),
             "target_labels": values,
             "dtype": "$numpy.uint8",
-        },  # fmt: skip
+        },
     ]
 
 
@@ -176,7 +176,7 @@ def inference_config(net: _Network) -> dict:
             "orig_keys": "image",
             "nearest_interp": False,
             "to_tensor": True,
-        },  # fmt: skip
+        },
         *(_label_map(record) if segment else []),
         {
             "_target_": "SaveImaged",
@@ -186,7 +186,7 @@ def inference_config(net: _Network) -> dict:
             "output_dtype": "$numpy.uint8" if segment else "$numpy.float32",
             "separate_folder": False,
             "resample": False,
-        },  # fmt: skip
+        },
     ]
     return {
         "imports": ["$import glob", "$import os", "$import numpy", "$import torch"],
@@ -208,7 +208,7 @@ def inference_config(net: _Network) -> dict:
             "batch_size": 1,
             "shuffle": False,
             "num_workers": 0,
-        },  # fmt: skip
+        },
         "inferer": {
             "_target_": "SlidingWindowInferer",
             "roi_size": "@patch",
@@ -217,7 +217,7 @@ def inference_config(net: _Network) -> dict:
             "mode": "gaussian",
             "sigma_scale": SIGMA_SCALE,
             "cache_roi_weight_map": True,
-        },  # fmt: skip
+        },
         "gaussian": GAUSSIAN,
         "postprocessing": {"_target_": "Compose", "transforms": post},
         "handlers": [
@@ -226,7 +226,7 @@ def inference_config(net: _Network) -> dict:
                 "load_path": "$@bundle_root + '/models/model.pt'",
                 "load_dict": {"model": "@network_def"},
                 "map_location": "@device",
-            },  # fmt: skip
+            },
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
         "evaluator": {
@@ -238,7 +238,7 @@ def inference_config(net: _Network) -> dict:
             "postprocessing": "@postprocessing",
             "val_handlers": "@handlers",
             "amp": False,
-        },  # fmt: skip
+        },
         # nnU-Net's Gaussian (genesis-ext predict's) instead of MONAI's, whose floor of 1e-3 weighs window edges more
         "initialize": [
             "$monai.utils.set_determinism(seed=0)",
@@ -255,13 +255,25 @@ def metadata(net: _Network, source: dict) -> dict:
     record, arch = net.record, net.arch
     if record is not None:
         names = ["background", *record.labels] if record.activation == "softmax" else list(record.labels)
-        outputs = {"type": "probabilities", "format": "segmentation", "num_channels": record.n_outputs,
-                   "spatial_shape": net.patch, "dtype": "float32", "value_range": [0, 1],
-                   "channel_def": dict(enumerate(names))}  # fmt: skip
+        outputs = {
+            "type": "probabilities",
+            "format": "segmentation",
+            "num_channels": record.n_outputs,
+            "spatial_shape": net.patch,
+            "dtype": "float32",
+            "value_range": [0, 1],
+            "channel_def": dict(enumerate(names)),
+        }
         task = f"segmentation of {', '.join(record.labels)} (genesis-ext fine-tuned {arch['name']})"
     else:
-        outputs = {"type": "image", "format": "magnitude", "num_channels": net.in_channels,
-                   "spatial_shape": net.patch, "dtype": "float32", "value_range": [0, 1]}  # fmt: skip
+        outputs = {
+            "type": "image",
+            "format": "magnitude",
+            "num_channels": net.in_channels,
+            "spatial_shape": net.patch,
+            "dtype": "float32",
+            "value_range": [0, 1],
+        }
         task = f"Models Genesis restoration (genesis-ext pre-trained {arch['name']}): a starting point for fine-tuning"
     packages = {"genesis-ext": __version__} if arch["name"] != "segresnet" else {}
     return {
@@ -288,7 +300,7 @@ def metadata(net: _Network, source: dict) -> dict:
                     "dtype": "float32",
                     "value_range": [0, 1],
                 }
-            },  # fmt: skip
+            },
             "outputs": {"pred": outputs},
         },
     }

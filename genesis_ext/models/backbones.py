@@ -54,8 +54,6 @@ class Backbone:
     build: Callable[..., nn.Module]  # (in_channels, out_channels, dims, **kwargs) -> a network
     head: tuple  # state-dict key prefixes of the output layer
     divisor: Callable[[dict, int], tuple]  # (kwargs, dims) -> per spatial axis, the multiple an input size must be
-    summary: str
-    extra: str | None = None  # the pip extra that provides its package
     own_sigmoid: bool = False  # build takes activation="sigmoid" (unet3d's published output layer)
 
 
@@ -203,31 +201,21 @@ def _factory(name: str):
 
 
 BACKBONES = {
-    "unet3d": Backbone(
-        _unet3d, ("out_tr.",), lambda kwargs, dims: (8,) * dims, "the published Models Genesis U-Net", own_sigmoid=True
-    ),
+    "unet3d": Backbone(_unet3d, ("out_tr.",), lambda kwargs, dims: (8,) * dims, own_sigmoid=True),
     **{
         name: Backbone(
             _preset_builder(name),
             ("decoder.seg_layers.",),
             lambda kwargs, dims, name=name: _strides_divisor(_dna_kwargs(name, dims, kwargs)["strides"], dims),
-            summary,
-            "nnunet",
         )
-        for name, summary in (
-            ("resenc-l", "nnU-Net's ResEnc-L as nnssl pre-trains it (102 M parameters)"),
-            ("resenc-s", "a small ResidualEncoderUNet (4 stages, 16-128 features) for a CPU"),
-            ("plain-s", "a small PlainConvUNet (4 stages, 16-128 features) for a CPU"),
-        )
+        for name in _DNA_PRESETS
     },
     "nnunet": Backbone(
         _nnunet,
         ("decoder.seg_layers.",),
         lambda kwargs, dims: _strides_divisor(kwargs["architecture"]["arch_kwargs"]["strides"], dims),
-        "the network of an nnU-Net v2 plans configuration (--plans)",
-        "nnunet",
     ),
-    "segresnet": Backbone(_segresnet, ("conv_final.2.",), _segresnet_divisor, "MONAI's SegResNet", "monai"),
+    "segresnet": Backbone(_segresnet, ("conv_final.2.",), _segresnet_divisor),
 }
 
 
@@ -275,7 +263,7 @@ def backbone(arch: dict) -> Backbone:
         return BACKBONES[name]
     factory = _factory(name)
     divisor = int(getattr(factory, "genesis_divisor", 1))
-    return Backbone(factory, tuple(getattr(factory, "genesis_head", ())), lambda kwargs, dims: (divisor,) * dims, name)
+    return Backbone(factory, tuple(getattr(factory, "genesis_head", ())), lambda kwargs, dims: (divisor,) * dims)
 
 
 def as_built(arch: dict, **unet3d) -> dict:
@@ -312,6 +300,12 @@ def build_backbone(arch, in_channels: int, out_channels: int, dims: int, sigmoid
     if sigmoid and not spec.own_sigmoid:
         network.register_forward_hook(_sigmoid_output)
     return network
+
+
+def multiples(arch: dict, dims: int) -> tuple[tuple, str]:
+    """Per spatial axis, the multiple an input size of ``arch`` must be, and those in words ("8", or "32x32x16")."""
+    divisors = backbone(arch).divisor(arch["kwargs"], dims)
+    return divisors, str(divisors[0]) if len(set(divisors)) == 1 else "x".join(map(str, divisors))
 
 
 def _nearest(size: int, divisor: int) -> str:

@@ -23,7 +23,7 @@ import torch
 
 from ..data.intensity import Window, intensity_from
 from ..data.modality import MODALITIES
-from .backbones import DEFAULT_ARCH, BackboneError, as_built, backbone, build_backbone, resolve_arch
+from .backbones import DEFAULT_ARCH, BackboneError, as_built, build_backbone, multiples, resolve_arch
 from .unet3d import BATCHNORM_MODES
 from .weights import CheckpointError
 
@@ -66,8 +66,7 @@ def _check_patch(patch, dims: int, arch: dict) -> tuple:
     """X, Y, Z voxels, each spanned axis a multiple of the network's downsampling (8 for the U-Net's three 2x
     poolings); 2-D patches are (X, Y, 1)."""
     patch = _numbers("patch", patch, 3)
-    divisors = backbone(arch).divisor(arch["kwargs"], dims)
-    multiple = str(divisors[0]) if len(set(divisors)) == 1 else "x".join(map(str, divisors))
+    divisors, multiple = multiples(arch, dims)
     spanned = patch[:dims]
     if not all(_is_int(p) and p >= d and p % d == 0 for p, d in zip(spanned, divisors)) or (
         dims == 2 and patch[2] != 1

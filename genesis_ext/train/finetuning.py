@@ -54,7 +54,15 @@ from ..data.labelled import (
 from ..data.modality import DEFAULT_MODALITY, modality
 from ..evaluation.metrics import dice, multiclass_auc
 from ..inference.sliding_window import sliding_window
-from ..models.backbones import DEFAULT_ARCH, BackboneError, backbone, check_backbone, recorded_arch, resolve_arch
+from ..models.backbones import (
+    DEFAULT_ARCH,
+    BackboneError,
+    backbone,
+    check_backbone,
+    multiples,
+    recorded_arch,
+    resolve_arch,
+)
 from ..models.record import ModelRecord
 from ..models.weights import load_state, read_weights
 from .losses import LOSSES
@@ -193,9 +201,8 @@ def _check_patch(patch, dims: int, arch: dict) -> tuple[int, int, int]:
     patch = tuple(int(p) for p in patch)
     if dims == 2 and len(patch) == 3 and patch[2] == 1:
         patch = patch[:2]
-    divisors = backbone(arch).divisor(arch["kwargs"], dims)
+    divisors, multiple = multiples(arch, dims)
     if len(patch) != dims or any(p < d or p % d for p, d in zip(patch, divisors)):
-        multiple = str(divisors[0]) if len(set(divisors)) == 1 else "x".join(map(str, divisors))
         raise FinetuneError(
             f"--patch must be {dims} sizes with --dims {dims}, each a positive multiple of {multiple} (the "
             f"downsampling of architecture {arch['name']!r}), got {patch}"
